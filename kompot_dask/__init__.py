@@ -1,0 +1,45 @@
+"""kompot_dask: Kompot-style differential expression on Dask, out of core over zarr AnnData stores."""
+
+from __future__ import annotations
+
+import logging as _logging
+
+from .analysis import de
+from .ingest import ingest
+from .settings import (
+    ComputeSettings,
+    FDRSettings,
+    FilterSettings,
+    GPSettings,
+    OutputSettings,
+    SettingsError,
+    StorageSettings,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "de",
+    "ingest",
+    "GPSettings",
+    "FDRSettings",
+    "FilterSettings",
+    "StorageSettings",
+    "OutputSettings",
+    "ComputeSettings",
+    "SettingsError",
+    "__version__",
+]
+
+
+def _configure_logging() -> None:
+    logger = _logging.getLogger("kompot_dask")
+    if logger.handlers:
+        return
+    handler = _logging.StreamHandler()
+    handler.setFormatter(_logging.Formatter("[%(asctime)s] [%(levelname)-8s] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(_logging.INFO)
+
+
+_configure_logging()

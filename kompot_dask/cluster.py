@@ -1,0 +1,78 @@
+"""Resolve the Dask client a run uses: the one passed, the current one, or an embedded
+LocalCluster whose worker processes get their JAX/BLAS environment before JAX starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+from distributed import Client, LocalCluster, get_client
+
+from .settings import ComputeSettings
+
+logger = logging.getLogger("kompot_dask")
+
+
+def worker_environment(threads_per_worker: int) -> dict[str, str]:
+    """Environment for worker processes: one XLA/BLAS thread per Dask thread, so that
+    BLAS threads × Dask threads stays at the core count, and float64 JAX by default."""
+    single = "1"
+    return {
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        "OMP_NUM_THREADS": single,
+        "OPENBLAS_NUM_THREADS": single,
+        "MKL_NUM_THREADS": single,
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "NUMBA_CACHE_DIR": numba_cache_dir(),
+    }
+
+
+def numba_cache_dir() -> str:
+    """Where compiled numba code (pynndescent) is cached between processes."""
+    return os.environ.get(
+        "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kompot_dask", "numba")
+    )
+
+
+def default_local_cluster_kwargs(compute: ComputeSettings) -> dict:
+    cores = os.cpu_count() or 1
+    n_workers = compute.n_workers or max(1, cores // compute.threads_per_worker)
+    memory_limit = compute.memory_limit
+    if memory_limit is None:
+        memory_limit = int(0.9 * psutil.virtual_memory().total / n_workers)
+    return dict(
+        n_workers=n_workers,
+        threads_per_worker=compute.threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        env=worker_environment(compute.threads_per_worker),
+        silence_logs=logging.ERROR,
+    )
+
+
+@contextmanager
+def resolve_client(client: Client | None = None, compute: ComputeSettings | None = None) -> Iterator[Client]:
+    """Yield the client to run on; an embedded LocalCluster is closed on exit."""
+    if client is not None:
+        yield client
+        return
+    try:
+        current = get_client()
+    except ValueError:
+        current = None
+    if current is not None:
+        yield current
+        return
+    kwargs = default_local_cluster_kwargs(compute or ComputeSettings())
+    logger.info(
+        "Starting a LocalCluster with %d worker processes × %d threads",
+        kwargs["n_workers"], kwargs["threads_per_worker"],
+    )
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as new_client:
+        logger.info("Dask dashboard: %s", new_client.dashboard_link)
+        yield new_client

@@ -1,0 +1,412 @@
+"""The Dask side of a DE run: what runs where, and in which order.
+
+Shape of a run (DESIGN.md §3):
+
+1. client: validate, masks, length scale, landmarks Z (small, n × d and m × d);
+2. workers: ``S_c = Σ K(Z,X) K(X,Z)`` per condition and the kernel column mean k̄;
+3. one worker: the m × m factors (Lp, C₁, C₂, R); they stay on the workers as futures and
+   each worker fetches them once;
+4. one task per gene block (columns ``[j·B, (j+1)·B)`` of the store): read its tiles once,
+   reduce ``B_c = Σ K(Z,X_k) Y_k`` over cell chunks, score (W, Mahalanobis, mean lfc), then
+   write its imputed / fold-change tiles into staged layers — no two tasks share a chunk;
+   null-gene blocks read their source columns, permute them and are scored the same way;
+5. tasks over cell ranges: posterior standard deviation per cell;
+6. client: local FDR, then one commit of every field and the run record.
+
+Only this module builds task graphs; numerics live in :mod:`gp`, :mod:`fdr`, I/O in :mod:`store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from distributed import Client, as_completed, wait
+from tqdm.auto import tqdm
+
+from . import fdr as fdr_mod
+from . import gp as gp_mod
+from .store import LayerInfo, Store, TileReader, write_tile
+
+logger = logging.getLogger("kompot_dask")
+
+_FAIL_BLOCK_FOR_TESTS: int | None = None
+"""Tests set this to a real-gene block index to make that block task fail."""
+
+
+class NonFiniteExpressionError(ValueError):
+    """The expression layer holds NaN or inf for some genes."""
+
+    def __init__(self, columns: list[int], names: list[str] | None = None):
+        self.columns = list(columns)
+        self.names = names
+        shown = names if names is not None else columns
+        super().__init__(
+            f"the expression layer holds NaN or inf values in {len(self.columns)} gene(s): "
+            f"{list(shown)[:20]}{' ...' if len(self.columns) > 20 else ''}. "
+            "Replace them (e.g. with 0 for unexpressed genes) or exclude these genes with genes=."
+        )
+
+    def __reduce__(self):
+        return (NonFiniteExpressionError, (self.columns, self.names))
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a block task when a test asks for a failure."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the work is cut: row chunks (aligned with the store), gene blocks, kernel chunk."""
+
+    row_chunk: int
+    kernel_chunk: int
+    gene_block: int
+    null_gene_block: int
+    row_ranges: tuple[tuple[int, int], ...]
+    n_real_blocks: int
+    n_null_blocks: int
+    n_std_tasks: int
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """Everything a block task needs besides the big arrays passed as futures."""
+
+    reader: TileReader
+    layout: Layout
+    ls: float
+    sigma: float
+    dtype: str
+    layer_dtype: str
+    staged: dict[str, str] = field(default_factory=dict)  # role -> elem path
+
+
+def choose_layout(
+    info: LayerInfo, n_obs: int, n_vars: int, n_stacked: int, m: int, n_workers: int,
+    cell_chunk: int | None, gene_block: int | None, null_gene_block: int | None,
+) -> Layout:
+    """Chunk sizes that keep every task's working set at a few hundred MB.
+
+    Rows follow the store's chunking when it is dense; gene blocks are multiples of the
+    store's column chunk so a block reads whole chunks; the kernel chunk bounds the
+    m × rows kernel block to ~64 MB.
+    """
+    kernel_chunk = int(max(128, min(2048, 8_000_000 // max(m, 1))))
+    if cell_chunk is None:
+        if info.kind == "dense" and info.chunks is not None:
+            base = info.chunks[0]
+            cell_chunk = base * max(1, 8192 // base)
+        else:
+            cell_chunk = 8192
+    cell_chunk = int(min(cell_chunk, n_obs))
+    if gene_block is None:
+        gene_block = 256
+        if info.kind == "dense" and info.chunks is not None:
+            c = info.chunks[1]
+            gene_block = c * max(1, 256 // c)
+    gene_block = int(min(gene_block, n_vars))
+    if null_gene_block is None:
+        # Each null column spans every cell of both conditions (float32 read + 2 × float64).
+        null_gene_block = int(max(8, min(gene_block, 160_000_000 // max(1, 20 * n_stacked))))
+    row_ranges = tuple((r, min(r + cell_chunk, n_obs)) for r in range(0, n_obs, cell_chunk))
+    return Layout(
+        row_chunk=cell_chunk,
+        kernel_chunk=kernel_chunk,
+        gene_block=gene_block,
+        null_gene_block=int(null_gene_block),
+        row_ranges=row_ranges,
+        n_real_blocks=math.ceil(n_vars / gene_block),
+        n_null_blocks=0,
+        n_std_tasks=max(1, min(len(row_ranges), 4 * n_workers)),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Worker tasks (module level so they pickle by reference)
+
+
+def _cross_gram_task(Z, X, rows, ls, kernel_chunk, dtype):
+    return gp_mod.cross_gram(Z, X[rows], ls, chunk=kernel_chunk, dtype=dtype)
+
+
+def _kernel_sum_task(Z, X, rows, ls, kernel_chunk, dtype):
+    return gp_mod.kernel_column_sum(Z, X[rows], ls, chunk=kernel_chunk, dtype=dtype)
+
+
+def _factor_task(Z, ls, s1_parts, s2_parts, sigma, eps, dtype):
+    s1 = s1_parts[0] if len(s1_parts) == 1 else sum(s1_parts[1:], s1_parts[0].copy())
+    s2 = s2_parts[0] if len(s2_parts) == 1 else sum(s2_parts[1:], s2_parts[0].copy())
+    return gp_mod.fit_factors(Z, ls, s1, s2, sigma, eps, dtype=dtype)
+
+
+def _mean_task(parts, n):
+    return np.sum(parts, axis=0) / n
+
+
+def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    if a.shape[1] == width:
+        return a
+    out = np.zeros((a.shape[0], width), dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar):
+    """Fit, score and (optionally) predict one block of store columns."""
+    lay = ctx.layout
+    c0, c1 = block["c0"], block["c1"]
+    local = block["local"]  # selected columns, relative to c0
+    width = lay.gene_block
+    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    bad = np.zeros(len(local), dtype=bool)
+    for r0, r1 in lay.row_ranges:
+        code = codes[r0:r1]
+        in1 = code == 1
+        in2 = code == 2
+        if not (in1.any() or in2.any()):
+            continue
+        tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
+        used = tile[in1 | in2]
+        bad |= ~np.all(np.isfinite(used), axis=0)
+        xs = X[r0:r1]
+        if in1.any():
+            acc1.add(xs[in1], tile[in1].astype(ctx.dtype, copy=False))
+        if in2.any():
+            acc2.add(xs[in2], tile[in2].astype(ctx.dtype, copy=False))
+    if bad.any():
+        raise NonFiniteExpressionError((c0 + local[bad]).tolist())
+    if block.get("fail"):
+        raise InjectedFailure(f"injected failure in gene block {block['index']}")
+    factors = {"C1": C1, "C2": C2, "R": R}
+    n_sel = len(local)
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, ctx.dtype)
+    if ctx.staged:
+        kc = lay.kernel_chunk
+        for r0, r1 in lay.row_ranges:
+            sel = np.flatnonzero(pred[r0:r1])
+            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
+            for s in range(0, len(sel), kc):
+                rows = sel[s : s + kc]
+                xs = gp_mod._pad_rows(X[r0 + rows], kc)
+                mu1, mu2, fc = gp_mod.predict_pair(xs, Z, w1, w2, ctx.ls, ctx.dtype)
+                n = len(rows)
+                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": fc}
+                for role, t in tiles.items():
+                    t[np.ix_(rows, local)] = values[role][:n, :n_sel]
+            for role, path in ctx.staged.items():
+                write_tile(ctx.reader.store_path, path, r0, r1, c0, c1, tiles[role])
+    return {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+
+
+def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar):
+    """Score one block of null genes: permuted source columns over both conditions."""
+    lay = ctx.layout
+    sources = block["sources"]  # sorted store column of each null
+    seeds = block["seeds"]
+    uniq, inverse = np.unique(sources, return_inverse=True)
+    n1, n2 = len(rows1), len(rows2)
+    stacked_rows = np.concatenate([rows1, rows2])
+    values = np.empty((n1 + n2, len(uniq)), dtype=ctx.dtype)
+    # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
+    pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
+    pos_of_row[stacked_rows] = np.arange(n1 + n2)
+    for r0, r1 in lay.row_ranges:
+        hi = min(r1, len(pos_of_row))
+        if r0 >= hi:
+            continue
+        pos = pos_of_row[r0:hi]
+        keep = pos >= 0
+        if not keep.any():
+            continue
+        tile = ctx.reader.read(r0, r1, uniq)[: hi - r0]
+        values[pos[keep]] = tile[keep]
+    if not np.all(np.isfinite(values)):
+        bad = ~np.all(np.isfinite(values), axis=0)
+        raise NonFiniteExpressionError(uniq[bad].tolist())
+    width = lay.null_gene_block
+    y1 = np.zeros((n1, width), dtype=ctx.dtype)
+    y2 = np.zeros((n2, width), dtype=ctx.dtype)
+    for i, (col, seed) in enumerate(zip(inverse, seeds, strict=True)):
+        permuted = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
+        y1[:, i] = permuted[:n1]
+        y2[:, i] = permuted[n1:]
+    del values
+    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    acc1.add(X[rows1], y1)
+    del y1
+    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    acc2.add(X[rows2], y2)
+    del y2
+    factors = {"C1": C1, "C2": C2, "R": R}
+    _, _, d, _ = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, ctx.dtype)
+    return {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)]}
+
+
+def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype):
+    """Posterior standard deviation of both conditions at the cells ``rows``."""
+    factors = {"Lp": Lp, "C1": C1, "C2": C2}
+    out1 = np.empty(len(rows))
+    out2 = np.empty(len(rows))
+    for s in range(0, len(rows), kernel_chunk):
+        r = rows[s : s + kernel_chunk]
+        v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], kernel_chunk), Z, factors, ls, dtype)
+        out1[s : s + len(r)] = v1[: len(r)]
+        out2[s : s + len(r)] = v2[: len(r)]
+    return rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps)
+
+
+# --------------------------------------------------------------------------------------
+# Client-side orchestration
+
+
+@dataclass
+class EngineResult:
+    """What the workers computed, gathered on the client (all small: genes or cells long)."""
+
+    columns: np.ndarray
+    mahalanobis: np.ndarray
+    mean_lfc: np.ndarray
+    null_mahalanobis: np.ndarray
+    std1: np.ndarray
+    std2: np.ndarray
+    staged: dict[str, str]
+    layout: Layout
+    n_tasks: int
+
+
+def run_engine(
+    client: Client,
+    store: Store,
+    info: LayerInfo,
+    *,
+    X: np.ndarray,
+    codes: np.ndarray,
+    pred: np.ndarray,
+    selected: np.ndarray,
+    Z: np.ndarray,
+    ls: float,
+    sigma: float,
+    eps: float,
+    null_sources: np.ndarray,
+    null_seeds: np.ndarray,
+    layer_names: dict[str, str] | None,
+    layer_dtype: str,
+    dtype: str,
+    cell_chunk: int | None,
+    gene_block: int | None,
+    null_gene_block: int | None,
+    progress: bool,
+) -> EngineResult:
+    """Run the distributed part of a DE run. Staged layers are discarded on failure."""
+    n_obs, n_vars = info.shape
+    rows1 = np.flatnonzero(codes == 1)
+    rows2 = np.flatnonzero(codes == 2)
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    layout = choose_layout(
+        info, n_obs, n_vars, len(rows1) + len(rows2), Z.shape[0], n_workers,
+        cell_chunk, gene_block, null_gene_block,
+    )
+    # Real-gene blocks: fixed column ranges of the store, only selected genes inside.
+    sel_mask = np.zeros(n_vars, dtype=bool)
+    sel_mask[selected] = True
+    real_blocks = []
+    for j in range(layout.n_real_blocks):
+        c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
+        local = np.flatnonzero(sel_mask[c0:c1])
+        if len(local):
+            real_blocks.append({"index": j, "c0": c0, "c1": c1, "local": local,
+                                "fail": _FAIL_BLOCK_FOR_TESTS == j})
+    # Null blocks: nulls sorted by source column so each block reads a narrow column range.
+    order = np.argsort(null_sources, kind="stable")
+    null_blocks = []
+    for b, s in enumerate(range(0, len(order), layout.null_gene_block)):
+        ids = order[s : s + layout.null_gene_block]
+        null_blocks.append({"index": b, "null_ids": ids, "sources": null_sources[ids], "seeds": null_seeds[ids]})
+
+    staged: dict[str, str] = {}
+    if layer_names:
+        for role, name in layer_names.items():
+            staged[role] = store.stage_layer(name, (n_obs, n_vars), (layout.row_chunk, layout.gene_block), layer_dtype)
+    futures: list = []
+    try:
+        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged)
+        X_f = client.scatter(X, broadcast=True, hash=False)
+        Z_f = client.scatter(Z, broadcast=True, hash=False)
+        codes_f = client.scatter(codes, broadcast=True, hash=False)
+        pred_f = client.scatter(pred, broadcast=True, hash=False)
+        rows1_f = client.scatter(rows1, broadcast=True, hash=False)
+        rows2_f = client.scatter(rows2, broadcast=True, hash=False)
+        kc = layout.kernel_chunk
+
+        logger.info("Fitting expression estimator for condition 1...")
+        parts = max(1, n_workers // 2)
+        s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+              for r in np.array_split(rows1, parts)]
+        logger.info("Fitting expression estimator for condition 2...")
+        s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+              for r in np.array_split(rows2, parts)]
+        pred_rows = np.flatnonzero(pred)
+        ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+              for r in np.array_split(pred_rows, max(1, n_workers))]
+        kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
+        fac_f = client.submit(_factor_task, Z_f, ls, s1, s2, sigma, eps, dtype, pure=False)
+        Lp_f, C1_f, C2_f, R_f = (client.submit(operator.getitem, fac_f, k, pure=False) for k in ("Lp", "C1", "C2", "R"))
+        diag_f = client.submit(operator.getitem, fac_f, "diagonal", pure=False)
+        wait([C1_f, C2_f, R_f, Lp_f, kbar_f])
+        del s1, s2, ks, fac_f
+        # The factors were computed on one worker; copy them to all now, once.
+        client.replicate([C1_f, C2_f, R_f, Lp_f, kbar_f])
+
+        for blk in real_blocks:
+            futures.append(client.submit(
+                _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f,
+                pure=False, key=f"kompot-real-block-{blk['index']}-{id(ctx)}",
+            ))
+        for blk in null_blocks:
+            futures.append(client.submit(
+                _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f,
+                pure=False, key=f"kompot-null-block-{blk['index']}-{id(ctx)}",
+            ))
+        for r in np.array_split(pred_rows, layout.n_std_tasks):
+            if len(r):
+                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, dtype, pure=False))
+
+        n_tasks = len(futures)
+        real_out, null_out, std_out = [], [], []
+        with tqdm(total=len(futures), desc="kompot_dask: gene blocks", unit="task", disable=not progress) as bar:
+            for fut in as_completed(futures):
+                res = fut.result()
+                if isinstance(res, tuple):
+                    std_out.append(res)
+                elif "null_ids" in res:
+                    null_out.append(res)
+                else:
+                    real_out.append(res)
+                bar.update(1)
+        if diag_f.result():
+            logger.info("Mahalanobis distances used the diagonal covariance shortcut")
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        store.discard_staged(list(staged.values()))
+        raise
+
+    real_out.sort(key=lambda r: r["index"])
+    columns = np.concatenate([r["columns"] for r in real_out]) if real_out else np.array([], dtype=int)
+    mahal = np.concatenate([r["mahalanobis"] for r in real_out]) if real_out else np.array([])
+    lfc = np.concatenate([r["mean_lfc"] for r in real_out]) if real_out else np.array([])
+    null_d = np.full(len(null_sources), np.nan)
+    for r in null_out:
+        null_d[r["null_ids"]] = r["mahalanobis"]
+    std1 = np.full(n_obs, np.nan)
+    std2 = np.full(n_obs, np.nan)
+    for rows, a, b in std_out:
+        std1[rows] = a
+        std2[rows] = b
+    return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks)

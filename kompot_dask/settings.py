@@ -1,0 +1,291 @@
+"""Settings dataclasses for :func:`kompot_dask.de`.
+
+The first five mirror kompot 0.8.0's settings objects, with the same field names and
+defaults; :class:`ComputeSettings` is ours and controls chunking, workers and dtype.
+Every class validates itself on construction and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GPSettings",
+    "FDRSettings",
+    "FilterSettings",
+    "StorageSettings",
+    "OutputSettings",
+    "ComputeSettings",
+    "SettingsError",
+]
+
+
+class SettingsError(ValueError):
+    """A settings field holds a value that cannot be used."""
+
+
+def _fail(cls: str, name: str, value: Any, expected: str) -> SettingsError:
+    return SettingsError(f"{cls}.{name}={value!r} is invalid: expected {expected}.")
+
+
+def _positive_number(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise _fail(cls, name, value, "a positive number")
+    if not np.isfinite(value) or value <= 0:
+        raise _fail(cls, name, value, "a positive, finite number")
+
+
+def _positive_int(cls: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise _fail(cls, name, value, "an integer")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _fail(cls, name, value, "a non-negative integer" if allow_zero else "a positive integer")
+
+
+class _Settings:
+    """Shared helpers: a plain-JSON view of the fields for run records."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = f"<array shape={value.shape}>"
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[f.name] = value
+        return out
+
+
+@dataclass
+class GPSettings(_Settings):
+    """Gaussian-process settings (kompot's ``GPSettings``).
+
+    Attributes
+    ----------
+    sigma
+        Noise standard deviation of the expression model.
+    ls
+        Shared Matern length scale; ``None`` estimates it from condition-1 nearest neighbours.
+    ls_factor
+        Multiplier of the automatic length scale.
+    n_landmarks
+        Number of landmarks; all cells are used when the two conditions have fewer.
+    landmarks
+        Explicit landmark coordinates (m × d); overrides ``n_landmarks``.
+    use_empirical_variance
+        Not supported yet; must stay ``False``.
+    batch_size
+        Kept for compatibility with kompot (cells per prediction batch there); the Dask
+        engine's chunking is set by :class:`ComputeSettings` instead.
+    eps
+        Ridge added to the Mahalanobis covariance and to the posterior variance.
+    jit_compile
+        Kept for compatibility; kompot_dask always compiles its kernels.
+    random_state
+        Seed of the k-means landmark search. kompot 0.8.0 defaults to ``None`` (not
+        reproducible); kompot_dask defaults to 0 so that runs are deterministic.
+    """
+
+    sigma: float = 1.0
+    ls: float | None = None
+    ls_factor: float = 10.0
+    n_landmarks: int = 5000
+    landmarks: np.ndarray | None = None
+    use_empirical_variance: bool = False
+    batch_size: int = 100
+    eps: float = 1e-8
+    jit_compile: bool = False
+    random_state: int | None = 0
+
+    def __post_init__(self) -> None:
+        c = "GPSettings"
+        _positive_number(c, "sigma", self.sigma)
+        if self.ls is not None:
+            _positive_number(c, "ls", self.ls)
+        _positive_number(c, "ls_factor", self.ls_factor)
+        _positive_int(c, "n_landmarks", self.n_landmarks)
+        if self.landmarks is not None:
+            arr = np.asarray(self.landmarks)
+            if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.number):
+                raise _fail(c, "landmarks", f"<array shape={arr.shape}>", "a numeric 2-D array (m × d)")
+            if not np.all(np.isfinite(arr)):
+                raise _fail(c, "landmarks", "<array with NaN/inf>", "finite coordinates")
+            self.landmarks = arr.astype(np.float64)
+        if self.use_empirical_variance:
+            raise _fail(c, "use_empirical_variance", True, "False (empirical variance is not implemented in kompot_dask yet)")
+        _positive_int(c, "batch_size", self.batch_size, allow_zero=True)
+        _positive_number(c, "eps", self.eps)
+        if self.random_state is not None:
+            _positive_int(c, "random_state", self.random_state, allow_zero=True)
+
+
+@dataclass
+class FDRSettings(_Settings):
+    """Null-gene FDR settings (kompot's ``FDRSettings``).
+
+    Attributes
+    ----------
+    null_genes
+        ``"auto"`` (2000), an integer (0 disables FDR), or ``None`` (disables FDR).
+    null_seed
+        Seed of the null-gene draw and permutations (numpy ``RandomState`` semantics).
+    threshold
+        Local-FDR threshold for ``is_de`` (strictly less than).
+    """
+
+    null_genes: int | str | None = "auto"
+    null_seed: int = 42
+    threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        c = "FDRSettings"
+        if isinstance(self.null_genes, str):
+            if self.null_genes != "auto":
+                raise _fail(c, "null_genes", self.null_genes, '"auto", None or a non-negative integer')
+        elif self.null_genes is not None:
+            _positive_int(c, "null_genes", self.null_genes, allow_zero=True)
+        _positive_int(c, "null_seed", self.null_seed, allow_zero=True)
+        if not isinstance(self.threshold, int | float) or not 0 < self.threshold < 1:
+            raise _fail(c, "threshold", self.threshold, "a number strictly between 0 and 1")
+
+    def resolved_null_genes(self) -> int:
+        """Number of null genes actually drawn ("auto" → 2000, None → 0)."""
+        if self.null_genes == "auto":
+            return 2000
+        return int(self.null_genes or 0)
+
+
+@dataclass
+class FilterSettings(_Settings):
+    """Cell filtering (kompot's ``FilterSettings``, the ``cell_filter`` and ``min_cells`` parts).
+
+    Attributes
+    ----------
+    cell_filter
+        Cells to keep: an obs boolean column name, a ``{column: value(s)}`` dict, or a
+        boolean array over all cells. ``None`` keeps every cell.
+    min_cells
+        Minimum cells per condition after filtering (at least 2).
+    """
+
+    cell_filter: Any = None
+    min_cells: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int("FilterSettings", "min_cells", self.min_cells)
+        if self.min_cells < 2:
+            raise _fail("FilterSettings", "min_cells", self.min_cells, "an integer ≥ 2")
+        cf = self.cell_filter
+        if cf is not None and not isinstance(cf, str | dict | np.ndarray | list | tuple):
+            raise _fail("FilterSettings", "cell_filter", type(cf).__name__, "an obs column name, a dict or a boolean array")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if isinstance(self.cell_filter, list | tuple):
+            out["cell_filter"] = f"<array len={len(self.cell_filter)}>"
+        return out
+
+
+_FORBIDDEN_KEY_PARTS = ("/", "\\", "..")
+
+
+@dataclass
+class StorageSettings(_Settings):
+    """Where and what to store (kompot's ``StorageSettings`` plus ``store_layers``).
+
+    Attributes
+    ----------
+    result_key
+        Prefix of every field name; ``None`` means ``"kompot_de"``.
+    overwrite
+        ``None`` warns when fields of an earlier run are overwritten, ``False`` raises,
+        ``True`` is silent.
+    store_landmarks
+        Also store the landmark coordinates in ``uns[result_key]["landmarks"]``.
+    store_layers
+        Write the imputed and fold-change layers (cells × genes). ``False`` skips them and
+        writes only the per-gene and per-cell statistics.
+    layer_dtype
+        Storage type of those layers: ``"float32"`` (half the disk; rounding ≤ 6e-8
+        relative) or ``"float64"``.
+    """
+
+    result_key: str | None = None
+    overwrite: bool | None = None
+    store_landmarks: bool = False
+    store_layers: bool = True
+    layer_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.result_key is None:
+            self.result_key = "kompot_de"
+        rk = self.result_key
+        if not isinstance(rk, str) or not rk or any(p in rk for p in _FORBIDDEN_KEY_PARTS):
+            raise _fail(
+                "StorageSettings", "result_key", rk,
+                "a non-empty name without '/', '\\\\' or '..' (it becomes part of zarr paths)",
+            )
+        if self.overwrite not in (None, True, False):
+            raise _fail("StorageSettings", "overwrite", self.overwrite, "None, True or False")
+        if self.layer_dtype not in ("float32", "float64"):
+            raise _fail("StorageSettings", "layer_dtype", self.layer_dtype, '"float32" or "float64"')
+
+
+@dataclass
+class OutputSettings(_Settings):
+    """What :func:`kompot_dask.de` returns (a subset of kompot's ``OutputSettings``).
+
+    Attributes
+    ----------
+    return_full_results
+        Return a dict with the per-gene table and the FDR summary.
+    progress
+        Show a progress bar over gene blocks.
+    """
+
+    return_full_results: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ComputeSettings(_Settings):
+    """How the work is laid out on the cluster (kompot_dask only).
+
+    Attributes
+    ----------
+    cell_chunk
+        Cells per task tile; ``None`` lets the planner choose.
+    gene_block
+        Genes per block task; ``None`` lets the planner choose.
+    null_gene_block
+        Null genes per block task (their columns span all cells of both conditions).
+    n_workers, threads_per_worker, memory_limit
+        Used only when kompot_dask starts its own LocalCluster.
+    dtype
+        Floating-point type of the numerics: ``"float64"`` (parity with kompot) or
+        ``"float32"``.
+    """
+
+    cell_chunk: int | None = None
+    gene_block: int | None = None
+    null_gene_block: int | None = None
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | int | None = None
+    dtype: str = "float64"
+    max_task_bytes: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        c = "ComputeSettings"
+        for name in ("cell_chunk", "gene_block", "null_gene_block", "n_workers", "max_task_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(c, name, value)
+        _positive_int(c, "threads_per_worker", self.threads_per_worker)
+        if self.dtype not in ("float64", "float32"):
+            raise _fail(c, "dtype", self.dtype, '"float64" or "float32"')

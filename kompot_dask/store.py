@@ -1,0 +1,308 @@
+"""The zarr-backed AnnData store: lazy reads, tile readers for workers, element writes.
+
+This is the only module that touches zarr paths. Reads never load a cells × genes
+element; writes go element by element (anndata's ``write_elem``) or region by region
+(workers filling staged layer arrays), and become visible only at :meth:`Store.commit`,
+which renames the staged arrays into place and reconsolidates the metadata once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+logger = logging.getLogger("kompot_dask")
+
+_ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
+STAGING_PREFIX = "_kompot_staging_"
+
+
+class StoreError(ValueError):
+    """The store cannot be used as asked (missing, not AnnData, read-only, ...)."""
+
+
+def _local_path(path: str | os.PathLike) -> str:
+    p = os.fspath(path)
+    if p.startswith("file://"):
+        p = p[len("file://") :]
+    return os.path.abspath(p)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the expression element looks like on disk."""
+
+    elem_path: str  # "X" or "layers/<name>"
+    kind: str  # "dense", "csr" or "csc"
+    shape: tuple[int, int]
+    dtype: np.dtype
+    chunks: tuple[int, int] | None  # dense only
+
+
+@lru_cache(maxsize=32)
+def _open_array_cached(store_path: str, elem_path: str, mode: str) -> Any:
+    return zarr.open_array(store=store_path, path=elem_path, mode=mode)
+
+
+@lru_cache(maxsize=8)
+def _open_group_cached(store_path: str, elem_path: str) -> Any:
+    return zarr.open_group(store=store_path, path=elem_path, mode="r", use_consolidated=False)
+
+
+@dataclass(frozen=True)
+class TileReader:
+    """Reads (row range × column set) tiles of an expression element; picklable, opened
+    lazily on whichever worker uses it."""
+
+    store_path: str
+    info: LayerInfo
+
+    def read(self, r0: int, r1: int, cols: slice | np.ndarray) -> np.ndarray:
+        """Dense float tile of rows ``r0:r1`` and columns ``cols`` (a slice or sorted indices)."""
+        kind = self.info.kind
+        if kind == "dense":
+            arr = _open_array_cached(self.store_path, self.info.elem_path, "r")
+            if isinstance(cols, slice):
+                return np.asarray(arr[r0:r1, cols])
+            return np.asarray(arr.oindex[slice(r0, r1), np.asarray(cols)])
+        group = _open_group_cached(self.store_path, self.info.elem_path)
+        if kind == "csr":
+            indptr = np.asarray(group["indptr"][r0 : r1 + 1])
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(group["data"][lo:hi])
+            indices = np.asarray(group["indices"][lo:hi])
+            mat = sp.csr_matrix((data, indices, indptr - lo), shape=(r1 - r0, self.info.shape[1]))
+            return np.asarray(mat[:, cols].toarray())
+        # csc: read the needed columns over all rows, then cut the rows.
+        col_idx = np.arange(self.info.shape[1])[cols] if isinstance(cols, slice) else np.asarray(cols)
+        return _csc_columns(self.store_path, self.info.elem_path, self.info.shape, tuple(col_idx.tolist()))[r0:r1]
+
+
+@lru_cache(maxsize=2)
+def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> np.ndarray:
+    group = _open_group_cached(store_path, elem_path)
+    indptr = np.asarray(group["indptr"][:])
+    out = np.zeros((shape[0], len(cols)), dtype=group["data"].dtype)
+    for j, c in enumerate(cols):
+        lo, hi = int(indptr[c]), int(indptr[c + 1])
+        out[np.asarray(group["indices"][lo:hi]), j] = np.asarray(group["data"][lo:hi])
+    return out
+
+
+def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: int, tile: np.ndarray) -> None:
+    """Region write of one tile into a staged array (called on workers)."""
+    arr = _open_array_cached(store_path, elem_path, "r+")
+    arr[r0:r1, c0:c1] = tile
+
+
+class Store:
+    """A zarr AnnData store opened for a kompot_dask run.
+
+    obs, var and the embedding are read into memory; expression elements stay on disk
+    and are read tile by tile through :class:`TileReader`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _local_path(path)
+        if not os.path.exists(self.path):
+            raise StoreError(
+                f"store path {self.path!r} does not exist. Create it with "
+                "kompot_dask.ingest('data.h5ad', 'data.zarr') or pass an existing zarr AnnData store."
+            )
+        try:
+            self.root = zarr.open_group(store=self.path, mode="r")
+        except Exception as exc:  # zarr raises several types for non-stores
+            raise StoreError(
+                f"{self.path!r} is not a zarr store ({type(exc).__name__}: {exc}). "
+                "Convert an .h5ad with kompot_dask.ingest(src, dest)."
+            ) from None
+        if self.root.attrs.get("encoding-type") != "anndata":
+            raise StoreError(
+                f"{self.path!r} is a zarr group but not an AnnData store "
+                f"(attribute encoding-type={self.root.attrs.get('encoding-type')!r}, expected 'anndata'). "
+                "Write it with anndata's write_zarr or kompot_dask.ingest."
+            )
+        self.zarr_format = self.root.metadata.zarr_format
+        self.obs: pd.DataFrame = ad.io.read_elem(self.root["obs"])
+        self.var: pd.DataFrame = ad.io.read_elem(self.root["var"])
+
+    # ---- reading -------------------------------------------------------------------
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var)
+
+    def obsm_keys(self) -> list[str]:
+        return sorted(self.root["obsm"].keys()) if "obsm" in self.root else []
+
+    def layer_keys(self) -> list[str]:
+        return sorted(k for k in self.root["layers"].keys() if not k.startswith(STAGING_PREFIX)) if "layers" in self.root else []
+
+    def read_obsm(self, key: str) -> np.ndarray:
+        if key not in self.obsm_keys():
+            raise KeyError(
+                f"obsm key {key!r} not found in the store; available: {self.obsm_keys()}. "
+                "Pass obsm_key= one of these."
+            )
+        value = ad.io.read_elem(self.root["obsm"][key])
+        if isinstance(value, pd.DataFrame):
+            value = value.to_numpy()
+        if sp.issparse(value):
+            value = value.toarray()
+        return np.asarray(value)
+
+    def layer_info(self, layer: str | None) -> LayerInfo:
+        if layer is None:
+            if "X" not in self.root:
+                raise KeyError("the store has no X; pass layer= one of " f"{self.layer_keys()}")
+            elem_path = "X"
+        else:
+            if layer not in self.layer_keys():
+                raise KeyError(
+                    f"layer {layer!r} not found in the store; available layers: {self.layer_keys()}. "
+                    "Pass layer=None to use X."
+                )
+            elem_path = f"layers/{layer}"
+        elem = self.root[elem_path]
+        enc = elem.attrs.get("encoding-type", "array")
+        if enc in ("csr_matrix", "csc_matrix"):
+            shape = tuple(int(s) for s in elem.attrs["shape"])
+            dtype = np.dtype(elem["data"].dtype)
+            info = LayerInfo(elem_path, enc[:3], shape, dtype, None)
+        elif isinstance(elem, zarr.Array):
+            info = LayerInfo(elem_path, "dense", tuple(elem.shape), np.dtype(elem.dtype), tuple(elem.chunks))
+        else:
+            raise TypeError(f"{elem_path} has encoding {enc!r}; expected a dense array or a CSR/CSC matrix")
+        if not (np.issubdtype(info.dtype, np.floating) or np.issubdtype(info.dtype, np.integer)) or info.dtype == np.bool_:
+            raise TypeError(
+                f"{elem_path} has dtype {info.dtype}, which is not numeric; expected log-scale floats. "
+                "Pass layer= a numeric expression layer."
+            )
+        if info.shape != (self.n_obs, self.n_vars):
+            raise ValueError(f"{elem_path} has shape {info.shape}, expected {(self.n_obs, self.n_vars)}")
+        return info
+
+    def tile_reader(self, info: LayerInfo) -> TileReader:
+        return TileReader(self.path, info)
+
+    def read_uns_json(self, key: str) -> dict[str, Any]:
+        """``uns[key]`` as a dict (JSON strings decoded), or {} when absent."""
+        if "uns" not in self.root or key not in self.root["uns"]:
+            return {}
+        raw = ad.io.read_elem(self.root["uns"][key])
+        return {k: _maybe_json(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    # ---- writing -------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        probe_dirs = [self.path] + [os.path.join(self.path, d) for d in ("layers", "obs", "var", "uns") if os.path.isdir(os.path.join(self.path, d))]
+        for d in probe_dirs:
+            if not os.access(d, os.W_OK):
+                raise PermissionError(
+                    f"the store {self.path!r} is read-only ({d!r} is not writable); results are written "
+                    "back into the store. Make it writable or copy it first."
+                )
+
+    def _rw_group(self) -> Any:
+        return zarr.open_group(store=self.path, mode="r+", use_consolidated=False)
+
+    def stage_layer(self, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str) -> str:
+        """Create an empty (NaN) staged array for layer ``name``; returns its element path."""
+        g = self._rw_group()
+        layers = g.require_group("layers")
+        if "encoding-type" not in layers.attrs:
+            layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        staged = f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}_{name}"
+        layers.create_array(
+            staged, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan,
+            attributes=dict(_ARRAY_ATTRS),
+        )
+        return f"layers/{staged}"
+
+    def discard_staged(self, elem_paths: list[str]) -> None:
+        for p in elem_paths:
+            full = os.path.join(self.path, p)
+            if os.path.isdir(full):
+                shutil.rmtree(full)
+
+    def commit(
+        self,
+        staged_layers: dict[str, str],
+        obs_columns: dict[str, np.ndarray],
+        var_columns: dict[str, np.ndarray],
+        uns_updates: dict[str, dict[str, Any]],
+    ) -> None:
+        """Make a run's outputs visible: layers renamed into place, obs/var/uns written,
+        metadata reconsolidated once. On failure the previous obs/var/uns are restored."""
+        g = self._rw_group()
+        old_obs = ad.io.read_elem(g["obs"])
+        old_var = ad.io.read_elem(g["var"])
+        old_uns = {k: ad.io.read_elem(g["uns"][k]) for k in uns_updates if "uns" in g and k in g["uns"]}
+        moved: list[tuple[str, str]] = []
+        try:
+            for name, elem_path in staged_layers.items():
+                src = os.path.join(self.path, elem_path)
+                dst = os.path.join(self.path, "layers", name)
+                if os.path.isdir(dst):
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+                moved.append((src, dst))
+            if obs_columns:
+                obs = old_obs.copy()
+                for k, v in obs_columns.items():
+                    obs[k] = v
+                ad.io.write_elem(g, "obs", obs)
+            if var_columns:
+                var = old_var.copy()
+                for k, v in var_columns.items():
+                    var[k] = v
+                ad.io.write_elem(g, "var", var)
+            uns = g.require_group("uns")
+            if "encoding-type" not in uns.attrs:
+                uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+            for key, value in uns_updates.items():
+                ad.io.write_elem(uns, key, value)
+        except BaseException:
+            logger.error("Commit failed; restoring obs, var and uns of %s", self.path)
+            ad.io.write_elem(g, "obs", old_obs)
+            ad.io.write_elem(g, "var", old_var)
+            for key, value in old_uns.items():
+                ad.io.write_elem(g["uns"], key, value)
+            for src, dst in moved:
+                shutil.rmtree(dst, ignore_errors=True)
+            raise
+        zarr.consolidate_metadata(self.path)
+        _open_array_cached.cache_clear()
+        _open_group_cached.cache_clear()
+        self.root = zarr.open_group(store=self.path, mode="r")
+        self.obs = ad.io.read_elem(self.root["obs"])
+        self.var = ad.io.read_elem(self.root["var"])
+
+    def read_layer_dense(self, name: str) -> np.ndarray:
+        """A whole layer in memory (small, in-memory AnnData path only)."""
+        return np.asarray(zarr.open_array(store=self.path, path=f"layers/{name}", mode="r")[...])
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

@@ -1,0 +1,61 @@
+"""Runs kompot 0.8.0 (the reference oracle) in a separate process.
+
+Importing kompot (through mellon) switches JAX to float64 on CPU for the whole process,
+so reference numbers are produced here, in a subprocess, never inside the test process.
+
+Usage: python reference_runner.py INPUT.h5ad KWARGS.json OUTPUT.npz
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(inp: str, kwargs_path: str, out: str) -> None:
+    import anndata as ad
+    import numpy as np
+
+    import kompot
+
+    adata = ad.read_h5ad(inp)
+    with open(kwargs_path) as fh:
+        spec = json.load(fh)
+    gp = dict(spec.pop("gp", {}))
+    if "landmarks_npy" in gp:
+        gp["landmarks"] = np.load(gp.pop("landmarks_npy"))
+    fdr = spec.pop("fdr", {})
+    storage = spec.pop("storage", {})
+    t0 = time.perf_counter()
+    res = kompot.de(
+        adata,
+        gp=kompot.GPSettings(**gp),
+        fdr=kompot.FDRSettings(**fdr),
+        storage=kompot.StorageSettings(**storage),
+        output=kompot.OutputSettings(return_full_results=True, progress=False),
+        **spec,
+    )
+    wall = time.perf_counter() - t0
+    model = res["model"]
+    payload = {"wall": np.float64(wall)}
+    for k in adata.var.columns:
+        if k.startswith("kompot"):
+            payload[f"var/{k}"] = adata.var[k].to_numpy()
+    for k in adata.obs.columns:
+        if k.startswith("kompot"):
+            payload[f"obs/{k}"] = adata.obs[k].to_numpy(dtype=float)
+    for k in adata.layers.keys():
+        if k.startswith("kompot"):
+            payload[f"layers/{k}"] = np.asarray(adata.layers[k])
+    ls = getattr(model.model1, "ls", None)
+    if ls is not None:
+        payload["ls"] = np.float64(ls)
+    lm = getattr(model, "computed_landmarks", None)
+    if lm is not None:
+        payload["landmarks"] = np.asarray(lm)
+    np.savez(out, **payload)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
