@@ -222,16 +222,6 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     logger.info("Condition 1 (%s): %s cells", condition1, f"{n1:,}")
     logger.info("Condition 2 (%s): %s cells", condition2, f"{n2:,}")
     X = np.ascontiguousarray(X_raw, dtype=np.float64)
-    if gp.ls is not None:
-        ls = float(gp.ls)
-    else:
-        ls = gp_mod.length_scale_from_distances(gp_mod.nearest_neighbour_distances(X_raw[mask1]), gp.ls_factor)
-    if gp.landmarks is not None:
-        Z = gp.landmarks
-        landmark_source = "provided"
-    else:
-        Z = gp_mod.compute_landmarks(np.vstack([X[mask1], X[mask2]]), gp.n_landmarks, gp.random_state)
-        landmark_source = "all_cells" if Z.shape[0] == n1 + n2 else "kmeans"
     codes = np.zeros(store.n_obs, dtype=np.int8)
     codes[mask1] = 1
     codes[mask2] = 2
@@ -242,6 +232,10 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     layer_names = {r: names[r] for r in layer_roles}
 
     with resolve_client(client, compute) as c:
+        ls, Z, landmark_source = engine.prepare_model(
+            c, X_raw[mask1], np.vstack([X[mask1], X[mask2]]), ls=gp.ls, ls_factor=gp.ls_factor,
+            landmarks=gp.landmarks, n_landmarks=gp.n_landmarks, random_state=gp.random_state,
+        )
         try:
             res = engine.run_engine(
                 c, store, info, X=X, codes=codes, pred=filter_mask, selected=selected, Z=Z, ls=ls,

@@ -261,8 +261,43 @@ def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype):
     return rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps)
 
 
+def _length_scale_task(X1, ls_factor):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba: "cannot cache nn_descent" — known, harmless
+        nn = gp_mod.nearest_neighbour_distances(X1)
+    return gp_mod.length_scale_from_distances(nn, ls_factor)
+
+
 # --------------------------------------------------------------------------------------
 # Client-side orchestration
+
+
+def prepare_model(
+    client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
+    landmarks: np.ndarray | None, n_landmarks: int, random_state: int | None,
+) -> tuple[float, np.ndarray, str]:
+    """Length scale and landmarks, computed concurrently on two workers.
+
+    The nearest-neighbour search compiles numba code the first time a process runs it;
+    running it on a worker means a long-lived cluster pays that once, not every run.
+    """
+    ls_f = None
+    if ls is None:
+        # Always the same worker, so that a long-lived cluster compiles pynndescent once.
+        first = sorted(client.scheduler_info(n_workers=-1)["workers"])[:1]
+        ls_f = client.submit(_length_scale_task, X1, ls_factor, pure=False, workers=first, allow_other_workers=True)
+    if landmarks is not None:
+        Z, source = landmarks, "provided"
+    elif n_landmarks >= pooled.shape[0]:
+        Z, source = gp_mod.compute_landmarks(pooled, n_landmarks, random_state), "all_cells"
+    else:
+        Z = client.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state, pure=False).result()
+        source = "kmeans"
+    if ls_f is not None:
+        ls = float(ls_f.result())
+    return float(ls), np.asarray(Z, dtype=np.float64), source
 
 
 @dataclass

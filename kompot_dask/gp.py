@@ -329,11 +329,53 @@ def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None)
     return np.asarray(centers, dtype=np.float64)
 
 
+def _import_nndescent():
+    """Import pynndescent with numba's on-disk cache switched on for its kernels.
+
+    pynndescent compiles ~40 s of numba code in every fresh process and caches only part
+    of it. Importing it while ``numba.njit``/``numba.jit`` default to ``cache=True`` stores
+    the compiled kernels under ``NUMBA_CACHE_DIR`` (see :func:`cluster.numba_cache_dir`),
+    so later processes load them instead of compiling again.
+    """
+    import sys
+
+    if "pynndescent" in sys.modules:
+        from pynndescent import NNDescent
+
+        return NNDescent
+    import os
+    import warnings
+
+    from .cluster import numba_cache_dir
+
+    os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache_dir())
+    import numba
+    from numba.core import config as numba_config
+
+    numba_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+    original_njit, original_jit = numba.njit, numba.jit
+
+    def _cached(decorator):
+        def wrapper(*args, **kwargs):
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+
+        return wrapper
+
+    numba.njit, numba.jit = _cached(original_njit), _cached(original_jit)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pynndescent import NNDescent
+    finally:
+        numba.njit, numba.jit = original_njit, original_jit
+    return NNDescent
+
+
 def nearest_neighbour_distances(X: np.ndarray) -> np.ndarray:
     """Distance of each row of ``X`` to its nearest other row, found with pynndescent exactly
     as the reference does (2 neighbours, Euclidean, ``random_state=42``)."""
-    from pynndescent import NNDescent
-
+    NNDescent = _import_nndescent()
     index = NNDescent(np.asarray(X), n_neighbors=2, metric="euclidean", random_state=42)
     _, dist = index.neighbor_graph
     return np.asarray(dist[:, 1])
