@@ -161,28 +161,24 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     obs, var = store.obs, store.var
     # ---- validation: everything that can be checked without touching the layer -------
     if groupby not in obs.columns:
-        raise KeyError(f"obs column {groupby!r} (groupby) not found; available columns: {list(obs.columns)}")
+        raise KeyError(f"obs column {groupby!r} (groupby) not found; available columns: {list(obs.columns)}; pass groupby= one of these")
     if condition1 == condition2:
         raise ValueError(f"condition1 and condition2 are both {condition1!r}; pass two different values of obs[{groupby!r}]")
     labels = obs[groupby]
     present = list(pd.unique(labels.dropna()))
     for name, cond in (("condition1", condition1), ("condition2", condition2)):
         if not (labels == cond).any():
-            raise ValueError(f"{name}={cond!r} is not a value of obs[{groupby!r}]; available values: {present}")
+            raise ValueError(f"{name}={cond!r} is not a value of obs[{groupby!r}]; available values: {present}; pass {name}= one of these")
     info = store.layer_info(layer)
     X_raw = store.read_obsm(obsm_key)
     if X_raw.ndim != 2 or X_raw.shape[0] != store.n_obs:
         raise ValueError(f"obsm[{obsm_key!r}] has shape {X_raw.shape}; expected ({store.n_obs}, d)")
     if not np.issubdtype(X_raw.dtype, np.number):
         raise TypeError(f"obsm[{obsm_key!r}] has dtype {X_raw.dtype}; expected a numeric embedding")
-    bad_rows = ~np.all(np.isfinite(X_raw), axis=1)
-    if bad_rows.any():
-        raise ValueError(
-            f"obsm[{obsm_key!r}] holds NaN or inf in {int(bad_rows.sum())} cell(s) "
-            f"(first: {list(obs.index[bad_rows][:5])}); fix or filter these cells (FilterSettings(cell_filter=...))."
-        )
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
+        if not genes:
+            raise ValueError("genes= is an empty list; pass at least one var name, or genes=None to test all genes")
         unknown = [g for g in genes if g not in var.index]
         if unknown:
             raise KeyError(f"genes= names {len(unknown)} gene(s) not in var_names: {unknown[:20]}; check spelling or var_names")
@@ -190,6 +186,13 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     else:
         selected = np.arange(store.n_vars)
     filter_mask = _cell_filter_mask(obs, filter.cell_filter)
+    # Only the filtered cells enter the model (fits, predictions, stds), so only they must be finite.
+    bad_rows = filter_mask & ~np.all(np.isfinite(X_raw), axis=1)
+    if bad_rows.any():
+        raise ValueError(
+            f"obsm[{obsm_key!r}] holds NaN or inf in {int(bad_rows.sum())} cell(s) "
+            f"(first: {list(obs.index[bad_rows][:5])}); fix or filter these cells (FilterSettings(cell_filter=...))."
+        )
     mask1 = (labels == condition1).to_numpy() & filter_mask
     mask2 = (labels == condition2).to_numpy() & filter_mask
     for i, (cond, mask) in enumerate(((condition1, mask1), (condition2, mask2)), start=1):

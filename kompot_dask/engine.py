@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from distributed import Client, as_completed, wait
+from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from . import fdr as fdr_mod
@@ -274,6 +274,13 @@ def _length_scale_task(X1, ls_factor):
 # Client-side orchestration
 
 
+def _wait(client: Client, futures: list) -> None:
+    """Wait for futures without fetching their results (works without a default client)."""
+    for fut in as_completed(futures, loop=client.loop):
+        if fut.status == "error":
+            fut.result()
+
+
 def prepare_model(
     client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
     landmarks: np.ndarray | None, n_landmarks: int, random_state: int | None,
@@ -393,7 +400,7 @@ def run_engine(
         fac_f = client.submit(_factor_task, Z_f, ls, s1, s2, sigma, eps, dtype, pure=False)
         Lp_f, C1_f, C2_f, R_f = (client.submit(operator.getitem, fac_f, k, pure=False) for k in ("Lp", "C1", "C2", "R"))
         diag_f = client.submit(operator.getitem, fac_f, "diagonal", pure=False)
-        wait([C1_f, C2_f, R_f, Lp_f, kbar_f])
+        _wait(client, [C1_f, C2_f, R_f, Lp_f, kbar_f])
         del s1, s2, ks, fac_f
         # The factors were computed on one worker; copy them to all now, once.
         client.replicate([C1_f, C2_f, R_f, Lp_f, kbar_f])
@@ -415,7 +422,7 @@ def run_engine(
         n_tasks = len(futures)
         real_out, null_out, std_out = [], [], []
         with tqdm(total=len(futures), desc="kompot_dask: gene blocks", unit="task", disable=not progress) as bar:
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=client.loop):
                 res = fut.result()
                 if isinstance(res, tuple):
                     std_out.append(res)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -211,9 +212,16 @@ class Store:
     # ---- writing -------------------------------------------------------------------
 
     def check_writable(self) -> None:
+        """Raise PermissionError if a directory that a run writes into is read-only.
+
+        ``os.access`` answers for the caller, and for root it says every directory of a
+        read-write file system is writable whatever its mode; so a directory without any
+        write permission bit (``chmod -R a-w``) also counts as read-only, for every user.
+        """
         probe_dirs = [self.path] + [os.path.join(self.path, d) for d in ("layers", "obs", "var", "uns") if os.path.isdir(os.path.join(self.path, d))]
         for d in probe_dirs:
-            if not os.access(d, os.W_OK):
+            no_write_bits = not os.stat(d).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+            if no_write_bits or not os.access(d, os.W_OK):
                 raise PermissionError(
                     f"the store {self.path!r} is read-only ({d!r} is not writable); results are written "
                     "back into the store. Make it writable or copy it first."

@@ -1,0 +1,116 @@
+"""Parity with kompot 0.8.0, the reference oracle, run in a subprocess on the same input.
+
+Tolerances are the issue's: Mahalanobis relative error ≤ 1e-6 median and ≤ 1e-4 max;
+mean_lfc and obs std absolute error ≤ 1e-6; local FDR ≤ 1e-3; is_de identical except where
+the local FDR is within 1e-3 of the threshold; imputed and fold-change layers ≤ 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import kompot_dask as kd
+from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
+
+pytest.importorskip("kompot", reason="the reference oracle kompot==0.8.0 is a test extra")
+
+RUNNER = os.path.join(os.path.dirname(__file__), "reference_runner.py")
+
+
+def run_reference(tmp_path, adata: ad.AnnData, spec: dict) -> dict[str, np.ndarray]:
+    inp = tmp_path / "ref_input.h5ad"
+    adata.write_h5ad(inp)
+    kw = tmp_path / "ref_kwargs.json"
+    kw.write_text(json.dumps(spec))
+    out = tmp_path / "ref_out.npz"
+    proc = subprocess.run([sys.executable, RUNNER, str(inp), str(kw), str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+def compare(ref: dict, result: ad.AnnData, rk: str, c1: str, c2: str, threshold: float = 0.05) -> dict[str, float]:
+    pair = f"{rk}_{c1}_to_{c2}"
+    d_ref = ref[f"var/{pair}_mahalanobis"].astype(float)
+    d = result.var[f"{pair}_mahalanobis"].to_numpy(dtype=float)
+    rel = np.abs(d - d_ref) / np.abs(d_ref)
+    stats = {"mahal_rel_median": float(np.median(rel)), "mahal_rel_max": float(np.max(rel))}
+    assert stats["mahal_rel_median"] <= 1e-6, stats
+    assert stats["mahal_rel_max"] <= 1e-4, stats
+    lfc_err = np.max(np.abs(result.var[f"{pair}_mean_lfc"].to_numpy(dtype=float) - ref[f"var/{pair}_mean_lfc"]))
+    assert lfc_err <= 1e-6
+    for c in (c1, c2):
+        std_err = np.max(np.abs(result.obs[f"{rk}_{c}_std"].to_numpy(dtype=float) - ref[f"obs/{rk}_{c}_std"]))
+        assert std_err <= 1e-6, (c, std_err)
+        imp_err = np.max(np.abs(np.asarray(result.layers[f"{rk}_{c}_imputed"], dtype=float) - ref[f"layers/{rk}_{c}_smoothed"]))
+        assert imp_err <= 1e-6, (c, imp_err)
+    fc_err = np.max(np.abs(np.asarray(result.layers[f"{pair}_fold_change"], dtype=float) - ref[f"layers/{pair}_fold_change"]))
+    assert fc_err <= 1e-6
+    lf_ref = ref[f"var/{pair}_mahalanobis_local_fdr"].astype(float)
+    lf = result.var[f"{pair}_mahalanobis_local_fdr"].to_numpy(dtype=float)
+    assert np.max(np.abs(lf - lf_ref)) <= 1e-3
+    de_ref = ref[f"var/{pair}_is_de"].astype(bool)
+    de = result.var[f"{pair}_is_de"].to_numpy(dtype=bool)
+    differing = de != de_ref
+    assert np.all(np.abs(lf_ref[differing] - threshold) <= 1e-3), np.flatnonzero(differing)
+    stats.update(lfc=float(lfc_err), fc=float(fc_err), lfdr=float(np.max(np.abs(lf - lf_ref))), n_de=int(de.sum()))
+    return stats
+
+
+def test_parity__synthetic_explicit_landmarks_and_length_scale(tmp_path, client):
+    spec = SyntheticSpec(n_obs=3000, n_vars=500, n_dims=20, seed=11, de_fraction=0.15)
+    adata = make_synthetic_adata(spec)
+    from sklearn.cluster import k_means
+
+    landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 300, n_init=1, random_state=0)[0]
+    np.save(tmp_path / "landmarks.npy", landmarks)
+    ls = 700.0
+    ref = run_reference(tmp_path, adata, {
+        "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts",
+        "obsm_key": "X_pca", "gp": {"ls": ls, "landmarks_npy": str(tmp_path / "landmarks.npy")},
+    })
+    store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
+    kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          gp=kd.GPSettings(ls=ls, landmarks=landmarks), output=kd.OutputSettings(progress=False), client=client)
+    stats = compare(ref, ad.read_zarr(store), "kompot_de", "Young", "Old")
+    assert stats["n_de"] > 10  # the comparison is not vacuous
+
+
+def test_parity__pbmc68k_reduced_defaults(tmp_path, client):
+    sc = pytest.importorskip("scanpy")
+    pbmc = sc.datasets.pbmc68k_reduced()
+    adata = ad.AnnData(
+        obs=pbmc.obs[["phase"]].copy(), var=pbmc.raw.var[[]].copy(),
+        obsm={"X_pca": pbmc.obsm["X_pca"]}, layers={"logged": pbmc.raw.X.copy()},
+    )
+    ref = run_reference(tmp_path, adata, {
+        "groupby": "phase", "condition1": "G1", "condition2": "S", "layer": "logged", "obsm_key": "X_pca",
+    })
+    store = kd.ingest(adata, tmp_path / "pbmc.zarr", progress=False)
+    result = kd.de(store, groupby="phase", condition1="G1", condition2="S", layer="logged", obsm_key="X_pca",
+                   output=kd.OutputSettings(progress=False, return_full_results=True), client=client)
+    assert result["ls"] == pytest.approx(float(ref["ls"]), rel=1e-12)
+    stats = compare(ref, ad.read_zarr(store), "kompot_de", "G1", "S")
+    assert stats["n_de"] > 10
+
+
+def test_parity__in_memory_anndata_matches_store(tmp_path, client):
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=600, n_vars=40, n_dims=6, seed=5))
+    store = kd.ingest(adata, tmp_path / "s.zarr", progress=False)
+    kwargs = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+                  gp=kd.GPSettings(n_landmarks=80, ls=40.0), fdr=kd.FDRSettings(null_genes=50),
+                  output=kd.OutputSettings(progress=False), client=client)
+    kd.de(store, **kwargs)
+    kd.de(adata, **kwargs)
+    on_disk = ad.read_zarr(store)
+    for col in ("kompot_de_Young_to_Old_mahalanobis", "kompot_de_Young_to_Old_mean_lfc", "kompot_de_Young_to_Old_is_de"):
+        np.testing.assert_array_equal(adata.var[col].to_numpy(), on_disk.var[col].to_numpy())
+    np.testing.assert_array_equal(adata.layers["kompot_de_Old_imputed"], on_disk.layers["kompot_de_Old_imputed"])
+    assert "kompot_de" in adata.uns and "run_history" in adata.uns["kompot_de"]
