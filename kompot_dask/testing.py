@@ -66,15 +66,30 @@ def _gene_params(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     }
 
 
+_NOISE_GROUP = 128
+
+
+def _noise(spec: SyntheticSpec, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise and dropout draws for rows r0:r1, identical however the rows are blocked."""
+    g0, g1 = r0 // _NOISE_GROUP, -(-r1 // _NOISE_GROUP)
+    gauss, drop = [], []
+    for g in range(g0, g1):
+        rng = np.random.default_rng([spec.seed, 3, g])
+        gauss.append(rng.normal(scale=0.3, size=(_NOISE_GROUP, spec.n_vars)))
+        drop.append(rng.random((_NOISE_GROUP, spec.n_vars)) < spec.dropout)
+    off = r0 - g0 * _NOISE_GROUP
+    return np.concatenate(gauss)[off : off + r1 - r0], np.concatenate(drop)[off : off + r1 - r0]
+
+
 def _expression_rows(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, params: dict, r0: int) -> np.ndarray:
-    rng = np.random.default_rng([spec.seed, 3, r0])
     eta = params["baseline"] + X @ params["loadings"]
     shifted = cond == len(spec.conditions) - 1
     gate = 1.0 / (1.0 + np.exp(-(X @ params["de_direction"])))
     eta = eta + shifted[:, None] * params["de_effect"] * gate
     mean = np.log1p(np.exp(eta))  # softplus, positive
-    values = np.maximum(mean + rng.normal(scale=0.3, size=mean.shape), 0.0)
-    values[rng.random(values.shape) < spec.dropout] = 0.0
+    gauss, drop = _noise(spec, r0, r0 + X.shape[0])
+    values = np.maximum(mean + gauss, 0.0)
+    values[drop] = 0.0
     return values.astype(np.float32)
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import time
 
 import anndata as ad
 import numpy as np
@@ -63,16 +64,63 @@ def _open_rw(path) -> zarr.Group:
     return zarr.open_group(store=os.fspath(path), mode="r+", use_consolidated=False)
 
 
+def _forbidden(*args, **kwargs):
+    raise AssertionError("de() reached compute; the bad input should have been rejected before")
+
+
+def _forbid_compute(monkeypatch) -> None:
+    monkeypatch.setattr(analysis_mod, "resolve_client", _forbidden)
+    monkeypatch.setattr(engine, "prepare_model", _forbidden)
+    monkeypatch.setattr(engine, "run_engine", _forbidden)
+
+
 @pytest.fixture
 def no_compute(monkeypatch):
     """Reaching the client or the engine is a test failure: the error must come first."""
+    _forbid_compute(monkeypatch)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("de() reached compute; the bad input should have been rejected before")
 
-    monkeypatch.setattr(analysis_mod, "resolve_client", forbidden)
-    monkeypatch.setattr(engine, "prepare_model", forbidden)
-    monkeypatch.setattr(engine, "run_engine", forbidden)
+def _wait_until_workers_idle(client, timeout: float = 60.0) -> None:
+    """Block until no worker executes a task. A cancelled task that had already started
+    still runs to its end on its worker; it must not write into the store afterwards."""
+
+    def n_executing(dask_worker):
+        return len(dask_worker.state.executing)
+
+    deadline = time.monotonic() + timeout
+    while sum(client.run(n_executing).values()):
+        assert time.monotonic() < deadline, "workers still busy after the failed run"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def slow_tile_writes(client):
+    """Make every staged-tile write on the workers take a while (between opening the
+    staged array and writing into it), so that when one block task fails the other
+    blocks are surely still writing their tiles."""
+
+    def patch(delay):
+        import time
+
+        import kompot_dask.engine as eng
+        import kompot_dask.store as st
+
+        if not hasattr(eng, "write_tile"):
+            return False
+        if delay:
+            def slow_write_tile(store_path, elem_path, *args, **kwargs):
+                st._open_array_cached(store_path, elem_path, "r+")
+                time.sleep(delay)
+                return st.write_tile(store_path, elem_path, *args, **kwargs)
+
+            eng.write_tile = slow_write_tile
+        else:
+            eng.write_tile = st.write_tile
+        return True
+
+    assert all(client.run(patch, 0.5).values()), "engine.write_tile not found on the workers"
+    yield
+    client.run(patch, 0)
 
 
 @pytest.fixture
@@ -383,15 +431,45 @@ def test_de__failure_midway_leaves_no_trace_and_rerun_succeeds(small_store, clie
     assert [h["run_id"] for h in history] == [0]
     names = result["field_names"]
     assert names["mahalanobis"] in store.var.columns
-    assert names["imputed1"] in store.layer_keys()
-    assert not any(d.startswith(STAGING_PREFIX) for d in os.listdir(os.path.join(small_store, "layers")))
+    assert {names[r] for r in ("imputed1", "imputed2", "fold_change")} <= set(store.layer_keys())
+    assert history[0]["fields_written"] and all(
+        f.split("/", 1)[1].startswith("kompot_de_") for f in history[0]["fields_written"]
+    )
 
     # With results present, overwrite=False refuses before any compute.
     after_run = _snapshot(small_store)
-    monkeypatch.setattr(analysis_mod, "resolve_client", lambda *a, **k: pytest.fail("reached compute"))
+    _forbid_compute(monkeypatch)
     with pytest.raises(ValueError, match=r"result_key='kompot_de' already exist.*Use a different StorageSettings\(result_key=\.\.\.\) or overwrite=True"):
         _de(small_store, client=client, storage=kd.StorageSettings(overwrite=False))
     assert _snapshot(small_store) == after_run
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "engine.run_engine, on a failed task, cancels the other futures and at once deletes "
+        "the staged layers; block tasks already executing are not stopped by cancel() and "
+        "write their tiles afterwards, re-creating layers/_kompot_staging_* directories. "
+        "Remove this marker once run_engine waits for in-flight block tasks before discarding."
+    ),
+)
+@pytest.mark.parametrize("failure", ["injected", "nonfinite"])
+def test_de__failure_midway_leaves_no_late_writes(small_store, client, monkeypatch, slow_tile_writes, failure):
+    """Like the test above, but the store is compared once every worker is idle, with the
+    tile writes of the other blocks slowed down so that they surely outlive the failure."""
+    if failure == "injected":
+        monkeypatch.setattr(engine, "_FAIL_BLOCK_FOR_TESTS", 1)
+        expected = engine.InjectedFailure
+    else:
+        _open_rw(small_store)["layers"][LAYER][10, 40] = np.nan  # gene block 1 of 3
+        expected = engine.NonFiniteExpressionError
+    before = _snapshot(small_store)
+    with pytest.raises(expected):
+        _de(small_store, client=client, fdr=kd.FDRSettings(null_genes=0), compute=kd.ComputeSettings(gene_block=32))
+    _wait_until_workers_idle(client)
+    after = _snapshot(small_store)
+    assert [d for d in after[1] if STAGING_PREFIX in d] == []
+    assert after == before
 
 
 def test_de__copy_of_store_is_independent(small_store, tmp_path, no_compute):

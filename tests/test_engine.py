@@ -1,0 +1,113 @@
+"""The engine on real LocalClusters and real stores: invariance, layouts, laziness."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import zarr
+
+import kompot_dask as kd
+from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
+
+from conftest import SMALL
+
+PAIR = "kompot_de_Young_to_Old"
+KW = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          gp=kd.GPSettings(n_landmarks=150, ls=60.0), fdr=kd.FDRSettings(null_genes=120),
+          output=kd.OutputSettings(progress=False),
+          # float64 layers, so that invariance is checked to 1e-10 and not to float32 rounding
+          storage=kd.StorageSettings(layer_dtype="float64", overwrite=True))
+
+
+def _results(path) -> dict[str, np.ndarray]:
+    a = ad.read_zarr(path)
+    out = {c: a.var[c].to_numpy(dtype=float) for c in a.var.columns if c.startswith("kompot")}
+    out.update({c: a.obs[c].to_numpy(dtype=float) for c in a.obs.columns if c.startswith("kompot")})
+    out.update({k: np.asarray(a.layers[k], dtype=float) for k in a.layers if k.startswith("kompot")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, client):
+    path = write_synthetic_store(tmp_path_factory.mktemp("base") / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    kd.de(path, client=client, **KW)
+    return _results(path)
+
+
+@pytest.mark.parametrize(("cell_chunk", "gene_block", "null_block"), [(100, 7, 13), (512, 64, 120), (1200, 90, 40)])
+def test_de__chunking_does_not_change_results(tmp_path, client, baseline, cell_chunk, gene_block, null_block):
+    path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    kd.de(path, client=client, compute=kd.ComputeSettings(cell_chunk=cell_chunk, gene_block=gene_block,
+                                                          null_gene_block=null_block), **KW)
+    got = _results(path)
+    assert got.keys() == baseline.keys() and len(got) == 9
+    for key, value in baseline.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+
+
+def test_de__one_worker_equals_two_workers(tmp_path, client_one_worker, baseline):
+    path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    kd.de(path, client=client_one_worker, **KW)
+    got = _results(path)
+    for key, value in baseline.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+
+
+def test_de__csr_layer_in_existing_store(tmp_path, client, baseline):
+    """A store written by anndata with a CSR layer is read by row chunks and gives the same answer."""
+    adata = make_synthetic_adata(SMALL, sparse=True)
+    path = tmp_path / "csr.zarr"
+    adata.write_zarr(path)
+    assert zarr.open_group(str(path), mode="r")["layers/logged_counts"].attrs["encoding-type"] == "csr_matrix"
+    kd.de(str(path), client=client, **KW)
+    got = _results(path)
+    for key, value in baseline.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+
+
+def test_ingest__h5ad_sparse_source_becomes_gene_block_tiles(tmp_path):
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=500, n_vars=70, n_dims=5, seed=2), sparse=True)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    path = kd.ingest(tmp_path / "a.h5ad", tmp_path / "a.zarr", cell_chunk=128, gene_chunk=16, progress=False)
+    arr = zarr.open_group(path, mode="r")["layers/logged_counts"]
+    assert arr.chunks == (128, 16) and arr.dtype == np.float32
+    back = ad.read_zarr(path)
+    np.testing.assert_array_equal(back.layers["logged_counts"], adata.layers["logged_counts"].toarray())
+    assert back.obs.equals(adata.obs) and back.var.equals(adata.var)
+    np.testing.assert_array_equal(back.obsm["X_pca"], adata.obsm["X_pca"])
+
+
+def test_de__genes_subset_and_no_layers(tmp_path, client, baseline):
+    path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    genes = ["gene_3", "gene_40", "gene_41", "gene_77"]
+    kw = dict(KW, storage=kd.StorageSettings(store_layers=False), fdr=kd.FDRSettings(null_genes=0))
+    kd.de(path, genes=genes, client=client, **kw)
+    a = ad.read_zarr(path)
+    assert not [k for k in a.layers if k.startswith("kompot")]
+    assert f"{PAIR}_is_de" not in a.var  # FDR disabled
+    d = a.var[f"{PAIR}_mahalanobis"]
+    assert d.notna().sum() == 4 and d[genes].notna().all()
+    # Per-gene statistics do not depend on which other genes are analysed.
+    idx = [int(g.split("_")[1]) for g in genes]
+    np.testing.assert_allclose(d[genes].to_numpy(), baseline[f"{PAIR}_mahalanobis"][idx], rtol=0, atol=1e-10)
+
+
+def test_de__results_are_in_store_and_readable(tmp_path, client):
+    path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    kd.de(path, client=client, **KW)
+    a = ad.read_zarr(path)
+    layer = zarr.open_group(path, mode="r")[f"layers/{PAIR}_fold_change"]
+    assert layer.attrs["encoding-type"] == "array"
+    np.testing.assert_allclose(
+        a.layers[f"{PAIR}_fold_change"],
+        a.layers["kompot_de_Old_imputed"] - a.layers["kompot_de_Young_imputed"], atol=1e-6,
+    )
+    lazy = ad.experimental.read_lazy(zarr.open_group(path, mode="r"))
+    assert lazy.layers[f"{PAIR}_fold_change"].shape == (SMALL.n_obs, SMALL.n_vars)
+    import json
+
+    history = json.loads(a.uns["kompot_de"]["run_history"])
+    assert history[0]["run_id"] == 0 and history[0]["params"]["fdr"]["null_genes"] == 120
+    assert set(history[0]["environment"]["package_versions"]) >= {"dask", "distributed", "zarr", "jax"}
+    assert not [k for k in zarr.open_group(path, mode="r")["layers"].keys() if k.startswith("_kompot_staging")]
