@@ -94,33 +94,44 @@ def _wait_until_workers_idle(client, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture
-def slow_tile_writes(client):
-    """Make every staged-tile write on the workers take a while (between opening the
-    staged array and writing into it), so that when one block task fails the other
-    blocks are surely still writing their tiles."""
+def staggered_blocks(client):
+    """On the workers, gene block 1 starts late and every staged-tile write is slow
+    (the array is opened, then the write waits), so that when block 1 fails the other
+    blocks are surely in the middle of writing their tiles."""
 
-    def patch(delay):
+    def patch(on):
         import time
 
         import kompot_dask.engine as eng
         import kompot_dask.store as st
 
-        if not hasattr(eng, "write_tile"):
+        if not (hasattr(eng, "write_tile") and hasattr(eng, "_real_block_task")):
             return False
-        if delay:
-            def slow_write_tile(store_path, elem_path, *args, **kwargs):
-                st._open_array_cached(store_path, elem_path, "r+")
-                time.sleep(delay)
-                return st.write_tile(store_path, elem_path, *args, **kwargs)
+        originals = getattr(eng, "_test_errors_originals", None)
+        if originals is None:
+            originals = eng._test_errors_originals = (eng.write_tile, eng._real_block_task)
+        write_tile, real_block_task = originals
+        if not on:
+            eng.write_tile, eng._real_block_task = originals
+            del eng._test_errors_originals
+            return True
 
-            eng.write_tile = slow_write_tile
-        else:
-            eng.write_tile = st.write_tile
+        def slow_write_tile(store_path, elem_path, *args, **kwargs):
+            st._open_array_cached(store_path, elem_path, "r+")
+            time.sleep(0.5)
+            return write_tile(store_path, elem_path, *args, **kwargs)
+
+        def late_block_task(ctx, block, *args, **kwargs):
+            if block["index"] == 1:
+                time.sleep(1.0)
+            return real_block_task(ctx, block, *args, **kwargs)
+
+        eng.write_tile, eng._real_block_task = slow_write_tile, late_block_task
         return True
 
-    assert all(client.run(patch, 0.5).values()), "engine.write_tile not found on the workers"
+    assert all(client.run(patch, True).values()), "engine.write_tile/_real_block_task not found on the workers"
     yield
-    client.run(patch, 0)
+    client.run(patch, False)
 
 
 @pytest.fixture
@@ -454,9 +465,9 @@ def test_de__failure_midway_leaves_no_trace_and_rerun_succeeds(small_store, clie
     ),
 )
 @pytest.mark.parametrize("failure", ["injected", "nonfinite"])
-def test_de__failure_midway_leaves_no_late_writes(small_store, client, monkeypatch, slow_tile_writes, failure):
-    """Like the test above, but the store is compared once every worker is idle, with the
-    tile writes of the other blocks slowed down so that they surely outlive the failure."""
+def test_de__failure_midway_leaves_no_late_writes(small_store, client, monkeypatch, staggered_blocks, failure):
+    """Like the test above, but the store is compared once every worker is idle, and
+    block 1 fails while the other blocks are still writing their tiles."""
     if failure == "injected":
         monkeypatch.setattr(engine, "_FAIL_BLOCK_FOR_TESTS", 1)
         expected = engine.InjectedFailure

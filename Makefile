@@ -1,0 +1,30 @@
+# Set-up commands for a fresh machine (Python 3.11).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install install-test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -e .
+
+install-test: $(PY)
+	$(PY) -m pip install -e ".[test]"
+
+## make demo: create .venv, install, build a ~50k-cell synthetic atlas store, run kd.de on the embedded LocalCluster
+demo: install
+	$(PY) -m kompot_dask.demo
+
+## make test: install the test extras (incl. the kompot 0.8.0 reference oracle) and run the suite
+test: install-test
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install-test
+	$(VENV)/bin/ruff check kompot_dask tests benchmarks
+
+clean:
+	rm -rf demo_data .pytest_cache

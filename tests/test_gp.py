@@ -1,0 +1,127 @@
+"""Numerics without Dask: kernels, fit pieces and scores against small dense formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kompot_dask import gp
+
+RNG = np.random.default_rng(0)
+
+
+def dense_matern(a, b, ls):
+    d = np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
+    r = np.sqrt(5.0) * d / ls
+    return (1 + r + r * r / 3) * np.exp(-r)
+
+
+def problem(n1=60, n2=50, m=25, d=3, g=7, ls=2.5, seed=0):
+    rng = np.random.default_rng(seed)
+    X1, X2 = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) + 0.3
+    Z = rng.normal(size=(m, d))
+    Y1, Y2 = rng.normal(size=(n1, g)), rng.normal(size=(n2, g))
+    return X1, X2, Z, Y1, Y2, ls
+
+
+def test_matern52__matches_dense_formula():
+    a, b = RNG.normal(size=(9, 4)), RNG.normal(size=(6, 4))
+    np.testing.assert_allclose(gp.matern52(a, b, 1.7), dense_matern(a, b, 1.7), atol=1e-10)
+    np.testing.assert_allclose(np.diag(gp.matern52(a, a, 1.7)), 1.0, atol=1e-10)
+
+
+def test_matern52__float64_even_if_jax_default_is_32bit():
+    import jax
+
+    assert not jax.config.jax_enable_x64  # this process did not import mellon
+    k = gp.matern52(RNG.normal(size=(3, 2)), RNG.normal(size=(2, 2)), 1.0)
+    assert k.dtype == np.float64
+
+
+@given(n=st.integers(1, 300), chunk=st.sampled_from([7, 64, 128]))
+@settings(max_examples=15, deadline=None)
+def test_cross_gram__chunking_invariant(n, chunk):
+    X = np.random.default_rng(n).normal(size=(n, 3))
+    Z = np.random.default_rng(1).normal(size=(10, 3))
+    K = dense_matern(Z, X, 2.0)
+    np.testing.assert_allclose(gp.cross_gram(Z, X, 2.0, chunk=chunk), K @ K.T, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(gp.kernel_column_sum(Z, X, 2.0, chunk=chunk), K.sum(1), rtol=1e-12, atol=1e-10)
+
+
+def test_fit_and_scores__match_closed_form():
+    X1, X2, Z, Y1, Y2, ls = problem()
+    sigma, eps = 1.3, 1e-8
+    S1, S2 = gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls)
+    f = gp.fit_factors(Z, ls, S1, S2, sigma, eps)
+    acc1 = gp.ProjectionAccumulator(Z, ls, Y1.shape[1] + 3, 16)
+    acc1.add(X1, Y1)
+    acc2 = gp.ProjectionAccumulator(Z, ls, Y2.shape[1] + 3, 16)
+    acc2.add(X2, Y2)
+    Xall = np.vstack([X1, X2])
+    kbar = dense_matern(Z, Xall, ls).mean(1)
+    W1, W2, D, lfc = gp.block_scores(f, kbar, acc1.result(), acc2.result(), sigma)
+    g = Y1.shape[1]
+    # W = (σ² K̃uu + Kuf Kfu)⁻¹ Kuf Y
+    Kuu = dense_matern(Z, Z, ls) + gp.JITTER * np.eye(len(Z))
+    for X, Y, W in ((X1, Y1, W1), (X2, Y2, W2)):
+        Kuf = dense_matern(Z, X, ls)
+        W_ref = np.linalg.solve(sigma**2 * Kuu + Kuf @ Kuf.T, Kuf @ Y)
+        np.testing.assert_allclose(W[:, :g], W_ref, rtol=1e-6, atol=1e-8)
+    # Mahalanobis: δ = Kzz (W2 − W1), Σ = Σ1 + Σ2, D = sqrt(δᵀ (Σ + eps I)⁻¹ δ)
+    Kzz = dense_matern(Z, Z, ls)
+    cov = np.zeros_like(Kzz)
+    for X in (X1, X2):
+        Kuf = dense_matern(Z, X, ls)
+        M = Kuu + Kuf @ Kuf.T / sigma**2
+        cov += Kzz - Kzz @ np.linalg.solve(Kuu, Kzz) + Kzz @ np.linalg.solve(M, Kzz)
+    delta = Kzz @ (W2 - W1)[:, :g]
+    D_ref = np.sqrt(np.einsum("ig,ig->g", delta, np.linalg.solve(cov + eps * np.eye(len(Z)), delta)))
+    assert not f["diagonal"]
+    np.testing.assert_allclose(D[:g], D_ref, rtol=1e-6)
+    # mean lfc equals the mean over cells of μ2 − μ1
+    _, _, fc = gp.predict_pair(Xall, Z, W1[:, :g], W2[:, :g], ls)
+    np.testing.assert_allclose(lfc[:g], fc.mean(0), rtol=1e-10, atol=1e-12)
+    # padded columns stay zero
+    np.testing.assert_array_equal(D[g:], 0.0)
+
+
+def test_posterior_variances__match_dtc_formula():
+    X1, X2, Z, _, _, ls = problem(seed=3)
+    sigma = 0.7
+    f = gp.fit_factors(Z, ls, gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls), sigma, 1e-8)
+    Xq = np.random.default_rng(9).normal(size=(11, 3))
+    v1, v2 = gp.posterior_variances(Xq, Z, f, ls)
+    Kuu = dense_matern(Z, Z, ls) + gp.JITTER * np.eye(len(Z))
+    kx = dense_matern(Z, Xq, ls)
+    for X, v in ((X1, v1), (X2, v2)):
+        Kuf = dense_matern(Z, X, ls)
+        ref = 1 - np.einsum("ij,ij->j", kx, np.linalg.solve(Kuu, kx)) + sigma**2 * np.einsum(
+            "ij,ij->j", kx, np.linalg.solve(sigma**2 * Kuu + Kuf @ Kuf.T, kx))
+        np.testing.assert_allclose(v, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_fit_factors__diagonal_shortcut_when_landmarks_far_apart():
+    Z = np.arange(20, dtype=float)[:, None] * 100.0
+    X1, X2 = Z + 0.01, Z - 0.01
+    f = gp.fit_factors(Z, 1.0, gp.cross_gram(Z, X1, 1.0), gp.cross_gram(Z, X2, 1.0), 1.0, 1e-8)
+    assert f["diagonal"]
+
+
+def test_length_scale__matches_reference_formula_and_guards_duplicates():
+    nn = np.array([0.5, 1.0, 2.0], dtype=np.float32)
+    expected = 10 * np.exp(np.mean(np.log(nn.astype(np.float64))) + 3)
+    assert gp.length_scale_from_distances(nn, 10.0) == pytest.approx(expected, rel=1e-6)
+    with_dupes = np.array([0.0, 0.5, 1.0, 2.0], dtype=np.float32)
+    assert gp.length_scale_from_distances(with_dupes, 10.0) > 0
+    with pytest.raises(ValueError, match="GPSettings"):
+        gp.length_scale_from_distances(np.zeros(4), 10.0)
+
+
+def test_compute_landmarks__all_cells_or_seeded_kmeans():
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    np.testing.assert_array_equal(gp.compute_landmarks(X, 100, 0), X)
+    a, b = gp.compute_landmarks(X, 5, 0), gp.compute_landmarks(X, 5, 0)
+    assert a.shape == (5, 2)
+    np.testing.assert_array_equal(a, b)
