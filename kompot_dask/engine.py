@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +140,13 @@ def _kernel_sum_task(Z, X, rows, ls, kernel_chunk, dtype):
     return gp_mod.kernel_column_sum(Z, X[rows], ls, chunk=kernel_chunk, dtype=dtype)
 
 
-def _factor_task(Z, ls, s1_parts, s2_parts, sigma, eps, dtype):
-    s1 = s1_parts[0] if len(s1_parts) == 1 else sum(s1_parts[1:], s1_parts[0].copy())
-    s2 = s2_parts[0] if len(s2_parts) == 1 else sum(s2_parts[1:], s2_parts[0].copy())
-    return gp_mod.fit_factors(Z, ls, s1, s2, sigma, eps, dtype=dtype)
+def _named_factor(name, fn, *args):
+    return gp_mod.check_factor(name, fn(*args))
+
+
+def _condition_factor_task(name, Z, ls, s_parts, sigma, dtype):
+    s = s_parts[0] if len(s_parts) == 1 else sum(s_parts[1:], s_parts[0].copy())
+    return gp_mod.check_factor(name, gp_mod.condition_factor(Z, ls, s, sigma, dtype))
 
 
 def _mean_task(parts, n):
@@ -274,11 +279,20 @@ def _length_scale_task(X1, ls_factor):
 # Client-side orchestration
 
 
-def _wait(client: Client, futures: list) -> None:
-    """Wait for futures without fetching their results (works without a default client)."""
-    for fut in as_completed(futures, loop=client.loop):
-        if fut.status == "error":
-            fut.result()
+def _drain_writers(client: Client, run_token: str, timeout: float = 120.0) -> None:
+    """After cancelling, wait until no block task of this run is still executing, so that
+    no late tile write lands in a staged layer after it has been removed."""
+    deadline = time.monotonic() + timeout
+    prefix = f"kompot-real-block-{run_token}-"
+    while time.monotonic() < deadline:
+        try:
+            processing = client.processing()
+        except Exception:  # scheduler gone: nothing is running any more
+            return
+        if not any(str(k).startswith(prefix) for keys in processing.values() for k in keys):
+            return
+        time.sleep(0.2)
+    logger.warning("Block tasks of run %s still running after %.0f s; staged layers may need cleanup", run_token, timeout)
 
 
 def prepare_model(
@@ -376,6 +390,8 @@ def run_engine(
         for role, name in layer_names.items():
             staged[role] = store.stage_layer(name, (n_obs, n_vars), (layout.row_chunk, layout.gene_block), layer_dtype)
     futures: list = []
+    pending = None
+    run_token = uuid.uuid4().hex[:12]
     try:
         ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged)
         X_f = client.scatter(X, broadcast=True, hash=False)
@@ -397,45 +413,62 @@ def run_engine(
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
               for r in np.array_split(pred_rows, max(1, n_workers))]
         kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
-        fac_f = client.submit(_factor_task, Z_f, ls, s1, s2, sigma, eps, dtype, pure=False)
-        Lp_f, C1_f, C2_f, R_f = (client.submit(operator.getitem, fac_f, k, pure=False) for k in ("Lp", "C1", "C2", "R"))
-        diag_f = client.submit(operator.getitem, fac_f, "diagonal", pure=False)
-        _wait(client, [C1_f, C2_f, R_f, Lp_f, kbar_f])
-        del s1, s2, ks, fac_f
-        # The factors were computed on one worker; copy them to all now, once.
-        client.replicate([C1_f, C2_f, R_f, Lp_f, kbar_f])
+        # The m × m factors as a small graph of their own, so that the two conditions are
+        # factorised on different workers and no worker holds all of them at once.
+        Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, dtype, pure=False)
+        C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, dtype, pure=False)
+        C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, dtype, pure=False)
+        prior_f = client.submit(gp_mod.prior_covariance_term, Z_f, ls, Lp_f, dtype, pure=False)
+        g1_f = client.submit(gp_mod.posterior_gram_term, Z_f, ls, C1_f, dtype, pure=False)
+        g2_f = client.submit(gp_mod.posterior_gram_term, Z_f, ls, C2_f, dtype, pure=False)
+        metric_f = client.submit(gp_mod.mahalanobis_metric, Z_f, ls, prior_f, g1_f, g2_f, eps, dtype, pure=False)
+        R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
+        diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
+        setup = [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, prior_f, g1_f, g2_f, metric_f, R_f]
 
         for blk in real_blocks:
             futures.append(client.submit(
                 _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f,
-                pure=False, key=f"kompot-real-block-{blk['index']}-{id(ctx)}",
+                pure=False, key=f"kompot-real-block-{run_token}-{blk['index']}",
             ))
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f,
-                pure=False, key=f"kompot-null-block-{blk['index']}-{id(ctx)}",
+                pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
         for r in np.array_split(pred_rows, layout.n_std_tasks):
             if len(r):
                 futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, dtype, pure=False))
-
-        n_tasks = len(futures)
+        n_tasks = len(futures) + len(setup)
+        outputs = {f.key for f in futures}
+        pending = as_completed(setup + futures, loop=client.loop)
+        # Only the iterator holds the futures now: each intermediate (S partials, factors,
+        # scattered inputs) is freed on the workers as soon as its last dependent finishes.
+        del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, prior_f, g1_f, g2_f, metric_f, R_f, setup
+        del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
+        futures = []
         real_out, null_out, std_out = [], [], []
-        with tqdm(total=len(futures), desc="kompot_dask: gene blocks", unit="task", disable=not progress) as bar:
-            for fut in as_completed(futures, loop=client.loop):
-                res = fut.result()
-                if isinstance(res, tuple):
-                    std_out.append(res)
-                elif "null_ids" in res:
-                    null_out.append(res)
-                else:
-                    real_out.append(res)
+        with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
+            for fut in pending:
+                if fut.key in outputs:
+                    res = fut.result()
+                    if isinstance(res, tuple):
+                        std_out.append(res)
+                    elif "null_ids" in res:
+                        null_out.append(res)
+                    else:
+                        real_out.append(res)
+                elif fut.status == "error":
+                    fut.result()
                 bar.update(1)
         if diag_f.result():
             logger.info("Mahalanobis distances used the diagonal covariance shortcut")
     except BaseException:
+        if pending is not None:
+            client.cancel(list(pending.futures), force=True)
         for f in futures:
             f.cancel()
+        _drain_writers(client, run_token)
         store.discard_staged(list(staged.values()))
         raise
 

@@ -170,41 +170,63 @@ class ProjectionAccumulator:
 # Factorisation (once per run, m × m)
 
 
-def fit_factors(
-    Z: np.ndarray,
-    ls: float,
-    S1: np.ndarray,
-    S2: np.ndarray,
-    sigma: float,
-    eps: float,
-    dtype: str = "float64",
-) -> dict[str, np.ndarray | bool]:
-    """Gene-independent factors of both conditions and of the Mahalanobis metric.
+def _kzz(Z: np.ndarray, ls: float, dt) -> jax.Array:
+    return _matern52_jit(jnp.asarray(Z, dt), jnp.asarray(Z, dt), jnp.asarray(ls, dt))
 
-    Returns a dict with
-    ``Lp`` = chol(K̃uu), ``C1``/``C2`` = chol(K̃uu + S_c/σ²) (so that W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ²),
-    ``R`` (m × m) such that the Mahalanobis distance of a gene is ‖R (W₂ − W₁)‖, and
-    ``diagonal`` telling whether the reference's diagonal shortcut applies.
+
+def _add_diagonal(a: jax.Array, value: float) -> jax.Array:
+    idx = jnp.arange(a.shape[0])
+    return a.at[idx, idx].add(value)
+
+
+def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> np.ndarray:
+    """``Lp = chol(K(Z,Z) + jitter·I)``."""
+    with precision(dtype) as dt:
+        return np.asarray(jnp.linalg.cholesky(_add_diagonal(_kzz(Z, ls, dt), JITTER)))
+
+
+def condition_factor(Z: np.ndarray, ls: float, S: np.ndarray, sigma: float, dtype: str = "float64") -> np.ndarray:
+    """``C = chol(K̃uu + S/σ²)`` for one condition; W = C⁻ᵀ C⁻¹ B / σ²."""
+    with precision(dtype) as dt:
+        a = _add_diagonal(_kzz(Z, ls, dt), JITTER) + jnp.asarray(S, dt) / sigma**2
+        return np.asarray(jnp.linalg.cholesky(a))
+
+
+@jax.jit
+def _gram_of_solve(c, k):
+    q = jsl.solve_triangular(c, k, lower=True)
+    return q.T @ q
+
+
+def prior_covariance_term(Z: np.ndarray, ls: float, Lp: np.ndarray, dtype: str = "float64") -> np.ndarray:
+    """``Kzz − Kzzᵀ K̃uu⁻¹ Kzz`` (the part of Σ_c shared by both conditions)."""
+    with precision(dtype) as dt:
+        kzz = _kzz(Z, ls, dt)
+        return np.asarray(kzz - _gram_of_solve(jnp.asarray(Lp, dt), kzz))
+
+
+def posterior_gram_term(Z: np.ndarray, ls: float, C: np.ndarray, dtype: str = "float64") -> np.ndarray:
+    """``Kzzᵀ (C Cᵀ)⁻¹ Kzz`` for one condition."""
+    with precision(dtype) as dt:
+        return np.asarray(_gram_of_solve(jnp.asarray(C, dt), _kzz(Z, ls, dt)))
+
+
+def mahalanobis_metric(
+    Z: np.ndarray, ls: float, prior_term: np.ndarray, gram1: np.ndarray, gram2: np.ndarray, eps: float,
+    dtype: str = "float64",
+) -> tuple[np.ndarray, bool]:
+    """``R`` such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖, and whether the
+    reference's diagonal shortcut applies.
+
+    Σ = Σ₁ + Σ₂ = 2·prior_term + gram1 + gram2 at the landmarks; δ = Kzz (W₂ − W₁). With
+    L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and
+    m > 10) R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
     """
     m = Z.shape[0]
     with precision(dtype) as dt:
-        z = jnp.asarray(Z, dt)
-        kzz = _matern52(z, z, jnp.asarray(ls, dt))
-        eye = jnp.eye(m, dtype=dt)
-        kuu = kzz + JITTER * eye
-        lp = jnp.linalg.cholesky(kuu)
-        c1 = jnp.linalg.cholesky(kuu + jnp.asarray(S1, dt) / sigma**2)
-        c2 = jnp.linalg.cholesky(kuu + jnp.asarray(S2, dt) / sigma**2)
-        # Posterior covariance at the landmarks: Σ_c = Kzz − PᵀP + Q_cᵀQ_c
-        p = jsl.solve_triangular(lp, kzz, lower=True)
-        base = kzz - p.T @ p
-        del p
-        q = jsl.solve_triangular(c1, kzz, lower=True)
-        cov = 2.0 * base + q.T @ q
-        del q
-        q = jsl.solve_triangular(c2, kzz, lower=True)
-        cov = cov + q.T @ q
-        del q, base
+        cov = 2.0 * jnp.asarray(prior_term, dt) + jnp.asarray(gram1, dt)
+        cov = cov + jnp.asarray(gram2, dt)
+        kzz = _kzz(Z, ls, dt)
         diag = jnp.diag(cov)
         ratio = float(jnp.sum(diag) / jnp.sum(jnp.abs(cov))) if m > 10 else 0.0
         diagonal = bool(m > 10 and ratio > 0.95)
@@ -212,28 +234,41 @@ def fit_factors(
             logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
             r = kzz / jnp.sqrt(jnp.maximum(diag, eps))[:, None]
         else:
-            chol = jnp.linalg.cholesky(cov + eps * eye)
+            chol = jnp.linalg.cholesky(_add_diagonal(cov, eps))
             del cov
             r = jsl.solve_triangular(chol, kzz, lower=True)
-            del chol
-        out = {
-            "Lp": np.asarray(lp),
-            "C1": np.asarray(c1),
-            "C2": np.asarray(c2),
-            "R": np.asarray(r),
-        }
-    if not np.all(np.isfinite(out["R"])):
-        logger.warning(
-            "Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN"
+        r = np.asarray(r)
+    if not np.all(np.isfinite(r)):
+        logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
+    return r, diagonal
+
+
+def check_factor(name: str, factor: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(factor)):
+        raise FloatingPointError(
+            f"Cholesky factor {name} is not finite: the landmark kernel is singular. "
+            "Check for duplicated landmarks or pass a larger GPSettings(ls=...)."
         )
-    for name in ("Lp", "C1", "C2"):
-        if not np.all(np.isfinite(out[name])):
-            raise FloatingPointError(
-                f"Cholesky factor {name} is not finite: the landmark kernel is singular. "
-                "Check for duplicated landmarks or pass a larger GPSettings(ls=...)."
-            )
-    out["diagonal"] = diagonal
-    return out
+    return factor
+
+
+def fit_factors(
+    Z: np.ndarray, ls: float, S1: np.ndarray, S2: np.ndarray, sigma: float, eps: float,
+    dtype: str = "float64",
+) -> dict[str, np.ndarray | bool]:
+    """All gene-independent factors in one call (the engine runs the pieces as separate tasks).
+
+    ``Lp`` = chol(K̃uu), ``C1``/``C2`` = chol(K̃uu + S_c/σ²), ``R`` the Mahalanobis metric
+    (see :func:`mahalanobis_metric`) and ``diagonal``.
+    """
+    lp = check_factor("Lp", landmark_cholesky(Z, ls, dtype))
+    c1 = check_factor("C1", condition_factor(Z, ls, S1, sigma, dtype))
+    c2 = check_factor("C2", condition_factor(Z, ls, S2, sigma, dtype))
+    r, diagonal = mahalanobis_metric(
+        Z, ls, prior_covariance_term(Z, ls, lp, dtype), posterior_gram_term(Z, ls, c1, dtype),
+        posterior_gram_term(Z, ls, c2, dtype), eps, dtype,
+    )
+    return {"Lp": lp, "C1": c1, "C2": c2, "R": r, "diagonal": diagonal}
 
 
 # --------------------------------------------------------------------------------------
