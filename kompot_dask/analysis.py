@@ -15,10 +15,8 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from . import engine
+from . import engine, runs
 from . import fdr as fdr_mod
-from . import gp as gp_mod
-from . import runs
 from .cluster import resolve_client
 from .settings import (
     ComputeSettings,

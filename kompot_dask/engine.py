@@ -24,7 +24,6 @@ import operator
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from distributed import Client, as_completed

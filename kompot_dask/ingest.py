@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -109,6 +110,14 @@ def ingest(
     return dest
 
 
+def _write_skeleton(skel: ad.AnnData, dest: str) -> None:
+    # zarr format 2 on purpose (readable by every anndata ≥ 0.8 and R tools); silence the
+    # notice that anndata's default will change.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Writing zarr v2 data", category=UserWarning)
+        skel.write_zarr(dest)
+
+
 def _skeleton(obs, var, obsm, varm, obsp, uns) -> ad.AnnData:
     return ad.AnnData(obs=obs, var=var, obsm=obsm, varm=varm, obsp=obsp, uns=uns)
 
@@ -119,7 +128,7 @@ def _ingest_anndata(adata, dest, layers, include_x, cell_chunk, gene_chunk, prog
     if missing:
         raise KeyError(f"layers {missing} not in the AnnData; available: {list(adata.layers.keys())}")
     skel = _skeleton(adata.obs, adata.var, dict(adata.obsm), dict(adata.varm), dict(adata.obsp), dict(adata.uns))
-    skel.write_zarr(dest)
+    _write_skeleton(skel, dest)
     root = zarr.open_group(dest, mode="r+", use_consolidated=False)
     root.require_group("layers")
     if include_x and adata.X is not None:
@@ -148,7 +157,7 @@ def _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress
             parts[key] = ad.io.read_elem(f[key]) if key in f else {}
         skel = _skeleton(parts["obs"], parts["var"], parts["obsm"] or None, parts["varm"] or None,
                          parts["obsp"] or None, parts["uns"] or None)
-        skel.write_zarr(dest)
+        _write_skeleton(skel, dest)
         root = zarr.open_group(dest, mode="r+", use_consolidated=False)
         root.require_group("layers")
         shape = skel.shape

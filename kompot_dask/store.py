@@ -199,6 +199,14 @@ class Store:
             raise ValueError(f"{elem_path} has shape {info.shape}, expected {(self.n_obs, self.n_vars)}")
         return info
 
+    def layer_as_dask(self, layer: str | None, chunks: tuple[int, int] | None = None) -> Any:
+        """The expression element as a lazy dask array (anndata's ``read_elem_lazy``);
+        dense layers keep their on-disk chunks, CSR/CSC ones are chunked along their major axis."""
+        info = self.layer_info(layer)
+        elem = zarr.open_group(store=self.path, mode="r", use_consolidated=False)[info.elem_path]
+        kwargs = {} if chunks is None else {"chunks": chunks}
+        return ad.experimental.read_elem_lazy(elem, **kwargs)
+
     def tile_reader(self, info: LayerInfo) -> TileReader:
         return TileReader(self.path, info)
 
@@ -262,13 +270,16 @@ class Store:
         old_obs = ad.io.read_elem(g["obs"])
         old_var = ad.io.read_elem(g["var"])
         old_uns = {k: ad.io.read_elem(g["uns"][k]) for k in uns_updates if "uns" in g and k in g["uns"]}
-        moved: list[tuple[str, str]] = []
+        moved: list[tuple[str, str]] = []  # (staged, final)
+        backups: list[tuple[str, str]] = []  # (final, backup) of layers being replaced
         try:
             for name, elem_path in staged_layers.items():
                 src = os.path.join(self.path, elem_path)
                 dst = os.path.join(self.path, "layers", name)
                 if os.path.isdir(dst):
-                    shutil.rmtree(dst)
+                    backup = f"{src}_previous"
+                    os.replace(dst, backup)
+                    backups.append((dst, backup))
                 os.replace(src, dst)
                 moved.append((src, dst))
             if obs_columns:
@@ -287,14 +298,18 @@ class Store:
             for key, value in uns_updates.items():
                 ad.io.write_elem(uns, key, value)
         except BaseException:
-            logger.error("Commit failed; restoring obs, var and uns of %s", self.path)
+            logger.error("Commit failed; restoring obs, var, uns and layers of %s", self.path)
             ad.io.write_elem(g, "obs", old_obs)
             ad.io.write_elem(g, "var", old_var)
             for key, value in old_uns.items():
                 ad.io.write_elem(g["uns"], key, value)
-            for src, dst in moved:
-                shutil.rmtree(dst, ignore_errors=True)
+            for src, dst in reversed(moved):
+                os.replace(dst, src)
+            for dst, backup in backups:
+                os.replace(backup, dst)
             raise
+        for _, backup in backups:
+            shutil.rmtree(backup, ignore_errors=True)
         zarr.consolidate_metadata(self.path)
         _open_array_cached.cache_clear()
         _open_group_cached.cache_clear()

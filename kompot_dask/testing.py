@@ -132,7 +132,9 @@ def write_synthetic_store(
     X, cond = _states(spec)
     params = _gene_params(spec)
     obs, var = _frames(spec, cond, params)
-    ad.AnnData(obs=obs, var=var, obsm={spec.obsm_key: X}).write_zarr(path)
+    from .ingest import _write_skeleton
+
+    _write_skeleton(ad.AnnData(obs=obs, var=var, obsm={spec.obsm_key: X}), path)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     layers = root.require_group("layers")
     layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})

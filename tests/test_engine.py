@@ -6,11 +6,10 @@ import anndata as ad
 import numpy as np
 import pytest
 import zarr
+from conftest import SMALL
 
 import kompot_dask as kd
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
-
-from conftest import SMALL
 
 PAIR = "kompot_de_Young_to_Old"
 KW = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
@@ -111,3 +110,12 @@ def test_de__results_are_in_store_and_readable(tmp_path, client):
     assert history[0]["run_id"] == 0 and history[0]["params"]["fdr"]["null_genes"] == 120
     assert set(history[0]["environment"]["package_versions"]) >= {"dask", "distributed", "zarr", "jax"}
     assert not [k for k in zarr.open_group(path, mode="r")["layers"].keys() if k.startswith("_kompot_staging")]
+
+
+def test_store__layer_is_lazy_dask_array(small_store):
+    from kompot_dask.store import Store
+
+    st = Store(small_store)
+    arr = st.layer_as_dask("logged_counts")
+    assert arr.shape == (SMALL.n_obs, SMALL.n_vars) and arr.chunks[1][0] == 32
+    assert float(arr[:10, :5].sum().compute()) == pytest.approx(float(ad.read_zarr(small_store).layers["logged_counts"][:10, :5].sum()), rel=1e-6)
