@@ -278,20 +278,25 @@ def _length_scale_task(X1, ls_factor):
 # Client-side orchestration
 
 
-def _drain_writers(client: Client, run_token: str, timeout: float = 120.0) -> None:
-    """After cancelling, wait until no block task of this run is still executing, so that
+def _running_keys(keys, dask_worker=None):
+    tasks = dask_worker.state.tasks
+    return [k for k in keys if k in tasks and tasks[k].state in ("executing", "cancelled", "resumed", "long-running")]
+
+
+def _drain_writers(client: Client, keys: list[str], timeout: float = 120.0) -> None:
+    """After cancelling, wait until no worker still holds a block task of this run (the
+    scheduler forgets cancelled tasks at once, workers finish the running ones), so that
     no late tile write lands in a staged layer after it has been removed."""
     deadline = time.monotonic() + timeout
-    prefix = f"kompot-real-block-{run_token}-"
     while time.monotonic() < deadline:
         try:
-            processing = client.processing()
-        except Exception:  # scheduler gone: nothing is running any more
+            still = client.run(_running_keys, keys)
+        except Exception:  # workers gone: nothing is running any more
             return
-        if not any(str(k).startswith(prefix) for keys in processing.values() for k in keys):
+        if not any(still.values()):
             return
         time.sleep(0.2)
-    logger.warning("Block tasks of run %s still running after %.0f s; staged layers may need cleanup", run_token, timeout)
+    logger.warning("Block tasks still running after %.0f s; staged layers may need cleanup", timeout)
 
 
 def prepare_model(
@@ -313,7 +318,10 @@ def prepare_model(
     elif n_landmarks >= pooled.shape[0]:
         Z, source = gp_mod.compute_landmarks(pooled, n_landmarks, random_state), "all_cells"
     else:
-        Z = client.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state, pure=False).result()
+        # On another worker than the length-scale search, so the two overlap.
+        others = sorted(client.scheduler_info(n_workers=-1)["workers"])[1:2]
+        Z = client.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state, pure=False,
+                          workers=others or None, allow_other_workers=True).result()
         source = "kmeans"
     if ls_f is not None:
         ls = float(ls_f.result())
@@ -391,6 +399,7 @@ def run_engine(
     futures: list = []
     pending = None
     run_token = uuid.uuid4().hex[:12]
+    block_keys = [f"kompot-real-block-{run_token}-{b['index']}" for b in real_blocks]
     try:
         ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged)
         X_f = client.scatter(X, broadcast=True, hash=False)
@@ -467,7 +476,7 @@ def run_engine(
             client.cancel(list(pending.futures), force=True)
         for f in futures:
             f.cancel()
-        _drain_writers(client, run_token)
+        _drain_writers(client, block_keys)
         store.discard_staged(list(staged.values()))
         raise
 

@@ -15,9 +15,8 @@ import time
 
 def main(inp: str, kwargs_path: str, out: str) -> None:
     import anndata as ad
-    import numpy as np
-
     import kompot
+    import numpy as np
 
     adata = ad.read_h5ad(inp)
     with open(kwargs_path) as fh:

@@ -20,6 +20,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import zarr
+from conftest import tree_digest
 
 import kompot_dask as kd
 import kompot_dask.analysis as analysis_mod
@@ -27,8 +28,6 @@ from kompot_dask import engine, runs
 from kompot_dask.settings import SettingsError
 from kompot_dask.store import STAGING_PREFIX, Store, StoreError
 from kompot_dask.testing import make_synthetic_adata
-
-from conftest import tree_digest
 
 GROUPBY, COND1, COND2 = "Age", "Young", "Old"
 LAYER, OBSM = "logged_counts", "X_pca"
@@ -455,15 +454,6 @@ def test_de__failure_midway_leaves_no_trace_and_rerun_succeeds(small_store, clie
     assert _snapshot(small_store) == after_run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine.run_engine, on a failed task, cancels the other futures and at once deletes "
-        "the staged layers; block tasks already executing are not stopped by cancel() and "
-        "write their tiles afterwards, re-creating layers/_kompot_staging_* directories. "
-        "Remove this marker once run_engine waits for in-flight block tasks before discarding."
-    ),
-)
 @pytest.mark.parametrize("failure", ["injected", "nonfinite"])
 def test_de__failure_midway_leaves_no_late_writes(small_store, client, monkeypatch, staggered_blocks, failure):
     """Like the test above, but the store is compared once every worker is idle, and
