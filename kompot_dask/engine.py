@@ -144,7 +144,7 @@ def _named_factor(name, fn, *args):
 
 
 def _condition_factor_task(name, Z, ls, s_parts, sigma, dtype):
-    s = s_parts[0] if len(s_parts) == 1 else sum(s_parts[1:], s_parts[0].copy())
+    s = s_parts[0] if len(s_parts) == 1 else sum((p.array for p in s_parts[1:]), s_parts[0].array)
     return gp_mod.check_factor(name, gp_mod.condition_factor(Z, ls, s, sigma, dtype))
 
 
@@ -320,8 +320,9 @@ def prepare_model(
     else:
         # On another worker than the length-scale search, so the two overlap.
         others = sorted(client.scheduler_info(n_workers=-1)["workers"])[1:2]
+        placement = {"workers": others, "allow_other_workers": True} if others else {}
         Z = client.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state, pure=False,
-                          workers=others or None, allow_other_workers=True).result()
+                          **placement).result()
         source = "kmeans"
     if ls_f is not None:
         ls = float(ls_f.result())
@@ -422,17 +423,14 @@ def run_engine(
               for r in np.array_split(pred_rows, max(1, n_workers))]
         kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
         # The m × m factors as a small graph of their own, so that the two conditions are
-        # factorised on different workers and no worker holds all of them at once.
+        # factorised on different workers; workers fetch each factor once.
         Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, dtype, pure=False)
         C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, dtype, pure=False)
         C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, dtype, pure=False)
-        prior_f = client.submit(gp_mod.prior_covariance_term, Z_f, ls, Lp_f, dtype, pure=False)
-        g1_f = client.submit(gp_mod.posterior_gram_term, Z_f, ls, C1_f, dtype, pure=False)
-        g2_f = client.submit(gp_mod.posterior_gram_term, Z_f, ls, C2_f, dtype, pure=False)
-        metric_f = client.submit(gp_mod.mahalanobis_metric, Z_f, ls, prior_f, g1_f, g2_f, eps, dtype, pure=False)
+        metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, dtype, pure=False)
         R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
         diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
-        setup = [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, prior_f, g1_f, g2_f, metric_f, R_f]
+        setup = [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f]
 
         for blk in real_blocks:
             futures.append(client.submit(
@@ -452,7 +450,7 @@ def run_engine(
         pending = as_completed(setup + futures, loop=client.loop)
         # Only the iterator holds the futures now: each intermediate (S partials, factors,
         # scattered inputs) is freed on the workers as soon as its last dependent finishes.
-        del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, prior_f, g1_f, g2_f, metric_f, R_f, setup
+        del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
         real_out, null_out, std_out = [], [], []

@@ -106,7 +106,7 @@ def cross_gram(
             w = np.zeros(chunk)
             w[:n] = 1.0
             s = _add_cross_gram(s, z, jnp.asarray(_pad_rows(xs, chunk), dt), jnp.asarray(w, dt), lsj)
-        return np.asarray(s)
+        return DeviceMatrix(s, dtype)
 
 
 def kernel_column_sum(
@@ -170,6 +170,64 @@ class ProjectionAccumulator:
 # Factorisation (once per run, m × m)
 
 
+class DeviceMatrix:
+    """An m × m factor kept as a JAX array on the worker that holds it.
+
+    Handing numpy factors to JAX copies them on every call (200 MB each at m = 5000); this
+    holder converts once. It pickles as numpy and is rebuilt in its own dtype, whatever
+    JAX's global x64 flag is on the receiving worker.
+    """
+
+    __slots__ = ("array", "dtype")
+
+    def __init__(self, array, dtype: str = "float64"):
+        self.dtype = str(np.dtype(dtype))
+        with precision(self.dtype) as dt:
+            self.array = _to_jax(array, dt)
+
+    def __reduce__(self):
+        return (DeviceMatrix, (np.asarray(self.array), self.dtype))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(self.array)
+        return out if dtype is None else out.astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.size * self.array.dtype.itemsize)
+
+
+def _register_sizeof() -> None:
+    try:
+        from dask.sizeof import sizeof
+    except ImportError:  # pragma: no cover - dask is a dependency
+        return
+    sizeof.register(DeviceMatrix)(lambda m: m.nbytes)
+
+
+_register_sizeof()
+
+
+def _to_jax(a, dt) -> jax.Array:
+    """A JAX view of ``a`` without a copy where possible (DeviceMatrix, or a writable,
+    C-contiguous numpy array of the right dtype shared through DLPack)."""
+    if isinstance(a, DeviceMatrix):
+        a = a.array
+    if isinstance(a, jax.Array):
+        return a if a.dtype == dt else a.astype(dt)
+    a = np.asarray(a)
+    if a.dtype == dt and a.flags.c_contiguous and a.flags.writeable and a.ndim == 2:
+        try:
+            return jnp.from_dlpack(a)
+        except Exception:  # pragma: no cover - fall back to a copy
+            pass
+    return jnp.asarray(a, dt)
+
+
 def _kzz(Z: np.ndarray, ls: float, dt) -> jax.Array:
     return _matern52_jit(jnp.asarray(Z, dt), jnp.asarray(Z, dt), jnp.asarray(ls, dt))
 
@@ -179,54 +237,51 @@ def _add_diagonal(a: jax.Array, value: float) -> jax.Array:
     return a.at[idx, idx].add(value)
 
 
-def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> np.ndarray:
+def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> DeviceMatrix:
     """``Lp = chol(K(Z,Z) + jitter·I)``."""
     with precision(dtype) as dt:
-        return np.asarray(jnp.linalg.cholesky(_add_diagonal(_kzz(Z, ls, dt), JITTER)))
+        return DeviceMatrix(jnp.linalg.cholesky(_add_diagonal(_kzz(Z, ls, dt), JITTER)), dtype)
 
 
-def condition_factor(Z: np.ndarray, ls: float, S: np.ndarray, sigma: float, dtype: str = "float64") -> np.ndarray:
+def condition_factor(Z: np.ndarray, ls: float, S, sigma: float, dtype: str = "float64") -> DeviceMatrix:
     """``C = chol(K̃uu + S/σ²)`` for one condition; W = C⁻ᵀ C⁻¹ B / σ²."""
     with precision(dtype) as dt:
-        a = _add_diagonal(_kzz(Z, ls, dt), JITTER) + jnp.asarray(S, dt) / sigma**2
-        return np.asarray(jnp.linalg.cholesky(a))
+        a = _add_diagonal(_kzz(Z, ls, dt), JITTER) + _to_jax(S, dt) / sigma**2
+        return DeviceMatrix(jnp.linalg.cholesky(a), dtype)
 
 
 @jax.jit
-def _gram_of_solve(c, k):
-    q = jsl.solve_triangular(c, k, lower=True)
-    return q.T @ q
+def _landmark_covariance(kzz, lp, c1, c2):
+    # Σ₁ + Σ₂ = 2 (Kzz − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂, P = Lp⁻¹Kzz, Q_c = C_c⁻¹Kzz; sequential so
+    # that XLA can reuse the dead buffers.
+    p = jsl.solve_triangular(lp, kzz, lower=True)
+    cov = 2.0 * (kzz - p.T @ p)
+    q = jsl.solve_triangular(c1, kzz, lower=True)
+    cov = cov + q.T @ q
+    q = jsl.solve_triangular(c2, kzz, lower=True)
+    return cov + q.T @ q
 
 
-def prior_covariance_term(Z: np.ndarray, ls: float, Lp: np.ndarray, dtype: str = "float64") -> np.ndarray:
-    """``Kzz − Kzzᵀ K̃uu⁻¹ Kzz`` (the part of Σ_c shared by both conditions)."""
-    with precision(dtype) as dt:
-        kzz = _kzz(Z, ls, dt)
-        return np.asarray(kzz - _gram_of_solve(jnp.asarray(Lp, dt), kzz))
+@jax.jit
+def _metric_from_covariance(cov, kzz, eps):
+    chol = jnp.linalg.cholesky(_add_diagonal(cov, eps))
+    return jsl.solve_triangular(chol, kzz, lower=True)
 
 
-def posterior_gram_term(Z: np.ndarray, ls: float, C: np.ndarray, dtype: str = "float64") -> np.ndarray:
-    """``Kzzᵀ (C Cᵀ)⁻¹ Kzz`` for one condition."""
-    with precision(dtype) as dt:
-        return np.asarray(_gram_of_solve(jnp.asarray(C, dt), _kzz(Z, ls, dt)))
-
-
-def mahalanobis_metric(
-    Z: np.ndarray, ls: float, prior_term: np.ndarray, gram1: np.ndarray, gram2: np.ndarray, eps: float,
-    dtype: str = "float64",
-) -> tuple[np.ndarray, bool]:
+def landmark_metric(
+    Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64",
+) -> tuple[DeviceMatrix, bool]:
     """``R`` such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖, and whether the
     reference's diagonal shortcut applies.
 
-    Σ = Σ₁ + Σ₂ = 2·prior_term + gram1 + gram2 at the landmarks; δ = Kzz (W₂ − W₁). With
-    L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and
-    m > 10) R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
+    Σ = Σ₁ + Σ₂ at the landmarks, Σ_c = Kzz − Kzz K̃uu⁻¹ Kzz + Kzz (C_c C_cᵀ)⁻¹ Kzz, and
+    δ = Kzz (W₂ − W₁). With L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path
+    (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and m > 10), R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
     """
     m = Z.shape[0]
     with precision(dtype) as dt:
-        cov = 2.0 * jnp.asarray(prior_term, dt) + jnp.asarray(gram1, dt)
-        cov = cov + jnp.asarray(gram2, dt)
         kzz = _kzz(Z, ls, dt)
+        cov = _landmark_covariance(kzz, _to_jax(Lp, dt), _to_jax(C1, dt), _to_jax(C2, dt))
         diag = jnp.diag(cov)
         ratio = float(jnp.sum(diag) / jnp.sum(jnp.abs(cov))) if m > 10 else 0.0
         diagonal = bool(m > 10 and ratio > 0.95)
@@ -234,17 +289,17 @@ def mahalanobis_metric(
             logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
             r = kzz / jnp.sqrt(jnp.maximum(diag, eps))[:, None]
         else:
-            chol = jnp.linalg.cholesky(_add_diagonal(cov, eps))
-            del cov
-            r = jsl.solve_triangular(chol, kzz, lower=True)
-        r = np.asarray(r)
-    if not np.all(np.isfinite(r)):
+            r = _metric_from_covariance(cov, kzz, jnp.asarray(eps, dt))
+        del cov, kzz
+        finite = bool(jnp.all(jnp.isfinite(r)))
+        out = DeviceMatrix(r, dtype)
+    if not finite:
         logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
-    return r, diagonal
+    return out, diagonal
 
 
-def check_factor(name: str, factor: np.ndarray) -> np.ndarray:
-    if not np.all(np.isfinite(factor)):
+def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
+    if not bool(jnp.all(jnp.isfinite(factor.array))):
         raise FloatingPointError(
             f"Cholesky factor {name} is not finite: the landmark kernel is singular. "
             "Check for duplicated landmarks or pass a larger GPSettings(ls=...)."
@@ -253,21 +308,17 @@ def check_factor(name: str, factor: np.ndarray) -> np.ndarray:
 
 
 def fit_factors(
-    Z: np.ndarray, ls: float, S1: np.ndarray, S2: np.ndarray, sigma: float, eps: float,
-    dtype: str = "float64",
-) -> dict[str, np.ndarray | bool]:
+    Z: np.ndarray, ls: float, S1, S2, sigma: float, eps: float, dtype: str = "float64",
+) -> dict[str, DeviceMatrix | bool]:
     """All gene-independent factors in one call (the engine runs the pieces as separate tasks).
 
     ``Lp`` = chol(K̃uu), ``C1``/``C2`` = chol(K̃uu + S_c/σ²), ``R`` the Mahalanobis metric
-    (see :func:`mahalanobis_metric`) and ``diagonal``.
+    (see :func:`landmark_metric`) and ``diagonal``.
     """
     lp = check_factor("Lp", landmark_cholesky(Z, ls, dtype))
     c1 = check_factor("C1", condition_factor(Z, ls, S1, sigma, dtype))
     c2 = check_factor("C2", condition_factor(Z, ls, S2, sigma, dtype))
-    r, diagonal = mahalanobis_metric(
-        Z, ls, prior_covariance_term(Z, ls, lp, dtype), posterior_gram_term(Z, ls, c1, dtype),
-        posterior_gram_term(Z, ls, c2, dtype), eps, dtype,
-    )
+    r, diagonal = landmark_metric(Z, ls, lp, c1, c2, eps, dtype)
     return {"Lp": lp, "C1": c1, "C2": c2, "R": r, "diagonal": diagonal}
 
 
@@ -292,8 +343,8 @@ def block_scores(
     """Weights W1, W2 (m × g), Mahalanobis distances and mean log fold changes (g,)."""
     with precision(dtype) as dt:
         w1, w2, d, lfc = _block_scores(
-            jnp.asarray(factors["C1"], dt), jnp.asarray(factors["C2"], dt),
-            jnp.asarray(factors["R"], dt), jnp.asarray(kbar_mean, dt),
+            _to_jax(factors["C1"], dt), _to_jax(factors["C2"], dt),
+            _to_jax(factors["R"], dt), jnp.asarray(kbar_mean, dt),
             jnp.asarray(B1, dt), jnp.asarray(B2, dt), jnp.asarray(sigma**2, dt),
         )
         return np.asarray(w1), np.asarray(w2), np.asarray(d), np.asarray(lfc)
@@ -338,8 +389,8 @@ def posterior_variances(
     """
     with precision(dtype) as dt:
         v1, v2 = _variances(
-            jnp.asarray(X, dt), jnp.asarray(Z, dt), jnp.asarray(factors["Lp"], dt),
-            jnp.asarray(factors["C1"], dt), jnp.asarray(factors["C2"], dt), jnp.asarray(ls, dt),
+            jnp.asarray(X, dt), jnp.asarray(Z, dt), _to_jax(factors["Lp"], dt),
+            _to_jax(factors["C1"], dt), _to_jax(factors["C2"], dt), jnp.asarray(ls, dt),
         )
         return np.asarray(v1), np.asarray(v2)
 
