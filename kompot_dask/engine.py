@@ -144,7 +144,14 @@ def _named_factor(name, fn, *args):
 
 
 def _condition_factor_task(name, Z, ls, s_parts, sigma, dtype):
-    s = s_parts[0] if len(s_parts) == 1 else sum((p.array for p in s_parts[1:]), s_parts[0].array)
+    first = s_parts[0]
+    # Factorise in place when the partial is ours to overwrite (only this task reads it).
+    if len(s_parts) == 1 and first.flags.f_contiguous and first.flags.writeable:
+        s = first
+    else:
+        s = np.array(first, order="F", copy=True)
+        for part in s_parts[1:]:
+            s += part
     return gp_mod.check_factor(name, gp_mod.condition_factor(Z, ls, s, sigma, dtype))
 
 
@@ -444,7 +451,9 @@ def run_engine(
             ))
         for r in np.array_split(pred_rows, layout.n_std_tasks):
             if len(r):
-                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, dtype, pure=False))
+                # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
+                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, dtype,
+                                             pure=False, priority=1))
         n_tasks = len(futures) + len(setup)
         outputs = {f.key for f in futures}
         pending = as_completed(setup + futures, loop=client.loop)

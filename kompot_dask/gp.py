@@ -65,10 +65,9 @@ def matern52(a: np.ndarray, b: np.ndarray, ls: float, dtype: str = "float64") ->
 # Fit pieces (reduced over cell chunks)
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def _add_cross_gram(s: jax.Array, z: jax.Array, x: jax.Array, w: jax.Array, ls: jax.Array) -> jax.Array:
-    k = _matern52(z, x, ls) * w[None, :]
-    return s + k @ k.T
+@jax.jit
+def _masked_kernel(z: jax.Array, x: jax.Array, w: jax.Array, ls: jax.Array) -> jax.Array:
+    return _matern52(z, x, ls) * w[None, :]
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -91,22 +90,42 @@ def _pad_rows(a: np.ndarray, n: int, fill_row: np.ndarray | None = None) -> np.n
     return np.concatenate([a, pad], axis=0)
 
 
+def _syrk(dtype: np.dtype):
+    from scipy.linalg import blas
+
+    return blas.dsyrk if np.dtype(dtype) == np.float64 else blas.ssyrk
+
+
 def cross_gram(
-    Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64"
+    Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``S = K(Z, X) K(X, Z)`` (m × m), accumulated over row chunks of ``X``."""
+    """Lower triangle of ``S = K(Z, X) K(X, Z)`` (m × m, Fortran order), accumulated over
+    row chunks of ``X`` by in-place rank-k updates (BLAS syrk) into ``out`` when given.
+
+    Only the lower triangle is meaningful; the factorisations downstream read only it.
+    """
     m = Z.shape[0]
-    with precision(dtype) as dt:
+    dt = np.dtype(dtype)
+    syrk = _syrk(dt)
+    s = np.zeros((m, m), dtype=dt, order="F") if out is None else out
+    with precision(dtype):
         z = jnp.asarray(Z, dt)
         lsj = jnp.asarray(ls, dt)
-        s = jnp.zeros((m, m), dt)
         for start in range(0, X.shape[0], chunk):
             xs = X[start : start + chunk]
-            n = xs.shape[0]
             w = np.zeros(chunk)
-            w[:n] = 1.0
-            s = _add_cross_gram(s, z, jnp.asarray(_pad_rows(xs, chunk), dt), jnp.asarray(w, dt), lsj)
-        return DeviceMatrix(s, dtype)
+            w[: xs.shape[0]] = 1.0
+            k = np.asarray(_masked_kernel(z, jnp.asarray(_pad_rows(xs, chunk), dt), jnp.asarray(w, dt), lsj))
+            # k is m × chunk in C order, i.e. kᵀ in Fortran order: S += (kᵀ)ᵀ kᵀ = k kᵀ
+            s = syrk(1.0, k.T, beta=1.0, c=s, trans=1, lower=1, overwrite_c=1)
+    return s
+
+
+def symmetric_from_lower(a: np.ndarray) -> np.ndarray:
+    """A full symmetric copy of a lower-triangle-only matrix (tests and small problems)."""
+    low = np.tril(np.asarray(a))
+    return low + np.tril(low, -1).T
 
 
 def kernel_column_sum(
@@ -228,74 +247,114 @@ def _to_jax(a, dt) -> jax.Array:
     return jnp.asarray(a, dt)
 
 
-def _kzz(Z: np.ndarray, ls: float, dt) -> jax.Array:
-    return _matern52_jit(jnp.asarray(Z, dt), jnp.asarray(Z, dt), jnp.asarray(ls, dt))
+def _add_kernel_blockwise(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, scale: float = 1.0,
+                          block: int = 1024) -> None:
+    """``target += scale · K(Z, Z)`` column block by column block (no m × m temporary)."""
+    for j in range(0, Z.shape[0], block):
+        target[:, j : j + block] += scale * matern52(Z, Z[j : j + block], ls, dtype)
 
 
-def _add_diagonal(a: jax.Array, value: float) -> jax.Array:
-    idx = jnp.arange(a.shape[0])
-    return a.at[idx, idx].add(value)
+def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block: int = 1024) -> np.ndarray:
+    for j in range(0, Z.shape[0], block):
+        target[:, j : j + block] = matern52(Z, Z[j : j + block], ls, dtype)
+    return target
+
+
+def _potrf_lower_inplace(a: np.ndarray) -> np.ndarray:
+    """Cholesky of the lower triangle of a Fortran-ordered matrix, in place (upper zeroed)."""
+    from scipy.linalg import lapack
+
+    potrf = lapack.dpotrf if a.dtype == np.float64 else lapack.spotrf
+    c, info = potrf(a, lower=1, overwrite_a=1, clean=1)
+    if info != 0:
+        c[...] = np.nan
+    return c
+
+
+def _upper_factor(lower_f: np.ndarray, dtype: str) -> DeviceMatrix:
+    # A lower factor L in Fortran order is Lᵀ in C order: hand JAX that view, no copy.
+    return DeviceMatrix(lower_f.T, dtype)
+
+
+def _lower_view(factor) -> np.ndarray:
+    """The lower factor L (Fortran-ordered view) of a stored upper factor U = Lᵀ."""
+    return np.asarray(factor).T
 
 
 def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> DeviceMatrix:
-    """``Lp = chol(K(Z,Z) + jitter·I)``."""
-    with precision(dtype) as dt:
-        return DeviceMatrix(jnp.linalg.cholesky(_add_diagonal(_kzz(Z, ls, dt), JITTER)), dtype)
+    """Upper factor ``Upᵀ = Lp = chol(K(Z,Z) + jitter·I)`` (stored transposed, see DeviceMatrix)."""
+    m = Z.shape[0]
+    a = _kernel_into(np.empty((m, m), dtype=dtype, order="F"), Z, ls, dtype)
+    a[np.diag_indices(m)] += JITTER
+    return _upper_factor(_potrf_lower_inplace(a), dtype)
 
 
-def condition_factor(Z: np.ndarray, ls: float, S, sigma: float, dtype: str = "float64") -> DeviceMatrix:
-    """``C = chol(K̃uu + S/σ²)`` for one condition; W = C⁻ᵀ C⁻¹ B / σ²."""
-    with precision(dtype) as dt:
-        a = _add_diagonal(_kzz(Z, ls, dt), JITTER) + _to_jax(S, dt) / sigma**2
-        return DeviceMatrix(jnp.linalg.cholesky(a), dtype)
+def condition_factor(Z: np.ndarray, ls: float, S: np.ndarray, sigma: float, dtype: str = "float64") -> DeviceMatrix:
+    """Upper factor of ``C = chol(K̃uu + S/σ²)`` for one condition (W = C⁻ᵀ C⁻¹ B / σ²).
+
+    ``S`` (lower triangle, Fortran order, as :func:`cross_gram` returns it) is overwritten
+    by the factor: the whole factorisation needs no m × m memory beyond S itself.
+    """
+    if sigma != 1.0:
+        S *= 1.0 / sigma**2
+    _add_kernel_blockwise(S, Z, ls, dtype)
+    S[np.diag_indices(Z.shape[0])] += JITTER
+    return _upper_factor(_potrf_lower_inplace(S), dtype)
 
 
-@jax.jit
-def _landmark_covariance(kzz, lp, c1, c2):
-    # Σ₁ + Σ₂ = 2 (Kzz − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂, P = Lp⁻¹Kzz, Q_c = C_c⁻¹Kzz; sequential so
-    # that XLA can reuse the dead buffers.
-    p = jsl.solve_triangular(lp, kzz, lower=True)
-    cov = 2.0 * (kzz - p.T @ p)
-    q = jsl.solve_triangular(c1, kzz, lower=True)
-    cov = cov + q.T @ q
-    q = jsl.solve_triangular(c2, kzz, lower=True)
-    return cov + q.T @ q
-
-
-@jax.jit
-def _metric_from_covariance(cov, kzz, eps):
-    chol = jnp.linalg.cholesky(_add_diagonal(cov, eps))
-    return jsl.solve_triangular(chol, kzz, lower=True)
+def _lower_abs_sum(a: np.ndarray, block: int = 512) -> float:
+    """Σ|aᵢⱼ| of the symmetric matrix whose lower triangle ``a`` holds, without an m × m temporary."""
+    total = 0.0
+    for j in range(0, a.shape[0], block):
+        blk = a[j:, j : j + block]
+        total += 2.0 * float(np.abs(np.tril(blk, -1)).sum()) + float(np.abs(np.diag(blk)).sum())
+    return total
 
 
 def landmark_metric(
     Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64",
 ) -> tuple[DeviceMatrix, bool]:
-    """``R`` such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖, and whether the
-    reference's diagonal shortcut applies.
+    """``Rᵀ`` (stored C-contiguous) such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖,
+    and whether the reference's diagonal shortcut applies.
 
-    Σ = Σ₁ + Σ₂ at the landmarks, Σ_c = Kzz − Kzz K̃uu⁻¹ Kzz + Kzz (C_c C_cᵀ)⁻¹ Kzz, and
-    δ = Kzz (W₂ − W₁). With L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path
-    (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and m > 10), R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
+    Σ = Σ₁ + Σ₂ at the landmarks with Σ_c = Kzz − Kzz K̃uu⁻¹ Kzz + Kzz (C_c C_cᵀ)⁻¹ Kzz, i.e.
+    Σ = 2 (Kzz − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂ with P = Lp⁻¹Kzz, Q_c = C_c⁻¹Kzz; δ = Kzz (W₂ − W₁).
+    With L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and
+    m > 10), R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
+
+    Runs in place with LAPACK/BLAS — triangular solves into one work matrix, rank-k updates
+    into the covariance — so its working set is two m × m matrices besides the factors.
     """
+    import scipy.linalg as sla
+
+    dt = np.dtype(dtype)
     m = Z.shape[0]
-    with precision(dtype) as dt:
-        kzz = _kzz(Z, ls, dt)
-        cov = _landmark_covariance(kzz, _to_jax(Lp, dt), _to_jax(C1, dt), _to_jax(C2, dt))
-        diag = jnp.diag(cov)
-        ratio = float(jnp.sum(diag) / jnp.sum(jnp.abs(cov))) if m > 10 else 0.0
-        diagonal = bool(m > 10 and ratio > 0.95)
-        if diagonal:
-            logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
-            r = kzz / jnp.sqrt(jnp.maximum(diag, eps))[:, None]
+    syrk = _syrk(dt)
+    cov = _kernel_into(np.empty((m, m), dtype=dt, order="F"), Z, ls, dtype)
+    work = np.empty((m, m), dtype=dt, order="F")
+    for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
+        _kernel_into(work, Z, ls, dtype)
+        sla.solve_triangular(_lower_view(factor), work, lower=True, overwrite_b=True, check_finite=False)
+        cov = syrk(alpha, work, beta=beta, c=cov, trans=1, lower=1, overwrite_c=1)
+    diag = np.diag(cov).copy()
+    ratio = float(diag.sum() / _lower_abs_sum(cov)) if m > 10 else 0.0
+    diagonal = bool(m > 10 and ratio > 0.95)
+    _kernel_into(work, Z, ls, dtype)
+    if diagonal:
+        logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
+        del cov
+        work /= np.sqrt(np.maximum(diag, eps))[:, None]
+    else:
+        cov[np.diag_indices(m)] += eps
+        chol = _potrf_lower_inplace(cov)
+        if np.all(np.isfinite(chol)):
+            sla.solve_triangular(chol, work, lower=True, overwrite_b=True, check_finite=False)
         else:
-            r = _metric_from_covariance(cov, kzz, jnp.asarray(eps, dt))
-        del cov, kzz
-        finite = bool(jnp.all(jnp.isfinite(r)))
-        out = DeviceMatrix(r, dtype)
-    if not finite:
+            work[...] = np.nan
+        del chol, cov
+    if not np.all(np.isfinite(work)):
         logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
-    return out, diagonal
+    return DeviceMatrix(work.T, dtype), diagonal
 
 
 def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
@@ -308,12 +367,13 @@ def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
 
 
 def fit_factors(
-    Z: np.ndarray, ls: float, S1, S2, sigma: float, eps: float, dtype: str = "float64",
+    Z: np.ndarray, ls: float, S1: np.ndarray, S2: np.ndarray, sigma: float, eps: float, dtype: str = "float64",
 ) -> dict[str, DeviceMatrix | bool]:
     """All gene-independent factors in one call (the engine runs the pieces as separate tasks).
 
-    ``Lp`` = chol(K̃uu), ``C1``/``C2`` = chol(K̃uu + S_c/σ²), ``R`` the Mahalanobis metric
-    (see :func:`landmark_metric`) and ``diagonal``.
+    ``Lp``, ``C1``, ``C2`` are stored as upper factors (Lp = Upᵀ = chol(K̃uu), C_c =
+    chol(K̃uu + S_c/σ²)); ``R`` as Rᵀ (see :func:`landmark_metric`). ``S1``/``S2`` (lower
+    triangles from :func:`cross_gram`) are consumed.
     """
     lp = check_factor("Lp", landmark_cholesky(Z, ls, dtype))
     c1 = check_factor("C1", condition_factor(Z, ls, S1, sigma, dtype))
@@ -327,11 +387,12 @@ def fit_factors(
 
 
 @jax.jit
-def _block_scores(c1, c2, r, kbar, b1, b2, sigma2):
-    w1 = jsl.cho_solve((c1, True), b1) / sigma2
-    w2 = jsl.cho_solve((c2, True), b2) / sigma2
+def _block_scores(u1, u2, rt, kbar, b1, b2, sigma2):
+    # u_c = C_cᵀ (upper), rt = Rᵀ: see DeviceMatrix storage in fit_factors
+    w1 = jsl.cho_solve((u1, False), b1) / sigma2
+    w2 = jsl.cho_solve((u2, False), b2) / sigma2
     dw = w2 - w1
-    d = jnp.sqrt(jnp.sum(jnp.square(r @ dw), axis=0))
+    d = jnp.sqrt(jnp.sum(jnp.square(rt.T @ dw), axis=0))
     lfc = kbar @ dw
     return w1, w2, d, lfc
 
@@ -371,11 +432,12 @@ def predict_pair(
 
 
 @jax.jit
-def _variances(x, z, lp, c1, c2, ls):
+def _variances(x, z, up, u1, u2, ls):
+    # L x = k with L = Uᵀ: a transposed solve against the stored upper factor
     k = _matern52(z, x, ls)
-    prior = jnp.sum(jnp.square(jsl.solve_triangular(lp, k, lower=True)), axis=0)
-    v1 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(c1, k, lower=True)), axis=0)
-    v2 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(c2, k, lower=True)), axis=0)
+    prior = jnp.sum(jnp.square(jsl.solve_triangular(up, k, lower=False, trans="T")), axis=0)
+    v1 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(u1, k, lower=False, trans="T")), axis=0)
+    v2 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(u2, k, lower=False, trans="T")), axis=0)
     return v1, v2
 
 
