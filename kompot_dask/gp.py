@@ -387,28 +387,34 @@ def fit_factors(
 
 
 @jax.jit
-def _block_scores(u1, u2, rt, kbar, b1, b2, sigma2):
-    # u_c = C_cᵀ (upper), rt = Rᵀ: see DeviceMatrix storage in fit_factors
-    w1 = jsl.cho_solve((u1, False), b1) / sigma2
-    w2 = jsl.cho_solve((u2, False), b2) / sigma2
+def _mahalanobis_batch(rt, kbar, w1, w2):
+    # rt = Rᵀ as stored; the contraction reads it transposed without a copy
     dw = w2 - w1
-    d = jnp.sqrt(jnp.sum(jnp.square(rt.T @ dw), axis=0))
-    lfc = kbar @ dw
-    return w1, w2, d, lfc
+    z = jax.lax.dot_general(rt, dw, (((0,), (0,)), ((), ())))
+    return jnp.sqrt(jnp.sum(z * z, axis=0)), kbar @ dw
 
 
 def block_scores(
     factors: dict, kbar_mean: np.ndarray, B1: np.ndarray, B2: np.ndarray, sigma: float,
     dtype: str = "float64",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weights W1, W2 (m × g), Mahalanobis distances and mean log fold changes (g,)."""
-    with precision(dtype) as dt:
-        w1, w2, d, lfc = _block_scores(
-            _to_jax(factors["C1"], dt), _to_jax(factors["C2"], dt),
-            _to_jax(factors["R"], dt), jnp.asarray(kbar_mean, dt),
-            jnp.asarray(B1, dt), jnp.asarray(B2, dt), jnp.asarray(sigma**2, dt),
-        )
-        return np.asarray(w1), np.asarray(w2), np.asarray(d), np.asarray(lfc)
+    """Weights W1, W2 (m × g), Mahalanobis distances and mean log fold changes (g,).
+
+    W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ² by LAPACK (potrs, in place on a copy of B_c); the distances
+    D = ‖R (W₂ − W₁)‖ and k̄ᵀ(W₂ − W₁) are one jitted JAX batch.
+    """
+    import scipy.linalg as sla
+
+    dt = np.dtype(dtype)
+    w = []
+    for name, b in (("C1", B1), ("C2", B2)):
+        wc = sla.cho_solve((_lower_view(factors[name]), True), np.array(b, dtype=dt, order="F"),
+                           overwrite_b=True, check_finite=False)
+        w.append(wc / sigma**2)
+    with precision(dtype) as jdt:
+        d, lfc = _mahalanobis_batch(_to_jax(factors["R"], jdt), jnp.asarray(kbar_mean, jdt),
+                                    jnp.asarray(w[0], jdt), jnp.asarray(w[1], jdt))
+        return w[0], w[1], np.asarray(d), np.asarray(lfc)
 
 
 @jax.jit
@@ -431,16 +437,6 @@ def predict_pair(
         return np.asarray(mu1), np.asarray(mu2), np.asarray(fc)
 
 
-@jax.jit
-def _variances(x, z, up, u1, u2, ls):
-    # L x = k with L = Uᵀ: a transposed solve against the stored upper factor
-    k = _matern52(z, x, ls)
-    prior = jnp.sum(jnp.square(jsl.solve_triangular(up, k, lower=False, trans="T")), axis=0)
-    v1 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(u1, k, lower=False, trans="T")), axis=0)
-    v2 = 1.0 - prior + jnp.sum(jnp.square(jsl.solve_triangular(u2, k, lower=False, trans="T")), axis=0)
-    return v1, v2
-
-
 def posterior_variances(
     X: np.ndarray, Z: np.ndarray, factors: dict, ls: float, dtype: str = "float64"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -448,13 +444,22 @@ def posterior_variances(
 
     v_c(x) = 1 − ‖Lp⁻¹ k_x‖² + ‖C_c⁻¹ k_x‖², which equals the DTC latent variance
     k(x,x) − k K̃uu⁻¹ k + σ² k (σ²K̃uu + S)⁻¹ k since C_c C_cᵀ = K̃uu + S/σ².
+
+    The triangular solves run in place in LAPACK on a copy of the kernel block: JAX's
+    solver would copy each m × m factor on every call.
     """
-    with precision(dtype) as dt:
-        v1, v2 = _variances(
-            jnp.asarray(X, dt), jnp.asarray(Z, dt), _to_jax(factors["Lp"], dt),
-            _to_jax(factors["C1"], dt), _to_jax(factors["C2"], dt), jnp.asarray(ls, dt),
-        )
-        return np.asarray(v1), np.asarray(v2)
+    import scipy.linalg as sla
+
+    k = np.asfortranarray(matern52(Z, X, ls, dtype))
+    work = np.empty_like(k, order="F")
+
+    def sq_norms(name: str) -> np.ndarray:
+        work[...] = k
+        sla.solve_triangular(_lower_view(factors[name]), work, lower=True, overwrite_b=True, check_finite=False)
+        return np.einsum("ij,ij->j", work, work)
+
+    prior = sq_norms("Lp")
+    return 1.0 - prior + sq_norms("C1"), 1.0 - prior + sq_norms("C2")
 
 
 # --------------------------------------------------------------------------------------
