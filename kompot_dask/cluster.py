@@ -39,18 +39,24 @@ def numba_cache_dir() -> str:
 
 def default_local_cluster_kwargs(compute: ComputeSettings) -> dict:
     cores = os.cpu_count() or 1
-    n_workers = compute.n_workers or max(1, cores // compute.threads_per_worker)
+    threads = compute.threads_per_worker
+    if compute.n_workers is None:
+        n_workers = 1 if threads is None else max(1, cores // threads)
+    else:
+        n_workers = compute.n_workers
+    if threads is None:
+        threads = max(1, cores // n_workers)
     memory_limit = compute.memory_limit
     if memory_limit is None:
         memory_limit = int(0.9 * psutil.virtual_memory().total / n_workers)
     return dict(
         n_workers=n_workers,
-        threads_per_worker=compute.threads_per_worker,
+        threads_per_worker=threads,
         processes=True,
         memory_limit=memory_limit,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
-        env=worker_environment(compute.threads_per_worker),
+        env=worker_environment(threads),
         silence_logs=logging.ERROR,
     )
 
@@ -75,4 +81,10 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
     )
     with LocalCluster(**kwargs) as cluster, Client(cluster) as new_client:
         logger.info("Dask dashboard: %s", new_client.dashboard_link)
+        new_client.kompot_embedded = True  # workers live for this run only
         yield new_client
+
+
+def is_embedded(client: Client) -> bool:
+    """Whether ``client`` belongs to a LocalCluster that kompot_dask started for one run."""
+    return bool(getattr(client, "kompot_embedded", False))

@@ -306,15 +306,40 @@ def _drain_writers(client: Client, keys: list[str], timeout: float = 120.0) -> N
     logger.warning("Block tasks still running after %.0f s; staged layers may need cleanup", timeout)
 
 
+def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, n_landmarks, random_state):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ls_f = pool.submit(_length_scale_task, X1, ls_factor) if ls is None else None
+        if landmarks is not None:
+            Z, source = landmarks, "provided"
+        elif n_landmarks >= pooled.shape[0]:
+            Z, source = gp_mod.compute_landmarks(pooled, n_landmarks, random_state), "all_cells"
+        else:
+            Z, source = pool.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state).result(), "kmeans"
+        if ls_f is not None:
+            ls = float(ls_f.result())
+    return float(ls), np.asarray(Z, dtype=np.float64), source
+
+
 def prepare_model(
     client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
     landmarks: np.ndarray | None, n_landmarks: int, random_state: int | None,
 ) -> tuple[float, np.ndarray, str]:
-    """Length scale and landmarks, computed concurrently on two workers.
+    """Length scale and landmarks, computed concurrently.
 
-    The nearest-neighbour search compiles numba code the first time a process runs it;
-    running it on a worker means a long-lived cluster pays that once, not every run.
+    The nearest-neighbour search compiles numba code (~20 s, ~300 MB of compiled code and
+    k-means buffers that stay in the process) the first time a process runs it. On a
+    long-lived cluster it runs on a pinned worker, which then pays that once. For an
+    embedded, single-run cluster it runs in short-lived helper processes instead, so the
+    workers start the factor phase without that memory.
     """
+    from .cluster import is_embedded
+
+    if is_embedded(client):
+        return _prepare_in_subprocesses(X1, pooled, ls=ls, ls_factor=ls_factor, landmarks=landmarks,
+                                        n_landmarks=n_landmarks, random_state=random_state)
     ls_f = None
     if ls is None:
         # Always the same worker, so that a long-lived cluster compiles pynndescent once.

@@ -265,7 +265,10 @@ class ComputeSettings(_Settings):
     null_gene_block
         Null genes per block task (their columns span all cells of both conditions).
     n_workers, threads_per_worker, memory_limit
-        Used only when kompot_dask starts its own LocalCluster.
+        Used only when kompot_dask starts its own LocalCluster. By default that is one
+        worker process with one thread per core: the m × m factors are then held once
+        per machine instead of once per process (measured at m = 5000: 1.67 GiB peak
+        with 1 × 2 against 2.88 GiB with 2 × 1 on 2 cores, for 15 % more wall time).
     dtype
         Floating-point type of the numerics: ``"float64"`` (parity with kompot) or
         ``"float32"``.
@@ -275,7 +278,7 @@ class ComputeSettings(_Settings):
     gene_block: int | None = None
     null_gene_block: int | None = None
     n_workers: int | None = None
-    threads_per_worker: int = 1
+    threads_per_worker: int | None = None
     memory_limit: str | int | None = None
     dtype: str = "float64"
     max_task_bytes: int | None = field(default=None)
@@ -286,6 +289,7 @@ class ComputeSettings(_Settings):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(c, name, value)
-        _positive_int(c, "threads_per_worker", self.threads_per_worker)
+        if self.threads_per_worker is not None:
+            _positive_int(c, "threads_per_worker", self.threads_per_worker)
         if self.dtype not in ("float64", "float32"):
             raise _fail(c, "dtype", self.dtype, '"float64" or "float32"')

@@ -119,3 +119,22 @@ def test_store__layer_is_lazy_dask_array(small_store):
     arr = st.layer_as_dask("logged_counts")
     assert arr.shape == (SMALL.n_obs, SMALL.n_vars) and arr.chunks[1][0] == 32
     assert float(arr[:10, :5].sum().compute()) == pytest.approx(float(ad.read_zarr(small_store).layers["logged_counts"][:10, :5].sum()), rel=1e-6)
+
+
+def test_de__embedded_local_cluster_when_no_client(tmp_path, baseline):
+    """No client given and none current: an embedded LocalCluster is started and closed,
+    k-means landmarks are computed in a helper process, and the results match a run on
+    the shared cluster."""
+    from distributed import get_client
+
+    path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
+    kd.de(path, compute=kd.ComputeSettings(memory_limit="2GiB"), **KW)
+    with pytest.raises(ValueError):
+        get_client()  # the embedded cluster is gone
+    got = _results(path)
+    for key, value in baseline.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+    import json
+
+    record = json.loads(ad.read_zarr(path).uns["kompot_de"]["last_run_info"])
+    assert record["layout"]["n_workers"] == 1  # one process, one thread per core
