@@ -246,7 +246,9 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
                 null_gene_block=compute.null_gene_block, progress=output.progress,
             )
         except engine.NonFiniteExpressionError as exc:
-            raise engine.NonFiniteExpressionError(exc.columns, [str(var.index[i]) for i in exc.columns]) from None
+            raise engine.NonFiniteExpressionError(
+                exc.columns, [str(var.index[i]) for i in exc.columns], exc.as_null_source
+            ) from None
         n_workers = len(c.scheduler_info(n_workers=-1)["workers"])
 
     # ---- FDR and outputs ---------------------------------------------------------------

@@ -42,18 +42,25 @@ _FAIL_BLOCK_FOR_TESTS: int | None = None
 class NonFiniteExpressionError(ValueError):
     """The expression layer holds NaN or inf for some genes."""
 
-    def __init__(self, columns: list[int], names: list[str] | None = None):
+    def __init__(self, columns: list[int], names: list[str] | None = None, as_null_source: bool = False):
         self.columns = list(columns)
         self.names = names
+        self.as_null_source = as_null_source
         shown = names if names is not None else columns
+        advice = (
+            "These genes were drawn as null-gene sources, which come from all genes whatever "
+            "genes= says: replace the values in the layer (e.g. with 0 for unexpressed genes) "
+            "or disable FDR with FDRSettings(null_genes=0)."
+            if as_null_source else
+            "Replace them (e.g. with 0 for unexpressed genes) or exclude these genes with genes=."
+        )
         super().__init__(
             f"the expression layer holds NaN or inf values in {len(self.columns)} gene(s): "
-            f"{list(shown)[:20]}{' ...' if len(self.columns) > 20 else ''}. "
-            "Replace them (e.g. with 0 for unexpressed genes) or exclude these genes with genes=."
+            f"{list(shown)[:20]}{' ...' if len(self.columns) > 20 else ''}. {advice}"
         )
 
     def __reduce__(self):
-        return (NonFiniteExpressionError, (self.columns, self.names))
+        return (NonFiniteExpressionError, (self.columns, self.names, self.as_null_source))
 
 
 class InjectedFailure(RuntimeError):
@@ -239,7 +246,7 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         values[pos[keep]] = tile[keep]
     if not np.all(np.isfinite(values)):
         bad = ~np.all(np.isfinite(values), axis=0)
-        raise NonFiniteExpressionError(uniq[bad].tolist())
+        raise NonFiniteExpressionError(uniq[bad].tolist(), as_null_source=True)
     width = lay.null_gene_block
     y1 = np.zeros((n1, width), dtype=ctx.dtype)
     y2 = np.zeros((n2, width), dtype=ctx.dtype)

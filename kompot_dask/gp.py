@@ -6,9 +6,13 @@ reduced over cell chunks into ``S = Σ K(Z,X_k) K(X_k,Z)`` (m × m, gene-indepen
 ``B = Σ K(Z,X_k) Y_k`` (m × genes); the weights are ``W = (σ² K̃uu + S)⁻¹ B`` and the
 posterior mean anywhere is ``μ(x) = k(x, Z) W``.
 
-Every public function here takes and returns numpy arrays and runs under an explicit
-JAX precision context, so importing another library that flips JAX's global x64 flag
-(mellon does) changes nothing here.
+Kernels, projections, predictions and Mahalanobis batches run in JAX under an explicit
+precision context, so importing another library that flips JAX's global x64 flag (mellon
+does) changes nothing here. The m × m factorisations and the triangular solves against
+them run in place in LAPACK/BLAS: that keeps a worker's working set at a few m × m
+matrices (JAX would copy a factor into every call). Factors are kept as
+:class:`DeviceMatrix` — upper triangles U = Lᵀ in C order, which is L in Fortran order —
+so that JAX and LAPACK read the same memory.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 
 logger = logging.getLogger("kompot_dask")
