@@ -77,7 +77,6 @@ class Layout:
     null_gene_block: int
     row_ranges: tuple[tuple[int, int], ...]
     n_real_blocks: int
-    n_null_blocks: int
     n_std_tasks: int
 
 
@@ -129,7 +128,6 @@ def choose_layout(
         null_gene_block=int(null_gene_block),
         row_ranges=row_ranges,
         n_real_blocks=math.ceil(n_vars / gene_block),
-        n_null_blocks=0,
         n_std_tasks=max(1, min(len(row_ranges), 4 * n_workers)),
     )
 

@@ -84,12 +84,10 @@ def _kernel_column_sum(z: jax.Array, x: jax.Array, w: jax.Array, ls: jax.Array) 
     return _matern52(z, x, ls) @ w
 
 
-def _pad_rows(a: np.ndarray, n: int, fill_row: np.ndarray | None = None) -> np.ndarray:
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     if a.shape[0] == n:
         return a
     pad = np.zeros((n - a.shape[0],) + a.shape[1:], dtype=a.dtype)
-    if fill_row is not None:
-        pad[:] = fill_row
     return np.concatenate([a, pad], axis=0)
 
 

@@ -65,7 +65,9 @@ def compare(ref: dict, result: ad.AnnData, rk: str, c1: str, c2: str, threshold:
     de = result.var[f"{pair}_is_de"].to_numpy(dtype=bool)
     differing = de != de_ref
     assert np.all(np.abs(lf_ref[differing] - threshold) <= 1e-3), np.flatnonzero(differing)
-    stats.update(lfc=float(lfc_err), fc=float(fc_err), lfdr=float(np.max(np.abs(lf - lf_ref))), n_de=int(de.sum()))
+    stats.update(lfc=float(lfc_err), fc=float(fc_err), lfdr=float(np.max(np.abs(lf - lf_ref))), n_de=int(de.sum()),
+                 is_de_differing=int(differing.sum()))
+    print(f"parity {rk}_{c1}_to_{c2}: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
     return stats
 
 
