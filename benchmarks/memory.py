@@ -58,7 +58,7 @@ def main() -> None:
         rows.append((g, res))
         print(f"  genes={g}: peak {gib(res['peak_rss_bytes'])}, de() {res['de_wall_s']:.0f} s", flush=True)
         shutil.rmtree(store, ignore_errors=True)
-    print(f"\n{args.n_obs:,} cells, {args.n_landmarks} landmarks, 2,000 null genes, layers written, 2 workers")
+    print(f"\n{args.n_obs:,} cells, {args.n_landmarks} landmarks, 2,000 null genes, layers written, embedded LocalCluster (defaults)")
     print(f"{'genes':>6s}{'peak RSS (all processes)':>28s}{'de() wall':>12s}{'kompot 0.8.0 model':>22s}")
     for g, res in rows:
         model = reference_model_bytes(args.n_obs, g, 2000, args.n_landmarks)
