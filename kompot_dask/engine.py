@@ -94,7 +94,7 @@ class BlockContext:
 
 
 def choose_layout(
-    info: LayerInfo, n_obs: int, n_vars: int, n_stacked: int, m: int, n_workers: int,
+    info: LayerInfo, n_obs: int, n_vars: int, n_stacked: int, m: int, n_threads: int,
     cell_chunk: int | None, gene_block: int | None, null_gene_block: int | None,
 ) -> Layout:
     """Chunk sizes that keep every task's working set at a few hundred MB.
@@ -128,7 +128,7 @@ def choose_layout(
         null_gene_block=int(null_gene_block),
         row_ranges=row_ranges,
         n_real_blocks=math.ceil(n_vars / gene_block),
-        n_std_tasks=max(1, min(len(row_ranges), 4 * n_workers)),
+        n_std_tasks=max(1, min(len(row_ranges), 4 * n_threads)),
     )
 
 
@@ -408,9 +408,11 @@ def run_engine(
     n_obs, n_vars = info.shape
     rows1 = np.flatnonzero(codes == 1)
     rows2 = np.flatnonzero(codes == 2)
-    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    n_workers = max(1, len(workers))
+    n_threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
     layout = choose_layout(
-        info, n_obs, n_vars, len(rows1) + len(rows2), Z.shape[0], n_workers,
+        info, n_obs, n_vars, len(rows1) + len(rows2), Z.shape[0], n_threads,
         cell_chunk, gene_block, null_gene_block,
     )
     # Real-gene blocks: fixed column ranges of the store, only selected genes inside.
@@ -457,7 +459,7 @@ def run_engine(
               for r in np.array_split(rows2, parts)]
         pred_rows = np.flatnonzero(pred)
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
-              for r in np.array_split(pred_rows, max(1, n_workers))]
+              for r in np.array_split(pred_rows, n_threads)]
         kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
         # The m × m factors as a small graph of their own, so that the two conditions are
         # factorised on different workers; workers fetch each factor once.
