@@ -35,6 +35,11 @@ from .store import LayerInfo, Store, TileReader, write_tile
 
 logger = logging.getLogger("kompot_dask")
 
+FACTOR_DTYPE = "float64"
+"""The m × m factorisations, solves and scores are always float64: with kompot's jitter
+(1e-6) the landmark kernel's Cholesky fails in float32. ``ComputeSettings.dtype`` sets the
+precision of the bulk tile arithmetic (the cells × genes projections and predictions)."""
+
 _FAIL_BLOCK_FOR_TESTS: int | None = None
 """Tests set this to a real-gene block index to make that block task fail."""
 
@@ -201,7 +206,7 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
         raise InjectedFailure(f"injected failure in gene block {block['index']}")
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
-    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, ctx.dtype)
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
     if ctx.staged:
         kc = lay.kernel_chunk
         for r0, r1 in lay.row_ranges:
@@ -260,7 +265,7 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     acc2.add(X[rows2], y2)
     del y2
     factors = {"C1": C1, "C2": C2, "R": R}
-    _, _, d, _ = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, ctx.dtype)
+    _, _, d, _ = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
     return {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)]}
 
 
@@ -452,21 +457,21 @@ def run_engine(
 
         logger.info("Fitting expression estimator for condition 1...")
         parts = max(1, n_workers // 2)
-        s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+        s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(rows1, parts)]
         logger.info("Fitting expression estimator for condition 2...")
-        s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+        s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(rows2, parts)]
         pred_rows = np.flatnonzero(pred)
-        ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, dtype, pure=False)
+        ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(pred_rows, n_threads)]
         kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
         # The m × m factors as a small graph of their own, so that the two conditions are
         # factorised on different workers; workers fetch each factor once.
-        Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, dtype, pure=False)
-        C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, dtype, pure=False)
-        C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, dtype, pure=False)
-        metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, dtype, pure=False)
+        Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, pure=False)
+        C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, pure=False)
+        C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, pure=False)
+        metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, pure=False)
         R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
         diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
         setup = [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f]
@@ -484,7 +489,7 @@ def run_engine(
         for r in np.array_split(pred_rows, layout.n_std_tasks):
             if len(r):
                 # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
-                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, dtype,
+                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
                                              pure=False, priority=1))
         n_tasks = len(futures) + len(setup)
         outputs = {f.key for f in futures}
