@@ -93,13 +93,17 @@ class TileReader:
 
 @lru_cache(maxsize=2)
 def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> np.ndarray:
+    """Dense (all cells × cols) from a CSC element: one contiguous read of the column span."""
     group = _open_group_cached(store_path, elem_path)
-    indptr = np.asarray(group["indptr"][:])
-    out = np.zeros((shape[0], len(cols)), dtype=group["data"].dtype)
-    for j, c in enumerate(cols):
-        lo, hi = int(indptr[c]), int(indptr[c + 1])
-        out[np.asarray(group["indices"][lo:hi]), j] = np.asarray(group["data"][lo:hi])
-    return out
+    idx = np.asarray(cols, dtype=np.int64)
+    c0, c1 = int(idx.min()), int(idx.max()) + 1
+    indptr = np.asarray(group["indptr"][c0 : c1 + 1]).astype(np.int64)
+    lo, hi = int(indptr[0]), int(indptr[-1])
+    span = sp.csc_matrix(
+        (np.asarray(group["data"][lo:hi]), np.asarray(group["indices"][lo:hi]), indptr - lo),
+        shape=(shape[0], c1 - c0),
+    )
+    return np.asarray(span[:, idx - c0].toarray())
 
 
 def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: int, tile: np.ndarray) -> None:
