@@ -169,14 +169,6 @@ def _mean_task(parts, n):
     return np.sum(parts, axis=0) / n
 
 
-def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
-    if a.shape[1] == width:
-        return a
-    out = np.zeros((a.shape[0], width), dtype=a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
-
-
 def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar):
     """Fit, score and (optionally) predict one block of store columns."""
     lay = ctx.layout

@@ -9,7 +9,12 @@ import zarr
 from conftest import SMALL
 
 import kompot_dask as kd
-from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
+from kompot_dask.testing import (
+    SyntheticSpec,
+    assert_de_results_close,
+    make_synthetic_adata,
+    write_synthetic_store,
+)
 
 PAIR = "kompot_de_Young_to_Old"
 KW = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
@@ -41,16 +46,14 @@ def test_de__chunking_does_not_change_results(tmp_path, client, baseline, cell_c
                                                           null_gene_block=null_block), **KW)
     got = _results(path)
     assert got.keys() == baseline.keys() and len(got) == 9
-    for key, value in baseline.items():
-        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+    assert_de_results_close(got, baseline, columns=list(baseline), atol=1e-10)
 
 
 def test_de__one_worker_equals_two_workers(tmp_path, client_one_worker, baseline):
     path = write_synthetic_store(tmp_path / "s.zarr", SMALL, cell_chunk=256, gene_chunk=32)
     kd.de(path, client=client_one_worker, **KW)
     got = _results(path)
-    for key, value in baseline.items():
-        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+    assert_de_results_close(got, baseline, columns=list(baseline), atol=1e-10)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc"])
@@ -65,8 +68,7 @@ def test_de__sparse_layer_in_existing_store(tmp_path, client, baseline, fmt):
     assert zarr.open_group(str(path), mode="r")["layers/logged_counts"].attrs["encoding-type"] == f"{fmt}_matrix"
     kd.de(str(path), client=client, **KW)
     got = _results(path)
-    for key, value in baseline.items():
-        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+    assert_de_results_close(got, baseline, columns=list(baseline), atol=1e-10)
 
 
 def test_ingest__h5ad_sparse_source_becomes_gene_block_tiles(tmp_path):
@@ -136,8 +138,7 @@ def test_de__embedded_local_cluster_when_no_client(tmp_path, baseline):
     with pytest.raises(ValueError):
         get_client()  # the embedded cluster is gone
     got = _results(path)
-    for key, value in baseline.items():
-        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, equal_nan=True, err_msg=key)
+    assert_de_results_close(got, baseline, columns=list(baseline), atol=1e-10)
     import json
 
     record = json.loads(ad.read_zarr(path).uns["kompot_de"]["last_run_info"])
