@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging as _logging
 
-from .analysis import de
+from .analysis import de, plan
+from .cleanup import cleanup
 from .ingest import ingest
+from .lock import StoreLockedError
+from .planner import InfeasiblePlanError, ResourcePlan
+from .runinfo import RunInfo
+from .runs import get_run_fields
 from .settings import (
     ComputeSettings,
     FDRSettings,
@@ -20,7 +25,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "de",
+    "plan",
+    "ResourcePlan",
+    "InfeasiblePlanError",
+    "StoreLockedError",
     "ingest",
+    "RunInfo",
+    "cleanup",
+    "get_run_fields",
     "GPSettings",
     "FDRSettings",
     "FilterSettings",

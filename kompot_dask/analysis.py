@@ -7,17 +7,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import psutil
 from distributed import Client
 
-from . import engine, runs
+from . import engine, planner, runs
 from . import fdr as fdr_mod
 from .cluster import resolve_client
+from .lock import store_lock
 from .settings import (
     ComputeSettings,
     FDRSettings,
@@ -80,7 +85,9 @@ def de(
     output: OutputSettings | None = None,
     compute: ComputeSettings | None = None,
     client: Client | None = None,
-) -> dict[str, Any] | None:
+    plan: planner.ResourcePlan | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any] | planner.ResourcePlan | None:
     """Kompot differential expression between two conditions, computed on Dask.
 
     Parameters
@@ -102,38 +109,106 @@ def de(
         Settings objects; see :mod:`kompot_dask.settings`.
     client
         Dask client; by default the current one, else an embedded LocalCluster.
+    plan
+        A :class:`~kompot_dask.planner.ResourcePlan` from :func:`plan` for these same
+        arguments: the run uses its chunking. Without one, ``de`` plans by itself (memory
+        only, no timing calibration). An infeasible plan is refused before any compute.
+    dry_run
+        Plan only (same as :func:`plan`): returns the plan, computes and writes nothing.
 
     Returns
     -------
     ``None``, or with ``OutputSettings(return_full_results=True)`` a dict with ``table``
-    (per-gene DataFrame), ``fdr_summary``, ``run_id``, ``field_names``, ``ls`` and ``landmarks``.
+    (per-gene DataFrame), ``fdr_summary``, ``run_id``, ``field_names``, ``ls`` and ``landmarks``;
+    with ``dry_run=True`` the :class:`~kompot_dask.planner.ResourcePlan`.
     """
-    gp = _check_settings(gp, GPSettings, "gp")
-    fdr = _check_settings(fdr, FDRSettings, "fdr")
-    filter = _check_settings(filter, FilterSettings, "filter")
-    storage = _check_settings(storage, StorageSettings, "storage")
-    output = _check_settings(output, OutputSettings, "output")
-    compute = _check_settings(compute, ComputeSettings, "compute")
-
+    settings = dict(
+        gp=_check_settings(gp, GPSettings, "gp"),
+        fdr=_check_settings(fdr, FDRSettings, "fdr"),
+        filter=_check_settings(filter, FilterSettings, "filter"),
+        storage=_check_settings(storage, StorageSettings, "storage"),
+        output=_check_settings(output, OutputSettings, "output"),
+        compute=_check_settings(compute, ComputeSettings, "compute"),
+    )
+    if plan is not None and not isinstance(plan, planner.ResourcePlan):
+        raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
+    if dry_run:
+        if plan is not None:
+            return plan
+        return _plan_public(data, groupby, condition1, condition2, layer, obsm_key, genes, settings, client)
+    args = (groupby, condition1, condition2, layer, obsm_key, genes)
     if isinstance(data, ad.AnnData):
-        return _de_in_memory(data, groupby, condition1, condition2, layer, obsm_key, genes,
-                             gp, fdr, filter, storage, output, compute, client)
+        return _de_in_memory(data, args, settings, client, plan)
     store = Store(data)
-    return _de_store(store, groupby, condition1, condition2, layer, obsm_key, genes,
-                     gp, fdr, filter, storage, output, compute, client)
+    run = _validate(store, *args, **settings)
+    with store_lock(store.path, "kompot_dask.de"):
+        return _execute(run, client, plan)
 
 
-def _de_in_memory(adata, groupby, condition1, condition2, layer, obsm_key, genes,
-                  gp, fdr, filter, storage, output, compute, client):
+def plan(
+    data: str | os.PathLike | ad.AnnData,
+    groupby: str,
+    condition1: Any,
+    condition2: Any,
+    layer: str | None = None,
+    obsm_key: str = "DM_EigenVectors",
+    genes: list[str] | None = None,
+    *,
+    gp: GPSettings | None = None,
+    fdr: FDRSettings | None = None,
+    filter: FilterSettings | None = None,  # noqa: A002 - kompot's name
+    storage: StorageSettings | None = None,
+    output: OutputSettings | None = None,
+    compute: ComputeSettings | None = None,
+    client: Client | None = None,
+) -> planner.ResourcePlan:
+    """What :func:`de` with these arguments will need on this cluster, and how it will cut
+    the work. Computes and writes nothing but a few seconds of timed kernels on the workers.
+
+    Without ``client`` (and no current client), the LocalCluster that ``de`` would start is
+    started for the calibration and closed again.
+    """
+    settings = dict(
+        gp=_check_settings(gp, GPSettings, "gp"),
+        fdr=_check_settings(fdr, FDRSettings, "fdr"),
+        filter=_check_settings(filter, FilterSettings, "filter"),
+        storage=_check_settings(storage, StorageSettings, "storage"),
+        output=_check_settings(output, OutputSettings, "output"),
+        compute=_check_settings(compute, ComputeSettings, "compute"),
+    )
+    return _plan_public(data, groupby, condition1, condition2, layer, obsm_key, genes, settings, client)
+
+
+def _plan_public(data, groupby, condition1, condition2, layer, obsm_key, genes, settings, client):
+    args = (groupby, condition1, condition2, layer, obsm_key, genes)
+    if isinstance(data, ad.AnnData):
+        with _temporary_store(data, layer) as store:
+            run = _validate(store, *args, **settings, existing_layers=list(data.layers.keys()), in_memory=True)
+            with resolve_client(client, settings["compute"]) as c:
+                return _make_plan(run, c, timed=True)
+    store = Store(data)
+    run = _validate(store, *args, **settings)
+    with resolve_client(client, settings["compute"]) as c:
+        return _make_plan(run, c, timed=True)
+
+
+@contextmanager
+def _temporary_store(adata: ad.AnnData, layer: str | None) -> Iterator[Store]:
     from .ingest import ingest
 
     tmp = tempfile.mkdtemp(prefix="kompot_dask_")
     try:
         path = os.path.join(tmp, "data.zarr")
-        ingest(adata, path, layers=[layer] if layer is not None else [], include_x=layer is None)
-        store = Store(path)
-        result = _de_store(store, groupby, condition1, condition2, layer, obsm_key, genes,
-                           gp, fdr, filter, storage, output, compute, client)
+        ingest(adata, path, layers=[layer] if layer is not None else [], include_x=layer is None, progress=False)
+        yield Store(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _de_in_memory(adata: ad.AnnData, args: tuple, settings: dict, client, plan):
+    with _temporary_store(adata, args[3]) as store:
+        run = _validate(store, *args, **settings, existing_layers=list(adata.layers.keys()), in_memory=True)
+        result = _execute(run, client, plan)
         record = runs.load_history(store.read_uns_json(runs.HISTORY_KEY))[-1]
         for loc_field in record["fields_written"]:
             loc, name = loc_field.split("/", 1)
@@ -143,18 +218,67 @@ def _de_in_memory(adata, groupby, condition1, condition2, layer, obsm_key, genes
                 adata.obs[name] = store.obs[name].to_numpy()
             elif loc == "layers":
                 adata.layers[name] = store.read_layer_dense(name)
-        for key in {runs.HISTORY_KEY, storage.result_key}:
+        rk = settings["storage"].result_key
+        for key in {runs.HISTORY_KEY, rk}:
             if "uns" in store.root and key in store.root["uns"]:
                 adata.uns[key] = ad.io.read_elem(store.root["uns"][key])
         return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, genes,
+@dataclass
+class _Run:
+    """A validated call: everything known before any worker is involved."""
+
+    store: Store
+    info: Any
+    groupby: str
+    condition1: Any
+    condition2: Any
+    layer: str | None
+    obsm_key: str
+    genes: list[str] | None
+    gp: GPSettings
+    fdr: FDRSettings
+    filter: FilterSettings
+    storage: StorageSettings
+    output: OutputSettings
+    compute: ComputeSettings
+    X_raw: np.ndarray
+    selected: np.ndarray
+    filter_mask: np.ndarray
+    mask1: np.ndarray
+    mask2: np.ndarray
+    names: dict[str, str]
+    roles: list[str]
+    layer_roles: list[str]
+    n_null: int
+    uns_entry: dict[str, Any]
+    history: list[dict]
+    tracking: dict
+    existing: list[tuple[str, str]]  # (location, name) of output fields already present
+    in_memory: bool = False
+
+    @property
+    def use_fdr(self) -> bool:
+        return self.n_null > 0
+
+    @property
+    def n_landmarks(self) -> int:
+        if self.gp.landmarks is not None:
+            return int(self.gp.landmarks.shape[0])
+        return int(min(self.gp.n_landmarks, self.mask1.sum() + self.mask2.sum()))
+
+    def previous_run(self) -> dict | None:
+        prev_id = self.tracking.get("uns", {}).get(self.storage.result_key)
+        prev = next((h for h in self.history if h.get("run_id") == prev_id),
+                    self.history[-1] if self.history else None)
+        return prev
+
+
+def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, genes,
               gp: GPSettings, fdr: FDRSettings, filter: FilterSettings, storage: StorageSettings,
-              output: OutputSettings, compute: ComputeSettings, client) -> dict[str, Any] | None:
-    t_start = time.perf_counter()
+              output: OutputSettings, compute: ComputeSettings,
+              existing_layers: list[str] | None = None, in_memory: bool = False) -> _Run:
     rk = storage.result_key
     obs, var = store.obs, store.var
     # ---- validation: everything that can be checked without touching the layer -------
@@ -216,7 +340,26 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     uns_entry = store.read_uns_json(runs.HISTORY_KEY)
     history = runs.load_history(uns_entry)
     tracking = runs.load_field_tracking(uns_entry)
-    _check_overwrites(store, names, roles, history, tracking, storage)
+    present = {"var": set(store.var.columns), "obs": set(store.obs.columns),
+               "layers": set(store.layer_keys() if existing_layers is None else existing_layers)}
+    existing = [(runs.FIELD_LOCATIONS[r], names[r]) for r in roles if names[r] in present[runs.FIELD_LOCATIONS[r]]]
+    return _Run(store, info, groupby, condition1, condition2, layer, obsm_key, genes, gp, fdr, filter,
+                storage, output, compute, X_raw, selected, filter_mask, mask1, mask2, names, roles,
+                layer_roles, n_null, uns_entry, history, tracking, existing, in_memory)
+
+
+def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None) -> dict[str, Any] | None:
+    t_start = time.perf_counter()
+    store, gp, fdr, storage, output, compute = run.store, run.gp, run.fdr, run.storage, run.output, run.compute
+    groupby, condition1, condition2 = run.groupby, run.condition1, run.condition2
+    obsm_key, layer, genes = run.obsm_key, run.layer, run.genes
+    X_raw, selected, filter_mask, mask1, mask2 = run.X_raw, run.selected, run.filter_mask, run.mask1, run.mask2
+    names, roles, layer_roles, n_null, use_fdr = run.names, run.roles, run.layer_roles, run.n_null, run.use_fdr
+    uns_entry, history, tracking, info = run.uns_entry, run.history, run.tracking, run.info
+    var = store.var
+    filter = run.filter
+    rk = storage.result_key
+    _check_overwrites(run)
 
     # ---- client-side preparation -------------------------------------------------------
     n1, n2 = int(mask1.sum()), int(mask2.sum())
@@ -233,6 +376,7 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     layer_names = {r: names[r] for r in layer_roles}
 
     with resolve_client(client, compute) as c:
+        plan = _plan_for_run(run, c, plan)
         ls, Z, landmark_source = engine.prepare_model(
             c, X_raw[mask1], np.vstack([X[mask1], X[mask2]]), ls=gp.ls, ls_factor=gp.ls_factor,
             landmarks=gp.landmarks, n_landmarks=gp.n_landmarks, random_state=gp.random_state,
@@ -242,8 +386,7 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
                 c, store, info, X=X, codes=codes, pred=filter_mask, selected=selected, Z=Z, ls=ls,
                 sigma=gp.sigma, eps=gp.eps, null_sources=null_sources, null_seeds=null_seeds,
                 layer_names=layer_names, layer_dtype=storage.layer_dtype, dtype=compute.dtype,
-                cell_chunk=compute.cell_chunk, gene_block=compute.gene_block,
-                null_gene_block=compute.null_gene_block, progress=output.progress,
+                layout=_layout_of(plan, store, c), progress=output.progress,
             )
         except engine.NonFiniteExpressionError as exc:
             raise engine.NonFiniteExpressionError(
@@ -306,19 +449,16 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
         "field_mapping": field_mapping,
         "fields_written": fields_written,
         "uses_sample_variance": False,
-        "params": {
-            "groupby": groupby, "condition1": condition1, "condition2": condition2,
-            "obsm_key": obsm_key, "layer": layer, "genes": genes,
-            "gp": gp.to_dict() | {"landmarks": gp.landmarks is not None},
-            "fdr": fdr.to_dict() | {"null_genes": n_null},
-            "filter": filter.to_dict(), "storage": storage.to_dict(), "output": output.to_dict(),
-            "compute": compute.to_dict(),
-        },
+        "params": runs.record_params(groupby, condition1, condition2, obsm_key, layer, genes,
+                                     gp, fdr, filter, storage, output, compute),
         "model": {"ls": ls, "n_landmarks": int(Z.shape[0]), "landmark_source": landmark_source,
                   "n_cells_condition1": n1, "n_cells_condition2": n2, "n_null_genes": n_null},
         "layout": {"cell_chunk": res.layout.row_chunk, "gene_block": res.layout.gene_block,
                    "null_gene_block": res.layout.null_gene_block, "kernel_chunk": res.layout.kernel_chunk,
                    "n_tasks": res.n_tasks, "n_workers": n_workers},
+        "plan": {"status": plan.status, "peak_worker_bytes": plan.peak_worker_bytes,
+                 "peak_client_bytes": plan.peak_client_bytes, "wall_seconds": plan.wall_seconds,
+                 "n_tasks": plan.n_tasks},
         "environment": runs.environment_info(),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -369,26 +509,131 @@ def _de_store(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     }
 
 
-def _check_overwrites(store: Store, names: dict[str, str], roles: list[str], history: list[dict],
-                      tracking: dict, storage: StorageSettings) -> None:
-    existing = []
-    for r in roles:
-        loc = runs.FIELD_LOCATIONS[r]
-        present = {"var": store.var.columns, "obs": store.obs.columns, "layers": store.layer_keys()}[loc]
-        if names[r] in present:
-            existing.append(f"{loc}.{names[r]}")
-    if not existing or storage.overwrite is True:
+def _check_overwrites(run: _Run) -> None:
+    """Warn (overwrite=None), raise (False) or stay silent (True) about earlier results."""
+    storage = run.storage
+    if not run.existing or storage.overwrite is True:
         return
-    prev_id = tracking.get("uns", {}).get(storage.result_key)
-    prev = next((h for h in history if h.get("run_id") == prev_id), history[-1] if history else None)
+    msg = _overwrite_message(run)
+    if storage.overwrite is False:
+        raise ValueError(msg + ". Use a different StorageSettings(result_key=...) or overwrite=True.")
+    logger.warning("%s Set overwrite=False to prevent overwriting or overwrite=True to silence this message.", msg)
+
+
+def _overwrite_message(run: _Run) -> str:
+    prev = run.previous_run()
     where = ""
     if prev is not None:
         p = prev.get("params", {})
         where = (f" Previous run was at {prev.get('timestamp')} comparing "
                  f"{p.get('condition1')} to {p.get('condition2')}.")
+    existing = [f"{loc}.{name}" for loc, name in run.existing]
     shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-    msg = (f"Differential expression results with result_key={storage.result_key!r} already exist in the dataset."
-           f"{where} Fields that will be overwritten: {shown}")
-    if storage.overwrite is False:
-        raise ValueError(msg + ". Use a different StorageSettings(result_key=...) or overwrite=True.")
-    logger.warning("%s Set overwrite=False to prevent overwriting or overwrite=True to silence this message.", msg)
+    return (f"Differential expression results with result_key={run.storage.result_key!r} already exist in the dataset."
+            f"{where} Fields that will be overwritten: {shown}")
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+
+
+def _plan_inputs(run: _Run) -> planner.PlanInputs:
+    store, info = run.store, run.info
+    nnz = None
+    if info.kind in ("csr", "csc"):
+        nnz = int(store.root[info.elem_path]["data"].shape[0])
+    tracking = run.tracking
+    overwrites = tuple((loc, name, tracking.get(loc, {}).get(name)) for loc, name in run.existing)
+    prev = run.previous_run()
+    prev_summary = None
+    if prev is not None:
+        p = prev.get("params", {})
+        prev_summary = {"run_id": prev.get("run_id"), "timestamp": prev.get("timestamp"),
+                        "condition1": p.get("condition1"), "condition2": p.get("condition2")}
+    return planner.PlanInputs(
+        store_path=store.path, n_obs=store.n_obs, n_vars=store.n_vars, n_selected=len(run.selected),
+        n1=int(run.mask1.sum()), n2=int(run.mask2.sum()), n_pred=int(run.filter_mask.sum()),
+        d=int(run.X_raw.shape[1]), m=run.n_landmarks, n_null=run.n_null, layer=run.layer,
+        layer_kind=info.kind, layer_itemsize=int(np.dtype(info.dtype).itemsize),
+        layer_chunks=tuple(info.chunks) if info.chunks else None, layer_nnz=nnz,
+        store_layers=run.storage.store_layers, layer_dtype=run.storage.layer_dtype, dtype=run.compute.dtype,
+        ls_given=run.gp.ls is not None, landmarks_given=run.gp.landmarks is not None,
+        obs_bytes=int(store.obs.memory_usage(deep=True).sum()), var_bytes=int(store.var.memory_usage(deep=True).sum()),
+        fields=tuple((r, runs.FIELD_LOCATIONS[r], run.names[r]) for r in run.roles),
+        overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory,
+        overwrite=run.storage.overwrite,
+    )
+
+
+def _make_plan(run: _Run, client: Client, *, timed: bool) -> planner.ResourcePlan:
+    from .cluster import is_embedded
+
+    inp = _plan_inputs(run)
+    embedded = is_embedded(client)
+    res = planner.resources_from_client(client, run.store.path, embedded=embedded)
+    kc = planner.kernel_chunk_for(inp.m)
+    hint = (inp.layer_chunks[0] if inp.layer_chunks else 1024, inp.layer_chunks[1] if inp.layer_chunks else 256, kc)
+    reader = run.store.tile_reader(run.info) if timed else None
+    cal = planner.calibrate(client, inp, hint, reader, timed=timed)
+    c = run.compute
+
+    def counter(ch: planner.Choice) -> dict[str, int]:
+        lay = engine.make_layout(inp.n_obs, inp.n_vars, res.total_threads, cell_chunk=ch.cell_chunk,
+                                 gene_block=ch.gene_block, null_gene_block=ch.null_gene_block,
+                                 kernel_chunk=ch.kernel_chunk)
+        return engine.task_counts(lay, inp.n_vars, run.selected, inp.n_null, inp.n_pred, res.n_workers,
+                                  res.total_threads)
+
+    plan = planner.make_plan(
+        inp, res, cal, cell_chunk=c.cell_chunk, gene_block=c.gene_block, null_gene_block=c.null_gene_block,
+        current_client_rss=int(psutil.Process().memory_info().rss), embedded=embedded, task_counter=counter,
+    )
+    if run.existing and run.storage.overwrite is False:
+        plan.errors.append(planner.Problem(
+            _overwrite_message(run) + " and StorageSettings(overwrite=False) forbids it",
+            ["StorageSettings(result_key=...) with a new name", "StorageSettings(overwrite=True)"]))
+        plan.status = "INFEASIBLE"
+    return plan
+
+
+def _plan_for_run(run: _Run, client: Client, plan: planner.ResourcePlan | None) -> planner.ResourcePlan:
+    """The plan a run executes: the one given (checked against this call), else a new one."""
+    if plan is None:
+        plan = _make_plan(run, client, timed=False)
+    else:
+        mine = _plan_inputs(run).fingerprint()
+        theirs = plan.inputs.fingerprint()
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        if diff:
+            shown = ", ".join(f"{k}: planned {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"plan= was made for a different run ({shown}); make a new plan with kompot_dask.plan(...) "
+                "for these arguments, or leave plan= out to let de() plan by itself"
+            )
+        res = planner.resources_from_client(client, run.store.path, embedded=False)
+        if res.total_threads != plan.resources.total_threads or res.memory_limit < plan.resources.memory_limit:
+            logger.warning(
+                "The cluster changed since planning (%d×%d threads, %s per worker; planned for %d×%d, %s); "
+                "running the planned layout", res.n_workers, res.threads_per_worker, planner.fmt_bytes(res.memory_limit),
+                plan.resources.n_workers, plan.resources.threads_per_worker,
+                planner.fmt_bytes(plan.resources.memory_limit),
+            )
+    if not plan.feasible:
+        raise planner.InfeasiblePlanError(plan)
+    for w in plan.warnings:
+        if not w.startswith("Results already exist"):
+            logger.warning("Plan: %s", w)
+    logger.info(
+        "Plan: cell_chunk=%d, gene_block=%d, null_gene_block=%d, %d tasks; predicted peak %s per worker%s",
+        plan.cell_chunk, plan.gene_block, plan.null_gene_block, plan.n_tasks,
+        planner.fmt_bytes(plan.peak_worker_bytes),
+        f", ~{planner.fmt_seconds(plan.wall_seconds)}" if plan.wall_seconds is not None else "",
+    )
+    return plan
+
+
+def _layout_of(plan: planner.ResourcePlan, store: Store, client: Client) -> engine.Layout:
+    threads = plan.resources.total_threads
+    return engine.make_layout(store.n_obs, store.n_vars, threads, cell_chunk=plan.cell_chunk,
+                              gene_block=plan.gene_block, null_gene_block=plan.null_gene_block,
+                              kernel_chunk=plan.kernel_chunk)

@@ -98,43 +98,49 @@ class BlockContext:
     staged: dict[str, str] = field(default_factory=dict)  # role -> elem path
 
 
-def choose_layout(
-    info: LayerInfo, n_obs: int, n_vars: int, n_stacked: int, m: int, n_threads: int,
-    cell_chunk: int | None, gene_block: int | None, null_gene_block: int | None,
-) -> Layout:
-    """Chunk sizes that keep every task's working set at a few hundred MB.
-
-    Rows follow the store's chunking when it is dense; gene blocks are multiples of the
-    store's column chunk so a block reads whole chunks; the kernel chunk bounds the
-    m × rows kernel block to ~64 MB.
-    """
-    kernel_chunk = int(max(128, min(2048, 8_000_000 // max(m, 1))))
-    if cell_chunk is None:
-        if info.kind == "dense" and info.chunks is not None:
-            base = info.chunks[0]
-            cell_chunk = base * max(1, 8192 // base)
-        else:
-            cell_chunk = 8192
+def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gene_block: int,
+                null_gene_block: int, kernel_chunk: int) -> Layout:
+    """The engine's cut of the work for the chunk sizes a plan chose."""
     cell_chunk = int(min(cell_chunk, n_obs))
-    if gene_block is None:
-        gene_block = 256
-        if info.kind == "dense" and info.chunks is not None:
-            c = info.chunks[1]
-            gene_block = c * max(1, 256 // c)
     gene_block = int(min(gene_block, n_vars))
-    if null_gene_block is None:
-        # Each null column spans every cell of both conditions (float32 read + 2 × float64).
-        null_gene_block = int(max(8, min(gene_block, 160_000_000 // max(1, 20 * n_stacked))))
     row_ranges = tuple((r, min(r + cell_chunk, n_obs)) for r in range(0, n_obs, cell_chunk))
     return Layout(
         row_chunk=cell_chunk,
-        kernel_chunk=kernel_chunk,
+        kernel_chunk=int(kernel_chunk),
         gene_block=gene_block,
         null_gene_block=int(null_gene_block),
         row_ranges=row_ranges,
         n_real_blocks=math.ceil(n_vars / gene_block),
         n_std_tasks=max(1, min(len(row_ranges), 4 * n_threads)),
     )
+
+
+def _fit_parts(n_workers: int) -> int:
+    return max(1, n_workers // 2)
+
+
+def _real_blocks(layout: Layout, n_vars: int, selected: np.ndarray) -> list[dict]:
+    """Fixed column ranges of the store, only the selected genes inside; empty ones skipped."""
+    sel_mask = np.zeros(n_vars, dtype=bool)
+    sel_mask[selected] = True
+    blocks = []
+    for j in range(layout.n_real_blocks):
+        c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
+        local = np.flatnonzero(sel_mask[c0:c1])
+        if len(local):
+            blocks.append({"index": j, "c0": c0, "c1": c1, "local": local, "fail": _FAIL_BLOCK_FOR_TESTS == j})
+    return blocks
+
+
+def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
+                n_workers: int, n_threads: int) -> dict[str, int]:
+    """How many tasks :func:`run_engine` submits for this layout (the planner reports these)."""
+    return {
+        "fit tasks": 2 * _fit_parts(n_workers) + n_threads + 6,
+        "gene blocks": len(_real_blocks(layout, n_vars, selected)),
+        "null-gene blocks": math.ceil(n_null / layout.null_gene_block) if n_null else 0,
+        "std tasks": min(layout.n_std_tasks, n_pred),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -396,9 +402,7 @@ def run_engine(
     layer_names: dict[str, str] | None,
     layer_dtype: str,
     dtype: str,
-    cell_chunk: int | None,
-    gene_block: int | None,
-    null_gene_block: int | None,
+    layout: Layout,
     progress: bool,
 ) -> EngineResult:
     """Run the distributed part of a DE run. Staged layers are discarded on failure."""
@@ -408,20 +412,7 @@ def run_engine(
     workers = client.scheduler_info(n_workers=-1)["workers"]
     n_workers = max(1, len(workers))
     n_threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-    layout = choose_layout(
-        info, n_obs, n_vars, len(rows1) + len(rows2), Z.shape[0], n_threads,
-        cell_chunk, gene_block, null_gene_block,
-    )
-    # Real-gene blocks: fixed column ranges of the store, only selected genes inside.
-    sel_mask = np.zeros(n_vars, dtype=bool)
-    sel_mask[selected] = True
-    real_blocks = []
-    for j in range(layout.n_real_blocks):
-        c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
-        local = np.flatnonzero(sel_mask[c0:c1])
-        if len(local):
-            real_blocks.append({"index": j, "c0": c0, "c1": c1, "local": local,
-                                "fail": _FAIL_BLOCK_FOR_TESTS == j})
+    real_blocks = _real_blocks(layout, n_vars, selected)
     # Null blocks: nulls sorted by source column so each block reads a narrow column range.
     order = np.argsort(null_sources, kind="stable")
     null_blocks = []
@@ -448,7 +439,7 @@ def run_engine(
         kc = layout.kernel_chunk
 
         logger.info("Fitting expression estimator for condition 1...")
-        parts = max(1, n_workers // 2)
+        parts = _fit_parts(n_workers)
         s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(rows1, parts)]
         logger.info("Fitting expression estimator for condition 2...")
