@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -310,7 +310,7 @@ def _task_bytes(inp: PlanInputs, ch: Choice) -> dict[str, int]:
     n12 = inp.n1 + inp.n2
     # source columns of both conditions, their permuted copies, one tile, projections
     null = 2 * n12 * nb * bt + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8
-    std = 4 * m * kc * 8 + 2 * kc * 8
+    std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     return {"real_block": int(real), "null_block": int(null), "std": int(std)}
 
 
@@ -362,7 +362,8 @@ def prep_memory(inp: PlanInputs, n_workers: int, nn_compiled: bool, embedded: bo
         nn = 0  # already in the first worker's resident memory
     if n_workers > 1:
         return {"first worker (length scale)": nn, "second worker (k-means)": km}
-    return {"first worker (length scale)": nn + km}
+    # One worker runs both, concurrently; k-means' buffers are gone before the engine starts.
+    return {"first worker (length scale)": nn, "first worker (k-means, before the engine)": km}
 
 
 def estimate_worker_memory(inp: PlanInputs, ch: Choice, threads: int, base_rss: int,
@@ -376,8 +377,10 @@ def estimate_worker_memory(inp: PlanInputs, ch: Choice, threads: int, base_rss: 
     run_part = _JIT_OVERHEAD + int(_SLACK * max(steady, factor))
     prep = prep or {}
     first = prep.get("first worker (length scale)", 0)
-    second = prep.get("second worker (k-means)", 0)
-    peak = base_rss + max(first + run_part, max(second, run_part))
+    if "second worker (k-means)" in prep:
+        peak = base_rss + max(first + run_part, max(prep["second worker (k-means)"], run_part))
+    else:  # one worker: k-means ends before the engine starts, the search's code stays
+        peak = base_rss + first + max(run_part, prep.get("first worker (k-means, before the engine)", 0))
     return MemoryEstimate(peak, base_rss, shared, tasks, _factor_phase_bytes(inp), run_part, prep)
 
 
@@ -422,6 +425,18 @@ def choose(inp: PlanInputs, res: ClusterResources, base_rss: int, *, cell_chunk:
                     best = (ch, est)
     ch, est = best
     return ch, est, False
+
+
+def _max_landmarks(inp: PlanInputs, res: ClusterResources, base_rss: int, prep: dict[str, int],
+                   cell_chunk: int | None, gene_block: int | None, null_gene_block: int | None) -> int:
+    """The largest landmark count whose plan fits the budget (0 if none does)."""
+    lo, hi = 0, inp.m
+    while hi - lo > max(1, inp.m // 200):
+        mid = (lo + hi) // 2
+        _, _, ok = choose(replace(inp, m=mid), res, base_rss, cell_chunk=cell_chunk, gene_block=gene_block,
+                          null_gene_block=null_gene_block, prep=prep)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return int(lo // 100 * 100 if lo >= 1000 else lo)
 
 
 def client_peak_bytes(inp: PlanInputs, current_rss: int) -> tuple[int, dict[str, int]]:
@@ -823,15 +838,21 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
             one = (est.worker_peak - (res.threads_per_worker - 1) * max(est.tasks.values())) / MEMORY_FRACTION
             fixes.append(f"1 thread per worker (then ≥ {fmt_bytes(one)} per worker), and more workers")
         factor_share = est.shared["factors C1, C2, R, Lp"]
-        if factor_share > 0.3 * budget:
-            # landmarks whose factors fit next to the rest: 4·m²·8·slack ≤ budget − other
-            other = est.worker_peak - _SLACK * factor_share
-            room = max(0.0, (budget - other) / _SLACK)
-            m_max = int(math.sqrt(room / 32)) if room > 0 else 0
+        if factor_share > 0.2 * budget:
+            m_max = _max_landmarks(inp, res, cal.worker_rss, prep, cell_chunk, gene_block, null_gene_block)
             fixes.append(
-                f"fewer landmarks: GPSettings(n_landmarks={max(m_max, 0):,}) or less (now {m:,}; "
+                f"fewer landmarks: GPSettings(n_landmarks={m_max:,}) or less (now {m:,}; "
                 f"the m × m factors alone take {fmt_bytes(factor_share)} per worker)"
+                if m_max else f"fewer landmarks do not suffice here (now {m:,})"
             )
+        if inp.store_layers and not fits:
+            lazy = estimate_worker_memory(replace(inp, store_layers=False), ch, res.threads_per_worker,
+                                          cal.worker_rss, prep)
+            if lazy.worker_peak < est.worker_peak:
+                fixes.append(
+                    f"StorageSettings(store_layers=False): no imputed/fold-change layers are materialised "
+                    f"(peak {fmt_bytes(lazy.worker_peak)} per worker); per-gene and per-cell results are still written"
+                )
         nn_extra = prep.get("first worker (length scale)", 0)
         if nn_extra and est.worker_peak - nn_extra <= budget:
             fixes.append(
@@ -863,7 +884,7 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
             f"The outputs need {fmt_bytes(new_bytes)} of disk; {fmt_bytes(res.disk_free)} is free at {res.disk_path}",
             [f"free {fmt_bytes(new_bytes - res.disk_free)} more disk",
              f"StorageSettings(store_layers=False) writes no layers (saves {fmt_bytes(layer_bytes)}); "
-             "imputed values can be recomputed lazily later",
+             "the per-gene and per-cell results are still written",
              "StorageSettings(layer_dtype='float32') halves the layers" if inp.layer_dtype == "float64" else
              "kompot_dask.cleanup() of earlier runs' layers"]))
     elif new_bytes > 0.8 * res.disk_free:

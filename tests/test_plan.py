@@ -145,10 +145,13 @@ def test_plan__infeasible_is_refused_with_reasons_and_store_unchanged(tmp_path):
         text = str(plan)
         assert "INFEASIBLE" in text and "Errors:" in text
         fixes = " ".join(f for e in plan.errors for f in e.fixes)
-        assert "memory_limit ≥" in fixes and "n_landmarks=" in fixes
+        # The worker at rest (~400 MB) already exceeds the 120 MB budget: more memory is
+        # the fix, and the plan says fewer landmarks would not be enough.
+        assert "memory_limit ≥" in fixes and "fewer landmarks do not suffice" in fixes
+        assert "factors C1, C2, R, Lp (5000, 5000): 762.94 MiB" in text
         with pytest.raises(kd.InfeasiblePlanError, match="does not fit this cluster") as err:
             kd.de(path, **args, client=c, plan=plan)
-        assert "n_landmarks=" in str(err.value)
+        assert "memory_limit ≥" in str(err.value)
         # Without a plan, de() plans by itself and refuses as well.
         with pytest.raises(kd.InfeasiblePlanError):
             kd.de(path, **args, client=c)
@@ -190,3 +193,80 @@ def test_in_memory__second_run_continues_history_and_sees_layers(client, caplog)
     plan = kd.plan(adata, **ARGS, **FAST, client=client)
     flagged = {f["name"] for f in plan.output_fields if f["overwrites"]}
     assert "kompot_de_Young_imputed" in flagged and plan.inputs.in_memory
+
+
+# ---- the planner's decisions as pure functions (no cluster) ------------------------------
+
+def _inputs(**kw):
+    from kompot_dask.planner import PlanInputs
+
+    base = dict(store_path="/tmp/x.zarr", n_obs=100_000, n_vars=2000, n_selected=2000, n1=50_000, n2=50_000,
+                n_pred=100_000, d=20, m=2000, n_null=2000, layer="logged_counts", layer_kind="dense",
+                layer_itemsize=4, layer_chunks=(4096, 256), layer_nnz=None, store_layers=True,
+                layer_dtype="float32", dtype="float64", ls_given=True, landmarks_given=False, obs_bytes=0,
+                var_bytes=0, fields=(("imputed1", "layers", "a"), ("imputed2", "layers", "b"),
+                                     ("fold_change", "layers", "c"), ("mahalanobis", "var", "d")),
+                overwrites=())
+    base.update(kw)
+    return PlanInputs(**base)
+
+
+def _resources(memory_gib: float, workers: int = 2, threads: int = 1, disk_gib: float = 100.0):
+    from kompot_dask.planner import ClusterResources
+
+    return ClusterResources(source="test", n_workers=workers, threads_per_worker=threads,
+                            memory_limit=int(memory_gib * 2**30), memory_limit_set=True,
+                            host_memory_total=64 * 2**30, host_memory_available=32 * 2**30,
+                            disk_path="/tmp", disk_free=int(disk_gib * 2**30))
+
+
+def _plan(inp, res):
+    from kompot_dask import engine
+    from kompot_dask.planner import Calibration, make_plan
+
+    cal = Calibration(worker_rss=400 * 2**20)
+
+    def counter(ch):
+        lay = engine.make_layout(inp.n_obs, inp.n_vars, res.total_threads, cell_chunk=ch.cell_chunk,
+                                 gene_block=ch.gene_block, null_gene_block=ch.null_gene_block,
+                                 kernel_chunk=ch.kernel_chunk)
+        import numpy as np
+
+        return engine.task_counts(lay, inp.n_vars, np.arange(inp.n_selected), inp.n_null, inp.n_pred,
+                                  res.n_workers, res.total_threads)
+
+    return make_plan(inp, res, cal, cell_chunk=None, gene_block=None, null_gene_block=None,
+                     current_client_rss=300 * 2**20, embedded=False, task_counter=counter)
+
+
+def test_planner__peak_stays_under_the_budget_and_shrinks_with_memory():
+    roomy = _plan(_inputs(), _resources(8))
+    tight = _plan(_inputs(), _resources(1.2))
+    assert roomy.status == "FEASIBLE" and tight.feasible
+    for p in (roomy, tight):
+        assert p.peak_worker_bytes <= 0.6 * p.resources.memory_limit
+    assert tight.null_gene_block < roomy.null_gene_block or tight.cell_chunk < roomy.cell_chunk
+    assert tight.n_tasks > roomy.n_tasks
+    # Memory is set by chunk sizes, not data size: 10× the cells adds only the n × d embedding
+    # and the null columns (which the planner then cuts smaller).
+    big = _plan(_inputs(n_obs=1_000_000, n1=500_000, n2=500_000, n_pred=1_000_000), _resources(8))
+    assert big.feasible and big.peak_worker_bytes <= 0.6 * 8 * 2**30
+
+
+def test_planner__disk_shortage_is_infeasible_with_figures():
+    plan = _plan(_inputs(), _resources(8, disk_gib=0.5))
+    assert plan.status == "INFEASIBLE"
+    (err,) = plan.errors
+    assert "of disk" in err.message
+    assert any("store_layers=False" in f and "saves" in f for f in err.fixes)
+    assert "free" in err.fixes[0] and "GiB more disk" in err.fixes[0]
+
+
+def test_planner__factors_too_large_suggests_fewer_landmarks():
+    plan = _plan(_inputs(m=20_000), _resources(4))
+    assert plan.status == "INFEASIBLE"
+    fixes = " ".join(plan.errors[0].fixes)
+    m_fix = int(fixes.split("n_landmarks=")[1].split(")")[0].replace(",", ""))
+    assert 1000 < m_fix < 20_000
+    again = _plan(_inputs(m=m_fix), _resources(4))
+    assert again.feasible, str(again)
