@@ -587,6 +587,7 @@ def _make_plan(run: _Run, client: Client, *, timed: bool) -> planner.ResourcePla
     plan = planner.make_plan(
         inp, res, cal, cell_chunk=c.cell_chunk, gene_block=c.gene_block, null_gene_block=c.null_gene_block,
         current_client_rss=int(psutil.Process().memory_info().rss), embedded=embedded, task_counter=counter,
+        max_task_bytes=c.max_task_bytes,
     )
     if run.existing and run.storage.overwrite is False:
         plan.errors.append(planner.Problem(

@@ -390,7 +390,8 @@ _SLACK = 1.0
 
 def choose(inp: PlanInputs, res: ClusterResources, base_rss: int, *, cell_chunk: int | None,
            gene_block: int | None, null_gene_block: int | None,
-           prep: dict[str, int] | None = None) -> tuple[Choice, MemoryEstimate, bool]:
+           prep: dict[str, int] | None = None,
+           max_task_bytes: int | None = None) -> tuple[Choice, MemoryEstimate, bool]:
     """The largest layout under the memory budget (user-given sizes are kept as given).
 
     Returns the choice, its estimate and whether it fits the budget.
@@ -420,7 +421,8 @@ def choose(inp: PlanInputs, res: ClusterResources, base_rss: int, *, cell_chunk:
                 for nb in nb_opts:
                     ch = Choice(int(c), int(g), int(nb), int(k))
                     est = estimate_worker_memory(inp, ch, res.threads_per_worker, base_rss, prep)
-                    if est.worker_peak <= budget:
+                    if est.worker_peak <= budget and (max_task_bytes is None
+                                                      or max(est.tasks.values()) <= max_task_bytes):
                         return ch, est, True
                     best = (ch, est)
     ch, est = best
@@ -757,12 +759,12 @@ _ENGINE_EFFICIENCY = 1.5
 
 def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_chunk: int | None,
               gene_block: int | None, null_gene_block: int | None, current_client_rss: int,
-              embedded: bool, task_counter) -> ResourcePlan:
+              embedded: bool, task_counter, max_task_bytes: int | None = None) -> ResourcePlan:
     """Decide the layout and predict memory, disk and time. ``task_counter(choice)`` returns
     the engine's task counts for a layout (the engine's own arithmetic)."""
     prep = prep_memory(inp, res.n_workers, cal.nn_compiled, embedded)
     ch, est, fits = choose(inp, res, cal.worker_rss, cell_chunk=cell_chunk, gene_block=gene_block,
-                           null_gene_block=null_gene_block, prep=prep)
+                           null_gene_block=null_gene_block, prep=prep, max_task_bytes=max_task_bytes)
     counts = task_counter(ch)
     n_tasks = int(sum(counts.values()))
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
@@ -828,7 +830,12 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
                         f"= {fmt_bytes(res.memory_limit)}")
     if cell_chunk or gene_block or null_gene_block:
         info.append("Sizes given in ComputeSettings were kept as given")
-    if not fits:
+    if not fits and est.worker_peak <= budget:
+        errors.append(Problem(
+            f"No layout keeps one task under ComputeSettings(max_task_bytes={max_task_bytes:,}); the smallest "
+            f"tried needs {fmt_bytes(max(est.tasks.values()))}",
+            [f"max_task_bytes ≥ {max(est.tasks.values()):,}", "max_task_bytes=None (the memory budget still applies)"]))
+    elif not fits:
         fixed = est.worker_peak - res.threads_per_worker * max(est.tasks.values())
         need = est.worker_peak / MEMORY_FRACTION
         fixes = [

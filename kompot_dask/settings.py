@@ -269,6 +269,9 @@ class ComputeSettings(_Settings):
         worker process with one thread per core: the m × m factors are then held once
         per machine instead of once per process (measured at m = 5000: 1.67 GiB peak
         with 1 × 2 against 2.88 GiB with 2 × 1 on 2 cores, for 15 % more wall time).
+    max_task_bytes
+        Upper bound on one task's working set (bytes), on top of the planner's own rule
+        (peak × threads ≤ 60 % of the worker memory limit); ``None`` for no extra bound.
     dtype
         Precision of the bulk tile arithmetic (cells × genes projections and predictions):
         ``"float64"`` (parity with kompot) or ``"float32"`` (faster GEMMs). The m × m

@@ -220,7 +220,7 @@ def _resources(memory_gib: float, workers: int = 2, threads: int = 1, disk_gib: 
                             disk_path="/tmp", disk_free=int(disk_gib * 2**30))
 
 
-def _plan(inp, res):
+def _plan(inp, res, max_task_bytes=None):
     from kompot_dask import engine
     from kompot_dask.planner import Calibration, make_plan
 
@@ -236,7 +236,8 @@ def _plan(inp, res):
                                   res.n_workers, res.total_threads)
 
     return make_plan(inp, res, cal, cell_chunk=None, gene_block=None, null_gene_block=None,
-                     current_client_rss=300 * 2**20, embedded=False, task_counter=counter)
+                     current_client_rss=300 * 2**20, embedded=False, task_counter=counter,
+                     max_task_bytes=max_task_bytes)
 
 
 def test_planner__peak_stays_under_the_budget_and_shrinks_with_memory():
@@ -270,3 +271,13 @@ def test_planner__factors_too_large_suggests_fewer_landmarks():
     assert 1000 < m_fix < 20_000
     again = _plan(_inputs(m=m_fix), _resources(4))
     assert again.feasible, str(again)
+
+
+def test_planner__max_task_bytes_bounds_every_task():
+    free = _plan(_inputs(), _resources(8))
+    capped = _plan(_inputs(), _resources(8), max_task_bytes=64 * 2**20)
+    assert capped.feasible and capped.n_tasks > free.n_tasks
+    per_thread = [a["bytes"] for a in capped.memory_allocations if a["where"] == "per thread"]
+    assert max(per_thread) <= 64 * 2**20 < max(a["bytes"] for a in free.memory_allocations if a["where"] == "per thread")
+    impossible = _plan(_inputs(), _resources(8), max_task_bytes=1000)
+    assert impossible.status == "INFEASIBLE" and "max_task_bytes" in impossible.errors[0].message
