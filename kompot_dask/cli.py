@@ -43,6 +43,9 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca-file", default=None, help="CA certificate for TLS to the scheduler")
     g.add_argument("--tls-cert", default=None, help="client certificate (PEM) for TLS")
     g.add_argument("--tls-key", default=None, help="client private key (PEM) for TLS")
+    g.add_argument("--wait-for-workers", type=int, default=None, metavar="N",
+                   help="wait until N workers have joined the scheduler (batch jobs whose workers queue)")
+    g.add_argument("--wait-timeout", type=float, default=1800, help="seconds to wait for them (default 1800)")
     g.add_argument("--n-workers", type=int, default=None, help="embedded LocalCluster: worker processes")
     g.add_argument("--threads-per-worker", type=int, default=None, help="embedded LocalCluster: threads per worker")
     g.add_argument("--memory-limit", default=None, help="embedded LocalCluster: memory limit per worker, e.g. 8GiB")
@@ -189,6 +192,8 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     if any(tls) and not all(tls):
         raise CLIError("--tls-ca-file, --tls-cert and --tls-key go together; pass all three")
     if address is None and args.scheduler_file is None:
+        if args.wait_for_workers:
+            raise CLIError("--wait-for-workers needs --scheduler or --scheduler-file")
         if any(tls):
             raise CLIError("TLS options need --scheduler tls://HOST:PORT (the embedded cluster runs on 127.0.0.1)")
         yield None
@@ -213,6 +218,15 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     except OSError as exc:
         raise ConnectionError(f"cannot reach the Dask scheduler at {address or args.scheduler_file}: {exc}") from None
     with client:
+        if args.wait_for_workers:
+            logger.info("Waiting for %d workers (up to %.0f s)...", args.wait_for_workers, args.wait_timeout)
+            try:
+                client.wait_for_workers(args.wait_for_workers, timeout=args.wait_timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"only {len(client.scheduler_info(n_workers=-1)['workers'])} of {args.wait_for_workers} workers "
+                    f"joined {client.scheduler.address} within {args.wait_timeout:.0f} s (--wait-timeout)"
+                ) from None
         logger.info("Connected to %s (%d workers); dashboard: %s", client.scheduler.address,
                     len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)
         yield client

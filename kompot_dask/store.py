@@ -39,6 +39,13 @@ def _local_path(path: str | os.PathLike) -> str:
     p = os.fspath(path)
     if p.startswith("file://"):
         p = p[len("file://") :]
+    elif "://" in p:
+        scheme = p.split("://", 1)[0]
+        raise StoreError(
+            f"store URL {p!r}: {scheme}:// stores are not supported yet — results are committed by "
+            "renaming staged arrays, which object stores cannot do atomically. Put the store on a "
+            "shared file system (or mount the bucket with a POSIX layer) and pass its path or a file:// URL."
+        )
     return os.path.abspath(p)
 
 

@@ -254,3 +254,9 @@ def test_cli__real_scheduler_and_workers_equal_the_embedded_cluster(tmp_path, co
     la = zarr.open_group(str(a), mode="r")["layers"]["kompot_de_Young_to_Old_fold_change"][...]
     lc = zarr.open_group(str(c), mode="r")["layers"]["kompot_de_Young_to_Old_fold_change"][...]
     np.testing.assert_array_equal(lc, la)
+
+
+def test_cli__object_store_urls_are_refused_clearly(config, capsys):
+    rc, _, err = run_cli(capsys, "de", "s3://bucket/atlas.zarr", "--config", config, "--condition1", "Young",
+                         "--condition2", "Old")
+    assert rc == 2 and "s3:// stores are not supported yet" in err and err.count("\n") == 1
