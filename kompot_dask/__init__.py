@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging as _logging
 
+from . import plot
 from .analysis import de, plan
 from .cleanup import cleanup
 from .ingest import ingest
@@ -33,6 +34,7 @@ __all__ = [
     "RunInfo",
     "cleanup",
     "get_run_fields",
+    "plot",
     "GPSettings",
     "FDRSettings",
     "FilterSettings",

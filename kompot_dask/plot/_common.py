@@ -1,0 +1,387 @@
+"""What every plot shares: opening the data, reading columns and group means without
+loading a layer, resolving run fields, colour limits, and finishing a figure.
+
+A plot never holds a cells × genes element: it reads the columns of the genes it shows,
+a block of cells at a time, through the store's :class:`~kompot_dask.store.TileReader`
+(or the same interface over an in-memory AnnData's matrix).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..runs import RunFields, get_run_fields
+from ..store import LayerInfo, Store, StoreHandle, TileReader
+
+logger = logging.getLogger("kompot_dask")
+
+DATA_ATTRIBUTE = "kompot_data"
+"""Name of the dict that every plot attaches to the Figure it returns (see each plot's
+Returns section for its keys)."""
+
+_DENSE_BLOCK_ROWS = 65_536
+"""Cells per read of a dense layer (rounded to whole on-disk chunks)."""
+_SPARSE_BLOCK_NNZ = 8_000_000
+"""Stored values per read of a CSR layer (a row block reads every gene of its rows)."""
+
+
+# ---- the data a plot reads ------------------------------------------------------------
+
+
+class _MatrixReader:
+    """The TileReader interface over an in-memory matrix (dense, sparse or dask)."""
+
+    def __init__(self, matrix: Any):
+        self.matrix = matrix
+
+    def read(self, r0: int, r1: int, cols: np.ndarray) -> np.ndarray:
+        block = self.matrix[r0:r1]
+        if sp.issparse(block):
+            return np.asarray(block.tocsc()[:, cols].toarray())
+        if hasattr(block, "compute"):
+            block = block[:, cols].compute()
+            return np.asarray(block.toarray() if sp.issparse(block) else block)
+        return np.asarray(block[:, cols])
+
+
+class PlotData:
+    """obs, var and readers of one dataset: a zarr store (obs/var in memory, layers on
+    disk) or an in-memory AnnData."""
+
+    def __init__(self, data: Any):
+        import anndata as ad
+
+        self.adata: Any = None
+        self.store: Store | None = None
+        if isinstance(data, ad.AnnData):
+            self.adata = data
+        elif isinstance(data, Store):
+            self.store = data
+        elif isinstance(data, StoreHandle):
+            self.store = Store(data.path)
+        elif isinstance(data, str | os.PathLike):
+            self.store = Store(data)
+        else:
+            raise TypeError(
+                f"data must be a zarr store path (or file:// URL), a kompot_dask Store or an "
+                f"anndata.AnnData; got {type(data).__name__}. Pass e.g. 'data.zarr'."
+            )
+
+    @property
+    def source(self) -> Any:
+        """What :func:`~kompot_dask.runs.get_run_fields` reads the run history from."""
+        return self.store if self.store is not None else self.adata
+
+    @property
+    def label(self) -> str:
+        return f"the store {self.store.path}" if self.store is not None else "the AnnData"
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        return self.store.obs if self.store is not None else self.adata.obs
+
+    @property
+    def var(self) -> pd.DataFrame:
+        return self.store.var if self.store is not None else self.adata.var
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.var.index
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    # -- names ----------------------------------------------------------------------
+
+    def obs_column(self, column: str, what: str = "groupby") -> pd.Series:
+        if column not in self.obs.columns:
+            raise KeyError(
+                f"{what}={column!r} is not an obs column of {self.label}; available columns: "
+                f"{_short_list(self.obs.columns)}. Pass {what}= one of these."
+            )
+        return self.obs[column]
+
+    def var_column(self, column: str, what: str) -> np.ndarray:
+        if column not in self.var.columns:
+            raise KeyError(
+                f"{what}={column!r} is not a var column of {self.label}; available columns: "
+                f"{_short_list(self.var.columns)}. Run kompot_dask.de first or pass {what}= "
+                "an existing column."
+            )
+        return self.var[column].to_numpy()
+
+    def gene_indices(self, genes: Sequence[str], what: str = "genes") -> np.ndarray:
+        """Positions of ``genes`` in var_names; a KeyError names the missing ones."""
+        index = self.var_names
+        pos = index.get_indexer(list(genes))
+        missing = [g for g, p in zip(genes, pos, strict=True) if p < 0]
+        if missing:
+            raise KeyError(
+                f"{what}: {_short_list(missing)} not found in var_names of {self.label} "
+                f"({len(index):,} genes, e.g. {_short_list(index[:5])}). Check the spelling "
+                "or pass names from var_names."
+            )
+        return pos.astype(np.int64)
+
+    def layer_keys(self) -> list[str]:
+        if self.store is not None:
+            return self.store.layer_keys()
+        return sorted(str(k) for k in self.adata.layers.keys())
+
+    def check_layer(self, layer: str | None, what: str = "layer") -> None:
+        if layer is None:
+            if self.store is not None and "X" not in self.store.root:
+                raise KeyError(
+                    f"{what}=None means X, but {self.label} has no X; pass {what}= one of "
+                    f"{self.layer_keys()}."
+                )
+            return
+        if layer not in self.layer_keys():
+            raise KeyError(
+                f"{what}={layer!r} is not a layer of {self.label}; available layers: "
+                f"{self.layer_keys()}. Pass {what}= one of these (None for X)."
+            )
+
+    def embedding(self, basis: str) -> tuple[str, np.ndarray]:
+        """(obsm key, first two columns as float64) of ``basis``; ``"umap"`` finds ``X_umap``."""
+        keys = self.store.obsm_keys() if self.store is not None else sorted(self.adata.obsm.keys())
+        key = basis if basis in keys else f"X_{basis}" if f"X_{basis}" in keys else None
+        if key is None:
+            raise KeyError(
+                f"basis={basis!r} is not in obsm of {self.label}; available: {keys}. Pass "
+                "basis= one of these (e.g. 'X_umap', or 'umap' for 'X_umap')."
+            )
+        value = self.store.read_obsm(key) if self.store is not None else self.adata.obsm[key]
+        if isinstance(value, pd.DataFrame):
+            value = value.to_numpy()
+        value = np.asarray(value.toarray() if sp.issparse(value) else value)
+        if value.ndim != 2 or value.shape[1] < 2:
+            raise ValueError(
+                f"obsm[{key!r}] has shape {value.shape}; an embedding needs at least two "
+                "columns. Pass another basis="
+            )
+        return key, value[:, :2].astype(np.float64)
+
+    # -- reading expression -----------------------------------------------------------
+
+    def reader(self, layer: str | None) -> tuple[Any, list[tuple[int, int]]]:
+        """A reader of ``layer`` and the cell blocks to read it in."""
+        self.check_layer(layer)
+        if self.store is not None:
+            info = self.store.layer_info(layer)
+            return self.store.tile_reader(info), _row_blocks(self.store, info)
+        matrix = self.adata.X if layer is None else self.adata.layers[layer]
+        n = matrix.shape[0]
+        step = _DENSE_BLOCK_ROWS
+        return _MatrixReader(matrix), [(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
+
+    def read_columns(self, layer: str | None, cols: Sequence[int]) -> np.ndarray:
+        """Dense (cells × len(cols)) float64 of the given gene columns, read block by block."""
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        reader, blocks = self.reader(layer)
+        out = np.empty((self.n_obs, len(cols)), dtype=np.float64)
+        for r0, r1 in blocks:
+            out[r0:r1, order] = reader.read(r0, r1, cols[order])
+        return out
+
+    def group_sums(self, layer: str | None, cols: Sequence[int], codes: np.ndarray, n_codes: int,
+                   client: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-code sums and counts of finite values, (n_codes × len(cols)) each.
+
+        ``codes`` gives each cell's group (``-1``: left out). On a store this is a Dask
+        reduction, one task per cell block reading only ``cols``, on ``client`` or the
+        current client if any, else on the threaded scheduler.
+        """
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        sorted_cols = cols[order]
+        reader, blocks = self.reader(layer)
+        blocks = [(r0, r1) for r0, r1 in blocks if np.any(codes[r0:r1] >= 0)]
+        if self.store is None:  # in memory: nothing to ship anywhere
+            parts = [_block_sums(reader, r0, r1, sorted_cols, codes[r0:r1], n_codes) for r0, r1 in blocks]
+        else:
+            parts = _compute_blocks(reader, blocks, sorted_cols, codes, n_codes, client)
+        sums = np.zeros((n_codes, len(cols)))
+        counts = np.zeros((n_codes, len(cols)))
+        for s, c in parts:
+            sums += s
+            counts += c
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return sums[:, inverse], counts[:, inverse]
+
+
+def _row_blocks(store: Store, info: LayerInfo) -> list[tuple[int, int]]:
+    n = info.shape[0]
+    if info.kind == "csc":  # a CSC read takes its columns over every cell at once
+        return [(0, n)]
+    if info.kind == "csr":
+        nnz = int(store.root[info.elem_path]["indptr"][-1])
+        step = max(256, int(_SPARSE_BLOCK_NNZ / max(nnz / max(n, 1), 1.0)))
+    else:
+        chunk = info.chunks[0] if info.chunks else n
+        step = max(chunk, (_DENSE_BLOCK_ROWS // chunk) * chunk)
+    return [(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
+
+
+def _block_sums(reader: Any, r0: int, r1: int, cols: np.ndarray, codes: np.ndarray,
+                n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    tile = np.asarray(reader.read(r0, r1, cols), dtype=np.float64)
+    keep = codes >= 0
+    tile, codes = tile[keep], codes[keep]
+    finite = np.isfinite(tile)
+    indicator = sp.csr_matrix(
+        (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_codes, len(codes))
+    )
+    return (np.asarray(indicator @ np.where(finite, tile, 0.0)),
+            np.asarray(indicator @ finite.astype(np.float64)))
+
+
+def current_client(client: Any = None) -> Any:
+    """``client``, else the current distributed client, else ``None``."""
+    if client is not None:
+        return client
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _compute_blocks(reader: TileReader, blocks: list[tuple[int, int]], cols: np.ndarray,
+                    codes: np.ndarray, n_codes: int, client: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    import dask
+
+    tasks = [dask.delayed(_block_sums, pure=False)(reader, r0, r1, cols, codes[r0:r1], n_codes)
+             for r0, r1 in blocks]
+    client = current_client(client)
+    if client is not None:
+        return list(client.gather(client.compute(tasks)))
+    return list(dask.compute(*tasks, scheduler="threads"))
+
+
+# ---- run fields ---------------------------------------------------------------------
+
+
+def run_fields(data: PlotData, run_id: int, roles: Sequence[str]) -> RunFields:
+    """The run's field names for ``roles``, logged the way kompot's plots log them."""
+    fields = get_run_fields(data.source, run_id, roles=roles)
+    for role in roles:
+        logger.info("Found %s_key=%r from run info", role, fields[role])
+    if roles:
+        logger.info("Successfully inferred fields: %s", {f"{r}_key": fields[r] for r in roles})
+    return fields
+
+
+def describe_run(fields: RunFields, purpose: str | None = None) -> None:
+    if purpose:
+        logger.info("Using DE run %d for %s.", fields.run_id, purpose)
+    else:
+        logger.info("Using DE run %d: comparing %s to %s", fields.run_id, fields.condition1,
+                    fields.condition2)
+
+
+# ---- colour limits and figures ------------------------------------------------------
+
+_PERCENTILE = re.compile(r"^p(\d+(?:\.\d+)?)$")
+
+
+def resolve_limit(value: float | str | None, values: Iterable[float] | np.ndarray,
+                  name: str) -> float | None:
+    """``vmin``/``vmax``: a number, ``None``, or ``"pNN"`` — the NNth percentile
+    (``np.percentile``) of the finite plotted values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = _PERCENTILE.match(value)
+        if match is None or not 0 <= float(match.group(1)) <= 100:
+            raise ValueError(
+                f"{name}={value!r} is not understood; pass a number, None, or a percentile "
+                "string 'pNN' with 0 <= NN <= 100 (e.g. 'p99')."
+            )
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        arr = arr[np.isfinite(arr)]
+        if arr.size == 0:
+            return None
+        return float(np.percentile(arr, float(match.group(1))))
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"{name}={value!r} must be a number, None or a 'pNN' string")
+    return float(value)
+
+
+def finish(fig: Any, data: dict[str, Any], save: str | os.PathLike | None) -> Any:
+    """Attach ``data`` as ``fig.kompot_data`` and save the figure when asked."""
+    setattr(fig, DATA_ATTRIBUTE, data)
+    if save is not None:
+        fig.savefig(os.fspath(save), bbox_inches="tight")
+        logger.info("Saved figure to %s", os.fspath(save))
+    return fig
+
+
+def new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+def default_point_size(n: int) -> float:
+    """Marker area that keeps large embeddings readable (scanpy's 120,000 / n, capped)."""
+    return float(min(20.0, max(0.2, 120_000 / max(n, 1))))
+
+
+def _short_list(items: Iterable[Any], limit: int = 10) -> str:
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return str(items)
+    return str(items[:limit])[:-1] + f", ... ({len(items)} in all)]"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One ``mgroups`` entry resolved to cells."""
+
+    label: str
+    mask: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.mask.sum())
+
+
+def select_cells(data: PlotData, selection: dict[str, Any]) -> Selection:
+    """Cells matching every ``{obs column: value or list of values}`` of ``selection``."""
+    if not isinstance(selection, dict) or not selection:
+        raise TypeError(
+            f"each mgroups entry must be a non-empty dict {{obs column: value(s)}}, got "
+            f"{selection!r}; e.g. mgroups=[{{'Age': 'Young'}}, {{'Age': 'Old'}}]."
+        )
+    mask = np.ones(data.n_obs, dtype=bool)
+    parts = []
+    for column, wanted in selection.items():
+        series = data.obs_column(column, what="mgroups column")
+        values = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
+        present = set(pd.unique(series.astype(object)))
+        unknown = [v for v in values if v not in present]
+        if unknown:
+            raise ValueError(
+                f"mgroups: value(s) {unknown} not found in obs column {column!r}; its values "
+                f"are {_short_list(sorted(map(str, present)))}."
+            )
+        mask &= series.isin(values).to_numpy()
+        parts.append(f"{column}: {', '.join(map(str, values))}")
+    return Selection("; ".join(parts), mask)

@@ -1,0 +1,336 @@
+"""Heatmap of mean observed expression per (group, condition), from Dask reductions over
+the store: only the plotted genes' columns are read, a block of cells at a time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._common import PlotData, describe_run, finish, new_axes, resolve_limit, run_fields
+
+logger = logging.getLogger("kompot_dask")
+
+_SCALES = ("var", "group", None)
+
+
+def heatmap(
+    data: Any,
+    *,
+    n_top_genes: int = 20,
+    genes: Sequence[str] | None = None,
+    groupby: str | None = None,
+    exclude_groups: str | Sequence[Any] | None = None,
+    standard_scale: str | None = "var",
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    fold_change_mode: bool = False,
+    run_id: int = -1,
+    score_key: str | None = None,
+    condition_column: str | None = None,
+    condition1: Any = None,
+    condition2: Any = None,
+    layer: str | None = None,
+    cmap: str | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    ax: Any = None,
+    save: str | os.PathLike | None = None,
+    client: Any = None,
+) -> Any:
+    """Mean observed expression of genes per group, one tile per (gene, group).
+
+    Each tile is split along its diagonal: the lower-left triangle is the mean in
+    condition1, the upper-right one the mean in condition2. With
+    ``fold_change_mode=True`` each tile is one square holding the difference
+    (condition2 − condition1), the log fold change for log-scale data.
+
+    Parameters
+    ----------
+    data
+        Store path (or ``file://`` URL), :class:`~kompot_dask.store.Store` or AnnData.
+    n_top_genes
+        Without ``genes``: the genes with the largest score (the run's Mahalanobis
+        distance, or ``score_key``), in decreasing order.
+    genes
+        Genes to show, in this order (overrides ``n_top_genes``).
+    groupby
+        obs column of the groups (e.g. cell types); ``None``: all cells as one group.
+    exclude_groups
+        Group(s) to leave out.
+    standard_scale
+        ``"var"``: z-score each gene over all its tiles (every group, both conditions);
+        ``"group"``: z-score each group over all its tiles (every gene, both
+        conditions); ``None``: the means as they are. Ignored, with a warning, in
+        fold-change mode.
+    vmin, vmax
+        Colour limits: numbers, or ``"pNN"`` for the NNth percentile (``np.percentile``)
+        of the plotted tile values. By default the data range (symmetric around 0 for
+        z-scores and fold changes).
+    fold_change_mode
+        Show condition2 − condition1 as one square per tile.
+    run_id
+        Run whose conditions, layer and scores are used (``-1``: the latest).
+    score_key, condition_column, condition1, condition2, layer
+        Overrides of what the run says (var score column, obs condition column, the
+        two conditions, expression layer; ``layer=None`` takes the run's layer).
+    cmap
+        Colormap; default ``"viridis"`` for means, ``"RdBu_r"`` for z-scores and fold
+        changes.
+    title
+        Axes title.
+    figsize
+        Figure size when ``ax`` is not given (default from the number of tiles).
+    ax
+        Axes to draw into.
+    save
+        Path to save the figure to.
+    client
+        Dask client for the group means on a store; by default the current client, else
+        the threaded scheduler.
+
+    Returns
+    -------
+    The matplotlib Figure, with ``fig.kompot_data``: ``genes``, ``groups`` (plotted
+    order), ``condition1``, ``condition2``, ``means`` (``{condition: DataFrame genes ×
+    groups}`` of mean observed expression, NaN where a group has no cells of that
+    condition), ``n_cells`` (DataFrame groups × conditions), ``tiles`` (the plotted
+    values: ``{condition: DataFrame}`` after scaling, or one DataFrame of differences in
+    fold-change mode), ``vmin``, ``vmax`` (resolved), ``standard_scale`` (as applied),
+    ``layer``, ``fold_change_mode``.
+    """
+    if standard_scale not in _SCALES:
+        raise ValueError(f"standard_scale={standard_scale!r} is not supported; pass one of {list(_SCALES)}.")
+    source = PlotData(data)
+    needs_run = (
+        (genes is None and score_key is None) or condition_column is None or condition1 is None
+        or condition2 is None or layer is None
+    )
+    fields = None
+    if needs_run:
+        fields = run_fields(source, run_id, ["mahalanobis"] if genes is None and score_key is None else [])
+        describe_run(fields, "heatmap")
+    score_key = _inferred(score_key, fields and fields.get("mahalanobis"), "score_key") if genes is None else score_key
+    condition_column = _inferred(condition_column, fields and fields.groupby, "condition_column")
+    condition1 = _inferred(condition1, fields and fields.condition1, "condition1")
+    condition2 = _inferred(condition2, fields and fields.condition2, "condition2")
+    layer = _inferred(layer, fields and fields.layer, "layer")
+
+    gene_names = _choose_genes(source, genes, n_top_genes, score_key)
+    cols = source.gene_indices(gene_names, what="genes")
+    mode = "fold change" if fold_change_mode else "split"
+    logger.info("Creating %s heatmap with %d genes/features", mode, len(gene_names))
+    logger.info("Using expression data from layer: %r", layer)
+
+    conditions = source.obs_column(condition_column, what="condition_column")
+    cond_code = np.full(source.n_obs, -1, dtype=np.int64)
+    for k, cond in enumerate((condition1, condition2)):
+        hit = (conditions == cond).to_numpy()
+        if not hit.any():
+            raise ValueError(
+                f"condition {cond!r} has no cells in obs column {condition_column!r} (values: "
+                f"{list(pd.unique(conditions.astype(object)))[:10]}); pass condition1=/condition2=."
+            )
+        cond_code[hit] = k
+    group_names, group_code = _groups(source, groupby, exclude_groups)
+    codes = np.where((cond_code >= 0) & (group_code >= 0), group_code * 2 + cond_code, -1)
+
+    sums, counts = source.group_sums(layer, cols, codes, 2 * len(group_names), client=client)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / counts
+    n_cells = np.bincount(codes[codes >= 0], minlength=2 * len(group_names)).reshape(-1, 2)
+    present = n_cells.sum(axis=1) > 0
+    if not present.any():
+        raise ValueError(
+            f"no cells of {condition1!r} or {condition2!r} are left in any group of "
+            f"{groupby!r} after exclude_groups={exclude_groups!r}."
+        )
+    group_names = [g for g, p in zip(group_names, present, strict=True) if p]
+    mean = mean.reshape(-1, 2, len(cols))[present]  # groups × condition × genes
+    n_cells = n_cells[present]
+    means = {
+        cond: pd.DataFrame(mean[:, k, :].T, index=gene_names, columns=group_names)
+        for k, cond in enumerate((condition1, condition2))
+    }
+
+    applied_scale = standard_scale
+    if fold_change_mode:
+        if standard_scale is not None:
+            logger.warning(
+                "standard_scale=%r is ignored in fold_change_mode: z-scoring would hide the "
+                "size and sign of the fold changes. Pass standard_scale=None to silence this.",
+                standard_scale,
+            )
+        applied_scale = None
+        tiles: Any = means[condition2] - means[condition1]
+        plotted = tiles.to_numpy()
+    else:
+        scaled = _scale(mean, standard_scale)
+        tiles = {cond: pd.DataFrame(scaled[:, k, :].T, index=gene_names, columns=group_names)
+                 for k, cond in enumerate((condition1, condition2))}
+        plotted = np.stack([t.to_numpy() for t in tiles.values()])
+    centred = fold_change_mode or applied_scale is not None
+    lo = resolve_limit(vmin, plotted, "vmin")
+    hi = resolve_limit(vmax, plotted, "vmax")
+    finite = plotted[np.isfinite(plotted)]
+    if finite.size and (lo is None or hi is None):
+        bound = float(np.abs(finite).max()) if centred else None
+        lo = lo if lo is not None else (-bound if centred else float(finite.min()))
+        hi = hi if hi is not None else (bound if centred else float(finite.max()))
+    cmap = cmap or ("RdBu_r" if centred else "viridis")
+
+    n_genes, n_groups = len(gene_names), len(group_names)
+    fig, ax = new_axes(ax, figsize or (max(4.0, 0.5 * n_groups + 3.0), max(3.0, 0.32 * n_genes + 1.8)))
+    if fold_change_mode:
+        mappable = _draw_squares(ax, tiles.to_numpy(), cmap, _norm(lo, hi, True))
+        label = f"{condition2} − {condition1}"
+    else:
+        mappable = _draw_split(ax, tiles[condition1].to_numpy(), tiles[condition2].to_numpy(), cmap,
+                               _norm(lo, hi, centred))
+        label = {"var": "z-score per gene", "group": "z-score per group", None: "mean expression"}[applied_scale]
+        _split_legend(ax, condition1, condition2)
+    ax.set_xlim(0, n_groups)
+    ax.set_ylim(n_genes, 0)
+    ax.set_xticks(np.arange(n_groups) + 0.5, [str(g) for g in group_names], rotation=90)
+    ax.set_yticks(np.arange(n_genes) + 0.5, gene_names)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title if title is not None else f"{condition1} vs {condition2}" + (f" by {groupby}" if groupby else ""))
+    fig.colorbar(mappable, ax=ax, label=label, shrink=0.8)
+
+    return finish(fig, {
+        "genes": gene_names, "groups": group_names, "condition1": condition1,
+        "condition2": condition2, "means": means,
+        "n_cells": pd.DataFrame(n_cells, index=group_names, columns=[condition1, condition2]),
+        "tiles": tiles, "vmin": lo, "vmax": hi, "standard_scale": applied_scale,
+        "layer": layer, "fold_change_mode": bool(fold_change_mode),
+    }, save)
+
+
+def _inferred(value: Any, from_run: Any, name: str) -> Any:
+    if value is not None:
+        return value
+    if from_run is None:
+        raise ValueError(f"{name} is not given and the run does not record it; pass {name}=.")
+    logger.info("Inferred %s=%r from run information", name, from_run)
+    return from_run
+
+
+def _choose_genes(source: PlotData, genes: Sequence[str] | None, n_top: int,
+                  score_key: str | None) -> list[str]:
+    if genes is not None:
+        genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        if not genes:
+            raise ValueError("genes=[] selects nothing; pass gene names or genes=None with n_top_genes=")
+        source.gene_indices(genes, what="genes")
+        return genes
+    if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
+        raise ValueError(f"n_top_genes={n_top!r} must be a positive integer")
+    score = source.var_column(score_key, "score_key").astype(np.float64)
+    order = np.argsort(np.where(np.isfinite(score), -score, np.inf), kind="stable")
+    order = [j for j in order[:n_top] if np.isfinite(score[j])]
+    return source.var_names[order].astype(str).tolist()
+
+
+def _groups(source: PlotData, groupby: str | None, exclude: Any) -> tuple[list[Any], np.ndarray]:
+    """Group labels (in category order) and each cell's group code (-1: excluded)."""
+    if groupby is None:
+        if exclude is not None:
+            raise ValueError("exclude_groups needs groupby=; pass the obs column of the groups.")
+        return ["all cells"], np.zeros(source.n_obs, dtype=np.int64)
+    column = source.obs_column(groupby, what="groupby")
+    cat = column.astype("category") if not isinstance(column.dtype, pd.CategoricalDtype) else column
+    names = list(cat.cat.categories)
+    codes = cat.cat.codes.to_numpy().astype(np.int64)
+    if exclude is not None:
+        excluded = [exclude] if isinstance(exclude, str) or not isinstance(exclude, Sequence) else list(exclude)
+        unknown = [g for g in excluded if g not in names]
+        if unknown:
+            raise ValueError(
+                f"exclude_groups: {unknown} are not groups of {groupby!r}; its groups are {names[:20]}."
+            )
+        drop = np.isin(codes, [names.index(g) for g in excluded])
+        logger.info("Excluded %s cells from groups: %s", f"{int(drop.sum()):,}",
+                    ", ".join(map(str, excluded)))
+        codes[drop] = -1
+    return names, codes
+
+
+def _scale(mean: np.ndarray, how: str | None) -> np.ndarray:
+    """z-scores of (groups × 2 × genes) means per gene (``"var"``) or per group (``"group"``)."""
+    if how is None:
+        return mean.copy()
+    axes = (0, 1) if how == "var" else (1, 2)
+    logger.info("Applying %s z-scoring (standard_scale=%r)", "gene-wise" if how == "var" else "group-wise", how)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
+        centre = np.nanmean(mean, axis=axes, keepdims=True)
+        spread = np.nanstd(mean, axis=axes, keepdims=True)
+    # a constant gene (or group) has every value at its mean: z = 0, not 0/0
+    return (mean - centre) / np.where(spread > 0, spread, 1.0)
+
+
+def _norm(lo: float | None, hi: float | None, centred: bool) -> Any:
+    """Linear colour scale; centred data (z-scores, differences) keep 0 at the colormap's
+    middle when the limits straddle it."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    if centred and lo is not None and hi is not None and lo < 0 < hi:
+        return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
+    return Normalize(vmin=lo, vmax=hi)
+
+
+def _cmap(name: str) -> Any:
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#EEEEEE")
+
+
+def _draw_split(ax: Any, first: np.ndarray, second: np.ndarray, cmap: str, norm: Any) -> Any:
+    """Two triangles per tile: lower-left ``first`` (condition1), upper-right ``second``.
+
+    ``first``/``second`` are genes × groups; row i is drawn from y=i (top) to y=i+1.
+    """
+    from matplotlib.collections import PolyCollection
+
+    n_genes, n_groups = first.shape
+    i, j = np.meshgrid(np.arange(n_genes), np.arange(n_groups), indexing="ij")
+    i, j = i.ravel(), j.ravel()
+    # y grows downwards (inverted axis): the lower-left corner is (j, i + 1)
+    lower = np.stack([np.c_[j, i], np.c_[j, i + 1], np.c_[j + 1, i + 1]], axis=1)
+    upper = np.stack([np.c_[j, i], np.c_[j + 1, i], np.c_[j + 1, i + 1]], axis=1)
+    out = None
+    for verts, values, gid in ((lower, first, "condition1"), (upper, second, "condition2")):
+        coll = PolyCollection(verts.astype(float), array=np.ma.masked_invalid(values.ravel()),
+                              cmap=_cmap(cmap), norm=norm, edgecolors="white",
+                              linewidths=0.3)
+        coll.set_gid(gid)
+        ax.add_collection(coll)
+        out = coll
+    return out
+
+
+def _draw_squares(ax: Any, values: np.ndarray, cmap: str, norm: Any) -> Any:
+    mesh = ax.pcolormesh(np.arange(values.shape[1] + 1), np.arange(values.shape[0] + 1),
+                         np.ma.masked_invalid(values), cmap=_cmap(cmap), norm=norm,
+                         edgecolors="white", linewidth=0.3)
+    mesh.set_gid("fold_change")
+    return mesh
+
+
+def _split_legend(ax: Any, condition1: Any, condition2: Any) -> None:
+    from matplotlib.lines import Line2D
+
+    style = dict(linestyle="none", markersize=11, markerfacecolor="#9E9E9E", markeredgecolor="#616161")
+    handles = [
+        Line2D([], [], marker=[(-1, -1), (1, -1), (-1, 1)], label=str(condition1), **style),
+        Line2D([], [], marker=[(1, -1), (1, 1), (-1, 1)], label=str(condition2), **style),
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.12), frameon=False,
+              fontsize=8, ncols=2, handletextpad=0.3, borderaxespad=0.0)

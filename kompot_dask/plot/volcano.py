@@ -1,0 +1,297 @@
+"""Volcano plot of a DE run: mean log fold change against Mahalanobis distance (or local FDR)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from ._common import PlotData, describe_run, finish, new_axes, run_fields
+
+logger = logging.getLogger("kompot_dask")
+
+_Y_AXIS = {"mahalanobis": "Mahalanobis distance", "local_fdr": "-log10(local FDR)"}
+_THRESHOLD_KEYS = ("local_fdr", "mahalanobis")
+_HIGHLIGHT_COLORS = ("#E76F51", "#2A9D8F", "#8338EC", "#F4A261", "#3A86FF", "#FF006E")
+
+
+def volcano_de(
+    data: Any,
+    *,
+    run_id: int = -1,
+    y_axis_type: str = "mahalanobis",
+    significance_threshold: float | dict[str, float] | None = None,
+    gene_labels: int | list[str] | dict[str, str] | None = 10,
+    highlight_genes: int | list[str] | list[dict[str, Any]] | None = None,
+    title: str | None = None,
+    lfc_key: str | None = None,
+    score_key: str | None = None,
+    color_up: str = "#D62828",
+    color_down: str = "#1D6FB8",
+    color_background: str = "#C8C8C8",
+    point_size: float = 8.0,
+    figsize: tuple[float, float] = (8.0, 6.5),
+    ax: Any = None,
+    save: str | os.PathLike | None = None,
+) -> Any:
+    """Volcano plot of a DE run: each gene at (mean log fold change, score).
+
+    Parameters
+    ----------
+    data
+        Store path (or ``file://`` URL), :class:`~kompot_dask.store.Store` or AnnData
+        holding a DE run.
+    run_id
+        Run to plot (``-1``: the latest). Its field names come from the run history.
+    y_axis_type
+        ``"mahalanobis"`` (distance) or ``"local_fdr"`` (shown as ``-log10``).
+    significance_threshold
+        Which genes are coloured as up/down. ``None``: the run's ``is_de`` column. A
+        number: a threshold on the y-axis quantity (``local_fdr < t`` or
+        ``mahalanobis > t``), drawn as a line. A dict ``{"local_fdr": a,
+        "mahalanobis": b}``: genes meeting every given threshold (a line is drawn only
+        when the one threshold given is the y-axis quantity).
+    gene_labels
+        Genes to name: an int (the top N by score), a list of genes, or a dict
+        ``{gene: label}``; ``None`` or ``0`` names none.
+    highlight_genes
+        Gene sets drawn in their own colour with a legend entry: an int (the top N by
+        score), a list of genes (one set), or a list of ``{"name", "genes", "color"}``
+        dicts. When given, these replace the up/down colouring.
+    title
+        Axes title; by default ``"<condition1> to <condition2>"``.
+    lfc_key, score_key
+        var columns to use instead of the run's (``score_key`` is the y-axis column).
+    color_up, color_down, color_background
+        Colours of genes higher in condition2, lower in condition2, and the rest.
+    point_size
+        Marker area.
+    figsize
+        Figure size when ``ax`` is not given.
+    ax
+        Axes to draw into (a new figure otherwise).
+    save
+        Path to save the figure to (format from the extension).
+
+    Returns
+    -------
+    The matplotlib Figure, with ``fig.kompot_data``: ``genes`` (var names), ``x``, ``y``
+    (plotted values per gene), ``significant`` (bool per gene), ``highlighted`` (names of
+    the genes coloured up/down, in var order), ``up``, ``down``, ``highlight_groups``
+    (``{name: genes}``), ``labels`` (``{gene: label}``), ``threshold_line`` (y of the
+    line or ``None``), ``lfc_key``, ``score_key``, ``run_id``.
+    """
+    if y_axis_type not in _Y_AXIS:
+        raise ValueError(f"y_axis_type={y_axis_type!r} is not supported; pass one of {list(_Y_AXIS)}.")
+    source = PlotData(data)
+    fields = None
+    explicit = lfc_key is not None and score_key is not None
+    if not explicit or significance_threshold is None or isinstance(significance_threshold, dict):
+        roles = ["mean_lfc", "mahalanobis"]
+        fields = run_fields(source, run_id, roles)
+        if y_axis_type == "local_fdr" and score_key is None:
+            score_key = fields["local_fdr"]
+            logger.info("Using local_fdr values for y-axis: %s", score_key)
+        describe_run(fields)
+    lfc_key = lfc_key or fields["mean_lfc"]
+    score_key = score_key or fields["mahalanobis"]
+    logger.info("Using data columns from var - lfc: %r, score: %r", lfc_key, score_key)
+
+    genes = source.var_names.astype(str).to_numpy()
+    x = source.var_column(lfc_key, "lfc_key").astype(np.float64)
+    score = source.var_column(score_key, "score_key").astype(np.float64)
+    if y_axis_type == "local_fdr":
+        y = -np.log10(np.clip(score, 1e-300, None))
+        logger.info("Applied local_fdr transformation to y-axis data")
+    else:
+        y = score
+    finite = np.isfinite(x) & np.isfinite(y)
+
+    significant, threshold_line, sig_text = _significance(
+        source, fields, significance_threshold, y_axis_type, score_key
+    )
+    significant &= finite
+    up = significant & (x > 0)
+    down = significant & (x < 0)
+    groups = _highlight_groups(source, highlight_genes, y, finite)
+
+    fig, ax = new_axes(ax, figsize)
+    c1 = fields.condition1 if fields is not None else "condition 1"
+    c2 = fields.condition2 if fields is not None else "condition 2"
+    if groups:
+        coloured = np.zeros(len(genes), dtype=bool)
+        for _, idx, _ in groups:
+            coloured[idx] = True
+        ax.scatter(x[finite & ~coloured], y[finite & ~coloured], s=point_size, c=color_background,
+                   alpha=0.6, linewidths=0, label="_other genes", rasterized=True)
+        for name, idx, color in groups:
+            ax.scatter(x[idx], y[idx], s=point_size * 2.5, c=color, edgecolors="black",
+                       linewidths=0.4, label=f"{name} ({len(idx)})", zorder=3)
+            logger.info("Added highlight group %r with %d genes", name, len(idx))
+    else:
+        rest = finite & ~significant
+        ax.scatter(x[rest], y[rest], s=point_size, c=color_background, alpha=0.6, linewidths=0,
+                   label="_not significant", rasterized=True)
+        ax.scatter(x[up], y[up], s=point_size * 1.5, c=color_up, linewidths=0,
+                   label=f"Up in {c2} ({int(up.sum())})", zorder=3)
+        ax.scatter(x[down], y[down], s=point_size * 1.5, c=color_down, linewidths=0,
+                   label=f"Down in {c2} ({int(down.sum())})", zorder=3)
+        logger.info("Highlighting %d genes %s (%d up, %d down)", int(significant.sum()), sig_text,
+                    int(up.sum()), int(down.sum()))
+
+    if threshold_line is not None:
+        ax.axhline(threshold_line, color="black", linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.axvline(0.0, color="black", linewidth=0.5, alpha=0.4)
+
+    labels = _labels(source, gene_labels, y, finite)
+    for gene, label in labels.items():
+        j = int(source.gene_indices([gene], what="gene_labels")[0])
+        ax.annotate(label, (x[j], y[j]), xytext=(3, 3), textcoords="offset points", fontsize=8)
+
+    ax.set_xlabel(f"Mean log fold change ({c2} vs {c1})")
+    ax.set_ylabel(_Y_AXIS[y_axis_type])
+    ax.set_title(title if title is not None else f"{c1} to {c2}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8, frameon=False)
+
+    return finish(fig, {
+        "genes": genes, "x": x, "y": y, "significant": significant,
+        "highlighted": genes[significant].tolist(), "up": genes[up].tolist(),
+        "down": genes[down].tolist(),
+        "highlight_groups": {name: genes[idx].tolist() for name, idx, _ in groups},
+        "labels": labels, "threshold_line": threshold_line, "lfc_key": lfc_key,
+        "score_key": score_key, "run_id": fields.run_id if fields is not None else None,
+    }, save)
+
+
+def _significance(source: PlotData, fields: Any, threshold: Any, y_axis_type: str,
+                  score_key: str) -> tuple[np.ndarray, float | None, str]:
+    """(significant mask, y of the threshold line or None, description for the log)."""
+    n = len(source.var_names)
+    if threshold is None:
+        key = fields.get("is_de")
+        if key is None or key not in source.var.columns:
+            logger.info("The run has no is_de column (FDR was off); no genes are coloured as DE. "
+                        "Pass significance_threshold= to colour genes by a threshold.")
+            return np.zeros(n, dtype=bool), None, "marked as DE"
+        is_de = source.var[key].fillna(False).astype(bool).to_numpy()
+        return is_de, None, "marked as DE"
+
+    if isinstance(threshold, dict):
+        unknown = [k for k in threshold if k not in _THRESHOLD_KEYS]
+        if unknown or not threshold:
+            raise ValueError(
+                f"significance_threshold keys {unknown or '{}'} are not supported; use "
+                f"{list(_THRESHOLD_KEYS)}, e.g. {{'local_fdr': 0.05, 'mahalanobis': 10}}."
+            )
+        items = dict(threshold)
+    elif isinstance(threshold, int | float) and not isinstance(threshold, bool):
+        items = {y_axis_type: float(threshold)}
+    else:
+        raise TypeError(
+            f"significance_threshold={threshold!r} must be None, a number or a dict "
+            "{'local_fdr': ..., 'mahalanobis': ...}."
+        )
+    mask = np.ones(n, dtype=bool)
+    texts = []
+    for kind, t in items.items():
+        # with explicit keys and no run (fields is None), the threshold is on score_key
+        column = score_key if fields is None else fields[kind]
+        values = source.var_column(column, f"{kind} column").astype(np.float64)
+        op = "<" if kind == "local_fdr" else ">"
+        hit = values < t if kind == "local_fdr" else values > t
+        logger.info("Significance threshold selection: using column %r with threshold %s %s",
+                    column, op, t)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            logger.info("Values range: %.6f - %.6f", finite.min(), finite.max())
+        logger.info("Found %d genes with %s %s %s", int(hit.sum()), kind, op, t)
+        mask &= hit
+        texts.append(f"{kind} {op} {t}")
+    line = None
+    if len(items) == 1 and y_axis_type in items:
+        t = items[y_axis_type]
+        line = float(-np.log10(t)) if y_axis_type == "local_fdr" else float(t)
+        logger.info("Added %s threshold line at y=%.2f (%s=%s)", y_axis_type, line, y_axis_type, t)
+    else:
+        logger.info("Skipping threshold line drawing: the threshold is not on the y-axis "
+                    "quantity alone")
+    return mask, line, "at " + " and ".join(texts)
+
+
+def _top_by_score(y: np.ndarray, finite: np.ndarray, n: int) -> np.ndarray:
+    idx = np.flatnonzero(finite)
+    return idx[np.argsort(-y[idx], kind="stable")[:n]]
+
+
+def _highlight_groups(source: PlotData, highlight: Any, y: np.ndarray,
+                      finite: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+    if highlight is None:
+        return []
+    if isinstance(highlight, int) and not isinstance(highlight, bool):
+        if highlight < 0:
+            raise ValueError(f"highlight_genes={highlight} must be >= 0")
+        if highlight == 0:
+            return []
+        return [(f"Top {highlight}", _top_by_score(y, finite, highlight), _HIGHLIGHT_COLORS[0])]
+    if isinstance(highlight, str):
+        highlight = [highlight]
+    if not isinstance(highlight, list | tuple):
+        raise TypeError(
+            f"highlight_genes must be an int, a list of genes or a list of "
+            f"{{'name', 'genes', 'color'}} dicts; got {type(highlight).__name__}."
+        )
+    if all(isinstance(h, dict) for h in highlight) and highlight:
+        out = []
+        for i, group in enumerate(highlight):
+            if "genes" not in group:
+                raise KeyError(f"highlight_genes[{i}] has no 'genes' key; each dict needs "
+                               "'genes' (and optionally 'name' and 'color').")
+            name = str(group.get("name", f"Group {i + 1}"))
+            color = group.get("color", _HIGHLIGHT_COLORS[i % len(_HIGHLIGHT_COLORS)])
+            out.append((name, _present_genes(source, group["genes"], f"highlight_genes[{name!r}]"),
+                        color))
+        return out
+    if any(isinstance(h, dict) for h in highlight):
+        raise TypeError("highlight_genes mixes gene names and dicts; pass one or the other.")
+    return [("Highlighted genes", _present_genes(source, highlight, "highlight_genes"),
+             _HIGHLIGHT_COLORS[0])]
+
+
+def _present_genes(source: PlotData, genes: Any, what: str) -> np.ndarray:
+    """Indices of the genes of a set that are in the data; a set with none raises."""
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    pos = source.var_names.get_indexer(genes)
+    missing = [g for g, p in zip(genes, pos, strict=True) if p < 0]
+    if missing and len(missing) == len(genes):
+        source.gene_indices(genes, what=what)  # raises, naming them
+    if missing:
+        logger.warning("%s: %d gene(s) not in var_names are skipped: %s", what, len(missing),
+                       missing[:10])
+    return pos[pos >= 0].astype(np.int64)
+
+
+def _labels(source: PlotData, gene_labels: Any, y: np.ndarray, finite: np.ndarray) -> dict[str, str]:
+    names = source.var_names.astype(str)
+    if gene_labels is None or (isinstance(gene_labels, int) and not isinstance(gene_labels, bool)
+                               and gene_labels == 0):
+        return {}
+    if isinstance(gene_labels, int) and not isinstance(gene_labels, bool):
+        if gene_labels < 0:
+            raise ValueError(f"gene_labels={gene_labels} must be >= 0")
+        logger.info("Labeling top %d genes by score", gene_labels)
+        return {names[j]: names[j] for j in _top_by_score(y, finite, gene_labels)}
+    if isinstance(gene_labels, dict):
+        source.gene_indices(list(gene_labels), what="gene_labels")
+        logger.info("Labeling %d specific genes", len(gene_labels))
+        return {str(k): str(v) for k, v in gene_labels.items()}
+    if isinstance(gene_labels, str):
+        gene_labels = [gene_labels]
+    if isinstance(gene_labels, list | tuple):
+        source.gene_indices(list(gene_labels), what="gene_labels")
+        logger.info("Labeling %d specific genes", len(gene_labels))
+        return {str(g): str(g) for g in gene_labels}
+    raise TypeError(f"gene_labels must be an int, a list of genes or a dict; got "
+                    f"{type(gene_labels).__name__}.")
