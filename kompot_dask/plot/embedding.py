@@ -87,7 +87,7 @@ def embedding(
     """
     source = PlotData(data)
     key, xy = source.embedding(basis)
-    kind, values = _color_values(source, color, layer)
+    kind, values, categories = _color_values(source, color, layer)
     if mgroups is None:
         selections = [Selection("", np.ones(source.n_obs, dtype=bool))]
     else:
@@ -114,7 +114,7 @@ def embedding(
         if shown.size:
             lo = float(shown.min()) if lo is None else lo
             hi = float(shown.max()) if hi is None else hi
-    colors = _category_colors(values, palette) if kind == "categorical" else None
+    colors = _category_colors(categories, palette) if kind == "categorical" else None
 
     n = len(selections)
     ncols = max(1, min(int(ncols), n))
@@ -146,31 +146,36 @@ def embedding(
     }, save)
 
 
-def _color_values(source: PlotData, color: str | None, layer: str | None) -> tuple[str | None, Any]:
+def _color_values(source: PlotData, color: str | None,
+                  layer: str | None) -> tuple[str | None, Any, list[Any] | None]:
+    """(kind, values per cell, categories in legend order or None)."""
     if color is None:
-        return None, None
+        return None, None, None
     if color in source.obs.columns:
         column = source.obs[color]
-        if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object or column.dtype == bool:
-            return "categorical", column.astype(object).to_numpy()
-        return "numeric", column.to_numpy(dtype=np.float64)
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            return "categorical", column.astype(object).to_numpy(), list(column.cat.categories)
+        if column.dtype == object or column.dtype == bool:
+            values = column.astype(object).to_numpy()
+            present = list(pd.unique(pd.Series(values).dropna()))
+            try:
+                present = sorted(present)
+            except TypeError:  # mixed types: first-seen order
+                pass
+            return "categorical", values, present
+        return "numeric", column.to_numpy(dtype=np.float64), None
     if color in source.var_names:
         j = source.gene_indices([color], what="color")
-        return "numeric", source.read_columns(layer, j)[:, 0]
+        return "numeric", source.read_columns(layer, j)[:, 0], None
     raise KeyError(
         f"color={color!r} is neither an obs column nor a gene in var_names of {source.label}; "
         f"pass an obs column (e.g. {list(source.obs.columns[:5])}) or a gene name."
     )
 
 
-def _category_colors(values: np.ndarray, palette: Any) -> dict[Any, str]:
+def _category_colors(categories: list[Any], palette: Any) -> dict[Any, str]:
     import matplotlib
 
-    categories = list(pd.unique(pd.Series(values).dropna()))
-    try:
-        categories = sorted(categories)
-    except TypeError:
-        pass
     if isinstance(palette, dict):
         missing = [c for c in categories if c not in palette]
         if missing:

@@ -332,5 +332,5 @@ def _split_legend(ax: Any, condition1: Any, condition2: Any) -> None:
         Line2D([], [], marker=[(-1, -1), (1, -1), (-1, 1)], label=str(condition1), **style),
         Line2D([], [], marker=[(1, -1), (1, 1), (-1, 1)], label=str(condition2), **style),
     ]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.12), frameon=False,
-              fontsize=8, ncols=2, handletextpad=0.3, borderaxespad=0.0)
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+              fontsize=8, ncols=1, handletextpad=0.3, borderaxespad=0.2)

@@ -59,7 +59,7 @@ def volcano_de(
     highlight_genes
         Gene sets drawn in their own colour with a legend entry: an int (the top N by
         score), a list of genes (one set), or a list of ``{"name", "genes", "color"}``
-        dicts. When given, these replace the up/down colouring.
+        dicts; drawn larger, with a black edge, over the up/down colouring.
     title
         Axes title; by default ``"<condition1> to <condition2>"``.
     lfc_key, score_key
@@ -120,35 +120,27 @@ def volcano_de(
     fig, ax = new_axes(ax, figsize)
     c1 = fields.condition1 if fields is not None else "condition 1"
     c2 = fields.condition2 if fields is not None else "condition 2"
-    if groups:
-        coloured = np.zeros(len(genes), dtype=bool)
-        for _, idx, _ in groups:
-            coloured[idx] = True
-        ax.scatter(x[finite & ~coloured], y[finite & ~coloured], s=point_size, c=color_background,
-                   alpha=0.6, linewidths=0, label="_other genes", rasterized=True)
-        for name, idx, color in groups:
-            ax.scatter(x[idx], y[idx], s=point_size * 2.5, c=color, edgecolors="black",
-                       linewidths=0.4, label=f"{name} ({len(idx)})", zorder=3)
-            logger.info("Added highlight group %r with %d genes", name, len(idx))
-    else:
-        rest = finite & ~significant
-        ax.scatter(x[rest], y[rest], s=point_size, c=color_background, alpha=0.6, linewidths=0,
-                   label="_not significant", rasterized=True)
-        ax.scatter(x[up], y[up], s=point_size * 1.5, c=color_up, linewidths=0,
-                   label=f"Up in {c2} ({int(up.sum())})", zorder=3)
-        ax.scatter(x[down], y[down], s=point_size * 1.5, c=color_down, linewidths=0,
-                   label=f"Down in {c2} ({int(down.sum())})", zorder=3)
-        logger.info("Highlighting %d genes %s (%d up, %d down)", int(significant.sum()), sig_text,
-                    int(up.sum()), int(down.sum()))
+    rest = finite & ~significant
+    ax.scatter(x[rest], y[rest], s=point_size, c=color_background, alpha=0.6, linewidths=0,
+               label="_not significant", rasterized=True)
+    ax.scatter(x[up], y[up], s=point_size * 1.5, c=color_up, linewidths=0,
+               label=f"Up in {c2} ({int(up.sum())})", zorder=3)
+    ax.scatter(x[down], y[down], s=point_size * 1.5, c=color_down, linewidths=0,
+               label=f"Down in {c2} ({int(down.sum())})", zorder=3)
+    logger.info("Highlighting %d genes %s (%d up, %d down)", int(significant.sum()), sig_text,
+                int(up.sum()), int(down.sum()))
+    for name, idx, color in groups:
+        ax.scatter(x[idx], y[idx], s=point_size * 4, c=color, edgecolors="black", linewidths=0.6,
+                   label=f"{name} ({len(idx)})", zorder=4)
+        logger.info("Added highlight group %r with %d genes", name, len(idx))
 
     if threshold_line is not None:
         ax.axhline(threshold_line, color="black", linestyle="--", linewidth=0.8, alpha=0.7)
     ax.axvline(0.0, color="black", linewidth=0.5, alpha=0.4)
 
     labels = _labels(source, gene_labels, y, finite)
-    for gene, label in labels.items():
-        j = int(source.gene_indices([gene], what="gene_labels")[0])
-        ax.annotate(label, (x[j], y[j]), xytext=(3, 3), textcoords="offset points", fontsize=8)
+    label_idx = source.gene_indices(list(labels), what="gene_labels") if labels else np.zeros(0, int)
+    _place_labels(ax, x[label_idx], y[label_idx], list(labels.values()))
 
     ax.set_xlabel(f"Mean log fold change ({c2} vs {c1})")
     ax.set_ylabel(_Y_AXIS[y_axis_type])
@@ -295,3 +287,25 @@ def _labels(source: PlotData, gene_labels: Any, y: np.ndarray, finite: np.ndarra
         return {str(g): str(g) for g in gene_labels}
     raise TypeError(f"gene_labels must be an int, a list of genes or a dict; got "
                     f"{type(gene_labels).__name__}.")
+
+
+def _place_labels(ax: Any, xs: np.ndarray, ys: np.ndarray, texts: list[str], fontsize: float = 8.0) -> None:
+    """Annotate points, moving a label up (with a leader line) until its box, estimated
+    from the text length, overlaps no label placed before it."""
+    ax.autoscale_view()
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, float, float, float]] = []  # boxes in points
+    height = 1.25 * fontsize
+    for k in np.argsort(-ys, kind="stable"):  # top first: labels stack upwards less often
+        if not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
+            continue
+        px, py = ax.transData.transform((xs[k], ys[k])) * to_points
+        width = 0.62 * fontsize * len(texts[k])
+        dy = 3.0
+        while any(px + 3 < bx1 and bx0 < px + 3 + width and py + dy < by1 and by0 < py + dy + height
+                  for bx0, by0, bx1, by1 in placed):
+            dy += height * 0.6
+        placed.append((px + 3, py + dy, px + 3 + width, py + dy + height))
+        arrow = {"arrowstyle": "-", "color": "0.4", "linewidth": 0.5} if dy > 3.0 else None
+        ax.annotate(texts[k], (xs[k], ys[k]), xytext=(3, dy), textcoords="offset points",
+                    fontsize=fontsize, arrowprops=arrow, zorder=5)
