@@ -347,6 +347,10 @@ def test_plots__clear_errors(store, tmp_path):
         kd.plot.plot_gene_expression(store, "gene_1", basis="X_tsne")
     with pytest.raises(KeyError, match=r"genes: \['nope'\] not found"):
         kd.plot.heatmap(store, genes=["gene_1", "nope"], groupby="cell_type")
+    with pytest.raises(ValueError, match=r"genes lists \['gene_1'\] more than once"):
+        kd.plot.heatmap(store, genes=["gene_1", "gene_2", "gene_1"], groupby="cell_type")
+    with pytest.raises(KeyError, match="layer=None means X, but the store .* has no X"):
+        kd.plot.embedding(store, "umap", color="gene_1")
     with pytest.raises(KeyError, match="groupby='tissue' is not an obs column"):
         kd.plot.heatmap(store, groupby="tissue")
     with pytest.raises(ValueError, match=r"exclude_groups: \['Type Z'\] are not groups"):

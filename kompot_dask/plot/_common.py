@@ -140,7 +140,8 @@ class PlotData:
 
     def check_layer(self, layer: str | None, what: str = "layer") -> None:
         if layer is None:
-            if self.store is not None and "X" not in self.store.root:
+            has_x = "X" in self.store.root if self.store is not None else self.adata.X is not None
+            if not has_x:
                 raise KeyError(
                     f"{what}=None means X, but {self.label} has no X; pass {what}= one of "
                     f"{self.layer_keys()}."

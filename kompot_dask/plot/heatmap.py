@@ -228,6 +228,9 @@ def _choose_genes(source: PlotData, genes: Sequence[str] | None, n_top: int,
         genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
         if not genes:
             raise ValueError("genes=[] selects nothing; pass gene names or genes=None with n_top_genes=")
+        repeated = sorted({g for g in genes if genes.count(g) > 1})
+        if repeated:
+            raise ValueError(f"genes lists {repeated} more than once; pass each gene once.")
         source.gene_indices(genes, what="genes")
         return genes
     if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
