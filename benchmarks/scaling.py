@@ -29,12 +29,13 @@ def main(store, n_workers, m, ls):
     from kompot_dask.cluster import worker_environment
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit="6GiB",
                       env=worker_environment(1), dashboard_address=None, host="127.0.0.1") as cl, Client(cl) as c:
+        pinned = kd.pin_workers(c)  # one core per single-threaded worker: XLA sizes its pool by affinity
         t = time.perf_counter()
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
               obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=m, ls=ls), fdr=kd.FDRSettings(null_genes=2000),
               storage=kd.StorageSettings(overwrite=True), output=kd.OutputSettings(progress=False), client=c)
         wall = time.perf_counter() - t
-    print("RESULT " + json.dumps({"wall": wall}))
+    print("RESULT " + json.dumps({"wall": wall, "pinned": pinned}))
 if __name__ == "__main__":
     a = sys.argv
     main(a[1], int(a[2]), int(a[3]), None if a[4] == "none" else float(a[4]))
@@ -67,8 +68,8 @@ def main() -> None:
         res = next(json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT "))
         walls[n] = res["wall"]
         print(f"{n} worker process(es) × 1 thread: de() {res['wall']:.1f} s "
-              f"(process {time.perf_counter() - t:.1f} s)", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+              f"(process {time.perf_counter() - t:.1f} s); cores {sorted(res['pinned'].values())}", flush=True)
+    shutil.rmtree(store, ignore_errors=True)
     print(f"\n{args.n_obs:,} cells × {args.genes:,} genes, m = {args.n_landmarks:,}, 2,000 null genes, layers written, "
           f"length scale {'estimated' if args.no_ls else 'given'}")
     print(f"{'workers':>8}{'de() wall':>12}{'speed-up':>10}")

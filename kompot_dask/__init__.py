@@ -7,6 +7,7 @@ import logging as _logging
 from . import plot
 from .analysis import de, plan
 from .cleanup import cleanup
+from .cluster import pin_workers
 from .ingest import ingest
 from .lock import StoreLockedError
 from .planner import InfeasiblePlanError, ResourcePlan
@@ -33,6 +34,7 @@ __all__ = [
     "ingest",
     "RunInfo",
     "cleanup",
+    "pin_workers",
     "get_run_fields",
     "plot",
     "GPSettings",

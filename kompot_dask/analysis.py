@@ -44,6 +44,18 @@ def _check_settings(value: Any, cls: type, name: str) -> Any:
     return value
 
 
+def _all_settings(gp, fdr, filter, storage, output, compute) -> dict[str, Any]:  # noqa: A002
+    """The six settings objects, defaults filled in and types checked."""
+    return dict(
+        gp=_check_settings(gp, GPSettings, "gp"),
+        fdr=_check_settings(fdr, FDRSettings, "fdr"),
+        filter=_check_settings(filter, FilterSettings, "filter"),
+        storage=_check_settings(storage, StorageSettings, "storage"),
+        output=_check_settings(output, OutputSettings, "output"),
+        compute=_check_settings(compute, ComputeSettings, "compute"),
+    )
+
+
 def _cell_filter_mask(obs: pd.DataFrame, cell_filter: Any) -> np.ndarray:
     n = len(obs)
     if cell_filter is None:
@@ -122,14 +134,7 @@ def de(
     (per-gene DataFrame), ``fdr_summary``, ``run_id``, ``field_names``, ``ls`` and ``landmarks``;
     with ``dry_run=True`` the :class:`~kompot_dask.planner.ResourcePlan`.
     """
-    settings = dict(
-        gp=_check_settings(gp, GPSettings, "gp"),
-        fdr=_check_settings(fdr, FDRSettings, "fdr"),
-        filter=_check_settings(filter, FilterSettings, "filter"),
-        storage=_check_settings(storage, StorageSettings, "storage"),
-        output=_check_settings(output, OutputSettings, "output"),
-        compute=_check_settings(compute, ComputeSettings, "compute"),
-    )
+    settings = _all_settings(gp, fdr, filter, storage, output, compute)
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
         raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
     if dry_run:
@@ -168,14 +173,7 @@ def plan(
     Without ``client`` (and no current client), the LocalCluster that ``de`` would start is
     started for the calibration and closed again.
     """
-    settings = dict(
-        gp=_check_settings(gp, GPSettings, "gp"),
-        fdr=_check_settings(fdr, FDRSettings, "fdr"),
-        filter=_check_settings(filter, FilterSettings, "filter"),
-        storage=_check_settings(storage, StorageSettings, "storage"),
-        output=_check_settings(output, OutputSettings, "output"),
-        compute=_check_settings(compute, ComputeSettings, "compute"),
-    )
+    settings = _all_settings(gp, fdr, filter, storage, output, compute)
     return _plan_public(data, groupby, condition1, condition2, layer, obsm_key, genes, settings, client)
 
 

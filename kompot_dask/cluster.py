@@ -61,6 +61,51 @@ def default_local_cluster_kwargs(compute: ComputeSettings) -> dict:
     )
 
 
+def _process_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def _pin_process(cores: list[int]) -> list[int]:
+    """Restrict every thread of this process (and the threads it starts later) to ``cores``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_workers(client: Client) -> dict[str, list[int]]:
+    """Give each worker process on a host cores of its own, as many as its Dask threads.
+
+    JAX/XLA sizes its CPU thread pool by the process's CPU affinity and ignores
+    ``XLA_FLAGS`` thread settings: two worker processes on a 2-core host would each run
+    2-thread XLA kernels, 4 threads on 2 cores. Pinning keeps XLA threads × worker threads
+    at the core count. Hosts whose workers ask for more threads than they have cores are
+    left alone. Linux only (elsewhere nothing happens). Returns worker → cores.
+    """
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return {}
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    current = client.run(_process_cores)
+    by_host: dict[str, list[str]] = {}
+    for addr in sorted(workers):
+        by_host.setdefault(workers[addr]["host"], []).append(addr)
+    pinned: dict[str, list[int]] = {}
+    for host, addrs in by_host.items():
+        cores = current[addrs[0]]
+        need = sum(int(workers[a]["nthreads"]) for a in addrs)
+        if need > len(cores) or any(current[a] != cores for a in addrs):
+            logger.debug("Not pinning workers on %s: %d threads for %d cores", host, need, len(cores))
+            continue
+        start = 0
+        for a in addrs:
+            n = int(workers[a]["nthreads"])
+            pinned[a] = client.run(_pin_process, cores[start : start + n], workers=[a])[a]
+            start += n
+    return pinned
+
+
 @contextmanager
 def resolve_client(client: Client | None = None, compute: ComputeSettings | None = None) -> Iterator[Client]:
     """Yield the client to run on; an embedded LocalCluster is closed on exit."""
@@ -82,6 +127,8 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
     with LocalCluster(**kwargs) as cluster, Client(cluster) as new_client:
         logger.info("Dask dashboard: %s", new_client.dashboard_link)
         new_client.kompot_embedded = True  # workers live for this run only
+        if kwargs["n_workers"] > 1:
+            pin_workers(new_client)
         yield new_client
 
 

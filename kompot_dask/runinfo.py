@@ -185,7 +185,30 @@ def _recorded_landmarks(history: RunHistory, run_id: int, recorded: Any) -> np.n
 # ---- RunInfo -------------------------------------------------------------------------
 
 
-class RunInfo:
+class _Report:
+    """Text for terminals, HTML for Jupyter, from ``title`` and ``_sections()``."""
+
+    title: str  # and ``_sections() -> [(title, header, rows)]``, defined by each report
+
+    def to_text(self) -> str:
+        lines = [self.title, ""]
+        for title, header, rows in self._sections():
+            lines += _text_table(title, header, rows) if rows else [title, "=" * len(title), "(none)", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        parts = [f"<h3>{html.escape(self.title)}</h3>"]
+        parts += [_html_table(*section) for section in self._sections()]
+        return "<div>" + "".join(parts) + "</div>"
+
+
+class RunInfo(_Report):
     """One recorded run: parameters, environment, the fields it created and their status.
 
     Parameters
@@ -291,22 +314,6 @@ class RunInfo:
     def title(self) -> str:
         return f"Run {self.run_id} ({self._history.label} Analysis)"
 
-    def to_text(self) -> str:
-        lines = [self.title, ""]
-        for title, header, rows in self._sections():
-            lines += _text_table(title, header, rows)
-        return "\n".join(lines).rstrip() + "\n"
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def __repr__(self) -> str:
-        return self.to_text()
-
-    def _repr_html_(self) -> str:
-        parts = [f"<h3>{html.escape(self.title)}</h3>"]
-        parts += [_html_table(*section) for section in self._sections()]
-        return "<div>" + "".join(parts) + "</div>"
 
     # ---- comparing ---------------------------------------------------------------
 
@@ -355,7 +362,7 @@ class FieldDifference:
     present: bool
 
 
-class RunComparison:
+class RunComparison(_Report):
     """What differs between two runs: summary, parameters, fields.
 
     Attributes
@@ -431,19 +438,3 @@ class RunComparison:
     def title(self) -> str:
         return f"Comparison of Run {self.run_ids[0]} and Run {self.run_ids[1]}"
 
-    def to_text(self) -> str:
-        lines = [self.title, ""]
-        for title, header, rows in self._sections():
-            lines += _text_table(title, header, rows) if rows else [title, "=" * len(title), "(none)", ""]
-        return "\n".join(lines).rstrip() + "\n"
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def __repr__(self) -> str:
-        return self.to_text()
-
-    def _repr_html_(self) -> str:
-        parts = [f"<h3>{html.escape(self.title)}</h3>"]
-        parts += [_html_table(*s) for s in self._sections()]
-        return "<div>" + "".join(parts) + "</div>"
