@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))
 from _measure import gib, run_measured  # noqa: E402
 
@@ -70,24 +68,6 @@ CALLS = {
 }
 
 
-def add_cell_types_and_umap(path: str) -> None:
-    """obs['cell_type'] (nearest of 6 fixed cells in X_pca) and obsm['X_umap'] (its first
-    two columns), written with anndata."""
-    import anndata as ad
-    import pandas as pd
-    import zarr
-
-    g = zarr.open_group(path, mode="r+", use_consolidated=False)
-    X = np.asarray(g["obsm"]["X_pca"][...], dtype=np.float32)
-    anchors = X[np.linspace(0, len(X) - 1, 6).astype(int)]
-    nearest = np.argmin(((X[:, None, :] - anchors[None]) ** 2).sum(-1), axis=1)
-    obs = ad.io.read_elem(g["obs"])
-    obs["cell_type"] = pd.Categorical([f"Type {'ABCDEF'[k]}" for k in nearest])
-    ad.io.write_elem(g, "obs", obs)
-    ad.io.write_elem(g["obsm"], "X_umap", X[:, :2].copy())
-    zarr.consolidate_metadata(path)
-
-
 def has_de_run(path: str) -> bool:
     from kompot_dask.runs import read_history
 
@@ -111,9 +91,10 @@ def main() -> None:
         print(f"reusing {store} and its DE run", flush=True)
     else:
         t = time.perf_counter()
-        write_synthetic_store(store, SyntheticSpec(n_obs=args.n_obs, n_vars=args.n_vars, n_dims=20, seed=0),
+        write_synthetic_store(store, SyntheticSpec(n_obs=args.n_obs, n_vars=args.n_vars, n_dims=20, seed=0,
+                                                          cell_types=tuple(f"Type {c}" for c in "ABCDEF"),
+                                                          umap=True),
                               cell_chunk=8192, gene_chunk=256)
-        add_cell_types_and_umap(store)
         print(f"store {args.n_obs:,} × {args.n_vars:,} written in {time.perf_counter() - t:.0f} s", flush=True)
         res = run_measured(DE.format(store=store))
         print(f"de(): {res['wall_s']:.0f} s, peak {gib(res['peak_rss_bytes'])} (client + workers)", flush=True)

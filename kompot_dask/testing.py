@@ -42,15 +42,27 @@ class SyntheticSpec:
     seed: int = 0
     obsm_key: str = "X_pca"
     layer: str = "logged_counts"
+    cell_types: tuple[str, ...] | None = None
+    """Names for the generator's clusters, written as obs["cell_type"] (cluster k gets
+    ``cell_types[k % len(cell_types)]``); ``None`` writes no such column."""
+    umap: bool = False
+    """Also write obsm["X_umap"]: the first two embedding coordinates (for plots)."""
 
 
-def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng([spec.seed, 1])
     centers = rng.normal(scale=4.0, size=(spec.n_clusters, spec.n_dims))
     cluster = rng.integers(0, spec.n_clusters, size=spec.n_obs)
     X = centers[cluster] + rng.normal(scale=1.0, size=(spec.n_obs, spec.n_dims))
     cond = rng.integers(0, len(spec.conditions), size=spec.n_obs)
-    return X.astype(np.float32), cond
+    return X.astype(np.float32), cond, cluster
+
+
+def _obsm(spec: SyntheticSpec, X: np.ndarray) -> dict[str, np.ndarray]:
+    out = {spec.obsm_key: X}
+    if spec.umap:
+        out["X_umap"] = np.ascontiguousarray(X[:, :2])
+    return out
 
 
 def _gene_params(spec: SyntheticSpec) -> dict[str, np.ndarray]:
@@ -93,11 +105,16 @@ def _expression_rows(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, param
     return values.astype(np.float32)
 
 
-def _frames(spec: SyntheticSpec, cond: np.ndarray, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _frames(spec: SyntheticSpec, cond: np.ndarray, cluster: np.ndarray,
+            params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     obs = pd.DataFrame(
         {spec.groupby: pd.Categorical(np.asarray(spec.conditions)[cond], categories=list(spec.conditions))},
         index=[f"cell_{i}" for i in range(spec.n_obs)],
     )
+    if spec.cell_types:
+        names = list(dict.fromkeys(spec.cell_types))
+        labels = np.asarray(spec.cell_types)[cluster % len(spec.cell_types)]
+        obs["cell_type"] = pd.Categorical(labels, categories=names)
     var = pd.DataFrame({"true_de": params["is_de"]}, index=[f"gene_{j}" for j in range(spec.n_vars)])
     return obs, var
 
@@ -105,12 +122,12 @@ def _frames(spec: SyntheticSpec, cond: np.ndarray, params: dict) -> tuple[pd.Dat
 def make_synthetic_adata(spec: SyntheticSpec | None = None, *, sparse: bool = False, **kwargs) -> ad.AnnData:
     """An in-memory AnnData (small data only): obs[groupby], obsm[obsm_key], layers[layer]."""
     spec = spec or SyntheticSpec(**kwargs)
-    X, cond = _states(spec)
+    X, cond, cluster = _states(spec)
     params = _gene_params(spec)
     Y = _expression_rows(spec, X, cond, params, 0)
-    obs, var = _frames(spec, cond, params)
+    obs, var = _frames(spec, cond, cluster, params)
     layer = sp.csr_matrix(Y) if sparse else Y
-    return ad.AnnData(obs=obs, var=var, obsm={spec.obsm_key: X}, layers={spec.layer: layer})
+    return ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X), layers={spec.layer: layer})
 
 
 def write_synthetic_store(
@@ -129,12 +146,12 @@ def write_synthetic_store(
         if not overwrite:
             raise FileExistsError(path)
         shutil.rmtree(path)
-    X, cond = _states(spec)
+    X, cond, cluster = _states(spec)
     params = _gene_params(spec)
-    obs, var = _frames(spec, cond, params)
+    obs, var = _frames(spec, cond, cluster, params)
     from .ingest import _write_skeleton
 
-    _write_skeleton(ad.AnnData(obs=obs, var=var, obsm={spec.obsm_key: X}), path)
+    _write_skeleton(ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), path)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     layers = root.require_group("layers")
     layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})

@@ -2,7 +2,7 @@
 here from the raw store (anndata/zarr), not through kompot_dask's readers.
 
 One DE run (Young → Old, 1,200 cells × 72 genes) feeds every test; the store also gets
-a ``cell_type`` obs column and an ``X_umap`` embedding, written here with anndata.
+a ``cell_type`` obs column and an ``X_umap`` embedding (``SyntheticSpec(cell_types=..., umap=True)``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,28 +25,15 @@ from kompot_dask.runs import RunNotFoundError  # noqa: E402
 from kompot_dask.store import Store, TileReader  # noqa: E402
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store  # noqa: E402
 
-SPEC = SyntheticSpec(n_obs=1200, n_vars=72, n_dims=6, n_clusters=5, seed=3, de_fraction=0.3)
+SPEC = SyntheticSpec(n_obs=1200, n_vars=72, n_dims=6, n_clusters=5, seed=3, de_fraction=0.3,
+                     cell_types=("Type A", "Type B", "Type C", "Type D", "Type E"), umap=True)
 PREFIX = "kompot_de_Young_to_Old"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def add_cell_types_and_umap(path: str) -> None:
-    """obs['cell_type'] (nearest of 5 fixed points in X_pca) and obsm['X_umap'] (2 columns)."""
-    g = zarr.open_group(path, mode="r+", use_consolidated=False)
-    X = np.asarray(g["obsm"]["X_pca"][...], dtype=np.float64)
-    anchors = X[np.linspace(0, len(X) - 1, 5).astype(int)]
-    nearest = np.argmin(((X[:, None, :] - anchors[None]) ** 2).sum(-1), axis=1)
-    obs = ad.io.read_elem(g["obs"])
-    obs["cell_type"] = pd.Categorical([f"Type {'ABCDE'[k]}" for k in nearest])
-    ad.io.write_elem(g, "obs", obs)
-    ad.io.write_elem(g["obsm"], "X_umap", X[:, :2].astype(np.float32))
-    zarr.consolidate_metadata(path)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, client) -> str:
     path = write_synthetic_store(tmp_path_factory.mktemp("plots") / "age.zarr", SPEC, cell_chunk=256, gene_chunk=32)
-    add_cell_types_and_umap(path)
     kd.de(path, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
           gp=kd.GPSettings(n_landmarks=100), fdr=kd.FDRSettings(null_genes=200),
           output=kd.OutputSettings(progress=False), client=client)
