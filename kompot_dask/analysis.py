@@ -384,7 +384,7 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
                 c, store, info, X=X, codes=codes, pred=filter_mask, selected=selected, Z=Z, ls=ls,
                 sigma=gp.sigma, eps=gp.eps, null_sources=null_sources, null_seeds=null_seeds,
                 layer_names=layer_names, layer_dtype=storage.layer_dtype, dtype=compute.dtype,
-                layout=_layout_of(plan, store, c), progress=output.progress,
+                layout=_layout_of(plan, store), progress=output.progress,
             )
         except engine.NonFiniteExpressionError as exc:
             raise engine.NonFiniteExpressionError(
@@ -556,7 +556,6 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         layer_chunks=tuple(info.chunks) if info.chunks else None, layer_nnz=nnz,
         store_layers=run.storage.store_layers, layer_dtype=run.storage.layer_dtype, dtype=run.compute.dtype,
         ls_given=run.gp.ls is not None, landmarks_given=run.gp.landmarks is not None,
-        obs_bytes=int(store.obs.memory_usage(deep=True).sum()), var_bytes=int(store.var.memory_usage(deep=True).sum()),
         fields=tuple((r, runs.FIELD_LOCATIONS[r], run.names[r]) for r in run.roles),
         overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory,
         overwrite=run.storage.overwrite,
@@ -631,7 +630,7 @@ def _plan_for_run(run: _Run, client: Client, plan: planner.ResourcePlan | None) 
     return plan
 
 
-def _layout_of(plan: planner.ResourcePlan, store: Store, client: Client) -> engine.Layout:
+def _layout_of(plan: planner.ResourcePlan, store: Store) -> engine.Layout:
     threads = plan.resources.total_threads
     return engine.make_layout(store.n_obs, store.n_vars, threads, cell_chunk=plan.cell_chunk,
                               gene_block=plan.gene_block, null_gene_block=plan.null_gene_block,

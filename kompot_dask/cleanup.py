@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._units import fmt_bytes
 from .lock import store_lock
 from .runs import RunHistory, RunSource, read_history
 from .store import Store, StoreHandle
@@ -79,18 +80,10 @@ class CleanupSummary:
     def __str__(self) -> str:
         verb = "Would remove" if self.dry_run else "Removed"
         lines = [f"Cleanup of {self.analysis_type.upper()} run(s) {self.run_ids} in {self.target}"]
-        lines += [f"  {verb} {r.location}/{r.name} (run {r.run_id}, {format_bytes(r.nbytes)})" for r in self.removed]
+        lines += [f"  {verb} {r.location}/{r.name} (run {r.run_id}, {fmt_bytes(r.nbytes)})" for r in self.removed]
         lines += [f"  Kept {s.location}/{s.name} (run {s.run_id}): {s.reason}" for s in self.skipped]
-        lines.append(f"  {'Would free' if self.dry_run else 'Freed'} {format_bytes(self.bytes_freed)}")
+        lines.append(f"  {'Would free' if self.dry_run else 'Freed'} {fmt_bytes(self.bytes_freed)}")
         return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _check_keep(name: str, value: Any, types_seen: set[str]) -> bool | frozenset[str]:
@@ -261,7 +254,7 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
     elif source.is_store:
         leftovers = source.handle.sweep_trash()
         if leftovers:
-            logger.info("Deleted %s left behind by an interrupted cleanup", format_bytes(leftovers))
+            logger.info("Deleted %s left behind by an interrupted cleanup", fmt_bytes(leftovers))
         sizes = source.handle.remove_fields(fields)
     else:
         sizes = _remove_from_anndata(source.adata, fields)
@@ -269,10 +262,10 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
     for rid, loc, name, ftype in todo:
         nbytes = sizes.get((loc, name), 0)
         summary.removed.append(RemovedField(rid, loc, name, ftype, nbytes))
-        logger.info("%s %s/%s of run %d (%s)", verb, loc, name, rid, format_bytes(nbytes))
+        logger.info("%s %s/%s of run %d (%s)", verb, loc, name, rid, fmt_bytes(nbytes))
     logger.info(
         "Cleanup of %s run(s) %s %s %s %s in %s: %d field(s)%s", history.label, ids,
-        "would free" if dry_run else "freed", format_bytes(summary.bytes_freed), where, target,
+        "would free" if dry_run else "freed", fmt_bytes(summary.bytes_freed), where, target,
         len(summary.removed), f", {len(skipped)} kept for later runs" if skipped else "",
     )
     return summary

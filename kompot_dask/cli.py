@@ -260,17 +260,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _plan_payload(plan) -> dict[str, Any]:
-    return plan.to_dict()
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
     import kompot_dask as kd
 
     kwargs = _settings_from(args, _load_config(args.config))
     with _client(args) as client:
         plan = kd.plan(args.store, **kwargs, client=client)
-    _emit(args, _plan_payload(plan), str(plan))
+    _emit(args, plan.to_dict(), str(plan))
     return EXIT_INFEASIBLE if plan.status == "INFEASIBLE" else EXIT_OK
 
 

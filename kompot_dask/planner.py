@@ -32,31 +32,12 @@ from typing import Any
 import numpy as np
 import psutil
 
+from ._units import fmt_bytes, fmt_seconds
+
 logger = logging.getLogger("kompot_dask")
 
 MEMORY_FRACTION = 0.6
 """Share of a worker's memory limit the plan lets one run's peak reach."""
-
-_GIB = 1024**3
-
-
-def fmt_bytes(n: float) -> str:
-    """Human-readable size in binary units (``1.50 GiB``)."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
 
 # --------------------------------------------------------------------------------------
 # Inputs, cluster, calibration
@@ -86,8 +67,6 @@ class PlanInputs:
     dtype: str
     ls_given: bool
     landmarks_given: bool
-    obs_bytes: int
-    var_bytes: int
     fields: tuple[tuple[str, str, str], ...]  # (role, location, name)
     overwrites: tuple[tuple[str, str, int | None], ...]  # (location, name, previous run id)
     previous_run: dict[str, Any] | None = None
@@ -339,8 +318,6 @@ class MemoryEstimate:
     shared: dict[str, int]
     tasks: dict[str, int]
     factor_phase: int
-    run_part: int  # what the engine adds to a worker at rest
-    prep: dict[str, int]  # extra memory of the length-scale / k-means step, by where it runs
 
 
 # Measured here (benchmarks/plan_accuracy.py and a probe of pynndescent alone): the
@@ -381,7 +358,7 @@ def estimate_worker_memory(inp: PlanInputs, ch: Choice, threads: int, base_rss: 
         peak = base_rss + max(first + run_part, max(prep["second worker (k-means)"], run_part))
     else:  # one worker: k-means ends before the engine starts, the search's code stays
         peak = base_rss + first + max(run_part, prep.get("first worker (k-means, before the engine)", 0))
-    return MemoryEstimate(peak, base_rss, shared, tasks, _factor_phase_bytes(inp), run_part, prep)
+    return MemoryEstimate(peak, base_rss, shared, tasks, _factor_phase_bytes(inp))
 
 
 _JIT_OVERHEAD = 40 * 1024**2
@@ -451,7 +428,6 @@ def client_peak_bytes(inp: PlanInputs, current_rss: int) -> tuple[int, dict[str,
     if inp.in_memory:
         lb = 4 if inp.layer_dtype == "float32" else 8
         parts["layers copied back into the AnnData"] = (3 * inp.n_obs * inp.n_vars * lb) if inp.store_layers else 0
-        parts["temporary store written from the AnnData"] = 0
     return int(current_rss + sum(parts.values())), parts
 
 
@@ -502,11 +478,6 @@ class ResourcePlan:
     @property
     def feasible(self) -> bool:
         return self.status != "INFEASIBLE"
-
-    def layout_kwargs(self) -> dict[str, int]:
-        return {"cell_chunk": self.cell_chunk, "gene_block": self.gene_block,
-                "null_gene_block": self.null_gene_block, "kernel_chunk": self.kernel_chunk,
-                "n_std_tasks": self.n_std_tasks}
 
     # ---- serialisation ---------------------------------------------------------------
 
@@ -784,7 +755,6 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
     flops, phases, wall = _flops_and_seconds(inp, ch, res, cal, counts.get("gene blocks", 0),
                                              counts.get("null-gene blocks", 0), embedded)
     m, n12, kc = inp.m, inp.n1 + inp.n2, ch.kernel_chunk
-    bt = 4 if inp.dtype == "float32" else 8
     alloc = [
         {"what": "worker at rest (Python, Dask, JAX; measured)", "shape": None, "bytes": cal.worker_rss, "where": "each worker"},
     ]
@@ -805,7 +775,6 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
             alloc.append({"what": "length scale (pynndescent) and k-means landmarks", "shape": None,
                           "bytes": int(v), "where": k})
     alloc += [{"what": k, "shape": None, "bytes": int(v), "where": "client"} for k, v in client_parts.items() if v]
-    _ = bt
     info = [
         f"Null distribution uses {inp.n_null:,} permuted genes (total: {inp.n_selected + inp.n_null:,} genes scored)",
         f"No task holds more than {ch.cell_chunk:,} cells × {ch.gene_block} genes of expression; "

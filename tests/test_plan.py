@@ -203,9 +203,9 @@ def _inputs(**kw):
     base = dict(store_path="/tmp/x.zarr", n_obs=100_000, n_vars=2000, n_selected=2000, n1=50_000, n2=50_000,
                 n_pred=100_000, d=20, m=2000, n_null=2000, layer="logged_counts", layer_kind="dense",
                 layer_itemsize=4, layer_chunks=(4096, 256), layer_nnz=None, store_layers=True,
-                layer_dtype="float32", dtype="float64", ls_given=True, landmarks_given=False, obs_bytes=0,
-                var_bytes=0, fields=(("imputed1", "layers", "a"), ("imputed2", "layers", "b"),
-                                     ("fold_change", "layers", "c"), ("mahalanobis", "var", "d")),
+                layer_dtype="float32", dtype="float64", ls_given=True, landmarks_given=False,
+                fields=(("imputed1", "layers", "a"), ("imputed2", "layers", "b"),
+                        ("fold_change", "layers", "c"), ("mahalanobis", "var", "d")),
                 overwrites=())
     base.update(kw)
     return PlanInputs(**base)
