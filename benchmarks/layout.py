@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import kompot_dask as kd
-from kompot_dask.store import Store
+from kompot_dask._io.store import Store
 
 
 def du(path: str) -> int:

@@ -8,8 +8,8 @@ from . import plot
 from .analysis import de, plan
 from .cleanup import cleanup
 from .cluster import pin_workers
-from .ingest import ingest
-from .lock import StoreLockedError
+from ._io.ingest import ingest
+from ._io.lease import StoreLockedError
 from .planner import InfeasiblePlanError, ResourcePlan
 from .runinfo import RunInfo
 from .runs import get_run_fields

@@ -22,7 +22,7 @@ from distributed import Client
 from . import engine, planner, runs
 from . import fdr as fdr_mod
 from .cluster import resolve_client
-from .lock import store_lock
+from ._io.lease import store_lock
 from .settings import (
     ComputeSettings,
     FDRSettings,
@@ -31,7 +31,7 @@ from .settings import (
     OutputSettings,
     StorageSettings,
 )
-from .store import Store
+from ._io.store import Store
 
 logger = logging.getLogger("kompot_dask")
 
@@ -192,7 +192,7 @@ def _plan_public(data, groupby, condition1, condition2, layer, obsm_key, genes, 
 
 @contextmanager
 def _temporary_store(adata: ad.AnnData, layer: str | None) -> Iterator[Store]:
-    from .ingest import ingest
+    from ._io.ingest import ingest
 
     tmp = tempfile.mkdtemp(prefix="kompot_dask_")
     try:

@@ -16,9 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._units import fmt_bytes
-from .lock import store_lock
+from ._io.lease import store_lock
 from .runs import RunHistory, RunSource, read_history
-from .store import Store, StoreHandle
+from ._io.store import Store, StoreHandle
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
 

@@ -244,7 +244,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest
+    from ._io.ingest import ingest
 
     try:
         cells, genes = (int(x) for x in args.chunks.split(","))
@@ -347,7 +347,7 @@ _COMMANDS = {"ingest": _cmd_ingest, "plan": _cmd_plan, "de": _cmd_de, "runs": _c
 def _exit_code(exc: BaseException) -> int:
     from .planner import InfeasiblePlanError
     from .settings import SettingsError
-    from .store import StoreError
+    from ._io.store import StoreError
 
     if isinstance(exc, InfeasiblePlanError):
         return EXIT_INFEASIBLE

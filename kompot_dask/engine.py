@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import fdr as fdr_mod
 from . import gp as gp_mod
-from .store import LayerInfo, Store, TileReader, write_tile
+from ._io.store import LayerInfo, Store, TileReader, write_tile
 
 logger = logging.getLogger("kompot_dask")
 

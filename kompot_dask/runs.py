@@ -177,7 +177,7 @@ class RunSource:
     def __init__(self, data: Any):
         import anndata as ad
 
-        from .store import StoreHandle
+        from ._io.store import StoreHandle
 
         self.adata: Any = None
         self.handle: StoreHandle | None = None

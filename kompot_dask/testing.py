@@ -149,7 +149,7 @@ def write_synthetic_store(
     X, cond, cluster = _states(spec)
     params = _gene_params(spec)
     obs, var = _frames(spec, cond, cluster, params)
-    from .ingest import _write_skeleton
+    from ._io.ingest import _write_skeleton
 
     _write_skeleton(ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), path)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)

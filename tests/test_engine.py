@@ -119,7 +119,7 @@ def test_de__results_are_in_store_and_readable(tmp_path, client):
 
 
 def test_store__layer_is_lazy_dask_array(small_store):
-    from kompot_dask.store import Store
+    from kompot_dask._io.store import Store
 
     st = Store(small_store)
     arr = st.layer_as_dask("logged_counts")

@@ -22,10 +22,10 @@ from conftest import tree_digest
 
 import kompot_dask as kd
 from kompot_dask.cleanup import cleanup
-from kompot_dask.lock import StoreLockedError, store_lock
+from kompot_dask._io.lease import StoreLockedError, store_lock
 from kompot_dask.runinfo import RunInfo
 from kompot_dask.runs import RunNotFoundError, get_run_fields, record_params, to_json
-from kompot_dask.store import TRASH_PREFIX, StoreHandle, directory_nbytes
+from kompot_dask._io.store import TRASH_PREFIX, StoreHandle, directory_nbytes
 from kompot_dask.testing import SyntheticSpec, assert_de_results_close, write_synthetic_store
 
 SPEC = SyntheticSpec(n_obs=1200, n_vars=80, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"))
@@ -396,7 +396,7 @@ def test_cleanup__locked_store_is_refused(store_copy):
 @pytest.mark.filterwarnings("ignore:Object at .kompot_trash_:UserWarning")
 def test_cleanup__interrupted_removal_leaves_a_readable_store(store_copy, monkeypatch, caplog):
     """A crash after the layers left their group but before their bytes were deleted."""
-    import kompot_dask.store as store_mod
+    import kompot_dask._io.store as store_mod
 
     class Crash(BaseException):
         pass

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..runs import RunFields, get_run_fields
-from ..store import LayerInfo, Store, StoreHandle, TileReader
+from .._io.store import LayerInfo, Store, StoreHandle, TileReader
 
 logger = logging.getLogger("kompot_dask")
 
