@@ -8,7 +8,8 @@
 """
 
 from .lease import StoreLockedError, store_lock
-from .store import LayerInfo, Store, StoreError, StoreHandle, TileReader, write_tile
+from .store import Store, StoreError, StoreHandle
+from .tiles import LayerInfo, TileReader, write_tile
 
 __all__ = [
     "LayerInfo", "Store", "StoreError", "StoreHandle", "StoreLockedError", "TileReader",

@@ -15,8 +15,6 @@ import shutil
 import stat
 import uuid
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import anndata as ad
@@ -24,6 +22,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
+
+from .tiles import LayerInfo, TileReader, clear_caches, write_tile  # noqa: F401
 
 logger = logging.getLogger("kompot_dask")
 
@@ -47,77 +47,6 @@ def _local_path(path: str | os.PathLike) -> str:
             "shared file system (or mount the bucket with a POSIX layer) and pass its path or a file:// URL."
         )
     return os.path.abspath(p)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the expression element looks like on disk."""
-
-    elem_path: str  # "X" or "layers/<name>"
-    kind: str  # "dense", "csr" or "csc"
-    shape: tuple[int, int]
-    dtype: np.dtype
-    chunks: tuple[int, int] | None  # dense only
-
-
-@lru_cache(maxsize=32)
-def _open_array_cached(store_path: str, elem_path: str, mode: str) -> Any:
-    return zarr.open_array(store=store_path, path=elem_path, mode=mode)
-
-
-@lru_cache(maxsize=8)
-def _open_group_cached(store_path: str, elem_path: str) -> Any:
-    return zarr.open_group(store=store_path, path=elem_path, mode="r", use_consolidated=False)
-
-
-@dataclass(frozen=True)
-class TileReader:
-    """Reads (row range × column set) tiles of an expression element; picklable, opened
-    lazily on whichever worker uses it."""
-
-    store_path: str
-    info: LayerInfo
-
-    def read(self, r0: int, r1: int, cols: slice | np.ndarray) -> np.ndarray:
-        """Dense float tile of rows ``r0:r1`` and columns ``cols`` (a slice or sorted indices)."""
-        kind = self.info.kind
-        if kind == "dense":
-            arr = _open_array_cached(self.store_path, self.info.elem_path, "r")
-            if isinstance(cols, slice):
-                return np.asarray(arr[r0:r1, cols])
-            return np.asarray(arr.oindex[slice(r0, r1), np.asarray(cols)])
-        group = _open_group_cached(self.store_path, self.info.elem_path)
-        if kind == "csr":
-            indptr = np.asarray(group["indptr"][r0 : r1 + 1])
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(group["data"][lo:hi])
-            indices = np.asarray(group["indices"][lo:hi])
-            mat = sp.csr_matrix((data, indices, indptr - lo), shape=(r1 - r0, self.info.shape[1]))
-            return np.asarray(mat[:, cols].toarray())
-        # csc: read the needed columns over all rows, then cut the rows.
-        col_idx = np.arange(self.info.shape[1])[cols] if isinstance(cols, slice) else np.asarray(cols)
-        return _csc_columns(self.store_path, self.info.elem_path, self.info.shape, tuple(col_idx.tolist()))[r0:r1]
-
-
-@lru_cache(maxsize=2)
-def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> np.ndarray:
-    """Dense (all cells × cols) from a CSC element: one contiguous read of the column span."""
-    group = _open_group_cached(store_path, elem_path)
-    idx = np.asarray(cols, dtype=np.int64)
-    c0, c1 = int(idx.min()), int(idx.max()) + 1
-    indptr = np.asarray(group["indptr"][c0 : c1 + 1]).astype(np.int64)
-    lo, hi = int(indptr[0]), int(indptr[-1])
-    span = sp.csc_matrix(
-        (np.asarray(group["data"][lo:hi]), np.asarray(group["indices"][lo:hi]), indptr - lo),
-        shape=(shape[0], c1 - c0),
-    )
-    return np.asarray(span[:, idx - c0].toarray())
-
-
-def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: int, tile: np.ndarray) -> None:
-    """Region write of one tile into a staged array (called on workers)."""
-    arr = _open_array_cached(store_path, elem_path, "r+")
-    arr[r0:r1, c0:c1] = tile
 
 
 TRASH_PREFIX = ".kompot_trash_"
@@ -174,8 +103,7 @@ class StoreHandle:
         self.zarr_format = self.root.metadata.zarr_format
 
     def _reopen(self) -> None:
-        _open_array_cached.cache_clear()
-        _open_group_cached.cache_clear()
+        clear_caches()
         self.root = zarr.open_group(store=self.path, mode="r")
 
     def obsm_keys(self) -> list[str]:
@@ -475,8 +403,7 @@ class Store(StoreHandle):
             # our lease file at the root is not a zarr node; zarr says so while walking
             warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
             zarr.consolidate_metadata(self.path)
-        _open_array_cached.cache_clear()
-        _open_group_cached.cache_clear()
+        clear_caches()
         self.root = zarr.open_group(store=self.path, mode="r")
         self.obs = ad.io.read_elem(self.root["obs"])
         self.var = ad.io.read_elem(self.root["var"])
