@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging as _logging
 
 from . import plot
+from ._io.ingest import ingest
+from ._io.lease import StoreLockedError
 from .analysis import de, plan
 from .cleanup import cleanup
 from .cluster import pin_workers
-from ._io.ingest import ingest
-from ._io.lease import StoreLockedError
 from .planner import InfeasiblePlanError, ResourcePlan
 from .runinfo import RunInfo
 from .runs import get_run_fields

@@ -21,8 +21,9 @@ from distributed import Client
 
 from . import engine, planner, runs
 from . import fdr as fdr_mod
-from .cluster import resolve_client
 from ._io.lease import store_lock
+from ._io.store import Store
+from .cluster import resolve_client
 from .settings import (
     ComputeSettings,
     FDRSettings,
@@ -31,7 +32,6 @@ from .settings import (
     OutputSettings,
     StorageSettings,
 )
-from ._io.store import Store
 
 logger = logging.getLogger("kompot_dask")
 

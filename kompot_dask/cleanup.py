@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._units import fmt_bytes
 from ._io.lease import store_lock
-from .runs import RunHistory, RunSource, read_history
 from ._io.store import Store, StoreHandle
+from ._units import fmt_bytes
+from .runs import RunHistory, RunSource, read_history
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
 

@@ -345,9 +345,9 @@ _COMMANDS = {"ingest": _cmd_ingest, "plan": _cmd_plan, "de": _cmd_de, "runs": _c
 
 
 def _exit_code(exc: BaseException) -> int:
+    from ._io.store import StoreError
     from .planner import InfeasiblePlanError
     from .settings import SettingsError
-    from ._io.store import StoreError
 
     if isinstance(exc, InfeasiblePlanError):
         return EXIT_INFEASIBLE

@@ -25,8 +25,8 @@ from conftest import tree_digest
 import kompot_dask as kd
 import kompot_dask.analysis as analysis_mod
 from kompot_dask import engine, runs
-from kompot_dask.settings import SettingsError
 from kompot_dask._io.store import STAGING_PREFIX, Store, StoreError
+from kompot_dask.settings import SettingsError
 from kompot_dask.testing import make_synthetic_adata
 
 GROUPBY, COND1, COND2 = "Age", "Young", "Old"
@@ -101,8 +101,8 @@ def staggered_blocks(client):
     def patch(on):
         import time
 
-        import kompot_dask.engine as eng
         import kompot_dask._io.store as st
+        import kompot_dask.engine as eng
 
         if not (hasattr(eng, "write_tile") and hasattr(eng, "_real_block_task")):
             return False

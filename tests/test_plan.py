@@ -15,8 +15,8 @@ from distributed import Client, LocalCluster
 
 import kompot_dask as kd
 from kompot_dask import runs
-from kompot_dask.cluster import worker_environment
 from kompot_dask._io.lease import LOCK_NAME, store_lock
+from kompot_dask.cluster import worker_environment
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
 
 ARGS = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca")

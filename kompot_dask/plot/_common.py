@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..runs import RunFields, get_run_fields
 from .._io.store import LayerInfo, Store, StoreHandle, TileReader
+from ..runs import RunFields, get_run_fields
 
 logger = logging.getLogger("kompot_dask")
 
