@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -17,10 +19,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import psutil
-from distributed import Client
+from distributed import Client, KilledWorker
 
 from . import engine, planner, runs
 from . import fdr as fdr_mod
+from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.store import Store
 from .cluster import resolve_client
@@ -99,6 +102,7 @@ def de(
     client: Client | None = None,
     plan: planner.ResourcePlan | None = None,
     dry_run: bool = False,
+    resume: bool = True,
 ) -> dict[str, Any] | planner.ResourcePlan | None:
     """Kompot differential expression between two conditions, computed on Dask.
 
@@ -127,6 +131,10 @@ def de(
         only, no timing calibration). An infeasible plan is refused before any compute.
     dry_run
         Plan only (same as :func:`plan`): returns the plan, computes and writes nothing.
+    resume
+        After an interrupted run of the same call on the same store (a killed client, a
+        preempted job), reuse the gene blocks it finished; its results are identical to an
+        uninterrupted run. ``False`` starts afresh (and discards what was kept).
 
     Returns
     -------
@@ -147,7 +155,7 @@ def de(
     store = Store(data)
     run = _validate(store, *args, **settings)
     with store_lock(store.path, "kompot_dask.de"):
-        return _execute(run, client, plan)
+        return _execute(run, client, plan, resume)
 
 
 def plan(
@@ -206,7 +214,7 @@ def _temporary_store(adata: ad.AnnData, layer: str | None) -> Iterator[Store]:
 def _de_in_memory(adata: ad.AnnData, args: tuple, settings: dict, client, plan):
     with _temporary_store(adata, args[3]) as store:
         run = _validate(store, *args, **settings, existing_layers=list(adata.layers.keys()), in_memory=True)
-        result = _execute(run, client, plan)
+        result = _execute(run, client, plan, resume=False)
         record = runs.load_history(store.read_uns_json(runs.HISTORY_KEY))[-1]
         for loc_field in record["fields_written"]:
             loc, name = loc_field.split("/", 1)
@@ -328,6 +336,12 @@ def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     store.check_writable()
 
     names = runs.output_field_names(rk, condition1, condition2)
+    if runs.sanitize_name(condition1) == runs.sanitize_name(condition2):
+        raise ValueError(
+            f"condition1={condition1!r} and condition2={condition2!r} both become "
+            f"{runs.sanitize_name(condition1)!r} in field names (' ', '-', '.', '/' are written as '_'), "
+            f"so their results would overwrite each other. Rename one of the two labels in obs[{groupby!r}]."
+        )
     n_null = fdr.resolved_null_genes()
     use_fdr = n_null > 0
     roles = ["mahalanobis", "mean_lfc", "std1", "std2"]
@@ -335,6 +349,10 @@ def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
         roles += ["local_fdr", "is_de"]
     layer_roles = ["imputed1", "imputed2", "fold_change"] if storage.store_layers else []
     roles += layer_roles
+    store.check_new_field_names(
+        [(runs.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
+        "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
+    )
     uns_entry = store.read_uns_json(runs.HISTORY_KEY)
     history = runs.load_history(uns_entry)
     tracking = runs.load_field_tracking(uns_entry)
@@ -346,7 +364,8 @@ def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
                 layer_roles, n_null, uns_entry, history, tracking, existing, in_memory)
 
 
-def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None) -> dict[str, Any] | None:
+def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None,
+             resume: bool) -> dict[str, Any] | None:
     t_start = time.perf_counter()
     store, gp, fdr, storage, output, compute = run.store, run.gp, run.fdr, run.storage, run.output, run.compute
     groupby, condition1, condition2 = run.groupby, run.condition1, run.condition2
@@ -375,21 +394,39 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
 
     with resolve_client(client, compute) as c:
         plan = _plan_for_run(run, c, plan)
-        ls, Z, landmark_source = engine.prepare_model(
-            c, X_raw[mask1], np.vstack([X[mask1], X[mask2]]), ls=gp.ls, ls_factor=gp.ls_factor,
-            landmarks=gp.landmarks, n_landmarks=gp.n_landmarks, random_state=gp.random_state,
-        )
+        fingerprint = _fingerprint(run)
+        staging, saved = io_commit.open_run_staging(store.path, fingerprint, resume)
         try:
+            if saved is not None:
+                ls, Z, landmark_source = float(saved["ls"]), saved["Z"], saved["landmark_source"]
+                layout = engine.make_layout(store.n_obs, store.n_vars, plan.resources.total_threads,
+                                            **saved["layout"])
+                logger.info("Resuming the interrupted run of this call kept in %s", staging.path)
+            else:
+                ls, Z, landmark_source = engine.prepare_model(
+                    c, X_raw[mask1], np.vstack([X[mask1], X[mask2]]), ls=gp.ls, ls_factor=gp.ls_factor,
+                    landmarks=gp.landmarks, n_landmarks=gp.n_landmarks, random_state=gp.random_state,
+                )
+                layout = _layout_of(plan, store)
+                io_commit.save_run_state(staging, fingerprint, {
+                    "ls": ls, "landmark_source": landmark_source,
+                    "layout": {"cell_chunk": layout.row_chunk, "gene_block": layout.gene_block,
+                               "null_gene_block": layout.null_gene_block, "kernel_chunk": layout.kernel_chunk},
+                }, Z)
             res = engine.run_engine(
                 c, store, info, X=X, codes=codes, pred=filter_mask, selected=selected, Z=Z, ls=ls,
                 sigma=gp.sigma, eps=gp.eps, null_sources=null_sources, null_seeds=null_seeds,
                 layer_names=layer_names, layer_dtype=storage.layer_dtype, dtype=compute.dtype,
-                layout=_layout_of(plan, store), progress=output.progress,
+                layout=layout, progress=output.progress, staging=staging,
             )
         except engine.NonFiniteExpressionError as exc:
+            staging.remove()
             raise engine.NonFiniteExpressionError(
                 exc.columns, [str(var.index[i]) for i in exc.columns], exc.as_null_source
             ) from None
+        except BaseException as exc:
+            _keep_or_discard(staging, exc)
+            raise
         n_workers = len(c.scheduler_info(n_workers=-1)["workers"])
 
     # ---- FDR and outputs ---------------------------------------------------------------
@@ -484,9 +521,11 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
     if rk != runs.HISTORY_KEY:
         uns_updates[rk] = rk_entry
     try:
-        store.commit(staged_by_name, obs_cols, var_cols, uns_updates)
-    except BaseException:
-        store.discard_staged(list(staged_by_name.values()))
+        store.commit(staging, layers=staged_by_name, obs_columns=obs_cols, var_columns=var_cols,
+                     uns_updates=uns_updates)
+    except BaseException as exc:
+        if not os.path.exists(os.path.join(store.path, io_commit.JOURNAL)):
+            _keep_or_discard(staging, exc)  # before the commit point: the store is unchanged
         raise
     logger.info("Results written to %s (run_id=%d)", store.path, run_id)
 
@@ -505,6 +544,40 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
         "field_names": {r: names[r] for r in roles}, "ls": ls, "landmarks": Z,
         "null_mahalanobis": res.null_mahalanobis,
     }
+
+
+def _fingerprint(run: _Run) -> str:
+    """What makes two calls the same run: their parameters and the state of their inputs."""
+    params = runs.record_params(run.groupby, run.condition1, run.condition2, run.obsm_key, run.layer,
+                                run.genes, run.gp, run.fdr, run.filter, run.storage, run.output, run.compute)
+    params.pop("output", None)  # progress bars and return values do not change the results
+    digest = hashlib.sha256()
+    digest.update(json.dumps([params, run.store.path, run.store.n_obs, run.store.n_vars,
+                              run.store.element_signature(run.info.elem_path),
+                              run.store.element_signature(f"obsm/{run.obsm_key}"),
+                              run.store.element_signature(f"obs/{run.groupby}")],
+                             sort_keys=True, default=str).encode())
+    for arr in (run.gp.landmarks, run.filter_mask):
+        if arr is not None:
+            digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _keep_or_discard(staging: io_commit.Staging, exc: BaseException) -> None:
+    """After a failure: keep the finished work for a resume when the same call can succeed
+    (an interruption, a lost worker, a full disk), discard it otherwise (a fault of the input
+    or of the code would only repeat)."""
+    finished = len(io_commit.read_markers(staging.sub("markers")))
+    interrupted = isinstance(exc, KeyboardInterrupt | SystemExit | OSError | KilledWorker) or (
+        type(exc).__name__ == "WorkerLostError")
+    if finished and interrupted:
+        logger.warning(
+            "The run stopped (%s); its %d finished tasks are kept in %s. Rerunning the same call "
+            "resumes them; kompot_dask.cleanup(store, staged=True) removes them.",
+            type(exc).__name__, finished, staging.path,
+        )
+        return
+    staging.remove()
 
 
 def _check_overwrites(run: _Run) -> None:

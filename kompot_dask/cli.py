@@ -1,11 +1,12 @@
 """``kompot-dask``: the command line for cluster jobs.
 
-Subcommands: ``ingest``, ``plan``, ``de``, ``runs``, ``cleanup``, ``demo``. Cluster:
+Subcommands: ``ingest``, ``plan``, ``de``, ``runs``, ``cleanup``, ``verify``, ``demo``. Cluster:
 ``--scheduler tcp://HOST:PORT`` (or ``DASK_SCHEDULER_ADDRESS``, or ``--scheduler-file``),
 with ``--tls-ca-file/--tls-cert/--tls-key`` for TLS; without one, an embedded LocalCluster
 shaped by ``--n-workers/--threads-per-worker/--memory-limit``.
 
-Exit codes: 0 ok, 2 bad input, 3 infeasible plan, 1 anything else. Errors are one line on
+Exit codes: 0 ok, 2 bad input, 3 infeasible plan, 1 anything else (``verify``: 1 when the
+store is damaged, after the report and a one-line summary on stderr). Errors are one line on
 stderr; ``--verbose`` adds the traceback.
 """
 
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-obs", action="store_true", help="also remove per-cell fields")
     p.add_argument("--remove-var", action="store_true", help="also remove per-gene statistics")
     p.add_argument("--dry-run", action="store_true", help="say what would be removed")
+
+    p = sub.add_parser("verify", help="check the store's chunk files and run history (exit 1 if damaged)")
+    p.add_argument("store")
+    p.add_argument("--record", action="store_true",
+                   help="record chunk manifests for expression elements that lack one (takes their chunks as correct)")
 
     p = sub.add_parser("demo", help="build a synthetic atlas store and run de on it")
     p.add_argument("--out", default="demo_data/atlas.zarr")
@@ -332,6 +338,18 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ._io.manifest import verify
+
+    report = verify(args.store, record=args.record)
+    _emit(args, report.to_dict(), str(report))
+    if report.ok:
+        return EXIT_OK
+    # The report went to stdout; the verdict also goes to stderr, where job logs look.
+    print(f"kompot-dask verify: {report.summary()}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -341,7 +359,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"ingest": _cmd_ingest, "plan": _cmd_plan, "de": _cmd_de, "runs": _cmd_runs,
-             "cleanup": _cmd_cleanup, "demo": _cmd_demo}
+             "cleanup": _cmd_cleanup, "verify": _cmd_verify, "demo": _cmd_demo}
 
 
 def _exit_code(exc: BaseException) -> int:

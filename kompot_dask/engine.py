@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import fdr as fdr_mod
 from . import gp as gp_mod
+from ._io import commit as io_commit
 from ._io.store import LayerInfo, Store, TileReader, write_tile
 
 logger = logging.getLogger("kompot_dask")
@@ -39,10 +40,6 @@ FACTOR_DTYPE = "float64"
 """The m × m factorisations, solves and scores are always float64: with kompot's jitter
 (1e-6) the landmark kernel's Cholesky fails in float32. ``ComputeSettings.dtype`` sets the
 precision of the bulk tile arithmetic (the cells × genes projections and predictions)."""
-
-_FAIL_BLOCK_FOR_TESTS: int | None = None
-"""Tests set this to a real-gene block index to make that block task fail."""
-
 
 class NonFiniteExpressionError(ValueError):
     """The expression layer holds NaN or inf for some genes."""
@@ -95,7 +92,8 @@ class BlockContext:
     sigma: float
     dtype: str
     layer_dtype: str
-    staged: dict[str, str] = field(default_factory=dict)  # role -> elem path
+    staged: dict[str, str] = field(default_factory=dict)  # role -> staged array directory
+    markers: str | None = None  # directory of finished-task markers (resume)
 
 
 def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gene_block: int,
@@ -128,7 +126,7 @@ def _real_blocks(layout: Layout, n_vars: int, selected: np.ndarray) -> list[dict
         c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
         local = np.flatnonzero(sel_mask[c0:c1])
         if len(local):
-            blocks.append({"index": j, "c0": c0, "c1": c1, "local": local, "fail": _FAIL_BLOCK_FOR_TESTS == j})
+            blocks.append({"index": j, "c0": c0, "c1": c1, "local": local})
     return blocks
 
 
@@ -200,8 +198,6 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
             acc2.add(xs[in2], tile[in2].astype(ctx.dtype, copy=False))
     if bad.any():
         raise NonFiniteExpressionError((c0 + local[bad]).tolist())
-    if block.get("fail"):
-        raise InjectedFailure(f"injected failure in gene block {block['index']}")
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
@@ -219,8 +215,12 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
                 for role, t in tiles.items():
                     t[np.ix_(rows, local)] = values[role][:n, :n_sel]
             for role, path in ctx.staged.items():
-                write_tile(ctx.reader.store_path, path, r0, r1, c0, c1, tiles[role])
-    return {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+                write_tile(path, "", r0, r1, c0, c1, tiles[role])
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    if ctx.markers:  # after the tiles: a marker vouches for them
+        io_commit.write_marker(ctx.markers, f"real-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items()})
+    return out
 
 
 def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar):
@@ -264,10 +264,13 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     del y2
     factors = {"C1": C1, "C2": C2, "R": R}
     _, _, d, _ = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
-    return {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)]}
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)]}
+    if ctx.markers:
+        io_commit.write_marker(ctx.markers, f"null-{block['index']}", {k: np.asarray(v) for k, v in out.items()})
+    return out
 
 
-def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype):
+def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None):
     """Posterior standard deviation of both conditions at the cells ``rows``."""
     factors = {"Lp": Lp, "C1": C1, "C2": C2}
     out1 = np.empty(len(rows))
@@ -277,7 +280,10 @@ def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype):
         v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], kernel_chunk), Z, factors, ls, dtype)
         out1[s : s + len(r)] = v1[: len(r)]
         out2[s : s + len(r)] = v2[: len(r)]
-    return rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps)
+    result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps)
+    if marker is not None:
+        io_commit.write_marker(marker[0], marker[1], dict(zip(("rows", "std1", "std2"), result, strict=True)))
+    return result
 
 
 def _length_scale_task(X1, ls_factor):
@@ -316,9 +322,13 @@ def _drain_writers(client: Client, keys: list[str], timeout: float = 120.0) -> N
 
 def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, n_landmarks, random_state):
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # The helpers end themselves when this process dies (see _exit_with_parent): a killed
+    # client must not leave a ~350 MiB k-means process behind.
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                             ) as pool:
         ls_f = pool.submit(_length_scale_task, X1, ls_factor) if ls is None else None
         if landmarks is not None:
             Z, source = landmarks, "provided"
@@ -382,6 +392,7 @@ class EngineResult:
     staged: dict[str, str]
     layout: Layout
     n_tasks: int
+    n_reused: int = 0
 
 
 def run_engine(
@@ -404,8 +415,14 @@ def run_engine(
     dtype: str,
     layout: Layout,
     progress: bool,
+    staging: io_commit.Staging,
 ) -> EngineResult:
-    """Run the distributed part of a DE run. Staged layers are discarded on failure."""
+    """Run the distributed part of a DE run.
+
+    Layers are written into ``staging``; every finished task leaves a marker there, and the
+    tasks whose markers exist (a resumed run) are not run again. On failure the staging is
+    left to the caller, which keeps it for a resume or discards it.
+    """
     n_obs, n_vars = info.shape
     rows1 = np.flatnonzero(codes == 1)
     rows2 = np.flatnonzero(codes == 2)
@@ -423,19 +440,35 @@ def run_engine(
     staged: dict[str, str] = {}
     if layer_names:
         for role, name in layer_names.items():
-            staged[role] = store.stage_layer(name, (n_obs, n_vars), (layout.row_chunk, layout.gene_block), layer_dtype)
+            staged[role] = staging.create_layer(name, (n_obs, n_vars), (layout.row_chunk, layout.gene_block), layer_dtype)
+    markers = staging.sub("markers")
+    done = io_commit.read_markers(markers)
+    pred_rows = np.flatnonzero(pred)
+    std_parts = [(i, r) for i, r in enumerate(np.array_split(pred_rows, layout.n_std_tasks)) if len(r)]
+    real_out = [done[f"real-{b['index']}"] for b in real_blocks if f"real-{b['index']}" in done]
+    null_out = [done[f"null-{b['index']}"] for b in null_blocks if f"null-{b['index']}" in done]
+    std_out = [tuple(done[f"std-{i}"][k] for k in ("rows", "std1", "std2")) for i, _ in std_parts if f"std-{i}" in done]
+    n_all = len(real_blocks) + len(null_blocks) + len(std_parts)
+    real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
+    null_blocks = [b for b in null_blocks if f"null-{b['index']}" not in done]
+    std_parts = [(i, r) for i, r in std_parts if f"std-{i}" not in done]
+    n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts)
+    if n_reused:
+        logger.info("Resuming: %d of %d tasks finished before the interruption are reused "
+                    "(%d gene blocks, %d null-gene blocks, %d std tasks)", n_reused, n_all,
+                    len(real_out), len(null_out), len(std_out))
+    if n_reused == n_all:
+        return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused)
     futures: list = []
     pending = None
     run_token = uuid.uuid4().hex[:12]
     block_keys = [f"kompot-real-block-{run_token}-{b['index']}" for b in real_blocks]
     try:
-        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged)
-        X_f = client.scatter(X, broadcast=True, hash=False)
-        Z_f = client.scatter(Z, broadcast=True, hash=False)
-        codes_f = client.scatter(codes, broadcast=True, hash=False)
-        pred_f = client.scatter(pred, broadcast=True, hash=False)
-        rows1_f = client.scatter(rows1, broadcast=True, hash=False)
-        rows2_f = client.scatter(rows2, broadcast=True, hash=False)
+        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged, markers)
+        # Tasks that hold their data rather than scattered data: the scheduler can run them
+        # again on a restarted worker, while scattered data dies with its workers.
+        X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f = _input_futures(
+            client, run_token, X=X, Z=Z, codes=codes, pred=pred, rows1=rows1, rows2=rows2)
         kc = layout.kernel_chunk
 
         logger.info("Fitting expression estimator for condition 1...")
@@ -445,7 +478,6 @@ def run_engine(
         logger.info("Fitting expression estimator for condition 2...")
         s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(rows2, parts)]
-        pred_rows = np.flatnonzero(pred)
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
               for r in np.array_split(pred_rows, n_threads)]
         kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
@@ -469,11 +501,10 @@ def run_engine(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f,
                 pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
-        for r in np.array_split(pred_rows, layout.n_std_tasks):
-            if len(r):
-                # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
-                futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
-                                             pure=False, priority=1))
+        for i, r in std_parts:
+            # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
+            futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
+                                         (markers, f"std-{i}"), pure=False, priority=1))
         n_tasks = len(futures) + len(setup)
         outputs = {f.key for f in futures}
         pending = as_completed(setup + futures, loop=client.loop)
@@ -482,9 +513,8 @@ def run_engine(
         del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
-        real_out, null_out, std_out = [], [], []
         with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
-            for fut in pending:
+            for fut in _completed(client, pending):
                 if fut.key in outputs:
                     res = fut.result()
                     if isinstance(res, tuple):
@@ -498,20 +528,26 @@ def run_engine(
                 bar.update(1)
         if diag_f.result():
             logger.info("Mahalanobis distances used the diagonal covariance shortcut")
-    except BaseException:
+    except BaseException as exc:
         if pending is not None:
             client.cancel(list(pending.futures), force=True)
         for f in futures:
             f.cancel()
         _drain_writers(client, block_keys)
-        store.discard_staged(list(staged.values()))
+        lost = _as_worker_lost(exc)
+        if lost is not None:
+            raise lost from exc
         raise
+    return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused)
 
+
+def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks, n_reused) -> EngineResult:
+    """The per-task results (computed now or reused from markers) as whole arrays."""
     real_out.sort(key=lambda r: r["index"])
     columns = np.concatenate([r["columns"] for r in real_out]) if real_out else np.array([], dtype=int)
     mahal = np.concatenate([r["mahalanobis"] for r in real_out]) if real_out else np.array([])
     lfc = np.concatenate([r["mean_lfc"] for r in real_out]) if real_out else np.array([])
-    null_d = np.full(len(null_sources), np.nan)
+    null_d = np.full(n_null, np.nan)
     for r in null_out:
         null_d[r["null_ids"]] = r["mahalanobis"]
     std1 = np.full(n_obs, np.nan)
@@ -519,4 +555,162 @@ def run_engine(
     for rows, a, b in std_out:
         std1[rows] = a
         std2[rows] = b
-    return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks)
+    return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused)
+
+
+# --------------------------------------------------------------------------------------
+# Helper processes that die with the client
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Initializer of the length-scale / k-means helper processes: end with the client.
+
+    A ProcessPoolExecutor child holds both ends of its task queue, so when the client is
+    SIGKILLed it never sees end-of-file: it finishes its task, then waits forever under
+    PID 1, keeping its memory, the caller's stdout and the multiprocessing resource
+    tracker (which lives while any process holds its pipe) alive.
+
+    On Linux the kernel then kills the helper at once: PR_SET_PDEATHSIG fires when the
+    thread that started it exits, and that thread is the one blocked on the pool in
+    :func:`_prepare_in_subprocesses`, alive for as long as the helpers are needed. A
+    daemon thread that polls the parent pid covers other systems (it needs the GIL, so it
+    may only act between two calls into compiled code) and a parent that died before the
+    prctl call.
+    """
+    import os
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        _set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="kompot-parent-watch", daemon=True).start()
+
+
+def _set_parent_death_signal() -> None:
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0) != 0:
+            logger.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # no libc prctl: the polling thread still applies
+        logger.debug("prctl is not available; helper processes rely on polling the parent pid")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    import os
+
+    while True:
+        time.sleep(_PARENT_POLL_S)
+        if os.getppid() != parent_pid:  # reparented: the client is gone
+            os._exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# Worker loss
+
+
+_NO_WORKER_GRACE_S = 120.0
+"""How long a run waits for a cluster that has lost every worker to get one back (an
+embedded cluster's nanny restarts its worker within seconds)."""
+_WORKER_POLL_S = 2.0
+
+
+class WorkerLostError(RuntimeError):
+    """A Dask worker died and the run could not go on without it."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(
+            f"A Dask worker died during the run and the run could not continue: {detail}. "
+            "No results were written to the store; rerunning the same call is safe. A worker "
+            "that dies again and again is often killed for exceeding its memory limit: see "
+            "the worker logs, or give workers more memory (ComputeSettings(memory_limit=...))."
+        )
+
+    def __reduce__(self):
+        return (WorkerLostError, (self.detail,))
+
+
+def _identity(x):
+    return x
+
+
+def _input_futures(client: Client, token: str, **arrays: np.ndarray) -> list:
+    """One task per input array whose spec holds the array.
+
+    The scheduler keeps the spec (one copy of each array: the embedding X is n × d, the
+    rest are cells or landmarks long, never cells × genes) until the last dependent task
+    is done, so after a worker dies it re-runs these tasks on the workers that remain or
+    on the one its nanny restarts, and then everything lost downstream.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # Putting the embedding into the graph is the point here, not an accident.
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return [client.submit(_identity, a, key=f"kompot-input-{name}-{token}", pure=False)
+                for name, a in arrays.items()]
+
+
+def _completed(client: Client, pending):
+    """The futures of ``pending`` (an ``as_completed``) as they finish.
+
+    A task that was running on a worker that died is re-run by the scheduler, but only on
+    a worker: on a cluster left with none (an external cluster that loses all of its
+    workers) the run would wait forever. Stop it with :class:`WorkerLostError` once no
+    worker has been seen for ``_NO_WORKER_GRACE_S``.
+    """
+    seen = set(client.nthreads())  # address -> threads; lighter than scheduler_info
+    gone: list[str] = []
+    empty_since = None
+    next_poll = time.monotonic() + _WORKER_POLL_S
+    while not pending.is_empty():
+        if pending.has_ready():
+            yield next(pending)
+            continue
+        now = time.monotonic()
+        if now >= next_poll:
+            next_poll = now + _WORKER_POLL_S
+            current = set(client.nthreads())
+            gone.extend(sorted(seen - current))
+            seen |= current
+            if current:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = now
+            elif now - empty_since > _NO_WORKER_GRACE_S:
+                which = ", ".join(dict.fromkeys(gone)) or "unknown"
+                raise WorkerLostError(
+                    f"the cluster has had no worker for {_NO_WORKER_GRACE_S:.0f} s "
+                    f"(workers that left: {which})"
+                )
+        time.sleep(0.05)
+
+
+def _as_worker_lost(exc: BaseException) -> WorkerLostError | None:
+    """The :class:`WorkerLostError` that a Dask failure stands for, if it is a worker loss."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(exc, WorkerLostError):
+        return None  # already says it
+    if isinstance(exc, KilledWorker):
+        try:
+            where = f"worker {exc.last_worker.address}"
+        except AttributeError:
+            where = "a worker"
+        return WorkerLostError(
+            f"{where} died while running task {exc.task!r}, and so did every worker that ran "
+            f"it before ({exc.allowed_failures + 1} in all; see distributed.scheduler.allowed-failures)"
+        )
+    if isinstance(exc, FutureCancelledError) and exc.reason in ("lost dependencies", "already forgotten"):
+        return WorkerLostError(f"the data of task {exc.key!r} was lost with the worker holding it")
+    return None

@@ -225,10 +225,12 @@ class StorageSettings(_Settings):
         if self.result_key is None:
             self.result_key = "kompot_de"
         rk = self.result_key
-        if not isinstance(rk, str) or not rk or any(p in rk for p in _FORBIDDEN_KEY_PARTS):
+        if (not isinstance(rk, str) or not rk or any(p in rk for p in _FORBIDDEN_KEY_PARTS)
+                or rk.startswith((".", "__"))):
             raise _fail(
                 "StorageSettings", "result_key", rk,
-                "a non-empty name without '/', '\\\\' or '..' (it becomes part of zarr paths)",
+                "a non-empty name without '/', '\\\\' or '..', not starting with '.' or '__' "
+                "(it becomes part of zarr paths, where such names are hidden or reserved)",
             )
         if self.overwrite not in (None, True, False):
             raise _fail("StorageSettings", "overwrite", self.overwrite, "None, True or False")

@@ -10,6 +10,7 @@ are removed, so the store is still byte-identical afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -25,7 +26,8 @@ from conftest import tree_digest
 import kompot_dask as kd
 import kompot_dask.analysis as analysis_mod
 from kompot_dask import engine, runs
-from kompot_dask._io.store import STAGING_PREFIX, Store, StoreError
+from kompot_dask._io.commit import STAGING_DIR
+from kompot_dask._io.store import Store, StoreError
 from kompot_dask.settings import SettingsError
 from kompot_dask.testing import make_synthetic_adata
 
@@ -131,6 +133,40 @@ def staggered_blocks(client):
     assert all(client.run(patch, True).values()), "engine.write_tile/_real_block_task not found on the workers"
     yield
     client.run(patch, False)
+
+
+@contextlib.contextmanager
+def _failing_block(client, index: int, delay: float = 0.0):
+    """On the workers, real-gene block ``index`` raises ``engine.InjectedFailure`` after
+    ``delay`` seconds. The block task runs in the worker processes, where a monkeypatch of
+    this process does not reach, so the task function is replaced there (a task resolves
+    ``engine._real_block_task`` by name when a worker unpickles it)."""
+
+    def patch(on, index, delay):
+        import time
+
+        import kompot_dask.engine as eng
+
+        if not on:
+            eng._real_block_task = getattr(eng._real_block_task, "unpatched", eng._real_block_task)
+            return True
+        inner = eng._real_block_task
+
+        def failing_block_task(ctx, block, *args, **kwargs):
+            if block["index"] == index:
+                time.sleep(delay)
+                raise eng.InjectedFailure(f"injected failure in gene block {index}")
+            return inner(ctx, block, *args, **kwargs)
+
+        failing_block_task.unpatched = inner
+        eng._real_block_task = failing_block_task
+        return True
+
+    assert all(client.run(patch, True, index, delay).values())
+    try:
+        yield
+    finally:
+        client.run(patch, False, index, delay)
 
 
 @pytest.fixture
@@ -367,7 +403,7 @@ def test_de__nonfinite_expression(small_store, client):
         _de(small_store, client=client, fdr=kd.FDRSettings(null_genes=0), compute=kd.ComputeSettings(gene_block=32))
     assert "genes=" in str(excinfo.value)
     assert _snapshot(small_store) == before
-    assert not any(STAGING_PREFIX in d for d in _snapshot(small_store)[1])
+    assert not os.path.exists(os.path.join(small_store, STAGING_DIR))
 
 
 # ---------------------------------------------------------------------------
@@ -422,15 +458,13 @@ def test_de__failure_midway_leaves_no_trace_and_rerun_succeeds(small_store, clie
     before = _snapshot(small_store)
     # gene_block=32 gives three real-gene blocks, so block 1 fails while others write tiles.
     compute = kd.ComputeSettings(gene_block=32)
-    monkeypatch.setattr(engine, "_FAIL_BLOCK_FOR_TESTS", 1)
-    with pytest.raises(engine.InjectedFailure, match="gene block 1"):
+    with _failing_block(client, 1), pytest.raises(engine.InjectedFailure, match="gene block 1"):
         _de(small_store, client=client, compute=compute)
     assert _snapshot(small_store) == before
     store = Store(small_store)
     assert store.read_uns_json(runs.HISTORY_KEY) == {}
     assert not any(c.startswith("kompot_de") for c in store.var.columns)
 
-    monkeypatch.setattr(engine, "_FAIL_BLOCK_FOR_TESTS", None)
     result = _de(
         small_store, client=client, compute=compute,
         output=kd.OutputSettings(progress=False, return_full_results=True),
@@ -459,17 +493,19 @@ def test_de__failure_midway_leaves_no_late_writes(small_store, client, monkeypat
     """Like the test above, but the store is compared once every worker is idle, and
     block 1 fails while the other blocks are still writing their tiles."""
     if failure == "injected":
-        monkeypatch.setattr(engine, "_FAIL_BLOCK_FOR_TESTS", 1)
+        # Wrapped around staggered_blocks' late start, so it waits the same 1 s itself.
+        injected = _failing_block(client, 1, delay=1.0)
         expected = engine.InjectedFailure
     else:
         _open_rw(small_store)["layers"][LAYER][10, 40] = np.nan  # gene block 1 of 3
+        injected = contextlib.nullcontext()
         expected = engine.NonFiniteExpressionError
     before = _snapshot(small_store)
-    with pytest.raises(expected):
+    with injected, pytest.raises(expected):
         _de(small_store, client=client, fdr=kd.FDRSettings(null_genes=0), compute=kd.ComputeSettings(gene_block=32))
     _wait_until_workers_idle(client)
     after = _snapshot(small_store)
-    assert [d for d in after[1] if STAGING_PREFIX in d] == []
+    assert not os.path.exists(os.path.join(small_store, STAGING_DIR))
     assert after == before
 
 

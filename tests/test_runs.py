@@ -21,8 +21,9 @@ import zarr
 from conftest import tree_digest
 
 import kompot_dask as kd
+from kompot_dask._io import commit
 from kompot_dask._io.lease import StoreLockedError, store_lock
-from kompot_dask._io.store import TRASH_PREFIX, StoreHandle, directory_nbytes
+from kompot_dask._io.store import StoreHandle, directory_nbytes
 from kompot_dask.cleanup import cleanup
 from kompot_dask.runinfo import RunInfo
 from kompot_dask.runs import RunNotFoundError, get_run_fields, record_params, to_json
@@ -349,7 +350,8 @@ def test_cleanup__run_0_frees_its_layers_on_disk(store_copy, caplog):
     pd.testing.assert_frame_equal(adata.var, var_before)
     assert StoreHandle(store_copy).read_uns_json("kompot_de") == uns_before  # history intact
     assert os.path.exists(os.path.join(store_copy, ".zmetadata"))
-    assert not [e for e in os.listdir(store_copy) if e.startswith(TRASH_PREFIX) or e == ".kompot_lock"]
+    assert not [e for e in os.listdir(store_copy) if e.startswith(".kompot_trash") or e == ".kompot_lock"]
+    assert not os.path.exists(os.path.join(store_copy, commit.KOMPOT_DIR, "trash"))
 
 
 def test_cleanup__default_removes_every_layer_and_keeps_statistics(store_copy):
@@ -393,37 +395,33 @@ def test_cleanup__locked_store_is_refused(store_copy):
     assert tree_digest(store_copy) == before
 
 
-@pytest.mark.filterwarnings("ignore:Object at .kompot_trash_:UserWarning")
-def test_cleanup__interrupted_removal_leaves_a_readable_store(store_copy, monkeypatch, caplog):
-    """A crash after the layers left their group but before their bytes were deleted."""
-    import kompot_dask._io.store as store_mod
-
+def test_cleanup__interrupted_removal_is_completed_by_the_next_opener(store_copy, monkeypatch, caplog):
+    """A crash inside the removal, after its journal was written: the store stays readable
+    (every element whole), and the next kompot_dask opener finishes the removal."""
     class Crash(BaseException):
         pass
 
-    real_rmtree = shutil.rmtree
+    def crash(*args, **kwargs):
+        raise Crash
 
-    def crash(path, *args, **kwargs):
-        if os.path.basename(path).startswith(TRASH_PREFIX):
-            raise Crash
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(store_mod.shutil, "rmtree", crash)
+    monkeypatch.setattr(commit, "write_consolidated", crash)
     with pytest.raises(Crash):
         cleanup(store_copy, run_ids=0)
     monkeypatch.undo()
+    assert os.path.exists(os.path.join(store_copy, commit.JOURNAL))
     assert not os.path.exists(os.path.join(store_copy, ".zmetadata"))  # readers walk the tree
     adata = ad.read_zarr(store_copy)
     assert not set(RUN0_OWN_LAYERS) & set(adata.layers) and "kompot_de_Mid_imputed" in adata.layers
-    assert [e for e in os.listdir(store_copy) if e.startswith(TRASH_PREFIX)]
 
-    with caplog.at_level(logging.INFO, logger="kompot_dask"):
-        cleanup(store_copy, run_ids=1, keep_layers=True, keep_obs_fields=["std"], keep_var_fields=["is_de"])
-    assert "left behind by an interrupted cleanup" in caplog.text
-    assert not [e for e in os.listdir(store_copy) if e.startswith(TRASH_PREFIX)]
+    with caplog.at_level(logging.WARNING, logger="kompot_dask"):
+        RunInfo(store_copy, 0)
+    assert "Completing an interrupted kompot_dask commit" in caplog.text
+    assert not os.path.exists(os.path.join(store_copy, commit.JOURNAL))
+    assert not os.path.exists(os.path.join(store_copy, commit.KOMPOT_DIR, "trash"))
+    assert os.path.exists(os.path.join(store_copy, ".zmetadata"))
+    cleanup(store_copy, run_ids=1, keep_layers=True, keep_obs_fields=["std"], keep_var_fields=["is_de"])
     adata = ad.read_zarr(store_copy)
     assert [c for c in adata.var.columns if "Young_to_Mid" in c] == ["kompot_de_Young_to_Mid_is_de"]
-    assert os.path.exists(os.path.join(store_copy, ".zmetadata"))
 
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data", "ignore:zarr v3 autosharding",

@@ -4,6 +4,8 @@ Expression matrices (X and layers) are written as dense tiles of ``(cell_chunk, 
 so that a gene-block task reads whole chunks and nothing else; the source is streamed
 row block by row block, so no cells × genes array is ever held in memory. Everything
 else (obs, var, obsm, varm, obsp, uns) is written with anndata's own element writers.
+Each expression element gets a chunk manifest (:mod:`.manifest`), so that tile reads can
+tell a lost chunk file from a legitimately empty one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 from tqdm.auto import tqdm
+
+from .manifest import ID_ATTR, new_manifest_id, record_manifest
 
 logger = logging.getLogger("kompot_dask")
 
@@ -49,11 +53,16 @@ def write_dense_element(
     root: zarr.Group, elem_path: str, matrix: Any, shape: tuple[int, int],
     cell_chunk: int, gene_chunk: int, dtype: np.dtype, progress: bool = True,
 ) -> None:
-    """Stream ``matrix`` (dense, sparse, h5py or backed) into a chunked dense array."""
+    """Stream ``matrix`` (dense, sparse, h5py or backed) into a chunked dense array.
+
+    The array carries a fresh ``kompot_manifest_id`` attribute, which the manifest written
+    after the ingest (:func:`record_manifest`) takes over.
+    """
     parent_path, _, name = elem_path.rpartition("/")
     parent = root[parent_path] if parent_path else root
     chunks = (min(cell_chunk, shape[0]), min(gene_chunk, shape[1]))
-    arr = parent.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, attributes=dict(_ARRAY_ATTRS))
+    attrs = dict(_ARRAY_ATTRS, **{ID_ATTR: new_manifest_id()})
+    arr = parent.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, attributes=attrs)
     blocks = _row_blocks(matrix, shape[0], chunks[0])
     for r0, r1, block in tqdm(blocks, total=-(-shape[0] // chunks[0]), desc=f"ingest {elem_path}", disable=not progress, unit="chunk"):
         arr[r0:r1, :] = block.astype(dtype, copy=False)
@@ -99,13 +108,17 @@ def ingest(
     if cell_chunk < 1 or gene_chunk < 1:
         raise ValueError(f"cell_chunk={cell_chunk} and gene_chunk={gene_chunk} must be positive")
     if isinstance(src, ad.AnnData):
-        _ingest_anndata(src, dest, layers, include_x, cell_chunk, gene_chunk, progress)
+        written = _ingest_anndata(src, dest, layers, include_x, cell_chunk, gene_chunk, progress)
     else:
         path = os.fspath(src)
         if not os.path.exists(path):
             raise FileNotFoundError(f"source {path!r} does not exist")
-        _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress)
+        written = _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress)
     zarr.consolidate_metadata(dest)
+    # After consolidating: the manifests' hidden directory is not a zarr node, and every
+    # element already carries its manifest id, so no attribute changes after this.
+    for elem_path in written:
+        record_manifest(dest, elem_path)
     logger.info("Wrote %s", dest)
     return dest
 
@@ -122,7 +135,7 @@ def _skeleton(obs, var, obsm, varm, obsp, uns) -> ad.AnnData:
     return ad.AnnData(obs=obs, var=var, obsm=obsm, varm=varm, obsp=obsp, uns=uns)
 
 
-def _ingest_anndata(adata, dest, layers, include_x, cell_chunk, gene_chunk, progress) -> None:
+def _ingest_anndata(adata, dest, layers, include_x, cell_chunk, gene_chunk, progress) -> list[str]:
     chosen = list(adata.layers.keys()) if layers is None else list(layers)
     missing = [k for k in chosen if k not in adata.layers]
     if missing:
@@ -131,11 +144,15 @@ def _ingest_anndata(adata, dest, layers, include_x, cell_chunk, gene_chunk, prog
     _write_skeleton(skel, dest)
     root = zarr.open_group(dest, mode="r+", use_consolidated=False)
     root.require_group("layers")
+    written = []
     if include_x and adata.X is not None:
         write_dense_element(root, "X", adata.X, adata.shape, cell_chunk, gene_chunk, _target_dtype(adata.X.dtype), progress)
+        written.append("X")
     for k in chosen:
         mat = adata.layers[k]
         write_dense_element(root, f"layers/{k}", mat, adata.shape, cell_chunk, gene_chunk, _target_dtype(mat.dtype), progress)
+        written.append(f"layers/{k}")
+    return written
 
 
 def _h5_matrix(elem: Any) -> tuple[Any, np.dtype]:
@@ -148,7 +165,7 @@ def _h5_matrix(elem: Any) -> tuple[Any, np.dtype]:
     return elem, np.dtype(elem.dtype)
 
 
-def _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress) -> None:
+def _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress) -> list[str]:
     with h5py.File(path, "r") as f:
         if f.attrs.get("encoding-type") not in ("anndata", b"anndata"):
             raise ValueError(f"{path!r} is not an AnnData .h5ad file (no encoding-type='anndata')")
@@ -166,9 +183,13 @@ def _ingest_h5ad(path, dest, layers, include_x, cell_chunk, gene_chunk, progress
         missing = [k for k in chosen if k not in available]
         if missing:
             raise KeyError(f"layers {missing} not in {path!r}; available: {available}")
+        written = []
         if include_x and "X" in f:
             mat, dt = _h5_matrix(f["X"])
             write_dense_element(root, "X", mat, shape, cell_chunk, gene_chunk, _target_dtype(dt), progress)
+            written.append("X")
         for k in chosen:
             mat, dt = _h5_matrix(f["layers"][k])
             write_dense_element(root, f"layers/{k}", mat, shape, cell_chunk, gene_chunk, _target_dtype(dt), progress)
+            written.append(f"layers/{k}")
+        return written

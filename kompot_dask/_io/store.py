@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import stat
-import uuid
-import warnings
+import time
 from typing import Any
 
 import anndata as ad
@@ -23,12 +21,15 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from . import commit
 from .tiles import LayerInfo, TileReader, clear_caches, write_tile  # noqa: F401
 
 logger = logging.getLogger("kompot_dask")
 
-_ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
-STAGING_PREFIX = "_kompot_staging_"
+
+
+READ_WAIT_SECONDS = 120.0
+"""How long a reader waits for a commit in progress before it gives up."""
 
 
 class StoreError(ValueError):
@@ -49,8 +50,6 @@ def _local_path(path: str | os.PathLike) -> str:
     return os.path.abspath(p)
 
 
-TRASH_PREFIX = ".kompot_trash_"
-"""Hidden directory at the store root where removed elements wait for deletion."""
 
 _DATAFRAME_LOCATIONS = ("obs", "var")
 _ELEMENT_LOCATIONS = ("layers", "obsm", "varm", "obsp")
@@ -99,18 +98,62 @@ class StoreHandle:
 
     def __init__(self, path: str | os.PathLike):
         self.path = _local_path(path)
+        _open_anndata_root(self.path)  # clear errors for what is not a store
+        self._state = self._settled_state()
         self.root = _open_anndata_root(self.path)
         self.zarr_format = self.root.metadata.zarr_format
 
     def _reopen(self) -> None:
         clear_caches()
+        self._state = self._settled_state()
         self.root = zarr.open_group(store=self.path, mode="r")
+
+    def _settled_state(self) -> tuple[bool, str]:
+        """The store's commit state once no commit is pending. A commit left by a dead
+        writer is completed here when the store is writable (taking the lease)."""
+        from .lease import StoreLockedError, lock_holder, store_lock
+
+        deadline = time.monotonic() + READ_WAIT_SECONDS
+        while True:
+            state = commit.commit_state(self.path)
+            if not state[0]:
+                return state
+            if lock_holder(self.path) is None and os.access(self.path, os.W_OK):
+                try:
+                    with store_lock(self.path, "completing an interrupted commit"):
+                        pass
+                    continue
+                except StoreLockedError:
+                    pass
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"the store {self.path} has had a commit in progress for over {READ_WAIT_SECONDS:.0f} s "
+                    f"and its writer ({lock_holder(self.path) or 'unknown'}) holds the lease. Wait for it, or "
+                    "run any kompot_dask writer (kd.de, kd.cleanup, `kompot-dask verify --repair`) once it is gone."
+                )
+            time.sleep(0.05)
+
+    def consistent(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on a state that no commit changed while it ran (retried otherwise):
+        readers of several elements (the run history with its fields) never mix two states."""
+        while True:
+            if commit.commit_state(self.path) != self._state:
+                self._reopen()
+            before = self._state
+            try:
+                result, error = fn(*args), None
+            except (KeyError, ValueError, OSError) as exc:  # an element moved under the read
+                result, error = None, exc
+            if commit.commit_state(self.path) == before:
+                if error is not None:
+                    raise error
+                return result
 
     def obsm_keys(self) -> list[str]:
         return sorted(self.root["obsm"].keys()) if "obsm" in self.root else []
 
     def layer_keys(self) -> list[str]:
-        return sorted(k for k in self.root["layers"].keys() if not k.startswith(STAGING_PREFIX)) if "layers" in self.root else []
+        return sorted(k for k in self.root["layers"].keys() if not k.startswith(commit.LEGACY_STAGING_PREFIX)) if "layers" in self.root else []
 
     def field_names(self, location: str) -> list[str]:
         """Names held at ``location``: obs/var column names, or layers/obsm/varm/obsp keys."""
@@ -121,7 +164,7 @@ class StoreHandle:
         if location in _ELEMENT_LOCATIONS:
             if location not in self.root:
                 return []
-            return sorted(k for k in self.root[location].keys() if not k.startswith(STAGING_PREFIX))
+            return sorted(k for k in self.root[location].keys() if not k.startswith(commit.LEGACY_STAGING_PREFIX))
         raise ValueError(
             f"location={location!r} is not a field location of an AnnData store; "
             f"use one of {list(_DATAFRAME_LOCATIONS + _ELEMENT_LOCATIONS)}"
@@ -129,6 +172,9 @@ class StoreHandle:
 
     def read_uns_json(self, key: str) -> dict[str, Any]:
         """``uns[key]`` as a dict (JSON strings decoded), or {} when absent."""
+        return self.consistent(self._read_uns_json, key)
+
+    def _read_uns_json(self, key: str) -> dict[str, Any]:
         if "uns" not in self.root or key not in self.root["uns"]:
             return {}
         raw = ad.io.read_elem(self.root["uns"][key])
@@ -136,6 +182,9 @@ class StoreHandle:
 
     def read_uns_item(self, key: str, item: str) -> Any:
         """``uns[key][item]`` as anndata reads it, or ``None`` when absent."""
+        return self.consistent(self._read_uns_item, key, item)
+
+    def _read_uns_item(self, key: str, item: str) -> Any:
         if "uns" not in self.root or key not in self.root["uns"]:
             return None
         group = self.root["uns"][key]
@@ -164,54 +213,58 @@ class StoreHandle:
 
     # ---- removal -------------------------------------------------------------------
 
+    def check_new_field_names(self, fields: list[tuple[str, str]], fix: str) -> None:
+        """Refuse output names that the store's file system or zarr cannot hold, before any
+        compute: reserved or hidden names and names or paths longer than the system allows."""
+        try:
+            name_max = os.pathconf(self.path, "PC_NAME_MAX")
+            path_max = os.pathconf(self.path, "PC_PATH_MAX")
+        except (OSError, ValueError):
+            name_max, path_max = 255, 4096
+        for loc, name in fields:
+            if name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "__")):
+                raise ValueError(f"the {loc} field name {name!r} is reserved or hidden in a zarr store. {fix}")
+            n = len(name.encode())
+            if n > name_max:
+                raise ValueError(
+                    f"the {loc} field name {name!r} is {n} bytes long; the file system of {self.path} "
+                    f"allows {name_max} per name. {fix}"
+                )
+            # the deepest path a run creates for it: a chunk of the staged copy
+            deepest = os.path.join(self.path, commit.STAGING_DIR, "t" * 12, "elements", loc, name,
+                                   "c", "9" * 10, "9" * 10)
+            if len(deepest.encode()) > path_max:
+                raise ValueError(
+                    f"the {loc} field {name!r} would need paths of {len(deepest.encode())} bytes under "
+                    f"{self.path}; the system allows {path_max}. {fix}"
+                )
+
+    def element_signature(self, elem_path: str) -> list[Any]:
+        """Sizes and modification times of an element's metadata files: they change whenever
+        the element is rewritten (anndata deletes and recreates it), so a resumed run can
+        tell that its input is still the one it started on."""
+        sig: list[Any] = [elem_path]
+        base = os.path.join(self.path, elem_path)
+        for sub in ("", "data", "indices", "indptr"):
+            for name in (".zarray", ".zattrs", ".zgroup", "zarr.json"):
+                p = os.path.join(base, sub, name)
+                if os.path.exists(p):
+                    st = os.stat(p)
+                    sig.append([sub, name, st.st_size, st.st_mtime_ns])
+        return sig
+
     def element_nbytes(self, location: str, name: str) -> int:
         """Bytes on disk of one field (a layer's directory, an obs/var column's arrays)."""
         return directory_nbytes(os.path.join(self.path, location, name))
 
-    def _drop_consolidated_metadata(self) -> None:
-        """Make readers walk the tree: stale consolidated metadata would make zarr serve
-        removed arrays as fill values instead of failing."""
-        if self.zarr_format == 2:
-            try:
-                os.remove(os.path.join(self.path, ".zmetadata"))
-            except FileNotFoundError:
-                pass
-            return
-        meta_path = os.path.join(self.path, "zarr.json")
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-        if meta.pop("consolidated_metadata", None) is None:
-            return
-        tmp = f"{meta_path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2)
-        os.replace(tmp, meta_path)
-
-    def sweep_trash(self) -> int:
-        """Delete removal leftovers of an interrupted :meth:`remove_fields`; returns bytes freed.
-
-        Call only while holding the store's lease, so that no other removal owns them.
-        """
-        freed = 0
-        for entry in os.listdir(self.path):
-            if entry.startswith(TRASH_PREFIX):
-                full = os.path.join(self.path, entry)
-                freed += directory_nbytes(full)
-                shutil.rmtree(full, ignore_errors=True)
-        return freed
-
     def remove_fields(self, fields: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Delete ``(location, name)`` fields from the store and free their disk space.
 
-        The store stays readable by anndata if this is interrupted at any point: the
-        consolidated metadata is dropped first (stale, it would make zarr serve removed
-        arrays as fill values; without it readers walk the tree); each layer (or
-        obsm/varm/obsp entry) leaves its group by one atomic rename into a hidden trash
-        directory at the store root; obs/var columns first leave the dataframe's
-        ``column-order`` and then move out the same way; the trash is deleted; the metadata
-        is reconsolidated. A trash directory left by an interruption is invisible to
-        readers and deleted by :meth:`sweep_trash`. Fields that are not in the store are
-        skipped. Call only while holding the store's lease.
+        One journaled change (:mod:`kompot_dask._io.commit`): removed obs/var columns leave
+        their ``column-order`` first, every field then leaves by one atomic rename into a
+        hidden trash directory, the metadata is reconsolidated and the trash deleted. An
+        interruption at any point is completed by the next writer that takes the lease.
+        Fields that are not in the store are skipped. Call only while holding the lease.
 
         Returns
         -------
@@ -223,22 +276,8 @@ class StoreHandle:
         if not todo:
             return {}
         sizes = {(loc, name): self.element_nbytes(loc, name) for loc, name in todo}
-        trash = os.path.join(self.path, f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}")
-        self._drop_consolidated_metadata()
-        os.makedirs(trash)
-        g = self._rw_group()
-        for loc in _DATAFRAME_LOCATIONS:
-            names = [name for l_, name in todo if l_ == loc]
-            if names:
-                order = [c for c in g[loc].attrs.get("column-order", []) if c not in set(names)]
-                g[loc].attrs["column-order"] = order
-        for i, (loc, name) in enumerate(todo):
-            os.replace(os.path.join(self.path, loc, name), os.path.join(trash, f"{i}_{loc}"))
-        shutil.rmtree(trash)
-        with warnings.catch_warnings():
-            # our lease file at the root is not a zarr node; zarr says so while walking
-            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-            zarr.consolidate_metadata(self.path)
+        commit.begin(self.path, commit.removal_journal(self.path, todo))
+        commit.apply_journal(self.path)
         self._reopen()
         return sizes
 
@@ -252,13 +291,14 @@ class Store(StoreHandle):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        self.obs: pd.DataFrame = ad.io.read_elem(self.root["obs"])
-        self.var: pd.DataFrame = ad.io.read_elem(self.root["var"])
+        self.obs, self.var = self.consistent(self._read_frames)
+
+    def _read_frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return ad.io.read_elem(self.root["obs"]), ad.io.read_elem(self.root["var"])
 
     def _reopen(self) -> None:
         super()._reopen()
-        self.obs = ad.io.read_elem(self.root["obs"])
-        self.var = ad.io.read_elem(self.root["var"])
+        self.obs, self.var = self._read_frames()
 
     # ---- reading -------------------------------------------------------------------
 
@@ -327,86 +367,16 @@ class Store(StoreHandle):
 
     # ---- writing -------------------------------------------------------------------
 
-    def stage_layer(self, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str) -> str:
-        """Create an empty (NaN) staged array for layer ``name``; returns its element path."""
-        g = self._rw_group()
-        layers = g.require_group("layers")
-        if "encoding-type" not in layers.attrs:
-            layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        staged = f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}_{name}"
-        layers.create_array(
-            staged, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan,
-            attributes=dict(_ARRAY_ATTRS),
-        )
-        return f"layers/{staged}"
-
-    def discard_staged(self, elem_paths: list[str]) -> None:
-        for p in elem_paths:
-            full = os.path.join(self.path, p)
-            if os.path.isdir(full):
-                shutil.rmtree(full)
-
-    def commit(
-        self,
-        staged_layers: dict[str, str],
-        obs_columns: dict[str, np.ndarray],
-        var_columns: dict[str, np.ndarray],
-        uns_updates: dict[str, dict[str, Any]],
-    ) -> None:
-        """Make a run's outputs visible: layers renamed into place, obs/var/uns written,
-        metadata reconsolidated once. On failure the previous obs/var/uns are restored."""
-        g = self._rw_group()
-        old_obs = ad.io.read_elem(g["obs"])
-        old_var = ad.io.read_elem(g["var"])
-        old_uns = {k: ad.io.read_elem(g["uns"][k]) for k in uns_updates if "uns" in g and k in g["uns"]}
-        moved: list[tuple[str, str]] = []  # (staged, final)
-        backups: list[tuple[str, str]] = []  # (final, backup) of layers being replaced
-        try:
-            for name, elem_path in staged_layers.items():
-                src = os.path.join(self.path, elem_path)
-                dst = os.path.join(self.path, "layers", name)
-                if os.path.isdir(dst):
-                    backup = f"{src}_previous"
-                    os.replace(dst, backup)
-                    backups.append((dst, backup))
-                os.replace(src, dst)
-                moved.append((src, dst))
-            if obs_columns:
-                obs = old_obs.copy()
-                for k, v in obs_columns.items():
-                    obs[k] = v
-                ad.io.write_elem(g, "obs", obs)
-            if var_columns:
-                var = old_var.copy()
-                for k, v in var_columns.items():
-                    var[k] = v
-                ad.io.write_elem(g, "var", var)
-            uns = g.require_group("uns")
-            if "encoding-type" not in uns.attrs:
-                uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            for key, value in uns_updates.items():
-                ad.io.write_elem(uns, key, value)
-        except BaseException:
-            logger.error("Commit failed; restoring obs, var, uns and layers of %s", self.path)
-            ad.io.write_elem(g, "obs", old_obs)
-            ad.io.write_elem(g, "var", old_var)
-            for key, value in old_uns.items():
-                ad.io.write_elem(g["uns"], key, value)
-            for src, dst in reversed(moved):
-                os.replace(dst, src)
-            for dst, backup in backups:
-                os.replace(backup, dst)
-            raise
-        for _, backup in backups:
-            shutil.rmtree(backup, ignore_errors=True)
-        with warnings.catch_warnings():
-            # our lease file at the root is not a zarr node; zarr says so while walking
-            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-            zarr.consolidate_metadata(self.path)
-        clear_caches()
-        self.root = zarr.open_group(store=self.path, mode="r")
-        self.obs = ad.io.read_elem(self.root["obs"])
-        self.var = ad.io.read_elem(self.root["var"])
+    def commit(self, staging: commit.Staging, *, layers: dict[str, str], obs_columns: dict[str, np.ndarray],
+               var_columns: dict[str, np.ndarray], uns_updates: dict[str, Any]) -> None:
+        """Make a run's outputs visible in one journaled step (see :mod:`kompot_dask._io.commit`):
+        a kill at any instant leaves the previous state or, once the journal is written, a
+        change that the next opener completes. Call only while holding the lease."""
+        journal = commit.commit_journal(self.path, staging, layers=layers, obs=obs_columns,
+                                        var=var_columns, uns=uns_updates)
+        commit.begin(self.path, journal)
+        commit.apply_journal(self.path)
+        self._reopen()
 
     def read_layer_dense(self, name: str) -> np.ndarray:
         """A whole layer in memory (small, in-memory AnnData path only)."""
