@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging as _logging
+import sys as _sys
 
 from . import plot
 from ._io.ingest import ingest
@@ -48,13 +49,49 @@ __all__ = [
 ]
 
 
+class _FallbackHandler(_logging.Handler):
+    """kompot's timestamped lines on stderr, written only when no other handler would show them.
+
+    Importing a library must not double an application's log lines: once the application
+    configures logging (``logging.basicConfig`` before or after importing kompot_dask, or a
+    handler of its own on the "kompot_dask" logger), its handlers show kompot's records and
+    this one stays silent. A plain script or notebook that configures nothing still sees
+    kompot's INFO progress lines, which Python's last-resort handler (WARNING and up, no
+    timestamp) would drop. Deciding per record rather than once at import keeps both
+    import orders right.
+    """
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        if self._shown_elsewhere(record):
+            return
+        try:
+            # sys.stderr looked up per record: notebooks and test runners replace it after import
+            _sys.stderr.write(self.format(record) + "\n")
+            _sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _shown_elsewhere(self, record: _logging.LogRecord) -> bool:
+        # the same walk Logger.callHandlers makes: up the hierarchy until propagate stops it
+        logger: _logging.Logger | None = _logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return True
+            if not logger.propagate:
+                return False
+            logger = logger.parent
+        return False
+
+
 def _configure_logging() -> None:
     logger = _logging.getLogger("kompot_dask")
-    if logger.handlers:
-        return
-    handler = _logging.StreamHandler()
+    if any(isinstance(h, _FallbackHandler) for h in logger.handlers):
+        return  # re-import (importlib.reload): one handler is enough
+    handler = _FallbackHandler()
     handler.setFormatter(_logging.Formatter("[%(asctime)s] [%(levelname)-8s] %(message)s"))
     logger.addHandler(handler)
+    # INFO: de()/plan() report progress by default; quieter with
+    # logging.getLogger("kompot_dask").setLevel(logging.WARNING)
     logger.setLevel(_logging.INFO)
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from dask.utils import format_bytes
 
 from ._io.lease import store_lock
 from ._io.store import Store, StoreHandle
-from ._units import fmt_bytes
 from .runs import RunHistory, RunSource, read_history
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
@@ -80,9 +80,9 @@ class CleanupSummary:
     def __str__(self) -> str:
         verb = "Would remove" if self.dry_run else "Removed"
         lines = [f"Cleanup of {self.analysis_type.upper()} run(s) {self.run_ids} in {self.target}"]
-        lines += [f"  {verb} {r.location}/{r.name} (run {r.run_id}, {fmt_bytes(r.nbytes)})" for r in self.removed]
+        lines += [f"  {verb} {r.location}/{r.name} (run {r.run_id}, {format_bytes(r.nbytes)})" for r in self.removed]
         lines += [f"  Kept {s.location}/{s.name} (run {s.run_id}): {s.reason}" for s in self.skipped]
-        lines.append(f"  {'Would free' if self.dry_run else 'Freed'} {fmt_bytes(self.bytes_freed)}")
+        lines.append(f"  {'Would free' if self.dry_run else 'Freed'} {format_bytes(self.bytes_freed)}")
         return "\n".join(lines)
 
 
@@ -254,7 +254,7 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
     elif source.is_store:
         leftovers = source.handle.sweep_trash()
         if leftovers:
-            logger.info("Deleted %s left behind by an interrupted cleanup", fmt_bytes(leftovers))
+            logger.info("Deleted %s left behind by an interrupted cleanup", format_bytes(leftovers))
         sizes = source.handle.remove_fields(fields)
     else:
         sizes = _remove_from_anndata(source.adata, fields)
@@ -262,10 +262,10 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
     for rid, loc, name, ftype in todo:
         nbytes = sizes.get((loc, name), 0)
         summary.removed.append(RemovedField(rid, loc, name, ftype, nbytes))
-        logger.info("%s %s/%s of run %d (%s)", verb, loc, name, rid, fmt_bytes(nbytes))
+        logger.info("%s %s/%s of run %d (%s)", verb, loc, name, rid, format_bytes(nbytes))
     logger.info(
         "Cleanup of %s run(s) %s %s %s %s in %s: %d field(s)%s", history.label, ids,
-        "would free" if dry_run else "freed", fmt_bytes(summary.bytes_freed), where, target,
+        "would free" if dry_run else "freed", format_bytes(summary.bytes_freed), where, target,
         len(summary.removed), f", {len(skipped)} kept for later runs" if skipped else "",
     )
     return summary

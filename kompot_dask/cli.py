@@ -1,7 +1,8 @@
 """``kompot-dask``: the command line for cluster jobs.
 
 Subcommands: ``ingest``, ``plan``, ``de``, ``runs``, ``cleanup``, ``verify``, ``demo``. Cluster:
-``--scheduler tcp://HOST:PORT`` (or ``DASK_SCHEDULER_ADDRESS``, or ``--scheduler-file``),
+``--scheduler tcp://HOST:PORT`` (or dask's ``scheduler-address`` setting, e.g.
+``DASK_SCHEDULER_ADDRESS``; or ``--scheduler-file``),
 with ``--tls-ca-file/--tls-cert/--tls-key`` for TLS; without one, an embedded LocalCluster
 shaped by ``--n-workers/--threads-per-worker/--memory-limit``.
 
@@ -39,7 +40,8 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="scheduler address, e.g. tcp://10.0.0.5:8786 or tls://... "
-                        "(default: $DASK_SCHEDULER_ADDRESS, else an embedded LocalCluster)")
+                        "(default: dask config scheduler-address, e.g. $DASK_SCHEDULER_ADDRESS, "
+                        "else an embedded LocalCluster)")
     g.add_argument("--scheduler-file", default=None, help="scheduler file written by `dask scheduler --scheduler-file`")
     g.add_argument("--tls-ca-file", default=None, help="CA certificate for TLS to the scheduler")
     g.add_argument("--tls-cert", default=None, help="client certificate (PEM) for TLS")
@@ -192,8 +194,15 @@ def _settings_from(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
 
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator[Any]:
-    """The scheduler named on the command line (or in the environment); None → embedded."""
-    address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    """The scheduler named on the command line (or in dask's config); None → embedded."""
+    import dask.config
+
+    address = args.scheduler
+    if address is None and args.scheduler_file is None:
+        # dask's `scheduler-address` setting, filled from $DASK_SCHEDULER_ADDRESS or a dask
+        # YAML file: the lookup distributed.Client(address=None) makes itself. Read here
+        # too because without it the CLI starts an embedded cluster instead of a Client.
+        address = dask.config.get("scheduler-address", None)
     tls = [args.tls_ca_file, args.tls_cert, args.tls_key]
     if any(tls) and not all(tls):
         raise CLIError("--tls-ca-file, --tls-cert and --tls-key go together; pass all three")

@@ -22,37 +22,55 @@ from .cluster import worker_environment
 logger = logging.getLogger("kompot_dask")
 
 
-def load_jobqueue_config(path: str) -> dict[str, Any]:
-    """The ``jobqueue.slurm`` section of a dask-jobqueue YAML file."""
-    import yaml
+def load_jobqueue_config(path: str) -> None:
+    """Merge a dask-jobqueue YAML file into dask's config, as if it sat in ``~/.config/dask``.
 
-    with open(path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
-    try:
-        section = cfg["jobqueue"]["slurm"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path}: expected a 'jobqueue: slurm:' section (dask-jobqueue's format)") from None
-    return {str(k).replace("-", "_"): v for k, v in section.items()}
+    dask-jobqueue reads ``jobqueue.slurm.*`` from dask's config each time it builds a worker
+    job (on every ``scale``, not only in the constructor), so the file is merged into the
+    process-wide config rather than set for one ``with`` block. Environment variables
+    (``DASK_JOBQUEUE__SLURM__...``) keep priority over the file, as in dask's own loading.
+    """
+    import dask.config
+    import dask_jobqueue  # noqa: F401  (registers jobqueue's defaults before the file is merged)
+
+    if not os.path.isfile(path):  # dask.config.collect skips missing paths silently
+        raise FileNotFoundError(f"jobqueue config not found: {path}")
+    cfg = dask.config.collect(paths=[path])
+    if not isinstance(dask.config.get("jobqueue.slurm", None, config=cfg), dict):
+        raise ValueError(f"{path}: expected a 'jobqueue: slurm:' section (dask-jobqueue's format)")
+    dask.config.update(dask.config.config, cfg)
 
 
 def slurm_cluster(config: str | None = None, **overrides: Any):
     """A ``SLURMCluster`` whose workers run kompot_dask's tasks well.
 
-    ``config`` is a dask-jobqueue YAML file; keyword arguments override it. The worker
+    ``config`` is a dask-jobqueue YAML file, merged into dask's config (see
+    :func:`load_jobqueue_config`); without one, the ``jobqueue.slurm`` settings dask already
+    has apply. Keyword arguments override them, as they do for ``SLURMCluster``. The worker
     environment (single-threaded BLAS/XLA per Dask thread, CPU JAX, numba cache) is
     exported in the job script's prologue, after the user's own prologue lines.
     """
+    import dask.config
     from dask_jobqueue import SLURMCluster
+    from distributed.deploy.utils import nprocesses_nthreads
 
-    kwargs = load_jobqueue_config(config) if config else {}
-    kwargs.update(overrides)
-    cores = int(kwargs.get("cores", 1))
-    processes = int(kwargs.get("processes") or 1)
-    threads = max(1, cores // processes)
-    prologue = list(kwargs.pop("job_script_prologue", None) or [])
-    env = worker_environment(threads)
-    prologue += [f"export {k}='{v}'" for k, v in env.items()]
-    return SLURMCluster(job_script_prologue=prologue, **kwargs)
+    if config:
+        load_jobqueue_config(config)
+    section = f"jobqueue.{overrides.get('config_name') or SLURMCluster.job_cls.config_name}"
+
+    def setting(key: str) -> Any:
+        # SLURMCluster's own precedence: a keyword argument, else the config value
+        value = overrides.get(key.replace("-", "_"))
+        return value if value is not None else dask.config.get(f"{section}.{key}", None)
+
+    cores = int(setting("cores") or 1)
+    processes = setting("processes")
+    if processes is None:  # dask-jobqueue splits the cores the same way
+        processes, _ = nprocesses_nthreads(cores)
+    threads = max(1, cores // int(processes))
+    prologue = list(setting("job-script-prologue") or [])
+    prologue += [f"export {k}='{v}'" for k, v in worker_environment(threads).items()]
+    return SLURMCluster(**{**overrides, "job_script_prologue": prologue})
 
 
 def _serve_slurm(args: argparse.Namespace) -> int:

@@ -31,10 +31,13 @@ from typing import Any
 
 import numpy as np
 import psutil
-
-from ._units import fmt_bytes, fmt_seconds
+from dask.utils import format_bytes, format_time
 
 logger = logging.getLogger("kompot_dask")
+
+# analysis.py still calls planner.fmt_bytes / planner.fmt_seconds; these names keep it
+# working until it calls dask.utils.format_bytes / format_time itself.
+fmt_bytes, fmt_seconds = format_bytes, format_time
 
 MEMORY_FRACTION = 0.6
 """Share of a worker's memory limit the plan lets one run's peak reach."""
@@ -515,11 +518,11 @@ class ResourcePlan:
         r, inp = self.resources, self.inputs
         cluster = [
             f"Cluster: {r.source}: {r.n_workers} worker(s) × {r.threads_per_worker} thread(s)",
-            f"Memory per worker: {fmt_bytes(r.memory_limit)}"
+            f"Memory per worker: {format_bytes(r.memory_limit)}"
             + ("" if r.memory_limit_set else " (no limit set: host memory / workers)")
-            + f"; budget for this run {fmt_bytes(MEMORY_FRACTION * r.memory_limit)} ({MEMORY_FRACTION:.0%})",
-            f"Client host: {fmt_bytes(r.host_memory_available)} available of {fmt_bytes(r.host_memory_total)}",
-            f"Disk: {fmt_bytes(r.disk_free)} free at {r.disk_path}",
+            + f"; budget for this run {format_bytes(MEMORY_FRACTION * r.memory_limit)} ({MEMORY_FRACTION:.0%})",
+            f"Client host: {format_bytes(r.host_memory_available)} available of {format_bytes(r.host_memory_total)}",
+            f"Disk: {format_bytes(r.disk_free)} free at {r.disk_path}",
         ]
         cal = self.calibration
         if cal.timed:
@@ -527,9 +530,9 @@ class ResourcePlan:
                 f"Calibration ({cal.seconds:.1f} s on the workers): kernel {cal.kernel_s * 1e9:.1f} ns/(cell·landmark), "
                 f"GEMM {cal.gemm_flops / 1e9:.1f} GFLOP/s, rank-k {cal.syrk_flops / 1e9:.1f} GFLOP/s, "
                 f"Cholesky {cal.chol_flops / 1e9:.1f} GFLOP/s per thread"
-                + (f", read {fmt_bytes(cal.read_bytes_s)}/s" if cal.read_bytes_s else "")
+                + (f", read {format_bytes(cal.read_bytes_s)}/s" if cal.read_bytes_s else "")
             )
-        cluster.append(f"Worker memory before the run (kernels loaded): {fmt_bytes(cal.worker_rss)}")
+        cluster.append(f"Worker memory before the run (kernels loaded): {format_bytes(cal.worker_rss)}")
         data = [
             f"Cells: {inp.n_obs:,} (condition 1: {inp.n1:,}, condition 2: {inp.n2:,}; predicted at {inp.n_pred:,})",
             f"Genes: {inp.n_selected:,} tested of {inp.n_vars:,}, + {inp.n_null:,} null genes",
@@ -544,23 +547,23 @@ class ResourcePlan:
             "Tasks: " + ", ".join(f"{v} {k}" for k, v in self.task_counts.items()) + f" ({self.n_tasks} in all)",
         ]
         totals = [
-            f"Peak memory per worker: {fmt_bytes(self.peak_worker_bytes)} "
+            f"Peak memory per worker: {format_bytes(self.peak_worker_bytes)} "
             f"({self.peak_worker_bytes / max(1, r.memory_limit):.0%} of its limit)",
-            f"Peak memory on the factorising worker (m × m phase): {fmt_bytes(self.factor_worker_bytes)}",
-            f"Peak memory on the client: {fmt_bytes(self.peak_client_bytes)}"
-            + (f" (+ {fmt_bytes(self.helper_bytes)} in two short-lived helper processes for the "
+            f"Peak memory on the factorising worker (m × m phase): {format_bytes(self.factor_worker_bytes)}",
+            f"Peak memory on the client: {format_bytes(self.peak_client_bytes)}"
+            + (f" (+ {format_bytes(self.helper_bytes)} in two short-lived helper processes for the "
                "length scale and landmarks)" if self.helper_bytes else ""),
-            f"Written to the store: {fmt_bytes(self.output_bytes)} (uncompressed)",
+            f"Written to the store: {format_bytes(self.output_bytes)} (uncompressed)",
         ]
         if self.wall_seconds is not None:
             totals.append(
-                f"Wall time: ~{fmt_seconds(self.wall_seconds)} on {r.total_threads} thread(s) "
-                "(" + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in self.phase_seconds.items()) + ")"
+                f"Wall time: ~{format_time(self.wall_seconds)} on {r.total_threads} thread(s) "
+                "(" + ", ".join(f"{k} {format_time(v)}" for k, v in self.phase_seconds.items()) + ")"
             )
         else:
             totals.append("Wall time: not predicted (plan made without calibration; use kd.plan)")
         totals.append("FLOPs: " + ", ".join(f"{k} {v / 1e9:,.1f} G" for k, v in self.flops.items()))
-        alloc = [f"• {a['what']} {tuple(a['shape']) if a.get('shape') else ''}: {fmt_bytes(a['bytes'])}"
+        alloc = [f"• {a['what']} {tuple(a['shape']) if a.get('shape') else ''}: {format_bytes(a['bytes'])}"
                  + (f" ({a['where']})" if a.get("where") else "") for a in self.memory_allocations]
         outs = []
         for loc in ("layers", "obs", "var"):
@@ -569,7 +572,7 @@ class ResourcePlan:
                 outs.append(f"{'adata.' if inp.in_memory else ''}{loc}:")
                 for f in fs:
                     flag = f" [OVERWRITES run_id={f['overwrites_run_id']}]" if f["overwrites"] else ""
-                    outs.append(f"  - {f['name']} ({fmt_bytes(f['bytes'])}){flag}")
+                    outs.append(f"  - {f['name']} ({format_bytes(f['bytes'])}){flag}")
         return [("Cluster Resources", cluster), ("Data", data), ("Layout", layout),
                 ("Total Requirements", totals), ("Memory Allocations", alloc), ("Output Fields", outs)]
 
@@ -778,7 +781,7 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
     info = [
         f"Null distribution uses {inp.n_null:,} permuted genes (total: {inp.n_selected + inp.n_null:,} genes scored)",
         f"No task holds more than {ch.cell_chunk:,} cells × {ch.gene_block} genes of expression; "
-        f"a full cells × genes array would be {fmt_bytes(inp.n_obs * inp.n_vars * 8)}",
+        f"a full cells × genes array would be {format_bytes(inp.n_obs * inp.n_vars * 8)}",
         "Spilling cannot help: JAX buffers are unmanaged memory to Dask, so the plan keeps the peak "
         f"under {MEMORY_FRACTION:.0%} of the worker limit",
     ]
@@ -796,29 +799,29 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
         )
     if not res.memory_limit_set:
         warnings.append("The workers have no memory limit; the plan assumed host memory / workers "
-                        f"= {fmt_bytes(res.memory_limit)}")
+                        f"= {format_bytes(res.memory_limit)}")
     if cell_chunk or gene_block or null_gene_block:
         info.append("Sizes given in ComputeSettings were kept as given")
     if not fits and est.worker_peak <= budget:
         errors.append(Problem(
             f"No layout keeps one task under ComputeSettings(max_task_bytes={max_task_bytes:,}); the smallest "
-            f"tried needs {fmt_bytes(max(est.tasks.values()))}",
+            f"tried needs {format_bytes(max(est.tasks.values()))}",
             [f"max_task_bytes ≥ {max(est.tasks.values()):,}", "max_task_bytes=None (the memory budget still applies)"]))
     elif not fits:
         fixed = est.worker_peak - res.threads_per_worker * max(est.tasks.values())
         need = est.worker_peak / MEMORY_FRACTION
         fixes = [
-            f"workers with memory_limit ≥ {fmt_bytes(need)} (now {fmt_bytes(res.memory_limit)})",
+            f"workers with memory_limit ≥ {format_bytes(need)} (now {format_bytes(res.memory_limit)})",
         ]
         if res.threads_per_worker > 1:
             one = (est.worker_peak - (res.threads_per_worker - 1) * max(est.tasks.values())) / MEMORY_FRACTION
-            fixes.append(f"1 thread per worker (then ≥ {fmt_bytes(one)} per worker), and more workers")
+            fixes.append(f"1 thread per worker (then ≥ {format_bytes(one)} per worker), and more workers")
         factor_share = est.shared["factors C1, C2, R, Lp"]
         if factor_share > 0.2 * budget:
             m_max = _max_landmarks(inp, res, cal.worker_rss, prep, cell_chunk, gene_block, null_gene_block)
             fixes.append(
                 f"fewer landmarks: GPSettings(n_landmarks={m_max:,}) or less (now {m:,}; "
-                f"the m × m factors alone take {fmt_bytes(factor_share)} per worker)"
+                f"the m × m factors alone take {format_bytes(factor_share)} per worker)"
                 if m_max else f"fewer landmarks do not suffice here (now {m:,})"
             )
         if inp.store_layers and not fits:
@@ -827,39 +830,39 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, cell_
             if lazy.worker_peak < est.worker_peak:
                 fixes.append(
                     f"StorageSettings(store_layers=False): no imputed/fold-change layers are materialised "
-                    f"(peak {fmt_bytes(lazy.worker_peak)} per worker); per-gene and per-cell results are still written"
+                    f"(peak {format_bytes(lazy.worker_peak)} per worker); per-gene and per-cell results are still written"
                 )
         nn_extra = prep.get("first worker (length scale)", 0)
         if nn_extra and est.worker_peak - nn_extra <= budget:
             fixes.append(
                 f"GPSettings(ls=...) with a known length scale: the nearest-neighbour search adds "
-                f"{fmt_bytes(nn_extra)} to the first worker (or run once on this cluster so it is compiled)"
+                f"{format_bytes(nn_extra)} to the first worker (or run once on this cluster so it is compiled)"
             )
         if not gene_block and ch.gene_block > 8:
             fixes.append("a smaller gene block does not help enough here: already at the smallest tried "
-                         f"({ch.gene_block}); the fixed part is {fmt_bytes(fixed)}")
+                         f"({ch.gene_block}); the fixed part is {format_bytes(fixed)}")
         else:
             fixes.append(f"a smaller ComputeSettings(gene_block=...) / cell_chunk (now {ch.gene_block} / {ch.cell_chunk})")
         errors.append(Problem(
-            f"Peak memory per worker {fmt_bytes(est.worker_peak)} exceeds the budget "
-            f"{fmt_bytes(budget)} ({MEMORY_FRACTION:.0%} of the {fmt_bytes(res.memory_limit)} limit)", fixes))
+            f"Peak memory per worker {format_bytes(est.worker_peak)} exceeds the budget "
+            f"{format_bytes(budget)} ({MEMORY_FRACTION:.0%} of the {format_bytes(res.memory_limit)} limit)", fixes))
     elif est.worker_peak > 0.8 * budget:
         warnings.append(f"Peak memory per worker is {est.worker_peak / budget:.0%} of the budget")
     if est.factor_phase + cal.worker_rss > res.memory_limit * MEMORY_FRACTION and fits:
         warnings.append("The factorising worker briefly needs "
-                        f"{fmt_bytes(est.factor_phase + cal.worker_rss)} during the m × m phase")
+                        f"{format_bytes(est.factor_phase + cal.worker_rss)} during the m × m phase")
     if client_peak > 0.8 * res.host_memory_available:
         errors.append(Problem(
-            f"The client needs ~{fmt_bytes(client_peak)} but its host has {fmt_bytes(res.host_memory_available)} available",
+            f"The client needs ~{format_bytes(client_peak)} but its host has {format_bytes(res.host_memory_available)} available",
             ["run on a host with more memory", "use a zarr store instead of an in-memory AnnData"
              if inp.in_memory else "free memory on the client host"]))
     new_bytes = output_bytes
     if new_bytes > res.disk_free:
         layer_bytes = sum(f["bytes"] for f in outputs if f["location"] == "layers")
         errors.append(Problem(
-            f"The outputs need {fmt_bytes(new_bytes)} of disk; {fmt_bytes(res.disk_free)} is free at {res.disk_path}",
-            [f"free {fmt_bytes(new_bytes - res.disk_free)} more disk",
-             f"StorageSettings(store_layers=False) writes no layers (saves {fmt_bytes(layer_bytes)}); "
+            f"The outputs need {format_bytes(new_bytes)} of disk; {format_bytes(res.disk_free)} is free at {res.disk_path}",
+            [f"free {format_bytes(new_bytes - res.disk_free)} more disk",
+             f"StorageSettings(store_layers=False) writes no layers (saves {format_bytes(layer_bytes)}); "
              "the per-gene and per-cell results are still written",
              "StorageSettings(layer_dtype='float32') halves the layers" if inp.layer_dtype == "float64" else
              "kompot_dask.cleanup() of earlier runs' layers"]))

@@ -8,7 +8,6 @@ Readers (``RunInfo``, ``cleanup``, plots) go through :func:`read_history` and
 from __future__ import annotations
 
 import getpass
-import importlib.metadata
 import json
 import logging
 import os
@@ -79,21 +78,35 @@ def field_descriptions(condition1: Any, condition2: Any, threshold: float) -> di
     }
 
 
-def environment_info() -> dict[str, Any]:
-    versions = {}
-    for pkg in _PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            if pkg == "kompot_dask":  # run from a source tree, not installed
-                from . import __version__
+def environment_info(client: Any = None) -> dict[str, Any]:
+    """Where and with what a run ran: host, platform, user and package versions.
 
-                versions[pkg] = __version__
+    Versions come from distributed's own report (``distributed.versions``). With a
+    ``client`` they come from ``client.get_versions(check=True)``, which also asks every
+    worker and the scheduler: distributed warns ("Mismatched versions found", with a table)
+    when they differ from this process, and the record keeps the packages that differ
+    between this process and any worker under ``version_mismatches`` (package → version
+    here and on each differing worker), with ``n_workers_checked``.
+    """
+    from distributed.versions import get_versions
+
+    if client is not None:
+        report = client.get_versions(check=True, packages=list(_PACKAGES))
+        local = report["client"]["packages"]
+        workers = {addr: (info or {}).get("packages") or {} for addr, info in report["workers"].items()}
+    else:
+        local, workers = get_versions(packages=_PACKAGES)["packages"], None
+    # python is recorded as python_version; packages this process lacks are left out
+    versions = {pkg: v for pkg, v in local.items() if v is not None and pkg != "python"}
+    if "kompot_dask" not in versions:  # run from a source tree, not installed
+        from . import __version__
+
+        versions["kompot_dask"] = __version__
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in some containers
         user = "unknown"
-    return {
+    info: dict[str, Any] = {
         "timestamp": datetime.now().isoformat(),
         "platform": platform.platform(),
         "python_version": platform.python_version(),
@@ -102,6 +115,15 @@ def environment_info() -> dict[str, Any]:
         "pid": os.getpid(),
         "package_versions": versions,
     }
+    if workers is not None:
+        mismatches: dict[str, dict[str, str | None]] = {}
+        for pkg in sorted(set(local).union(*workers.values())):
+            differ = {addr: pkgs.get(pkg) for addr, pkgs in workers.items() if pkgs.get(pkg) != local.get(pkg)}
+            if differ:
+                mismatches[pkg] = {"client": local.get(pkg), **differ}
+        info["n_workers_checked"] = len(workers)
+        info["version_mismatches"] = mismatches
+    return info
 
 
 def load_history(uns_entry: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ Kubernetes manifests, the Dockerfile and the CLI."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
@@ -38,13 +39,26 @@ def _manifests() -> dict[str, dict]:
     return out
 
 
-def test_slurm__job_script_from_dask_jobqueue():
-    pytest.importorskip("dask_jobqueue")
-    from kompot_dask.deploy import load_jobqueue_config, slurm_cluster
+@pytest.fixture
+def dask_config():
+    """dask's global config restored afterwards: slurm_cluster(config=...) merges into it."""
+    import dask.config
 
-    cfg = load_jobqueue_config(os.path.join(DEPLOY, "slurm", "jobqueue.yaml"))
+    pytest.importorskip("dask_jobqueue")  # its defaults registered before the snapshot
+    saved = copy.deepcopy(dask.config.config)
+    yield dask.config
+    dask.config.config.clear()
+    dask.config.config.update(saved)
+
+
+def test_slurm__job_script_from_dask_jobqueue(dask_config):
+    from kompot_dask.deploy import slurm_cluster
+
     with slurm_cluster(os.path.join(DEPLOY, "slurm", "jobqueue.yaml"), account="lab", queue="normal") as cluster:
         script = cluster.job_script()
+    with open(os.path.join(DEPLOY, "slurm", "jobqueue.yaml"), encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)["jobqueue"]["slurm"]  # the file's own values, to compare with
+    assert dask_config.get("jobqueue.slurm.cores") == cfg["cores"]
     assert f"#SBATCH --cpus-per-task={cfg['cores']}" in script
     mem = re.search(r"#SBATCH --mem=(\d+)G", script)
     assert mem and int(mem.group(1)) == parse_bytes(cfg["memory"]) // 2**30  # SLURM's G is GiB
@@ -61,6 +75,20 @@ def test_slurm__job_script_from_dask_jobqueue():
     for key in ("XLA_FLAGS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         assert f"export {key}='{env[key]}'" in script
     assert script.index("activate") < script.index("export XLA_FLAGS") < script.index("dask_worker")
+
+
+def test_slurm__environment_overrides_the_file_as_in_dask_config(dask_config, monkeypatch):
+    from kompot_dask.deploy import slurm_cluster
+
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__WALLTIME", "01:30:00")
+    with slurm_cluster(os.path.join(DEPLOY, "slurm", "jobqueue.yaml"), processes=2) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -t 01:30:00" in script
+    # 8 cores in 2 processes: 4 threads each, and BLAS/XLA sized to match
+    assert "--nworkers 2" in script and "--nthreads 4" in script
+    assert f"export OMP_NUM_THREADS='{worker_environment(4)['OMP_NUM_THREADS']}'" in script
+    with pytest.raises(FileNotFoundError):
+        slurm_cluster(os.path.join(DEPLOY, "slurm", "missing.yaml"))
 
 
 def test_slurm__sbatch_script_runs_the_cli():
