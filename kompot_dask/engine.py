@@ -328,7 +328,7 @@ def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, n_landmark
     # The helpers end themselves when this process dies (see _exit_with_parent): a killed
     # client must not leave a ~350 MiB k-means process behind.
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                             ) as pool:
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         ls_f = pool.submit(_length_scale_task, X1, ls_factor) if ls is None else None
         if landmarks is not None:
             Z, source = landmarks, "provided"
@@ -509,7 +509,7 @@ def run_engine(
         outputs = {f.key for f in futures}
         pending = as_completed(setup + futures, loop=client.loop)
         # Only the iterator holds the futures now: each intermediate (S partials, factors,
-        # scattered inputs) is freed on the workers as soon as its last dependent finishes.
+        # input arrays) is freed on the workers as soon as its last dependent finishes.
         del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
@@ -649,7 +649,10 @@ def _input_futures(client: Client, token: str, **arrays: np.ndarray) -> list:
     The scheduler keeps the spec (one copy of each array: the embedding X is n × d, the
     rest are cells or landmarks long, never cells × genes) until the last dependent task
     is done, so after a worker dies it re-runs these tasks on the workers that remain or
-    on the one its nanny restarts, and then everything lost downstream.
+    on the one its nanny restarts, and then everything lost downstream. No task gets
+    ``retries=``: those re-run a task that raised (a NaN in the layer would only fail
+    again), while a task whose worker died is re-run anyway, up to
+    ``distributed.scheduler.allowed-failures`` times, before it fails with KilledWorker.
     """
     import warnings
 
@@ -697,7 +700,6 @@ def _completed(client: Client, pending):
 
 def _as_worker_lost(exc: BaseException) -> WorkerLostError | None:
     """The :class:`WorkerLostError` that a Dask failure stands for, if it is a worker loss."""
-    from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
     if isinstance(exc, WorkerLostError):
@@ -708,9 +710,12 @@ def _as_worker_lost(exc: BaseException) -> WorkerLostError | None:
         except AttributeError:
             where = "a worker"
         return WorkerLostError(
-            f"{where} died while running task {exc.task!r}, and so did every worker that ran "
-            f"it before ({exc.allowed_failures + 1} in all; see distributed.scheduler.allowed-failures)"
+            f"{where} died while running task {exc.task!r}; workers died running that task "
+            f"{exc.allowed_failures + 1} time(s), more than distributed.scheduler.allowed-failures="
+            f"{exc.allowed_failures} allows"
         )
-    if isinstance(exc, FutureCancelledError) and exc.reason in ("lost dependencies", "already forgotten"):
-        return WorkerLostError(f"the data of task {exc.key!r} was lost with the worker holding it")
+    # distributed's FutureCancelledError (older versions have no reason attribute): the
+    # scheduler forgot a task whose only copy was on a worker that died.
+    if getattr(exc, "reason", None) in ("lost dependencies", "already forgotten"):
+        return WorkerLostError(f"the data of task {getattr(exc, 'key', '?')!r} was lost with the worker holding it")
     return None
