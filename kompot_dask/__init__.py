@@ -6,14 +6,18 @@ import logging as _logging
 import sys as _sys
 
 from . import plot
+from ._io.commit import CommitError
 from ._io.ingest import ingest
 from ._io.lease import StoreLockedError
+from ._io.manifest import StoreIntegrityError, VerifyReport, verify
+from ._io.store import StoreError
 from .analysis import de, plan
 from .cleanup import cleanup
 from .cluster import pin_workers
+from .engine import NonFiniteExpressionError, WorkerLostError
 from .planner import InfeasiblePlanError, ResourcePlan
 from .runinfo import RunInfo
-from .runs import get_run_fields
+from .runs import RunNotFoundError, get_run_fields
 from .settings import (
     ComputeSettings,
     FDRSettings,
@@ -31,8 +35,16 @@ __all__ = [
     "plan",
     "ResourcePlan",
     "InfeasiblePlanError",
-    "StoreLockedError",
     "ingest",
+    "verify",
+    "VerifyReport",
+    "StoreError",
+    "StoreLockedError",
+    "StoreIntegrityError",
+    "CommitError",
+    "NonFiniteExpressionError",
+    "WorkerLostError",
+    "RunNotFoundError",
     "RunInfo",
     "cleanup",
     "pin_workers",

@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import psutil
+from dask.utils import format_bytes, format_time
 from distributed import Client, KilledWorker
 
 from . import engine, planner, runs
@@ -393,6 +394,7 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
     layer_names = {r: names[r] for r in layer_roles}
 
     with resolve_client(client, compute) as c:
+        environment = runs.environment_info(c)  # now: version skew shows before the long run
         plan = _plan_for_run(run, c, plan)
         fingerprint = _fingerprint(run)
         staging, saved = io_commit.open_run_staging(store.path, fingerprint, resume)
@@ -494,19 +496,25 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
         "plan": {"status": plan.status, "peak_worker_bytes": plan.peak_worker_bytes,
                  "peak_client_bytes": plan.peak_client_bytes, "wall_seconds": plan.wall_seconds,
                  "n_tasks": plan.n_tasks},
-        "environment": runs.environment_info(),
+        "environment": environment,
         "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "resumed": {"tasks_reused": res.n_reused, "tasks_run": res.n_tasks} if res.n_reused else None,
     }
     for loc_field in fields_written:
         loc, name = loc_field.split("/", 1)
         tracking.setdefault(loc, {})[name] = run_id
     tracking.setdefault("uns", {})[rk] = run_id
+    removed = runs.load_removed(uns_entry)
+    for loc_field in fields_written:  # written again: no longer a removed field
+        loc, name = loc_field.split("/", 1)
+        removed.get(loc, {}).pop(name, None)
     history.append(record)
     hist_entry = dict(uns_entry)
     hist_entry.update({
         "run_history": runs.to_json(history),
         "last_run_info": runs.to_json(record),
         "anndata_fields": runs.to_json(tracking),
+        "removed_fields": runs.to_json(removed),
     })
     uns_updates: dict[str, dict[str, Any]] = {}
     rk_entry = hist_entry if rk == runs.HISTORY_KEY else dict(store.read_uns_json(rk))
@@ -685,9 +693,9 @@ def _plan_for_run(run: _Run, client: Client, plan: planner.ResourcePlan | None) 
         if res.total_threads != plan.resources.total_threads or res.memory_limit < plan.resources.memory_limit:
             logger.warning(
                 "The cluster changed since planning (%d×%d threads, %s per worker; planned for %d×%d, %s); "
-                "running the planned layout", res.n_workers, res.threads_per_worker, planner.fmt_bytes(res.memory_limit),
+                "running the planned layout", res.n_workers, res.threads_per_worker, format_bytes(res.memory_limit),
                 plan.resources.n_workers, plan.resources.threads_per_worker,
-                planner.fmt_bytes(plan.resources.memory_limit),
+                format_bytes(plan.resources.memory_limit),
             )
     if not plan.feasible:
         raise planner.InfeasiblePlanError(plan)
@@ -697,8 +705,8 @@ def _plan_for_run(run: _Run, client: Client, plan: planner.ResourcePlan | None) 
     logger.info(
         "Plan: cell_chunk=%d, gene_block=%d, null_gene_block=%d, %d tasks; predicted peak %s per worker%s",
         plan.cell_chunk, plan.gene_block, plan.null_gene_block, plan.n_tasks,
-        planner.fmt_bytes(plan.peak_worker_bytes),
-        f", ~{planner.fmt_seconds(plan.wall_seconds)}" if plan.wall_seconds is not None else "",
+        format_bytes(plan.peak_worker_bytes),
+        f", ~{format_time(plan.wall_seconds)}" if plan.wall_seconds is not None else "",
     )
     return plan
 

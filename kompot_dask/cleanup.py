@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 from dask.utils import format_bytes
 
+from ._io import commit
 from ._io.lease import store_lock
 from ._io.store import Store, StoreHandle
-from .runs import RunHistory, RunSource, read_history
+from .runs import RunHistory, RunSource, encode_entry, history_key, load_removed, read_history
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
 
@@ -169,6 +171,7 @@ def cleanup(
     keep_obs_fields: bool | Sequence[str] = True,
     keep_var_fields: bool | Sequence[str] = True,
     dry_run: bool = False,
+    staged: bool = False,
 ) -> CleanupSummary:
     """Remove the fields that runs created, freeing disk in a zarr store (or memory).
 
@@ -197,6 +200,10 @@ def cleanup(
         Kept by default.
     dry_run
         Only report what would be removed.
+    staged
+        Also remove the work that interrupted runs kept for a resume (the store's hidden
+        staging directory). With ``run_ids=None`` only that is removed and the runs' fields
+        stay.
 
     Returns
     -------
@@ -216,7 +223,23 @@ def cleanup(
     """
     if not isinstance(dry_run, bool):
         raise TypeError(f"dry_run={dry_run!r} must be True or False")
+    if not isinstance(staged, bool):
+        raise TypeError(f"staged={staged!r} must be True or False")
     source = data if isinstance(data, RunSource) else RunSource(data)
+    if staged and source.is_store and not dry_run:
+        with store_lock(source.path, "kompot_dask.cleanup"):
+            freed = commit.sweep(source.path)
+        logger.info("Removed %s of staged work kept by interrupted runs in %s", format_bytes(freed), source.path)
+        if run_ids is None:
+            summary = CleanupSummary(str(source.path), analysis_type, [])
+            summary.removed.append(RemovedField(-1, commit.KOMPOT_DIR, "staging", "staging", freed))
+            return summary
+    elif staged and source.is_store:
+        if run_ids is None:
+            summary = CleanupSummary(str(source.path), analysis_type, [], dry_run=True)
+            summary.removed.append(RemovedField(-1, commit.KOMPOT_DIR, "staging", "staging",
+                                               commit.staged_bytes(source.path)))
+            return summary
     if not source.is_store or dry_run:
         return _cleanup(source, data, run_ids, analysis_type, keep_layers, keep_obs_fields, keep_var_fields, dry_run)
     with store_lock(source.path, "kompot_dask.cleanup"):
@@ -228,9 +251,21 @@ def cleanup(
     return summary
 
 
+def _noting_removal(source: RunSource, key: str, todo: list[tuple[int, str, str, str]]) -> dict[str, Any]:
+    """The history entry with the removed fields noted, so that RunInfo reports them as
+    removed (not lost) and ``verify`` does not count them as damage."""
+    entry = source.uns_entry(key)
+    removed = load_removed(entry)
+    stamp = datetime.now().isoformat(timespec="seconds")
+    for rid, loc, name, _ in todo:
+        removed.setdefault(loc, {})[name] = {"run_id": rid, "timestamp": stamp}
+    return encode_entry({**entry, "removed_fields": removed})
+
+
 def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, keep_layers: Any,
              keep_obs_fields: Any, keep_var_fields: Any, dry_run: bool) -> CleanupSummary:
     history = read_history(source, analysis_type)
+    key = history_key(analysis_type)
     ids = _resolve_run_ids(history, run_ids)
     if not ids:
         history.resolve(0)  # raises: no runs recorded
@@ -252,12 +287,10 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
         sizes = {(loc, name): (source.handle.element_nbytes(loc, name) if source.is_store
                                else _anndata_nbytes(source.adata, loc, name)) for loc, name in fields}
     elif source.is_store:
-        leftovers = source.handle.sweep_trash()
-        if leftovers:
-            logger.info("Deleted %s left behind by an interrupted cleanup", format_bytes(leftovers))
-        sizes = source.handle.remove_fields(fields)
+        sizes = source.handle.remove_fields(fields, {key: _noting_removal(source, key, todo)})
     else:
         sizes = _remove_from_anndata(source.adata, fields)
+        source.adata.uns[key] = _noting_removal(source, key, todo)
     verb = "Would remove" if dry_run else "Removed"
     for rid, loc, name, ftype in todo:
         nbytes = sizes.get((loc, name), 0)

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-obs", action="store_true", help="also remove per-cell fields")
     p.add_argument("--remove-var", action="store_true", help="also remove per-gene statistics")
     p.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    p.add_argument("--staged", action="store_true",
+                   help="remove the work interrupted runs kept for a resume (alone: only that)")
 
     p = sub.add_parser("verify", help="check the store's chunk files and run history (exit 1 if damaged)")
     p.add_argument("store")
@@ -342,7 +344,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
     summary = cleanup(args.store, run_ids=args.run_ids, keep_layers=args.keep_layers,
                       keep_obs_fields=not args.remove_obs, keep_var_fields=not args.remove_var,
-                      dry_run=args.dry_run)
+                      dry_run=args.dry_run, staged=args.staged)
     _emit(args, summary.to_dict(), str(summary))
     return EXIT_OK
 

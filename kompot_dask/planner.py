@@ -35,9 +35,6 @@ from dask.utils import format_bytes, format_time
 
 logger = logging.getLogger("kompot_dask")
 
-# analysis.py still calls planner.fmt_bytes / planner.fmt_seconds; these names keep it
-# working until it calls dask.utils.format_bytes / format_time itself.
-fmt_bytes, fmt_seconds = format_bytes, format_time
 
 MEMORY_FRACTION = 0.6
 """Share of a worker's memory limit the plan lets one run's peak reach."""
@@ -122,10 +119,15 @@ def resources_from_client(client, store_path: str, *, embedded: bool) -> Cluster
 
 
 def _disk_free(path: str) -> int:
+    """Free disk where the store lives, counting the staging that interrupted runs kept:
+    the run reuses it (a resume) or deletes it before it writes."""
+    from ._io.commit import staged_bytes
+
     p = os.path.abspath(path)
     while not os.path.exists(p):
         p = os.path.dirname(p)
-    return int(shutil.disk_usage(p).free)
+    kept = staged_bytes(path) if os.path.isdir(path) else 0
+    return int(shutil.disk_usage(p).free) + kept
 
 
 @dataclass(frozen=True)

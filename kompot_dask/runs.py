@@ -138,6 +138,18 @@ def load_field_tracking(uns_entry: dict[str, Any]) -> dict[str, dict[str, int]]:
     return {loc: {str(k): int(v) for k, v in (_decoded(names) or {}).items()} for loc, names in fields.items()}
 
 
+def load_removed(uns_entry: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """location → field → {run_id, timestamp} of fields that ``cleanup`` removed."""
+    removed = _decoded(uns_entry.get("removed_fields", {})) or {}
+    return {loc: {str(k): dict(_decoded(v)) for k, v in (_decoded(names) or {}).items()}
+            for loc, names in removed.items()}
+
+
+def encode_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history entry as stored in ``uns``: dicts and lists as JSON strings."""
+    return {k: to_json(v) if isinstance(v, dict | list) else v for k, v in entry.items()}
+
+
 def _decoded(value: Any) -> Any:
     """A JSON string decoded; anything else (already decoded) as it is."""
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
@@ -263,7 +275,7 @@ class FieldStatus:
     type: str
     description: str
     status: str
-    """``"Present"``, ``"Overwritten by Run k"`` or ``"Missing"``."""
+    """``"Present"``, ``"Overwritten by Run k"``, ``"Removed by cleanup"`` or ``"Missing"``."""
     last_writer: int | None
     """Id of the run that last wrote the field (``None`` when untracked)."""
     present: bool
@@ -278,6 +290,8 @@ class RunHistory:
     runs: list[dict[str, Any]]
     tracking: dict[str, dict[str, int]]
     source: RunSource
+    removed: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """location → field → {run_id, timestamp} of fields that cleanup removed."""
     _present: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     @property
@@ -348,7 +362,7 @@ class RunHistory:
             present = loc in FIELD_LOCATIONS_ALL and name in self.present(loc)
             writer = self.last_writer(loc, name)
             if not present:
-                status = "Missing"
+                status = "Removed by cleanup" if name in self.removed.get(loc, {}) else "Missing"
             elif writer is not None and writer != rid:
                 status = f"Overwritten by Run {writer}"
             else:
@@ -364,7 +378,7 @@ def read_history(data: Any, analysis_type: str = "de") -> RunHistory:
     key = history_key(analysis_type)
     source = data if isinstance(data, RunSource) else RunSource(data)
     entry = source.uns_entry(key)
-    return RunHistory(analysis_type, load_history(entry), load_field_tracking(entry), source)
+    return RunHistory(analysis_type, load_history(entry), load_field_tracking(entry), source, load_removed(entry))
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def staggered_blocks(client):
     def patch(on):
         import time
 
-        import kompot_dask._io.store as st
+        import kompot_dask._io.tiles as st
         import kompot_dask.engine as eng
 
         if not (hasattr(eng, "write_tile") and hasattr(eng, "_real_block_task")):

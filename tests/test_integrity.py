@@ -196,14 +196,21 @@ def test_de__intact_store_with_manifest_runs_and_verifies(ingested, client, caps
     report = verify(ingested)
     assert report.ok and report.runs_checked == 1 and not report.run_problems
     assert [e.status for e in report.elements] == ["ok", "ok"]
-    # A field that its last writer recorded, gone: an inconsistency of the history.
+    # Fields removed by cleanup are noted in the history: not damage.
     kd.cleanup(ingested, keep_var_fields=False)
     report = verify(ingested)
+    assert report.ok and not report.run_problems
+    # A field that its last writer recorded, gone without a cleanup: an inconsistency.
+    g = zarr.open_group(ingested, mode="r+", use_consolidated=False)
+    obs = ad.io.read_elem(g["obs"])
+    ad.io.write_elem(g, "obs", obs.drop(columns=["kompot_de_Young_std"]))
+    zarr.consolidate_metadata(ingested)
+    report = verify(ingested)
     assert not report.ok and report.run_problems
-    assert {p.location for p in report.run_problems} == {"var"}
+    assert {p.location for p in report.run_problems} == {"obs"}
     assert all(p.run_id == 0 and p.status == "Missing" for p in report.run_problems)
     rc, out, err = run_cli(capsys, "verify", ingested)
-    assert rc == 1 and "run 0: var/" in out and "DAMAGED" in err
+    assert rc == 1 and "run 0: obs/" in out and "DAMAGED" in err
 
 
 # ---------------------------------------------------------------------------

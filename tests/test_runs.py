@@ -339,7 +339,7 @@ def test_cleanup__run_0_frees_its_layers_on_disk(store_copy, caplog):
 
     statuses = _statuses(RunInfo(store_copy, 0))
     for name in RUN0_OWN_LAYERS:
-        assert statuses[name] == "Missing"
+        assert statuses[name] == "Removed by cleanup"
     assert statuses["kompot_de_Young_imputed"] == "Overwritten by Run 1"
     assert all(statuses[n] == "Present" for n in RUN0["var"])
     assert _statuses(RunInfo(store_copy, 1)) == dict.fromkeys(_statuses(RunInfo(store_copy, 1)), "Present")
@@ -348,7 +348,10 @@ def test_cleanup__run_0_frees_its_layers_on_disk(store_copy, caplog):
     assert set(adata.layers) == {"logged_counts", "kompot_de_Young_imputed", "kompot_de_Mid_imputed",
                                  "kompot_de_Young_to_Mid_fold_change"}
     pd.testing.assert_frame_equal(adata.var, var_before)
-    assert StoreHandle(store_copy).read_uns_json("kompot_de") == uns_before  # history intact
+    uns_after = StoreHandle(store_copy).read_uns_json("kompot_de")
+    assert set(uns_after.pop("removed_fields")["layers"]) == set(RUN0_OWN_LAYERS)  # the removal is noted
+    uns_before.pop("removed_fields")
+    assert uns_after == uns_before  # the runs' history is intact
     assert os.path.exists(os.path.join(store_copy, ".zmetadata"))
     assert not [e for e in os.listdir(store_copy) if e.startswith(".kompot_trash") or e == ".kompot_lock"]
     assert not os.path.exists(os.path.join(store_copy, commit.KOMPOT_DIR, "trash"))
@@ -363,7 +366,7 @@ def test_cleanup__default_removes_every_layer_and_keeps_statistics(store_copy):
     assert list(adata.layers) == ["logged_counts"]
     assert {"kompot_de_Young_std", "kompot_de_Old_std", "kompot_de_Mid_std"} <= set(adata.obs.columns)
     assert len([c for c in adata.var.columns if c.startswith("kompot_de")]) == 8
-    assert {f.status for f in RunInfo(store_copy, 1).fields if f.location == "layers"} == {"Missing"}
+    assert {f.status for f in RunInfo(store_copy, 1).fields if f.location == "layers"} == {"Removed by cleanup"}
 
 
 def test_cleanup__keep_lists_and_obs_fields(store_copy):
@@ -376,7 +379,7 @@ def test_cleanup__keep_lists_and_obs_fields(store_copy):
     adata = ad.read_zarr(store_copy)
     assert "kompot_de_Young_to_Mid_fold_change" in adata.layers and "kompot_de_Old_imputed" in adata.layers
     assert list(adata.obs.columns) == ["Age", "kompot_de_Old_std"]
-    assert _statuses(RunInfo(store_copy, 0))["kompot_de_Young_std"] == "Missing"
+    assert _statuses(RunInfo(store_copy, 0))["kompot_de_Young_std"] == "Removed by cleanup"
 
 
 def test_cleanup__dry_run_changes_nothing(store_copy):
@@ -469,7 +472,7 @@ def test_runinfo_and_cleanup__in_memory_anndata(history):
     assert summary.bytes_freed == 2 * SPEC.n_obs * SPEC.n_vars * 4  # two float32 layers
     assert not set(RUN0_OWN_LAYERS) & set(adata.layers) and "kompot_de_Young_imputed" in adata.layers
     statuses = _statuses(RunInfo(adata, 0))
-    assert [n for n, s in statuses.items() if s == "Missing"] == RUN0_OWN_LAYERS
+    assert [n for n, s in statuses.items() if s == "Removed by cleanup"] == RUN0_OWN_LAYERS
     cleanup(adata, keep_var_fields=False)
     assert not [c for c in adata.var.columns if c.startswith("kompot")]
     assert not [k for k in adata.layers if k.startswith("kompot")]

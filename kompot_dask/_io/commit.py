@@ -4,7 +4,7 @@ Everything a run writes goes first into its own staging directory, ``.kompot/sta
 at the store root. That directory is hidden from anndata and zarr (no node is named
 ``.kompot``), so a staged array never shows up in ``ad.read_zarr(store).layers``.
 
-A commit (or a field removal, see :func:`removal_journal`) is a *journal*: a short JSON list of
+A commit (or a field removal) is a *journal* (:func:`change_journal`): a short JSON list of
 directory renames plus the new ``column-order`` of obs/var. It is written atomically to
 ``.kompot/journal.json``; from that instant the change is decided, and :func:`apply_journal`
 carries it out. Every step is idempotent (each staged directory is recognised by its inode),
@@ -193,7 +193,10 @@ def write_consolidated(store_path: str) -> None:
             for name in (".zattrs", ".zgroup", ".zarray"):
                 p = os.path.join(store_path, rel, name)
                 if os.path.exists(p):
-                    meta[f"{rel}/{name}"] = _read_json(p)
+                    doc = _read_json(p)
+                    if name == ".zgroup":  # as zarr-python 3 writes it: subgroups marked consolidated too
+                        doc["consolidated_metadata"] = {"metadata": {}, "must_understand": False, "kind": "inline"}
+                    meta[f"{rel}/{name}"] = doc
         write_atomic(os.path.join(store_path, ".zmetadata"),
                      _json_bytes({"metadata": meta, "zarr_consolidated_format": 1}))
         return
@@ -385,54 +388,43 @@ def _move(store_path: str, src: str, dst: str, trash: str | None = None) -> dict
     return {"src": src, "dst": dst, "ino": ino, "trash": trash}
 
 
-def commit_journal(store_path: str, staging: Staging, *, layers: dict[str, str],
-                   obs: dict[str, np.ndarray], var: dict[str, np.ndarray],
-                   uns: dict[str, Any]) -> dict[str, Any]:
-    """Stage obs/var/uns and describe the whole commit; nothing in the store changes yet.
+def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] | None = None,
+                   obs: dict[str, np.ndarray] | None = None, var: dict[str, np.ndarray] | None = None,
+                   uns: dict[str, Any] | None = None,
+                   remove: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Stage obs/var/uns and describe one whole change; nothing in the store changes yet.
 
     ``layers`` maps a final layer name to its staged directory (from
-    :meth:`Staging.create_layer`). Fields that already exist are replaced; their previous
-    version goes to the trash and is deleted when the commit is done.
+    :meth:`Staging.create_layer`); ``obs``/``var`` columns and ``uns`` entries are written
+    into the staging here; ``remove`` lists ``(location, name)`` fields to delete. Fields
+    that already exist are replaced; their previous version goes to the trash and is
+    deleted when the change is done.
     """
-    fmt = zarr_format_of(store_path)
-    _stage_elements(staging, obs, var, uns, fmt)
+    layers, obs, var, uns, remove = layers or {}, obs or {}, var or {}, uns or {}, remove or []
+    _stage_elements(staging, obs, var, uns, zarr_format_of(store_path))
     trash = f"{KOMPOT_DIR}/trash/{staging.token}"
-    moves = []
-    for i, (name, src) in enumerate(layers.items()):
-        moves.append(_move(store_path, _rel(store_path, src), f"layers/{name}", f"{trash}/L{i}"))
-    attrs: dict[str, Any] = {}
+    removals = [_move(store_path, f"{loc}/{name}", f"{trash}/r{i}") for i, (loc, name) in enumerate(remove)]
+    moves = [_move(store_path, _rel(store_path, src), f"layers/{name}", f"{trash}/L{i}")
+             for i, (name, src) in enumerate(layers.items())]
+    attrs_removed: dict[str, Any] = {}
+    attrs_final: dict[str, Any] = {}
     for loc, cols in (("obs", obs), ("var", var)):
-        if not cols:
+        gone = {n for lo, n in remove if lo == loc}
+        if not cols and not gone:
             continue
         current = read_group_attrs(store_path, loc)
-        order = list(current.get("column-order", []))
-        order += [c for c in cols if c not in order]
-        attrs[loc] = {**current, "column-order": order}
+        order = [c for c in current.get("column-order", []) if c not in gone]
+        attrs_removed[loc] = {**current, "column-order": order}
+        attrs_final[loc] = {**current, "column-order": order + [c for c in cols if c not in order]}
         for i, name in enumerate(cols):
             src = _rel(store_path, staging.sub("elements", loc, name))
             moves.append(_move(store_path, src, f"{loc}/{name}", f"{trash}/{loc[0]}{i}"))
-    for i, key in enumerate(uns):
-        src = _rel(store_path, staging.sub("elements", "uns", key))
-        moves.append(_move(store_path, src, f"uns/{key}", f"{trash}/u{i}"))
-    return {"kind": "commit", "token": staging.token, "moves": moves, "attrs_before": attrs,
+    records = [_move(store_path, _rel(store_path, staging.sub("elements", "uns", key)), f"uns/{key}", f"{trash}/u{i}")
+               for i, key in enumerate(uns)]
+    return {"token": staging.token, "removals": removals, "moves": moves, "records": records,
+            "attrs_removed": attrs_removed, "attrs_final": attrs_final,
             "needs_groups": {"layers": bool(layers), "uns": bool(uns)},
             "cleanup": [_rel(store_path, staging.path), trash]}
-
-
-def removal_journal(store_path: str, fields: list[tuple[str, str]]) -> dict[str, Any]:
-    """A journal that moves ``(location, name)`` fields into the trash and drops removed
-    obs/var columns from their ``column-order`` (first, so no reader looks for them)."""
-    token = uuid.uuid4().hex[:12]
-    trash = f"{KOMPOT_DIR}/trash/{token}"
-    attrs: dict[str, Any] = {}
-    for loc in ("obs", "var"):
-        names = {n for lo, n in fields if lo == loc}
-        if names:
-            current = read_group_attrs(store_path, loc)
-            attrs[loc] = {**current, "column-order": [c for c in current.get("column-order", []) if c not in names]}
-    moves = [_move(store_path, f"{loc}/{name}", f"{trash}/{i}") for i, (loc, name) in enumerate(fields)]
-    return {"kind": "remove", "token": token, "moves": moves, "attrs_before": attrs, "needs_groups": {},
-            "cleanup": [trash]}
 
 
 def begin(store_path: str, journal: dict[str, Any]) -> None:
@@ -501,7 +493,12 @@ def _ensure_dict_group(store_path: str, group: str) -> None:
 
 
 def apply_journal(store_path: str) -> bool:
-    """Carry out the pending journal, if any (idempotent); returns whether there was one."""
+    """Carry out the pending journal, if any (idempotent); returns whether there was one.
+
+    Order: consolidated metadata dropped (readers walk the tree); removed columns leave
+    their ``column-order``; removed fields leave; new and replaced fields enter; the new
+    ``column-order``; the run record (uns) last; the consolidated metadata rewritten.
+    """
     jpath = os.path.join(store_path, JOURNAL)
     try:
         journal = _read_json(jpath)
@@ -511,20 +508,14 @@ def apply_journal(store_path: str) -> bool:
     for group, needed in journal.get("needs_groups", {}).items():
         if needed:
             _ensure_dict_group(store_path, group)
-    removing = journal.get("kind") == "remove"
-    if removing:  # columns leave column-order before their arrays leave
-        for loc, attrs in journal["attrs_before"].items():
-            _write_group_attrs(store_path, loc, attrs)
-    for mv in journal["moves"]:
-        if not removing and mv["dst"].startswith("uns/"):
-            continue  # the run record goes last
+    for loc, attrs in journal["attrs_removed"].items():
+        _write_group_attrs(store_path, loc, attrs)
+    for mv in journal["removals"] + journal["moves"]:
         _do_move(store_path, mv)
-    if not removing:
-        for loc, attrs in journal["attrs_before"].items():
-            _write_group_attrs(store_path, loc, attrs)
-        for mv in journal["moves"]:
-            if mv["dst"].startswith("uns/"):
-                _do_move(store_path, mv)
+    for loc, attrs in journal["attrs_final"].items():
+        _write_group_attrs(store_path, loc, attrs)
+    for mv in journal["records"]:
+        _do_move(store_path, mv)
     try:
         os.remove(os.path.join(store_path, _RESERVE))
     except FileNotFoundError:
@@ -537,6 +528,7 @@ def apply_journal(store_path: str) -> bool:
     _fsync_dir(os.path.dirname(jpath))
     for rel in journal.get("cleanup", []):
         shutil.rmtree(os.path.join(store_path, rel), ignore_errors=True)
+    prune_empty(store_path)
     from .tiles import clear_caches
 
     clear_caches()

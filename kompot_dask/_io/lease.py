@@ -60,10 +60,23 @@ def _marker_record(path: str) -> dict | None:
     return {"host": fields.get("host"), "pid": int(fields["pid"]) if fields["pid"].isdigit() else fields["pid"]}
 
 
+def _is_stale(marker: dict, path: str) -> bool:
+    """The holder died on this host, or has not refreshed the lease for too long."""
+    if marker.get("host") == socket.gethostname():
+        pid = marker.get("pid")
+        return not isinstance(pid, int) or not psutil.pid_exists(pid)
+    try:
+        return time.time() - os.stat(path).st_mtime > LEASE_SECONDS
+    except FileNotFoundError:
+        return True
+
+
 def lock_holder(store_path: str) -> dict | None:
-    """Who holds the lease on ``store_path`` (``None`` when nobody does)."""
-    marker = _marker_record(os.path.join(store_path, LOCK_NAME))
-    if marker is None:
+    """Who holds the lease on ``store_path`` (``None`` when nobody does, or when the
+    holder is gone and the lease will be taken over)."""
+    path = os.path.join(store_path, LOCK_NAME)
+    marker = _marker_record(path)
+    if marker is None or _is_stale(marker, path):
         return None
     try:
         with open(os.path.join(store_path, HOLDER_NAME), encoding="utf-8") as fh:

@@ -550,11 +550,11 @@ def _check_runs(path: str, report: VerifyReport) -> None:
         for f in hist.field_status(rid):
             # Only the run that wrote a field last vouches for it; earlier writers'
             # Overwritten/Missing states are expected.
-            if f.last_writer == rid and not f.present:
+            if f.last_writer == rid and not f.present and f.status == "Missing":
                 report.run_problems.append(RunProblem(
                     rid, f.location, f.name, f.status,
-                    "recorded as written by this run (its last writer) but not in the store "
-                    "(removed by `kompot-dask cleanup`, or lost)"))
+                    "recorded as written by this run (its last writer) but not in the store, "
+                    "and no cleanup removed it: the field was lost or deleted by hand"))
 
 
 def _reconsolidate(path: str) -> None:

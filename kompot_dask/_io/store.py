@@ -129,7 +129,7 @@ class StoreHandle:
                 raise StoreError(
                     f"the store {self.path} has had a commit in progress for over {READ_WAIT_SECONDS:.0f} s "
                     f"and its writer ({lock_holder(self.path) or 'unknown'}) holds the lease. Wait for it, or "
-                    "run any kompot_dask writer (kd.de, kd.cleanup, `kompot-dask verify --repair`) once it is gone."
+                    "open the store with kompot_dask once it is gone (kd.RunInfo, kd.de, kd.cleanup or `kompot-dask verify STORE`): the commit is then completed."
                 )
             time.sleep(0.05)
 
@@ -257,14 +257,14 @@ class StoreHandle:
         """Bytes on disk of one field (a layer's directory, an obs/var column's arrays)."""
         return directory_nbytes(os.path.join(self.path, location, name))
 
-    def remove_fields(self, fields: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """Delete ``(location, name)`` fields from the store and free their disk space.
+    def remove_fields(self, fields: list[tuple[str, str]],
+                      uns_updates: dict[str, Any] | None = None) -> dict[tuple[str, str], int]:
+        """Delete ``(location, name)`` fields from the store and free their disk space, and
+        write ``uns_updates`` (the run history noting the removal) in the same step.
 
-        One journaled change (:mod:`kompot_dask._io.commit`): removed obs/var columns leave
-        their ``column-order`` first, every field then leaves by one atomic rename into a
-        hidden trash directory, the metadata is reconsolidated and the trash deleted. An
-        interruption at any point is completed by the next writer that takes the lease.
-        Fields that are not in the store are skipped. Call only while holding the lease.
+        One journaled change (:mod:`kompot_dask._io.commit`): an interruption at any point
+        is completed by the next kompot_dask opener. Fields that are not in the store are
+        skipped. Call only while holding the lease.
 
         Returns
         -------
@@ -276,7 +276,13 @@ class StoreHandle:
         if not todo:
             return {}
         sizes = {(loc, name): self.element_nbytes(loc, name) for loc, name in todo}
-        commit.begin(self.path, commit.removal_journal(self.path, todo))
+        staging = commit.Staging.create(self.path)
+        try:
+            journal = commit.change_journal(self.path, staging, remove=todo, uns=uns_updates)
+            commit.begin(self.path, journal)
+        except BaseException:
+            staging.remove()
+            raise
         commit.apply_journal(self.path)
         self._reopen()
         return sizes
@@ -372,7 +378,7 @@ class Store(StoreHandle):
         """Make a run's outputs visible in one journaled step (see :mod:`kompot_dask._io.commit`):
         a kill at any instant leaves the previous state or, once the journal is written, a
         change that the next opener completes. Call only while holding the lease."""
-        journal = commit.commit_journal(self.path, staging, layers=layers, obs=obs_columns,
+        journal = commit.change_journal(self.path, staging, layers=layers, obs=obs_columns,
                                         var=var_columns, uns=uns_updates)
         commit.begin(self.path, journal)
         commit.apply_journal(self.path)
