@@ -17,7 +17,7 @@ install-test: $(PY)
 
 ## make demo: create .venv, install, build a ~50k-cell synthetic atlas store, run kd.de on the embedded LocalCluster
 demo: install
-	$(PY) -m kompot_dask.demo
+	$(VENV)/bin/kompot-dask demo
 
 ## make test: install the test extras (incl. the kompot 0.8.0 reference oracle) and run the suite
 test: install-test

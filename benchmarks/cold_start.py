@@ -36,7 +36,7 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     import kompot_dask as kd
-    from kompot_dask.cluster import worker_environment
+    from kompot_dask._engine.cluster import worker_environment
     from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
     store = write_synthetic_store(tempfile.mkdtemp() + "/s.zarr", SyntheticSpec(n_obs=5000, n_vars=50, n_dims=20))

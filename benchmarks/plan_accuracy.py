@@ -34,7 +34,7 @@ import psutil
 def main(cfg, store):
     import kompot_dask as kd
     from distributed import Client, LocalCluster
-    from kompot_dask.cluster import worker_environment
+    from kompot_dask._engine.cluster import worker_environment
     from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
     write_synthetic_store(store, SyntheticSpec(n_obs=cfg["n_obs"], n_vars=cfg["n_vars"], n_dims=20, seed=0),

@@ -69,7 +69,7 @@ CALLS = {
 
 
 def has_de_run(path: str) -> bool:
-    from kompot_dask.runs import read_history
+    from kompot_dask._runs.history import read_history
 
     return os.path.exists(path) and len(read_history(path)) > 0
 

@@ -26,7 +26,7 @@ import json, sys, time
 def main(store, n_workers, m, ls):
     import kompot_dask as kd
     from distributed import Client, LocalCluster
-    from kompot_dask.cluster import worker_environment
+    from kompot_dask._engine.cluster import worker_environment
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit="6GiB",
                       env=worker_environment(1), dashboard_address=None, host="127.0.0.1") as cl, Client(cl) as c:
         pinned = kd.pin_workers(c)  # one core per single-threaded worker: XLA sizes its pool by affinity

@@ -6,19 +6,19 @@ import logging as _logging
 import sys as _sys
 
 from . import plot
+from ._api import de, plan
+from ._engine.cluster import pin_workers
+from ._engine.graph import NonFiniteExpressionError, WorkerLostError
 from ._io.commit import CommitError
 from ._io.ingest import ingest
 from ._io.lease import StoreLockedError
 from ._io.manifest import StoreIntegrityError, VerifyReport, verify
 from ._io.store import StoreError
-from .analysis import de, plan
-from .cleanup import cleanup
-from .cluster import pin_workers
-from .engine import NonFiniteExpressionError, WorkerLostError
-from .planner import InfeasiblePlanError, ResourcePlan
-from .runinfo import RunInfo
-from .runs import RunNotFoundError, get_run_fields
-from .settings import (
+from ._planner import InfeasiblePlanError, ResourcePlan
+from ._runs.cleanup import cleanup
+from ._runs.history import RunNotFoundError, get_run_fields
+from ._runs.runinfo import RunInfo
+from ._settings import (
     ComputeSettings,
     FDRSettings,
     FilterSettings,

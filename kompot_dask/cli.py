@@ -311,8 +311,8 @@ def _cmd_de(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from .runinfo import RunInfo
-    from .runs import read_history
+    from ._runs.history import read_history
+    from ._runs.runinfo import RunInfo
 
     if args.run_id is None:
         hist = read_history(args.store)
@@ -340,7 +340,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from .cleanup import cleanup
+    from ._runs.cleanup import cleanup
 
     summary = cleanup(args.store, run_ids=args.run_ids, keep_layers=args.keep_layers,
                       keep_obs_fields=not args.remove_obs, keep_var_fields=not args.remove_var,
@@ -362,7 +362,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from ._demo import main as demo_main
 
     demo_main(["--out", args.out, "--n-obs", str(args.n_obs), "--n-vars", str(args.n_vars),
                "--n-landmarks", str(args.n_landmarks)])
@@ -375,8 +375,8 @@ _COMMANDS = {"ingest": _cmd_ingest, "plan": _cmd_plan, "de": _cmd_de, "runs": _c
 
 def _exit_code(exc: BaseException) -> int:
     from ._io.store import StoreError
-    from .planner import InfeasiblePlanError
-    from .settings import SettingsError
+    from ._planner import InfeasiblePlanError
+    from ._settings import SettingsError
 
     if isinstance(exc, InfeasiblePlanError):
         return EXIT_INFEASIBLE
@@ -388,7 +388,7 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from .planner import InfeasiblePlanError
+    from ._planner import InfeasiblePlanError
 
     if isinstance(exc, InfeasiblePlanError):
         reasons = "; ".join(f"{e.message} (fix: {e.fixes[0]})" if e.fixes else e.message for e in exc.plan.errors)

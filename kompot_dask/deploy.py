@@ -17,7 +17,7 @@ import signal
 import threading
 from typing import Any
 
-from .cluster import worker_environment
+from ._engine.cluster import worker_environment
 
 logger = logging.getLogger("kompot_dask")
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from distributed import Client, LocalCluster
 
-from kompot_dask.cluster import worker_environment
+from kompot_dask._engine.cluster import worker_environment
 from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
 SMALL = SyntheticSpec(n_obs=1200, n_vars=90, n_dims=8, seed=3)

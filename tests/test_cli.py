@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from kompot_dask import cli
-from kompot_dask.cluster import worker_environment
+from kompot_dask._engine.cluster import worker_environment
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import kompot_dask as kd
-from kompot_dask.cluster import worker_environment
+from kompot_dask._engine.cluster import worker_environment
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,

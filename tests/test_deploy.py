@@ -13,7 +13,7 @@ import yaml
 from dask.utils import parse_bytes
 
 from kompot_dask import cli
-from kompot_dask.cluster import worker_environment
+from kompot_dask._engine.cluster import worker_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")

@@ -24,11 +24,12 @@ import zarr
 from conftest import tree_digest
 
 import kompot_dask as kd
-import kompot_dask.analysis as analysis_mod
-from kompot_dask import engine, runs
+import kompot_dask._api as analysis_mod
+from kompot_dask._engine import graph as engine
 from kompot_dask._io.commit import STAGING_DIR
 from kompot_dask._io.store import Store, StoreError
-from kompot_dask.settings import SettingsError
+from kompot_dask._runs import history as runs
+from kompot_dask._settings import SettingsError
 from kompot_dask.testing import make_synthetic_adata
 
 GROUPBY, COND1, COND2 = "Age", "Young", "Old"
@@ -103,8 +104,8 @@ def staggered_blocks(client):
     def patch(on):
         import time
 
+        import kompot_dask._engine.graph as eng
         import kompot_dask._io.tiles as st
-        import kompot_dask.engine as eng
 
         if not (hasattr(eng, "write_tile") and hasattr(eng, "_real_block_task")):
             return False
@@ -145,7 +146,7 @@ def _failing_block(client, index: int, delay: float = 0.0):
     def patch(on, index, delay):
         import time
 
-        import kompot_dask.engine as eng
+        import kompot_dask._engine.graph as eng
 
         if not on:
             eng._real_block_task = getattr(eng._real_block_task, "unpatched", eng._real_block_task)

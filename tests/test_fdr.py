@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kompot_dask.fdr import (
+from kompot_dask._numerics.fdr import (
     FDRResult,
     choose_null_genes,
     compute_fdr,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kompot_dask import gp
+from kompot_dask._numerics import gp
 
 RNG = np.random.default_rng(0)
 

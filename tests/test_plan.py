@@ -14,9 +14,9 @@ from conftest import tree_digest
 from distributed import Client, LocalCluster
 
 import kompot_dask as kd
-from kompot_dask import runs
+from kompot_dask._engine.cluster import worker_environment
 from kompot_dask._io.lease import LOCK_NAME, store_lock
-from kompot_dask.cluster import worker_environment
+from kompot_dask._runs import history as runs
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
 
 ARGS = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca")
@@ -198,7 +198,7 @@ def test_in_memory__second_run_continues_history_and_sees_layers(client, caplog)
 # ---- the planner's decisions as pure functions (no cluster) ------------------------------
 
 def _inputs(**kw):
-    from kompot_dask.planner import PlanInputs
+    from kompot_dask._planner import PlanInputs
 
     base = dict(store_path="/tmp/x.zarr", n_obs=100_000, n_vars=2000, n_selected=2000, n1=50_000, n2=50_000,
                 n_pred=100_000, d=20, m=2000, n_null=2000, layer="logged_counts", layer_kind="dense",
@@ -212,7 +212,7 @@ def _inputs(**kw):
 
 
 def _resources(memory_gib: float, workers: int = 2, threads: int = 1, disk_gib: float = 100.0):
-    from kompot_dask.planner import ClusterResources
+    from kompot_dask._planner import ClusterResources
 
     return ClusterResources(source="test", n_workers=workers, threads_per_worker=threads,
                             memory_limit=int(memory_gib * 2**30), memory_limit_set=True,
@@ -221,8 +221,8 @@ def _resources(memory_gib: float, workers: int = 2, threads: int = 1, disk_gib: 
 
 
 def _plan(inp, res, max_task_bytes=None):
-    from kompot_dask import engine
-    from kompot_dask.planner import Calibration, make_plan
+    from kompot_dask._engine import graph as engine
+    from kompot_dask._planner import Calibration, make_plan
 
     cal = Calibration(worker_rss=400 * 2**20)
 

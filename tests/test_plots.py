@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import kompot_dask as kd  # noqa: E402
 from kompot_dask._io.store import Store, TileReader  # noqa: E402
-from kompot_dask.runs import RunNotFoundError  # noqa: E402
+from kompot_dask._runs.history import RunNotFoundError
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store  # noqa: E402
 
 SPEC = SyntheticSpec(n_obs=1200, n_vars=72, n_dims=6, n_clusters=5, seed=3, de_fraction=0.3,

@@ -24,9 +24,9 @@ import kompot_dask as kd
 from kompot_dask._io import commit
 from kompot_dask._io.lease import StoreLockedError, store_lock
 from kompot_dask._io.store import StoreHandle, directory_nbytes
-from kompot_dask.cleanup import cleanup
-from kompot_dask.runinfo import RunInfo
-from kompot_dask.runs import RunNotFoundError, get_run_fields, record_params, to_json
+from kompot_dask._runs.cleanup import cleanup
+from kompot_dask._runs.history import RunNotFoundError, get_run_fields, record_params, to_json
+from kompot_dask._runs.runinfo import RunInfo
 from kompot_dask.testing import SyntheticSpec, assert_de_results_close, write_synthetic_store
 
 SPEC = SyntheticSpec(n_obs=1200, n_vars=80, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"))

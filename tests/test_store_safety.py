@@ -142,7 +142,7 @@ def _run_driver(store: str, point: str, overwrite: bool = False, slow: bool = Fa
     if slow:  # block tasks slow enough that a watcher can stop the run part-way
         script = script.replace("import kompot_dask as kd", textwrap.dedent("""
             import kompot_dask as kd
-            import kompot_dask.engine as _eng
+            import kompot_dask._engine.graph as _eng
             _real = _eng._real_block_task
             def _slow(*a, **k):
                 time.sleep(0.15)
@@ -322,7 +322,7 @@ def test_readers_beside_a_writer__never_see_wrong_user_data(store, atlas, tmp_pa
 
 
 def test_colliding_condition_names_are_refused_before_compute(store, monkeypatch):
-    import kompot_dask.engine as engine
+    import kompot_dask._engine.graph as engine
 
     adata = ad.read_zarr(store)
     labels = np.where(adata.obs["Age"] == "Young", "A B", "A_B")
@@ -342,7 +342,7 @@ def test_colliding_condition_names_are_refused_before_compute(store, monkeypatch
 
 
 def test_long_result_key_is_refused_before_compute(store, monkeypatch):
-    import kompot_dask.engine as engine
+    import kompot_dask._engine.graph as engine
 
     monkeypatch.setattr(engine, "run_engine", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compute")))
     before = sorted(os.listdir(store))

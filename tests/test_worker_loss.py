@@ -26,7 +26,7 @@ import pytest
 from conftest import SMALL
 
 import kompot_dask as kd
-from kompot_dask import engine
+from kompot_dask._engine import graph as engine
 from kompot_dask.testing import write_synthetic_store
 
 KW = dict(
@@ -45,7 +45,7 @@ PRELOAD = '''
 import os
 import time
 
-import kompot_dask.engine as eng
+import kompot_dask._engine.graph as eng
 
 SIGNALS = {signals!r}
 
@@ -212,7 +212,7 @@ import sys
 import time
 
 import kompot_dask as kd
-import kompot_dask.gp as gp
+import kompot_dask._numerics.gp as gp
 
 
 def slow_compute_landmarks(X, n_landmarks, random_state):

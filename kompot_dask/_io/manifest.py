@@ -542,7 +542,7 @@ def _check_element(store: str, root: Any, elem_path: str, manifest: dict[str, An
 
 
 def _check_runs(path: str, report: VerifyReport) -> None:
-    from ..runs import read_history  # runs imports this package: import at call time
+    from .._runs.history import read_history
 
     hist = read_history(path)
     report.runs_checked = len(hist)
@@ -633,7 +633,7 @@ def verify(store: str | os.PathLike, record: bool = False) -> VerifyReport:
     try:
         _check_runs(path, report)
     except Exception as exc:  # an unreadable history is itself a finding, not a crash
-        from ..runs import history_key
+        from .._runs.history import history_key
 
         report.run_problems.append(RunProblem(-1, "uns", history_key("de"), "Unreadable",
                                               f"the run history cannot be read ({type(exc).__name__}: {exc})"))

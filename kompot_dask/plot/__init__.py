@@ -9,9 +9,9 @@ Every function returns the matplotlib Figure, with the plotted data attached as
 from __future__ import annotations
 
 from ._common import DATA_ATTRIBUTE
-from .embedding import embedding
-from .expression import plot_gene_expression
-from .heatmap import heatmap
-from .volcano import volcano_de
+from ._embedding import embedding
+from ._expression import plot_gene_expression
+from ._heatmap import heatmap
+from ._volcano import volcano_de
 
 __all__ = ["volcano_de", "heatmap", "plot_gene_expression", "embedding", "DATA_ATTRIBUTE"]

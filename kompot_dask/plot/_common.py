@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._io.store import LayerInfo, Store, StoreHandle, TileReader
-from ..runs import RunFields, get_run_fields
+from .._runs.history import RunFields, get_run_fields
 
 logger = logging.getLogger("kompot_dask")
 
@@ -78,7 +78,7 @@ class PlotData:
 
     @property
     def source(self) -> Any:
-        """What :func:`~kompot_dask.runs.get_run_fields` reads the run history from."""
+        """What :func:`~kompot_dask.get_run_fields` reads the run history from."""
         return self.store if self.store is not None else self.adata
 
     @property

@@ -2,7 +2,7 @@
 
 By default the cells × genes layers of every run go and the per-gene (var) and per-cell
 (obs) statistics stay, as in kompot. The run history is never edited, so
-:class:`~kompot_dask.runinfo.RunInfo` reports the removed fields as ``Missing``.
+:class:`~kompot_dask.RunInfo` reports the removed fields as ``Missing``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 from dask.utils import format_bytes
 
-from ._io import commit
-from ._io.lease import store_lock
-from ._io.store import Store, StoreHandle
-from .runs import RunHistory, RunSource, encode_entry, history_key, load_removed, read_history
+from .._io import commit
+from .._io.lease import store_lock
+from .._io.store import Store, StoreHandle
+from .history import RunHistory, RunSource, encode_entry, history_key, load_removed, read_history
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
 

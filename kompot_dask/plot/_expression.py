@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._common import PlotData, default_point_size, describe_run, finish, resolve_limit
-from .embedding import draw_cells, style_axes
+from ._embedding import draw_cells, style_axes
 
 logger = logging.getLogger("kompot_dask")
 

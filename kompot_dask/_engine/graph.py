@@ -29,10 +29,10 @@ import numpy as np
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
-from . import fdr as fdr_mod
-from . import gp as gp_mod
-from ._io import commit as io_commit
-from ._io.store import LayerInfo, Store, TileReader, write_tile
+from .._io import commit as io_commit
+from .._io.store import LayerInfo, Store, TileReader, write_tile
+from .._numerics import fdr as fdr_mod
+from .._numerics import gp as gp_mod
 
 logger = logging.getLogger("kompot_dask")
 

@@ -1,4 +1,4 @@
-"""``python -m kompot_dask.demo``: build a synthetic atlas store and run DE on it.
+"""``kompot-dask demo``: build a synthetic atlas store and run DE on it.
 
 Writes ``demo_data/atlas.zarr`` (about 50,000 cells × 2,000 genes, streamed to disk),
 runs :func:`kompot_dask.de` on the embedded LocalCluster and prints the top DE genes.

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import psutil
 from distributed import Client, LocalCluster, get_client
 
-from .settings import ComputeSettings
+from .._settings import ComputeSettings
 
 logger = logging.getLogger("kompot_dask")
 

@@ -22,13 +22,15 @@ import psutil
 from dask.utils import format_bytes, format_time
 from distributed import Client, KilledWorker
 
-from . import engine, planner, runs
-from . import fdr as fdr_mod
+from . import _planner as planner
+from ._engine import graph as engine
+from ._engine.cluster import resolve_client
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.store import Store
-from .cluster import resolve_client
-from .settings import (
+from ._numerics import fdr as fdr_mod
+from ._runs import history as runs
+from ._settings import (
     ComputeSettings,
     FDRSettings,
     FilterSettings,
@@ -123,11 +125,11 @@ def de(
     genes
         Optional subset of var_names to test (store order is kept).
     gp, fdr, filter, storage, output, compute
-        Settings objects; see :mod:`kompot_dask.settings`.
+        Settings objects; see :mod:`kompot_dask` (``GPSettings``, ``FDRSettings``, ...).
     client
         Dask client; by default the current one, else an embedded LocalCluster.
     plan
-        A :class:`~kompot_dask.planner.ResourcePlan` from :func:`plan` for these same
+        A :class:`~kompot_dask.ResourcePlan` from :func:`plan` for these same
         arguments: the run uses its chunking. Without one, ``de`` plans by itself (memory
         only, no timing calibration). An infeasible plan is refused before any compute.
     dry_run
@@ -141,7 +143,7 @@ def de(
     -------
     ``None``, or with ``OutputSettings(return_full_results=True)`` a dict with ``table``
     (per-gene DataFrame), ``fdr_summary``, ``run_id``, ``field_names``, ``ls`` and ``landmarks``;
-    with ``dry_run=True`` the :class:`~kompot_dask.planner.ResourcePlan`.
+    with ``dry_run=True`` the :class:`~kompot_dask.ResourcePlan`.
     """
     settings = _all_settings(gp, fdr, filter, storage, output, compute)
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
@@ -644,7 +646,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
 
 
 def _make_plan(run: _Run, client: Client, *, timed: bool) -> planner.ResourcePlan:
-    from .cluster import is_embedded
+    from ._engine.cluster import is_embedded
 
     inp = _plan_inputs(run)
     embedded = is_embedded(client)

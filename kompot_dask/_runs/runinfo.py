@@ -1,7 +1,7 @@
 """``RunInfo``: one recorded run, for reading in a terminal or a notebook, comparing with
 another run, and re-running with the same (or edited) settings.
 
-Everything comes from the run history in ``uns`` (see :mod:`kompot_dask.runs`); the
+Everything comes from the run history in ``uns`` (see :mod:`kompot_dask._runs.history`); the
 store or AnnData is read for which fields are still there, never for results.
 """
 
@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .runs import FieldStatus, RunHistory, RunSource, read_history
-from .settings import (
+from .._settings import (
     ComputeSettings,
     FDRSettings,
     FilterSettings,
@@ -25,6 +24,7 @@ from .settings import (
     SettingsError,
     StorageSettings,
 )
+from .history import FieldStatus, RunHistory, RunSource, read_history
 
 __all__ = ["RunInfo", "RunComparison", "FieldDifference"]
 

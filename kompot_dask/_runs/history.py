@@ -99,7 +99,7 @@ def environment_info(client: Any = None) -> dict[str, Any]:
     # python is recorded as python_version; packages this process lacks are left out
     versions = {pkg: v for pkg, v in local.items() if v is not None and pkg != "python"}
     if "kompot_dask" not in versions:  # run from a source tree, not installed
-        from . import __version__
+        from .. import __version__
 
         versions["kompot_dask"] = __version__
     try:
@@ -211,7 +211,7 @@ class RunSource:
     def __init__(self, data: Any):
         import anndata as ad
 
-        from ._io.store import StoreHandle
+        from .._io.store import StoreHandle
 
         self.adata: Any = None
         self.handle: StoreHandle | None = None
@@ -501,7 +501,7 @@ def record_params(groupby: Any, condition1: Any, condition2: Any, obsm_key: Any,
 
     ``gp.landmarks`` becomes ``True``/``False`` (the array is in ``uns[result_key]`` only
     with ``StorageSettings(store_landmarks=True)``) and ``fdr.null_genes`` the resolved
-    count; :class:`kompot_dask.runinfo.RunInfo` rebuilds the Settings from this.
+    count; :class:`kompot_dask.RunInfo` rebuilds the Settings from this.
     """
     return {
         "groupby": groupby, "condition1": condition1, "condition2": condition2,

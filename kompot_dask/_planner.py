@@ -157,7 +157,6 @@ def _probe_task() -> dict:
     """Load the kernels the run uses and report the worker's resident memory."""
     import sys
 
-    from . import gp  # noqa: F401  (imports JAX and compiles nothing yet)
 
     return {"rss": _rss(), "nn_compiled": "pynndescent" in sys.modules}
 
@@ -170,7 +169,7 @@ def _calibration_task(d: int, m: int, width: int, kc: int, reader, tile_rows: in
 
     import zarr
 
-    from . import gp
+    from ._numerics import gp
 
     out = {"nn_compiled": "pynndescent" in sys.modules}
     rng = np.random.default_rng(seed)

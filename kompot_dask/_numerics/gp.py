@@ -500,7 +500,7 @@ def _import_nndescent():
     import os
     import warnings
 
-    from .cluster import numba_cache_dir
+    from .._engine.cluster import numba_cache_dir
 
     os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache_dir())
     import numba
