@@ -10,10 +10,8 @@ import argparse
 import os
 import time
 
-import anndata as ad
-import zarr
-
 import kompot_dask as kd
+from kompot_dask._io.store import Store
 from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
 
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"kd.de finished in {time.perf_counter() - t0:.0f} s")
 
-    var = ad.io.read_elem(zarr.open_group(path, mode="r")["var"])
+    var = Store(path).var
     pair = "kompot_de_Young_to_Old"
     top = var.sort_values(f"{pair}_mahalanobis", ascending=False).head(15)
     cols = [f"{pair}_mahalanobis", f"{pair}_mean_lfc", f"{pair}_mahalanobis_local_fdr", f"{pair}_is_de", "true_de"]

@@ -17,7 +17,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import zarr
 
 __all__ = [
     "SyntheticSpec",
@@ -149,22 +148,13 @@ def write_synthetic_store(
     X, cond, cluster = _states(spec)
     params = _gene_params(spec)
     obs, var = _frames(spec, cond, cluster, params)
-    from ._io.ingest import _write_skeleton
+    from ._io.ingest import write_generated_store
 
-    _write_skeleton(ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), path)
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    layers = root.require_group("layers")
-    layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
     chunks = (min(cell_chunk, spec.n_obs), min(gene_chunk, spec.n_vars))
-    arr = layers.create_array(
-        spec.layer, shape=(spec.n_obs, spec.n_vars), chunks=chunks, dtype="float32", fill_value=0,
-        attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
+    return write_generated_store(
+        path, ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), spec.layer, (spec.n_obs, spec.n_vars), chunks,
+        lambda r0, r1: _expression_rows(spec, X[r0:r1], cond[r0:r1], params, r0),
     )
-    for r0 in range(0, spec.n_obs, chunks[0]):
-        r1 = min(r0 + chunks[0], spec.n_obs)
-        arr[r0:r1, :] = _expression_rows(spec, X[r0:r1], cond[r0:r1], params, r0)
-    zarr.consolidate_metadata(path)
-    return path
 
 
 def assert_de_results_close(

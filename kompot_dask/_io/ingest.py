@@ -123,6 +123,26 @@ def ingest(
     return dest
 
 
+def write_generated_store(
+    dest: str, skeleton: ad.AnnData, layer: str, shape: tuple[int, int], chunks: tuple[int, int],
+    row_block: Any,
+) -> str:
+    """A store whose expression layer is generated one row block at a time (synthetic data
+    for tests, benchmarks and the demo): ``row_block(r0, r1)`` returns rows ``r0:r1``.
+    Nothing cells × genes is held in memory."""
+    _write_skeleton(skeleton, dest)
+    root = zarr.open_group(dest, mode="r+", use_consolidated=False)
+    layers = root.require_group("layers")
+    layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    arr = layers.create_array(layer, shape=shape, chunks=chunks, dtype="float32", fill_value=0,
+                              attributes=dict(_ARRAY_ATTRS))
+    for r0 in range(0, shape[0], chunks[0]):
+        r1 = min(r0 + chunks[0], shape[0])
+        arr[r0:r1, :] = row_block(r0, r1)
+    zarr.consolidate_metadata(dest)
+    return dest
+
+
 def _write_skeleton(skel: ad.AnnData, dest: str) -> None:
     # zarr format 2 on purpose (readable by every anndata ≥ 0.8 and R tools); silence the
     # notice that anndata's default will change.
