@@ -16,6 +16,7 @@ from distributed import Client, LocalCluster
 import kompot_dask as kd
 from kompot_dask._engine.cluster import worker_environment
 from kompot_dask._io.lease import LOCK_NAME, store_lock
+from kompot_dask._io.store import Store
 from kompot_dask._runs import history as runs
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, write_synthetic_store
 
@@ -33,7 +34,7 @@ def _cluster(n_workers: int, threads: int, memory_limit: str, *, enforce: bool =
 
 
 def _history(path) -> list[dict]:
-    return runs.load_history(kd.analysis.Store(path).read_uns_json(runs.HISTORY_KEY))
+    return runs.load_history(Store(path).read_uns_json(runs.HISTORY_KEY))
 
 
 def test_plan__layout_and_task_counts_are_what_the_engine_runs(small_store, client):
