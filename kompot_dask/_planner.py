@@ -33,6 +33,8 @@ import numpy as np
 import psutil
 from dask.utils import format_bytes, format_time
 
+from ._engine.calibration import measure_workers
+
 logger = logging.getLogger("kompot_dask")
 
 
@@ -149,97 +151,13 @@ class Calibration:
         return self.gemm_flops is not None
 
 
-def _rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-def _probe_task() -> dict:
-    """Load the kernels the run uses and report the worker's resident memory."""
-    import sys
-
-
-    return {"rss": _rss(), "nn_compiled": "pynndescent" in sys.modules}
-
-
-def _calibration_task(d: int, m: int, width: int, kc: int, reader, tile_rows: int, tile_cols: int,
-                      seed: int = 0) -> dict:
-    """Time the run's kernels at (reduced) run shapes on this worker, one thread."""
-    import sys
-    import tempfile
-
-    import zarr
-
-    from ._numerics import gp
-
-    out = {"nn_compiled": "pynndescent" in sys.modules}
-    rng = np.random.default_rng(seed)
-    mc = int(min(m, 768))
-    rows = int(min(kc, 1024))
-    Z = rng.normal(size=(mc, d))
-    X = rng.normal(size=(2 * rows, d))
-    Y = rng.normal(size=(2 * rows, width))
-    ls = float(np.sqrt(d))
-
-    def best(fn, reps=3):
-        fn()  # compile / warm
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
-
-    t_kern = best(lambda: gp.kernel_column_sum(Z, X, ls, chunk=rows))
-    acc = gp.ProjectionAccumulator(Z, ls, width, rows)
-    t_proj = best(lambda: (acc.add(X, Y), acc.result()))
-    t_gram = best(lambda: gp.cross_gram(Z, X, ls, chunk=rows))
-    a = rng.normal(size=(mc, mc))
-    spd = np.asfortranarray(a @ a.T + mc * np.eye(mc))
-    from scipy.linalg import lapack
-
-    t_chol = best(lambda: lapack.dpotrf(spd.copy(order="F"), lower=1))
-    n_cells = 2 * rows
-    kernel_s = t_kern / (n_cells * mc)
-    out["kernel_s"] = kernel_s
-    out["gemm_flops"] = 2.0 * n_cells * mc * width / max(t_proj - t_kern, 0.05 * t_proj)
-    out["syrk_flops"] = 1.0 * n_cells * mc * mc / max(t_gram - t_kern, 0.05 * t_gram)
-    out["chol_flops"] = (mc**3 / 3.0) / t_chol
-    # I/O: one tile of the run's expression element, and one written to a scratch array.
-    if reader is not None:
-        r1 = min(tile_rows, reader.info.shape[0])
-        c1 = min(tile_cols, reader.info.shape[1])
-        t = time.perf_counter()
-        tile = reader.read(0, r1, slice(0, c1))
-        dt = time.perf_counter() - t
-        out["read_bytes_s"] = tile.size * reader.info.dtype.itemsize / max(dt, 1e-4)
-        scratch = tempfile.mkdtemp(prefix="kompot_dask_cal_")
-        try:
-            arr = zarr.create_array(store=scratch, shape=tile.shape, chunks=tile.shape, dtype="float32",
-                                    zarr_format=2)
-            data = rng.normal(size=tile.shape).astype("float32")
-            t = time.perf_counter()
-            arr[:, :] = data
-            dt = time.perf_counter() - t
-            out["write_bytes_s"] = data.nbytes / max(dt, 1e-4)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    out["rss"] = _rss()
-    return out
-
-
 def calibrate(client, inputs: PlanInputs, layout_hint: tuple[int, int, int], reader=None, *,
               timed: bool = True) -> Calibration:
     """Run the probe (and, with ``timed``, the timed kernel blocks) on every worker."""
     t0 = time.perf_counter()
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     cell_chunk, gene_block, kc = layout_hint
-    if timed:
-        futs = [client.submit(_calibration_task, inputs.d, inputs.m, min(gene_block, 256), kc, reader,
-                              cell_chunk, gene_block, pure=False, workers=[w], allow_other_workers=False)
-                for w in workers]
-    else:
-        futs = [client.submit(_probe_task, pure=False, workers=[w], allow_other_workers=False) for w in workers]
-    res = client.gather(futs)
+    res = measure_workers(client, d=inputs.d, m=inputs.m, width=min(gene_block, 256), kernel_chunk=kc,
+                          reader=reader, tile_rows=cell_chunk, tile_cols=gene_block, timed=timed)
     first = res[0]
 
     def med(key):

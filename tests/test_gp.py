@@ -125,3 +125,12 @@ def test_compute_landmarks__all_cells_or_seeded_kmeans():
     a, b = gp.compute_landmarks(X, 5, 0), gp.compute_landmarks(X, 5, 0)
     assert a.shape == (5, 2)
     np.testing.assert_array_equal(a, b)
+
+
+def test_device_matrix__dask_sees_its_buffer_without_a_registration():
+    """Dask sizes a factor by its buffer through ``__sizeof__``: the numerics register
+    nothing with Dask, so a worker's accounting holds whatever that worker imported first."""
+    from dask.sizeof import sizeof
+
+    assert sizeof.dispatch(gp.DeviceMatrix) is sizeof.dispatch(object)
+    assert 64 * 64 * 8 <= sizeof(gp.DeviceMatrix(np.eye(64))) < 64 * 64 * 8 + 1024

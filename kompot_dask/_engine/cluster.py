@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import psutil
 from distributed import Client, LocalCluster, get_client
 
+from .._numerics.gp import numba_cache_dir
 from .._settings import ComputeSettings
 
 logger = logging.getLogger("kompot_dask")
@@ -28,13 +29,6 @@ def worker_environment(threads_per_worker: int) -> dict[str, str]:
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
         "NUMBA_CACHE_DIR": numba_cache_dir(),
     }
-
-
-def numba_cache_dir() -> str:
-    """Where compiled numba code (pynndescent) is cached between processes."""
-    return os.environ.get(
-        "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kompot_dask", "numba")
-    )
 
 
 def default_local_cluster_kwargs(compute: ComputeSettings) -> dict:

@@ -5,7 +5,8 @@ Shape of a run (DESIGN.md §3):
 1. client: validate, masks, length scale, landmarks Z (small, n × d and m × d);
 2. workers: ``S_c = Σ K(Z,X) K(X,Z)`` per condition and the kernel column mean k̄;
 3. one worker: the m × m factors (Lp, C₁, C₂, R); they stay on the workers as futures and
-   each worker fetches them once;
+   each worker fetches them once. They are also kept in the staging directory, so that a
+   resumed run loads them instead of fitting again;
 4. one task per gene block (columns ``[j·B, (j+1)·B)`` of the store): read its tiles once,
    reduce ``B_c = Σ K(Z,X_k) Y_k`` over cell chunks, score (W, Mahalanobis, mean lfc), then
    write its imputed / fold-change tiles into staged layers — no two tasks share a chunk;
@@ -13,7 +14,9 @@ Shape of a run (DESIGN.md §3):
 5. tasks over cell ranges: posterior standard deviation per cell;
 6. client: local FDR, then one commit of every field and the run record.
 
-Only this module builds task graphs; numerics live in :mod:`gp`, :mod:`fdr`, I/O in :mod:`store`.
+This module builds the DE run's task graph; the rest of :mod:`kompot_dask._engine` runs the
+planner's calibration and the plots' reductions. Numerics live in :mod:`kompot_dask._numerics`,
+I/O in :mod:`kompot_dask._io`.
 """
 
 from __future__ import annotations
@@ -134,7 +137,8 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
                 n_workers: int, n_threads: int) -> dict[str, int]:
     """How many tasks :func:`run_engine` submits for this layout (the planner reports these)."""
     return {
-        "fit tasks": 2 * _fit_parts(n_workers) + n_threads + 6,
+        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R; one save per fit output
+        "fit tasks": 2 * _fit_parts(n_workers) + n_threads + 6 + len(FIT_OUTPUTS),
         "gene blocks": len(_real_blocks(layout, n_vars, selected)),
         "null-gene blocks": math.ceil(n_null / layout.null_gene_block) if n_null else 0,
         "std tasks": min(layout.n_std_tasks, n_pred),
@@ -171,6 +175,28 @@ def _condition_factor_task(name, Z, ls, s_parts, sigma, dtype):
 
 def _mean_task(parts, n):
     return np.sum(parts, axis=0) / n
+
+
+def _save_fit_task(path, value) -> bool:
+    """Keep one output of the fit in the staging, so that a resumed run reuses it.
+
+    Best effort: a run does not fail because its resume state could not be written (a
+    missing file only means that a resume fits again).
+    """
+    try:
+        io_commit.write_array_atomic(path, np.asarray(value))
+    except OSError as exc:
+        logger.warning("Could not keep %s for a resume: %s", path, exc)
+        return False
+    return True
+
+
+def _load_factor_task(path):
+    return gp_mod.DeviceMatrix(io_commit.read_array(path), FACTOR_DTYPE)
+
+
+def _load_array_task(path):
+    return io_commit.read_array(path)
 
 
 def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar):
@@ -379,6 +405,55 @@ def prepare_model(
     return float(ls), np.asarray(Z, dtype=np.float64), source
 
 
+FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
+"""What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
+
+
+def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
+                kernel_chunk: int, n_workers: int, n_threads: int) -> tuple[dict, list]:
+    """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and the fit's futures that
+    the run waits on (the diagonal flag, only logged, aside)."""
+    kc = kernel_chunk
+    logger.info("Fitting expression estimator for condition 1...")
+    parts = _fit_parts(n_workers)
+    s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+          for r in np.array_split(rows1, parts)]
+    logger.info("Fitting expression estimator for condition 2...")
+    s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+          for r in np.array_split(rows2, parts)]
+    ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+          for r in np.array_split(pred_rows, n_threads)]
+    kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
+    # The m × m factors as a small graph of their own, so that the two conditions are
+    # factorised on different workers; workers fetch each factor once.
+    Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, pure=False)
+    C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, pure=False)
+    C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, pure=False)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, pure=False)
+    R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
+    diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
+    fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
+    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f]
+
+
+def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
+    """Side-effect tasks that keep each fit output in ``fit_dir``, each on the worker that
+    holds it. Ahead of the blocks: a run interrupted after them resumes without fitting."""
+    paths = io_commit.array_paths(fit_dir, FIT_OUTPUTS)
+    return [client.submit(_save_fit_task, paths[name], fit[name], pure=False, priority=2)
+            for name in FIT_OUTPUTS]
+
+
+def _load_fit(client: Client, paths: dict[str, str]) -> tuple[dict, list]:
+    """The saved fit as tasks that read it on the workers: tasks, not scattered data, so
+    that the scheduler can load a factor again when the worker holding it dies."""
+    fit = {name: client.submit(_load_factor_task, paths[name], pure=False) for name in ("Lp", "C1", "C2", "R")}
+    fit["kbar"] = client.submit(_load_array_task, paths["kbar"], pure=False)
+    setup = list(fit.values())
+    fit["diagonal"] = client.submit(_load_array_task, paths["diagonal"], pure=False)
+    return fit, setup
+
+
 @dataclass
 class EngineResult:
     """What the workers computed, gathered on the client (all small: genes or cells long)."""
@@ -471,25 +546,16 @@ def run_engine(
             client, run_token, X=X, Z=Z, codes=codes, pred=pred, rows1=rows1, rows2=rows2)
         kc = layout.kernel_chunk
 
-        logger.info("Fitting expression estimator for condition 1...")
-        parts = _fit_parts(n_workers)
-        s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
-              for r in np.array_split(rows1, parts)]
-        logger.info("Fitting expression estimator for condition 2...")
-        s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
-              for r in np.array_split(rows2, parts)]
-        ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
-              for r in np.array_split(pred_rows, n_threads)]
-        kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
-        # The m × m factors as a small graph of their own, so that the two conditions are
-        # factorised on different workers; workers fetch each factor once.
-        Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, pure=False)
-        C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, pure=False)
-        C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, pure=False)
-        metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, pure=False)
-        R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
-        diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
-        setup = [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f]
+        fit_dir = staging.sub("fit")
+        saved = io_commit.saved_arrays(fit_dir, FIT_OUTPUTS)
+        if saved is not None:
+            logger.info("Resuming: the fit of the interrupted run is reused")
+            fit, setup = _load_fit(client, saved)
+        else:
+            fit, setup = _submit_fit(client, Z_f, X_f, rows1, rows2, pred_rows, ls=ls, sigma=sigma, eps=eps,
+                                     kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads)
+            setup += _save_fit(client, fit, fit_dir)
+        Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f = (fit[k] for k in FIT_OUTPUTS)
 
         for blk in real_blocks:
             futures.append(client.submit(
@@ -510,7 +576,7 @@ def run_engine(
         pending = as_completed(setup + futures, loop=client.loop)
         # Only the iterator holds the futures now: each intermediate (S partials, factors,
         # input arrays) is freed on the workers as soon as its last dependent finishes.
-        del s1, s2, ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, setup
+        del fit, Lp_f, C1_f, C2_f, R_f, kbar_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
         with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:

@@ -626,3 +626,67 @@ def save_run_state(staging: Staging, fingerprint: str, state: dict[str, Any], Z:
     np.savez(buf, Z=Z)
     write_atomic(staging.sub(MODEL_STATE), buf.getvalue())
     write_json(staging.sub(RUN_STATE), {**state, "fingerprint": fingerprint})
+
+
+# --------------------------------------------------------------------------------------
+# Resume: the run's fitted factors in the staging directory
+
+
+def write_array_atomic(path: str, array: np.ndarray) -> None:
+    """Write ``array`` as ``.npy`` at ``path``: readers see the whole file or none.
+
+    Streams into a temporary file beside ``path`` and renames it over ``path`` (an m × m
+    factor is hundreds of MB: :func:`write_atomic` would need it as bytes in memory too).
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def read_array(path: str) -> np.ndarray:
+    """An array written by :func:`write_array_atomic` (writable, in its saved order)."""
+    return np.load(path, allow_pickle=False)
+
+
+def array_paths(directory: str, names: tuple[str, ...]) -> dict[str, str]:
+    """name → ``<directory>/<name>.npy``: where one set of named arrays is kept."""
+    return {name: os.path.join(directory, f"{name}.npy") for name in names}
+
+
+def saved_arrays(directory: str, names: tuple[str, ...]) -> dict[str, str] | None:
+    """The paths of :func:`array_paths` when every one of ``names`` was saved, else None."""
+    paths = array_paths(directory, names)
+    return paths if all(os.path.isfile(p) for p in paths.values()) else None
+
+
+# --------------------------------------------------------------------------------------
+# Calibration: the speed of a region write
+
+
+def scratch_write_seconds(data: np.ndarray) -> float:
+    """Seconds to write ``data`` as one chunk of a zarr array in a scratch directory (the
+    planner's estimate of the layer writes; the scratch array is removed again)."""
+    import tempfile
+    import time
+
+    scratch = tempfile.mkdtemp(prefix="kompot_dask_cal_")
+    try:
+        arr = zarr.create_array(store=scratch, shape=data.shape, chunks=data.shape, dtype=data.dtype,
+                                zarr_format=2)
+        t = time.perf_counter()
+        arr[:, :] = data
+        return time.perf_counter() - t
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -220,16 +221,11 @@ class DeviceMatrix:
     def nbytes(self) -> int:
         return int(self.array.size * self.array.dtype.itemsize)
 
-
-def _register_sizeof() -> None:
-    try:
-        from dask.sizeof import sizeof
-    except ImportError:  # pragma: no cover - dask is a dependency
-        return
-    sizeof.register(DeviceMatrix)(lambda m: m.nbytes)
-
-
-_register_sizeof()
+    def __sizeof__(self) -> int:
+        # Dask measures objects it has no rule for with sys.getsizeof, which calls this:
+        # so a worker's memory accounting sees the factor's buffer without this module
+        # registering anything with Dask (and whatever was imported first on the worker).
+        return object.__sizeof__(self) + self.nbytes
 
 
 def _to_jax(a, dt) -> jax.Array:
@@ -483,12 +479,20 @@ def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None)
     return np.asarray(centers, dtype=np.float64)
 
 
+def numba_cache_dir() -> str:
+    """Where compiled numba code (pynndescent) is cached between processes: ``NUMBA_CACHE_DIR``,
+    else a directory under the user's cache (worker processes get it in their environment)."""
+    return os.environ.get(
+        "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kompot_dask", "numba")
+    )
+
+
 def _import_nndescent():
     """Import pynndescent with numba's on-disk cache switched on for its kernels.
 
     pynndescent compiles ~40 s of numba code in every fresh process and caches only part
     of it. Importing it while ``numba.njit``/``numba.jit`` default to ``cache=True`` stores
-    the compiled kernels under ``NUMBA_CACHE_DIR`` (see :func:`cluster.numba_cache_dir`),
+    the compiled kernels under ``NUMBA_CACHE_DIR`` (see :func:`numba_cache_dir`),
     so later processes load them instead of compiling again.
     """
     import sys
@@ -497,10 +501,7 @@ def _import_nndescent():
         from pynndescent import NNDescent
 
         return NNDescent
-    import os
     import warnings
-
-    from .._engine.cluster import numba_cache_dir
 
     os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache_dir())
     import numba

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._io.store import LayerInfo, Store, StoreHandle, TileReader
+from .._engine import reductions
+from .._io.store import LayerInfo, Store, StoreHandle
 from .._runs.history import RunFields, get_run_fields
 
 logger = logging.getLogger("kompot_dask")
@@ -210,9 +211,10 @@ class PlotData:
         reader, blocks = self.reader(layer)
         blocks = [(r0, r1) for r0, r1 in blocks if np.any(codes[r0:r1] >= 0)]
         if self.store is None:  # in memory: nothing to ship anywhere
-            parts = [_block_sums(reader, r0, r1, sorted_cols, codes[r0:r1], n_codes) for r0, r1 in blocks]
+            parts = [reductions.block_sums(reader, r0, r1, sorted_cols, codes[r0:r1], n_codes)
+                     for r0, r1 in blocks]
         else:
-            parts = _compute_blocks(reader, blocks, sorted_cols, codes, n_codes, client)
+            parts = reductions.group_block_sums(reader, blocks, sorted_cols, codes, n_codes, client)
         sums = np.zeros((n_codes, len(cols)))
         counts = np.zeros((n_codes, len(cols)))
         for s, c in parts:
@@ -234,43 +236,6 @@ def _row_blocks(store: Store, info: LayerInfo) -> list[tuple[int, int]]:
         chunk = info.chunks[0] if info.chunks else n
         step = max(chunk, (_DENSE_BLOCK_ROWS // chunk) * chunk)
     return [(r0, min(r0 + step, n)) for r0 in range(0, n, step)]
-
-
-def _block_sums(reader: Any, r0: int, r1: int, cols: np.ndarray, codes: np.ndarray,
-                n_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    tile = np.asarray(reader.read(r0, r1, cols), dtype=np.float64)
-    keep = codes >= 0
-    tile, codes = tile[keep], codes[keep]
-    finite = np.isfinite(tile)
-    indicator = sp.csr_matrix(
-        (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_codes, len(codes))
-    )
-    return (np.asarray(indicator @ np.where(finite, tile, 0.0)),
-            np.asarray(indicator @ finite.astype(np.float64)))
-
-
-def current_client(client: Any = None) -> Any:
-    """``client``, else the current distributed client, else ``None``."""
-    if client is not None:
-        return client
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _compute_blocks(reader: TileReader, blocks: list[tuple[int, int]], cols: np.ndarray,
-                    codes: np.ndarray, n_codes: int, client: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    import dask
-
-    tasks = [dask.delayed(_block_sums, pure=False)(reader, r0, r1, cols, codes[r0:r1], n_codes)
-             for r0, r1 in blocks]
-    client = current_client(client)
-    if client is not None:
-        return list(client.gather(client.compute(tasks)))
-    return list(dask.compute(*tasks, scheduler="threads"))
 
 
 # ---- run fields ---------------------------------------------------------------------
