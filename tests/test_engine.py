@@ -118,15 +118,6 @@ def test_de__results_are_in_store_and_readable(tmp_path, client):
     assert not [k for k in zarr.open_group(path, mode="r")["layers"].keys() if k.startswith("_kompot_staging")]
 
 
-def test_store__layer_is_lazy_dask_array(small_store):
-    from kompot_dask._io.store import Store
-
-    st = Store(small_store)
-    arr = st.layer_as_dask("logged_counts")
-    assert arr.shape == (SMALL.n_obs, SMALL.n_vars) and arr.chunks[1][0] == 32
-    assert float(arr[:10, :5].sum().compute()) == pytest.approx(float(ad.read_zarr(small_store).layers["logged_counts"][:10, :5].sum()), rel=1e-6)
-
-
 def test_de__embedded_local_cluster_when_no_client(tmp_path, baseline):
     """No client given and none current: an embedded LocalCluster is started and closed,
     k-means landmarks are computed in a helper process, and the results match a run on

@@ -50,11 +50,20 @@ def test_cross_gram__chunking_invariant(n, chunk):
     np.testing.assert_allclose(gp.kernel_column_sum(Z, X, 2.0, chunk=chunk), K.sum(1), rtol=1e-12, atol=1e-10)
 
 
+def _fit_factors(Z, ls, S1, S2, sigma, eps):
+    """The gene-independent factors, composed from the pieces the engine runs as tasks."""
+    lp = gp.check_factor("Lp", gp.landmark_cholesky(Z, ls))
+    c1 = gp.check_factor("C1", gp.condition_factor(Z, ls, S1, sigma))
+    c2 = gp.check_factor("C2", gp.condition_factor(Z, ls, S2, sigma))
+    r, diagonal = gp.landmark_metric(Z, ls, lp, c1, c2, eps)
+    return {"Lp": lp, "C1": c1, "C2": c2, "R": r, "diagonal": diagonal}
+
+
 def test_fit_and_scores__match_closed_form():
     X1, X2, Z, Y1, Y2, ls = problem()
     sigma, eps = 1.3, 1e-8
     S1, S2 = gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls)
-    f = gp.fit_factors(Z, ls, S1, S2, sigma, eps)
+    f = _fit_factors(Z, ls, S1, S2, sigma, eps)
     acc1 = gp.ProjectionAccumulator(Z, ls, Y1.shape[1] + 3, 16)
     acc1.add(X1, Y1)
     acc2 = gp.ProjectionAccumulator(Z, ls, Y2.shape[1] + 3, 16)
@@ -90,7 +99,7 @@ def test_fit_and_scores__match_closed_form():
 def test_posterior_variances__match_dtc_formula():
     X1, X2, Z, _, _, ls = problem(seed=3)
     sigma = 0.7
-    f = gp.fit_factors(Z, ls, gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls), sigma, 1e-8)
+    f = _fit_factors(Z, ls, gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls), sigma, 1e-8)
     Xq = np.random.default_rng(9).normal(size=(11, 3))
     v1, v2 = gp.posterior_variances(Xq, Z, f, ls)
     Kuu = dense_matern(Z, Z, ls) + gp.JITTER * np.eye(len(Z))
@@ -105,7 +114,7 @@ def test_posterior_variances__match_dtc_formula():
 def test_fit_factors__diagonal_shortcut_when_landmarks_far_apart():
     Z = np.arange(20, dtype=float)[:, None] * 100.0
     X1, X2 = Z + 0.01, Z - 0.01
-    f = gp.fit_factors(Z, 1.0, gp.cross_gram(Z, X1, 1.0), gp.cross_gram(Z, X2, 1.0), 1.0, 1e-8)
+    f = _fit_factors(Z, 1.0, gp.cross_gram(Z, X1, 1.0), gp.cross_gram(Z, X2, 1.0), 1.0, 1e-8)
     assert f["diagonal"]
 
 

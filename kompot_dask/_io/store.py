@@ -360,14 +360,6 @@ class Store(StoreHandle):
             raise ValueError(f"{elem_path} has shape {info.shape}, expected {(self.n_obs, self.n_vars)}")
         return info
 
-    def layer_as_dask(self, layer: str | None, chunks: tuple[int, int] | None = None) -> Any:
-        """The expression element as a lazy dask array (anndata's ``read_elem_lazy``);
-        dense layers keep their on-disk chunks, CSR/CSC ones are chunked along their major axis."""
-        info = self.layer_info(layer)
-        elem = zarr.open_group(store=self.path, mode="r", use_consolidated=False)[info.elem_path]
-        kwargs = {} if chunks is None else {"chunks": chunks}
-        return ad.experimental.read_elem_lazy(elem, **kwargs)
-
     def tile_reader(self, info: LayerInfo) -> TileReader:
         return TileReader(self.path, info)
 

@@ -363,22 +363,6 @@ def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
     return factor
 
 
-def fit_factors(
-    Z: np.ndarray, ls: float, S1: np.ndarray, S2: np.ndarray, sigma: float, eps: float, dtype: str = "float64",
-) -> dict[str, DeviceMatrix | bool]:
-    """All gene-independent factors in one call (the engine runs the pieces as separate tasks).
-
-    ``Lp``, ``C1``, ``C2`` are stored as upper factors (Lp = Upᵀ = chol(K̃uu), C_c =
-    chol(K̃uu + S_c/σ²)); ``R`` as Rᵀ (see :func:`landmark_metric`). ``S1``/``S2`` (lower
-    triangles from :func:`cross_gram`) are consumed.
-    """
-    lp = check_factor("Lp", landmark_cholesky(Z, ls, dtype))
-    c1 = check_factor("C1", condition_factor(Z, ls, S1, sigma, dtype))
-    c2 = check_factor("C2", condition_factor(Z, ls, S2, sigma, dtype))
-    r, diagonal = landmark_metric(Z, ls, lp, c1, c2, eps, dtype)
-    return {"Lp": lp, "C1": c1, "C2": c2, "R": r, "diagonal": diagonal}
-
-
 # --------------------------------------------------------------------------------------
 # Per gene block: weights, scores; per cell chunk: predictions and variances
 
