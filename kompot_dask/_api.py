@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import anndata as ad
@@ -29,7 +28,8 @@ from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.store import Store
 from ._numerics import fdr as fdr_mod
-from ._runs import history as runs
+from ._runs import fields as run_fields
+from ._runs import record as run_record
 from ._settings import (
     ComputeSettings,
     FDRSettings,
@@ -218,8 +218,8 @@ def _de_in_memory(adata: ad.AnnData, args: tuple, settings: dict, client, plan):
     with _temporary_store(adata, args[3]) as store:
         run = _validate(store, *args, **settings, existing_layers=list(adata.layers.keys()), in_memory=True)
         result = _execute(run, client, plan, resume=False)
-        record = runs.load_history(store.read_uns_json(runs.HISTORY_KEY))[-1]
-        for loc_field in record["fields_written"]:
+        record = run_record.RunRecord.from_dict(run_record.load_history(store.read_uns_json(run_record.HISTORY_KEY))[-1])
+        for loc_field in record.fields_written:
             loc, name = loc_field.split("/", 1)
             if loc == "var":
                 adata.var[name] = store.var[name].to_numpy()
@@ -228,7 +228,7 @@ def _de_in_memory(adata: ad.AnnData, args: tuple, settings: dict, client, plan):
             elif loc == "layers":
                 adata.layers[name] = store.read_layer_dense(name)
         rk = settings["storage"].result_key
-        for key in {runs.HISTORY_KEY, rk}:
+        for key in {run_record.HISTORY_KEY, rk}:
             if "uns" in store.root and key in store.root["uns"]:
                 adata.uns[key] = ad.io.read_elem(store.root["uns"][key])
         return result
@@ -277,11 +277,12 @@ class _Run:
             return int(self.gp.landmarks.shape[0])
         return int(min(self.gp.n_landmarks, self.mask1.sum() + self.mask2.sum()))
 
-    def previous_run(self) -> dict | None:
+    def previous_run(self) -> run_record.RunRecord | None:
+        """The record of the run that last wrote this result_key (else the latest run)."""
         prev_id = self.tracking.get("uns", {}).get(self.storage.result_key)
         prev = next((h for h in self.history if h.get("run_id") == prev_id),
                     self.history[-1] if self.history else None)
-        return prev
+        return None if prev is None else run_record.RunRecord.from_dict(prev)
 
 
 def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, genes,
@@ -338,11 +339,11 @@ def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
         )
     store.check_writable()
 
-    names = runs.output_field_names(rk, condition1, condition2)
-    if runs.sanitize_name(condition1) == runs.sanitize_name(condition2):
+    names = run_fields.output_field_names(rk, condition1, condition2)
+    if run_fields.sanitize_name(condition1) == run_fields.sanitize_name(condition2):
         raise ValueError(
             f"condition1={condition1!r} and condition2={condition2!r} both become "
-            f"{runs.sanitize_name(condition1)!r} in field names (' ', '-', '.', '/' are written as '_'), "
+            f"{run_fields.sanitize_name(condition1)!r} in field names (' ', '-', '.', '/' are written as '_'), "
             f"so their results would overwrite each other. Rename one of the two labels in obs[{groupby!r}]."
         )
     n_null = fdr.resolved_null_genes()
@@ -353,15 +354,15 @@ def _validate(store: Store, groupby, condition1, condition2, layer, obsm_key, ge
     layer_roles = ["imputed1", "imputed2", "fold_change"] if storage.store_layers else []
     roles += layer_roles
     store.check_new_field_names(
-        [(runs.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
+        [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
         "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
     )
-    uns_entry = store.read_uns_json(runs.HISTORY_KEY)
-    history = runs.load_history(uns_entry)
-    tracking = runs.load_field_tracking(uns_entry)
+    uns_entry = store.read_uns_json(run_record.HISTORY_KEY)
+    history = run_record.load_history(uns_entry)
+    tracking = run_record.load_field_tracking(uns_entry)
     present = {"var": set(store.var.columns), "obs": set(store.obs.columns),
                "layers": set(store.layer_keys() if existing_layers is None else existing_layers)}
-    existing = [(runs.FIELD_LOCATIONS[r], names[r]) for r in roles if names[r] in present[runs.FIELD_LOCATIONS[r]]]
+    existing = [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles if names[r] in present[run_fields.FIELD_LOCATIONS[r]]]
     return _Run(store, info, groupby, condition1, condition2, layer, obsm_key, genes, gp, fdr, filter,
                 storage, output, compute, X_raw, selected, filter_mask, mask1, mask2, names, roles,
                 layer_roles, n_null, uns_entry, history, tracking, existing, in_memory)
@@ -375,7 +376,7 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
     obsm_key, layer, genes = run.obsm_key, run.layer, run.genes
     X_raw, selected, filter_mask, mask1, mask2 = run.X_raw, run.selected, run.filter_mask, run.mask1, run.mask2
     names, roles, layer_roles, n_null, use_fdr = run.names, run.roles, run.layer_roles, run.n_null, run.use_fdr
-    uns_entry, history, tracking, info = run.uns_entry, run.history, run.tracking, run.info
+    uns_entry, history, info = run.uns_entry, run.history, run.info
     var = store.var
     filter = run.filter
     rk = storage.result_key
@@ -396,7 +397,7 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
     layer_names = {r: names[r] for r in layer_roles}
 
     with resolve_client(client, compute) as c:
-        environment = runs.environment_info(c)  # now: version skew shows before the long run
+        environment = run_record.environment_info(c)  # now: version skew shows before the long run
         plan = _plan_for_run(run, c, plan)
         fingerprint = _fingerprint(run)
         staging, saved = io_commit.open_run_staging(store.path, fingerprint, resume)
@@ -462,74 +463,22 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
     run_id = len(history)
     logger.info("This run will have `run_id=%d`.", run_id)
     fields_written = [f"var/{k}" for k in var_cols] + [f"obs/{k}" for k in obs_cols] + [f"layers/{k}" for k in staged_by_name]
-    descriptions = runs.field_descriptions(condition1, condition2, fdr.threshold)
-    field_mapping = {
-        names[r]: {"location": runs.FIELD_LOCATIONS[r], "type": descriptions[r][0], "description": descriptions[r][1]}
-        for r in roles
-    }
-    landmarks_info = {
-        "shape": list(Z.shape), "dtype": str(Z.dtype), "source": landmark_source,
-        "n_landmarks": int(Z.shape[0]), "timestamp": datetime.now().isoformat(),
-    }
-    record = {
-        "run_id": run_id,
-        "timestamp": datetime.now().isoformat(),
-        "function": "kompot_dask.de",
-        "analysis_type": "de",
-        "result_key": rk,
-        "lfc_key": names["mean_lfc"],
-        "mahalanobis_key": names["mahalanobis"],
-        "fdr_keys": {"local_fdr_key": names["local_fdr"], "is_de_key": names["is_de"]} if use_fdr else {},
-        "fdr_results": fdr_summary,
-        "imputed_layer_keys": {"condition1": names["imputed1"], "condition2": names["imputed2"],
-                               "fold_change": names["fold_change"]} if layer_roles else {},
-        "std_keys": {"condition1": names["std1"], "condition2": names["std2"]},
-        "field_names": {r: names[r] for r in roles},
-        "field_mapping": field_mapping,
-        "fields_written": fields_written,
-        "uses_sample_variance": False,
-        "params": runs.record_params(groupby, condition1, condition2, obsm_key, layer, genes,
-                                     gp, fdr, filter, storage, output, compute),
-        "model": {"ls": ls, "n_landmarks": int(Z.shape[0]), "landmark_source": landmark_source,
-                  "n_cells_condition1": n1, "n_cells_condition2": n2, "n_null_genes": n_null},
-        "layout": {"cell_chunk": res.layout.row_chunk, "gene_block": res.layout.gene_block,
-                   "null_gene_block": res.layout.null_gene_block, "kernel_chunk": res.layout.kernel_chunk,
-                   "n_tasks": res.n_tasks, "n_workers": n_workers},
-        "plan": {"status": plan.status, "peak_worker_bytes": plan.peak_worker_bytes,
-                 "peak_client_bytes": plan.peak_client_bytes, "wall_seconds": plan.wall_seconds,
-                 "n_tasks": plan.n_tasks},
-        "environment": environment,
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "resumed": {"tasks_reused": res.n_reused, "tasks_run": res.n_tasks} if res.n_reused else None,
-    }
-    for loc_field in fields_written:
-        loc, name = loc_field.split("/", 1)
-        tracking.setdefault(loc, {})[name] = run_id
-    tracking.setdefault("uns", {})[rk] = run_id
-    removed = runs.load_removed(uns_entry)
-    for loc_field in fields_written:  # written again: no longer a removed field
-        loc, name = loc_field.split("/", 1)
-        removed.get(loc, {}).pop(name, None)
-    history.append(record)
-    hist_entry = dict(uns_entry)
-    hist_entry.update({
-        "run_history": runs.to_json(history),
-        "last_run_info": runs.to_json(record),
-        "anndata_fields": runs.to_json(tracking),
-        "removed_fields": runs.to_json(removed),
-    })
-    uns_updates: dict[str, dict[str, Any]] = {}
-    rk_entry = hist_entry if rk == runs.HISTORY_KEY else dict(store.read_uns_json(rk))
-    rk_entry["landmarks_info"] = runs.to_json(landmarks_info)
-    if storage.store_landmarks:
-        rk_entry["landmarks"] = np.asarray(Z)
-    for entry in (hist_entry, rk_entry):
-        for k, v in list(entry.items()):
-            if isinstance(v, dict | list):
-                entry[k] = runs.to_json(v)
-    uns_updates[runs.HISTORY_KEY] = hist_entry
-    if rk != runs.HISTORY_KEY:
-        uns_updates[rk] = rk_entry
+    record = run_record.build_record(
+        run_id, names={r: names[r] for r in roles}, fields_written=fields_written, fdr_results=fdr_summary,
+        params=run_record.record_params(groupby, condition1, condition2, obsm_key, layer, genes,
+                                        gp, fdr, filter, storage, output, compute),
+        model=run_record.ModelInfo(ls=ls, n_landmarks=int(Z.shape[0]), landmark_source=landmark_source,
+                                   n_cells_condition1=n1, n_cells_condition2=n2, n_null_genes=n_null),
+        layout=run_record.LayoutInfo(cell_chunk=res.layout.row_chunk, gene_block=res.layout.gene_block,
+                                     null_gene_block=res.layout.null_gene_block,
+                                     kernel_chunk=res.layout.kernel_chunk, n_tasks=res.n_tasks, n_workers=n_workers),
+        plan=run_record.PlanSummary.of(plan), environment=environment,
+        wall_seconds=round(time.perf_counter() - t_start, 3),
+        resumed=run_record.ResumeInfo(tasks_reused=res.n_reused, tasks_run=res.n_tasks) if res.n_reused else None,
+    )
+    previous_result = None if rk == run_record.HISTORY_KEY else store.read_uns_json(rk)
+    uns_updates = run_record.uns_updates(uns_entry, record, previous_result, Z, landmark_source,
+                                         storage.store_landmarks)
     try:
         store.commit(staging, layers=staged_by_name, obs_columns=obs_cols, var_columns=var_cols,
                      uns_updates=uns_updates)
@@ -558,7 +507,7 @@ def _execute(run: _Run, client: Client | None, plan: planner.ResourcePlan | None
 
 def _fingerprint(run: _Run) -> str:
     """What makes two calls the same run: their parameters and the state of their inputs."""
-    params = runs.record_params(run.groupby, run.condition1, run.condition2, run.obsm_key, run.layer,
+    params = run_record.record_params(run.groupby, run.condition1, run.condition2, run.obsm_key, run.layer,
                                 run.genes, run.gp, run.fdr, run.filter, run.storage, run.output, run.compute)
     params.pop("output", None)  # progress bars and return values do not change the results
     digest = hashlib.sha256()
@@ -605,9 +554,7 @@ def _overwrite_message(run: _Run) -> str:
     prev = run.previous_run()
     where = ""
     if prev is not None:
-        p = prev.get("params", {})
-        where = (f" Previous run was at {prev.get('timestamp')} comparing "
-                 f"{p.get('condition1')} to {p.get('condition2')}.")
+        where = f" Previous run was at {prev.timestamp} comparing {prev.condition1} to {prev.condition2}."
     existing = [f"{loc}.{name}" for loc, name in run.existing]
     shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
     return (f"Differential expression results with result_key={run.storage.result_key!r} already exist in the dataset."
@@ -628,9 +575,8 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
     prev = run.previous_run()
     prev_summary = None
     if prev is not None:
-        p = prev.get("params", {})
-        prev_summary = {"run_id": prev.get("run_id"), "timestamp": prev.get("timestamp"),
-                        "condition1": p.get("condition1"), "condition2": p.get("condition2")}
+        prev_summary = {"run_id": prev.run_id, "timestamp": prev.timestamp,
+                        "condition1": prev.condition1, "condition2": prev.condition2}
     return planner.PlanInputs(
         store_path=store.path, n_obs=store.n_obs, n_vars=store.n_vars, n_selected=len(run.selected),
         n1=int(run.mask1.sum()), n2=int(run.mask2.sum()), n_pred=int(run.filter_mask.sum()),
@@ -639,7 +585,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         layer_chunks=tuple(info.chunks) if info.chunks else None, layer_nnz=nnz,
         store_layers=run.storage.store_layers, layer_dtype=run.storage.layer_dtype, dtype=run.compute.dtype,
         ls_given=run.gp.ls is not None, landmarks_given=run.gp.landmarks is not None,
-        fields=tuple((r, runs.FIELD_LOCATIONS[r], run.names[r]) for r in run.roles),
+        fields=tuple((r, run_fields.FIELD_LOCATIONS[r], run.names[r]) for r in run.roles),
         overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory,
         overwrite=run.storage.overwrite,
     )

@@ -20,7 +20,6 @@ would make it so. :func:`kompot_dask.de` executes exactly the layout a plan chos
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ import psutil
 from dask.utils import format_bytes, format_time
 
 from ._engine.calibration import measure_workers
+from ._report import Report, Section
 
 logger = logging.getLogger("kompot_dask")
 
@@ -433,113 +433,104 @@ class ResourcePlan:
 
     # ---- report ----------------------------------------------------------------------
 
-    def _sections(self) -> list[tuple[str, list[str]]]:
-        r, inp = self.resources, self.inputs
-        cluster = [
-            f"Cluster: {r.source}: {r.n_workers} worker(s) × {r.threads_per_worker} thread(s)",
-            f"Memory per worker: {format_bytes(r.memory_limit)}"
-            + ("" if r.memory_limit_set else " (no limit set: host memory / workers)")
-            + f"; budget for this run {format_bytes(MEMORY_FRACTION * r.memory_limit)} ({MEMORY_FRACTION:.0%})",
-            f"Client host: {format_bytes(r.host_memory_available)} available of {format_bytes(r.host_memory_total)}",
-            f"Disk: {format_bytes(r.disk_free)} free at {r.disk_path}",
-        ]
-        cal = self.calibration
-        if cal.timed:
-            cluster.append(
-                f"Calibration ({cal.seconds:.1f} s on the workers): kernel {cal.kernel_s * 1e9:.1f} ns/(cell·landmark), "
-                f"GEMM {cal.gemm_flops / 1e9:.1f} GFLOP/s, rank-k {cal.syrk_flops / 1e9:.1f} GFLOP/s, "
-                f"Cholesky {cal.chol_flops / 1e9:.1f} GFLOP/s per thread"
-                + (f", read {format_bytes(cal.read_bytes_s)}/s" if cal.read_bytes_s else "")
-            )
-        cluster.append(f"Worker memory before the run (kernels loaded): {format_bytes(cal.worker_rss)}")
-        data = [
-            f"Cells: {inp.n_obs:,} (condition 1: {inp.n1:,}, condition 2: {inp.n2:,}; predicted at {inp.n_pred:,})",
-            f"Genes: {inp.n_selected:,} tested of {inp.n_vars:,}, + {inp.n_null:,} null genes",
-            f"Expression: {'X' if inp.layer is None else 'layers/' + inp.layer} ({inp.layer_kind}"
-            + (f", chunks {inp.layer_chunks}" if inp.layer_chunks else "")
-            + (f", nnz {inp.layer_nnz:,}" if inp.layer_nnz is not None else "") + ")",
-            f"Landmarks: {inp.m:,}; embedding dimension {inp.d}",
-        ]
-        layout = [
-            f"cell_chunk={self.cell_chunk:,}  gene_block={self.gene_block}  null_gene_block={self.null_gene_block}  "
-            f"kernel_chunk={self.kernel_chunk}",
-            "Tasks: " + ", ".join(f"{v} {k}" for k, v in self.task_counts.items()) + f" ({self.n_tasks} in all)",
-        ]
-        totals = [
-            f"Peak memory per worker: {format_bytes(self.peak_worker_bytes)} "
-            f"({self.peak_worker_bytes / max(1, r.memory_limit):.0%} of its limit)",
-            f"Peak memory on the factorising worker (m × m phase): {format_bytes(self.factor_worker_bytes)}",
-            f"Peak memory on the client: {format_bytes(self.peak_client_bytes)}"
-            + (f" (+ {format_bytes(self.helper_bytes)} in two short-lived helper processes for the "
-               "length scale and landmarks)" if self.helper_bytes else ""),
-            f"Written to the store: {format_bytes(self.output_bytes)} (uncompressed)",
-        ]
-        if self.wall_seconds is not None:
-            totals.append(
-                f"Wall time: ~{format_time(self.wall_seconds)} on {r.total_threads} thread(s) "
-                "(" + ", ".join(f"{k} {format_time(v)}" for k, v in self.phase_seconds.items()) + ")"
-            )
-        else:
-            totals.append("Wall time: not predicted (plan made without calibration; use kd.plan)")
-        totals.append("FLOPs: " + ", ".join(f"{k} {v / 1e9:,.1f} G" for k, v in self.flops.items()))
-        alloc = [f"• {a['what']} {tuple(a['shape']) if a.get('shape') else ''}: {format_bytes(a['bytes'])}"
-                 + (f" ({a['where']})" if a.get("where") else "") for a in self.memory_allocations]
-        outs = []
-        for loc in ("layers", "obs", "var"):
-            fs = [f for f in self.output_fields if f["location"] == loc]
-            if fs:
-                outs.append(f"{'adata.' if inp.in_memory else ''}{loc}:")
-                for f in fs:
-                    flag = f" [OVERWRITES run_id={f['overwrites_run_id']}]" if f["overwrites"] else ""
-                    outs.append(f"  - {f['name']} ({format_bytes(f['bytes'])}){flag}")
-        return [("Cluster Resources", cluster), ("Data", data), ("Layout", layout),
-                ("Total Requirements", totals), ("Memory Allocations", alloc), ("Output Fields", outs)]
+    def report(self) -> Report:
+        """The plan as a :class:`~kompot_dask._report.Report` (text and HTML)."""
+        errors = [(e.message, [f"fix: {f}" for f in e.fixes]) for e in self.errors]
+        return Report("RESOURCE USAGE PLAN", [
+            Section("Cluster Resources", _cluster_lines(self)),
+            Section("Data", _data_lines(self.inputs)),
+            Section("Layout", [
+                f"cell_chunk={self.cell_chunk:,}  gene_block={self.gene_block}  "
+                f"null_gene_block={self.null_gene_block}  kernel_chunk={self.kernel_chunk}",
+                "Tasks: " + ", ".join(f"{v} {k}" for k, v in self.task_counts.items()) + f" ({self.n_tasks} in all)",
+            ]),
+            Section("Total Requirements", _total_lines(self)),
+            Section("Memory Allocations", _allocation_lines(self.memory_allocations), mark="•"),
+            Section("Output Fields", _output_lines(self.output_fields, self.inputs.in_memory)),
+            Section("Info", self.info, mark="ℹ", optional=True),
+            Section("Warnings", self.warnings, mark="⚠", optional=True),
+            Section("Errors", errors, mark="✗", optional=True),
+        ], status=f"STATUS: {_STATUS_TEXT[self.status]}", tone=_STATUS_TONE[self.status])
 
     def __str__(self) -> str:
-        bar = "=" * 80
-        lines = [bar, "RESOURCE USAGE PLAN", bar]
-        for title, body in self._sections():
-            lines.append(f"{title}:")
-            lines.extend(f"  {x}" for x in body)
-        if self.info:
-            lines.append("Info:")
-            lines.extend(f"  ℹ {x}" for x in self.info)
-        if self.warnings:
-            lines.append("Warnings:")
-            lines.extend(f"  ⚠ {x}" for x in self.warnings)
-        if self.errors:
-            lines.append("Errors:")
-            for e in self.errors:
-                lines.append(f"  ✗ {e.message}")
-                lines.extend(f"      fix: {f}" for f in e.fixes)
-        lines.append(bar)
-        lines.append(f"STATUS: {_STATUS_TEXT[self.status]}")
-        lines.append(bar)
-        return "\n".join(lines)
+        return self.report().text()
 
     def __repr__(self) -> str:
         return str(self)
 
     def _repr_html_(self) -> str:
-        color = {"FEASIBLE": "#2e7d32", "FEASIBLE WITH WARNINGS": "#ef6c00", "INFEASIBLE": "#c62828"}[self.status]
-        parts = ["<div class='kompot-dask-plan'>", "<h4>Resource usage plan</h4>",
-                 f"<p style='font-weight:bold;color:{color}'>STATUS: {html.escape(_STATUS_TEXT[self.status])}</p>"]
-        for title, body in self._sections():
-            parts.append(f"<details open><summary><b>{html.escape(title)}</b></summary><table>")
-            for line in body:
-                parts.append(f"<tr><td style='text-align:left'>{html.escape(line)}</td></tr>")
-            parts.append("</table></details>")
-        for title, items, mark in (("Info", self.info, "ℹ"), ("Warnings", self.warnings, "⚠")):
-            if items:
-                parts.append(f"<b>{title}</b><ul>" + "".join(f"<li>{mark} {html.escape(x)}</li>" for x in items) + "</ul>")
-        if self.errors:
-            parts.append("<b>Errors</b><ul>")
-            for e in self.errors:
-                fixes = "".join(f"<li>{html.escape(f)}</li>" for f in e.fixes)
-                parts.append(f"<li>✗ {html.escape(e.message)}<ul>{fixes}</ul></li>")
-            parts.append("</ul>")
-        parts.append("</div>")
-        return "".join(parts)
+        return self.report().html()
+
+
+def _cluster_lines(plan: ResourcePlan) -> list[str]:
+    r, cal = plan.resources, plan.calibration
+    lines = [
+        f"Cluster: {r.source}: {r.n_workers} worker(s) × {r.threads_per_worker} thread(s)",
+        f"Memory per worker: {format_bytes(r.memory_limit)}"
+        + ("" if r.memory_limit_set else " (no limit set: host memory / workers)")
+        + f"; budget for this run {format_bytes(MEMORY_FRACTION * r.memory_limit)} ({MEMORY_FRACTION:.0%})",
+        f"Client host: {format_bytes(r.host_memory_available)} available of {format_bytes(r.host_memory_total)}",
+        f"Disk: {format_bytes(r.disk_free)} free at {r.disk_path}",
+    ]
+    if cal.timed:
+        lines.append(
+            f"Calibration ({cal.seconds:.1f} s on the workers): kernel {cal.kernel_s * 1e9:.1f} ns/(cell·landmark), "
+            f"GEMM {cal.gemm_flops / 1e9:.1f} GFLOP/s, rank-k {cal.syrk_flops / 1e9:.1f} GFLOP/s, "
+            f"Cholesky {cal.chol_flops / 1e9:.1f} GFLOP/s per thread"
+            + (f", read {format_bytes(cal.read_bytes_s)}/s" if cal.read_bytes_s else "")
+        )
+    lines.append(f"Worker memory before the run (kernels loaded): {format_bytes(cal.worker_rss)}")
+    return lines
+
+
+def _data_lines(inp: PlanInputs) -> list[str]:
+    return [
+        f"Cells: {inp.n_obs:,} (condition 1: {inp.n1:,}, condition 2: {inp.n2:,}; predicted at {inp.n_pred:,})",
+        f"Genes: {inp.n_selected:,} tested of {inp.n_vars:,}, + {inp.n_null:,} null genes",
+        f"Expression: {'X' if inp.layer is None else 'layers/' + inp.layer} ({inp.layer_kind}"
+        + (f", chunks {inp.layer_chunks}" if inp.layer_chunks else "")
+        + (f", nnz {inp.layer_nnz:,}" if inp.layer_nnz is not None else "") + ")",
+        f"Landmarks: {inp.m:,}; embedding dimension {inp.d}",
+    ]
+
+
+def _total_lines(plan: ResourcePlan) -> list[str]:
+    r = plan.resources
+    lines = [
+        f"Peak memory per worker: {format_bytes(plan.peak_worker_bytes)} "
+        f"({plan.peak_worker_bytes / max(1, r.memory_limit):.0%} of its limit)",
+        f"Peak memory on the factorising worker (m × m phase): {format_bytes(plan.factor_worker_bytes)}",
+        f"Peak memory on the client: {format_bytes(plan.peak_client_bytes)}"
+        + (f" (+ {format_bytes(plan.helper_bytes)} in two short-lived helper processes for the "
+           "length scale and landmarks)" if plan.helper_bytes else ""),
+        f"Written to the store: {format_bytes(plan.output_bytes)} (uncompressed)",
+    ]
+    if plan.wall_seconds is not None:
+        lines.append(
+            f"Wall time: ~{format_time(plan.wall_seconds)} on {r.total_threads} thread(s) "
+            "(" + ", ".join(f"{k} {format_time(v)}" for k, v in plan.phase_seconds.items()) + ")"
+        )
+    else:
+        lines.append("Wall time: not predicted (plan made without calibration; use kd.plan)")
+    lines.append("FLOPs: " + ", ".join(f"{k} {v / 1e9:,.1f} G" for k, v in plan.flops.items()))
+    return lines
+
+
+def _allocation_lines(allocations: list[dict[str, Any]]) -> list[str]:
+    return [f"{a['what']} {tuple(a['shape']) if a.get('shape') else ''}: {format_bytes(a['bytes'])}"
+            + (f" ({a['where']})" if a.get("where") else "") for a in allocations]
+
+
+def _output_lines(output_fields: list[dict[str, Any]], in_memory: bool) -> list[tuple[str, list[str]]]:
+    out = []
+    for loc in ("layers", "obs", "var"):
+        fields = [f for f in output_fields if f["location"] == loc]
+        if fields:
+            out.append((f"{'adata.' if in_memory else ''}{loc}:", [
+                f"- {f['name']} ({format_bytes(f['bytes'])})"
+                + (f" [OVERWRITES run_id={f['overwrites_run_id']}]" if f["overwrites"] else "")
+                for f in fields]))
+    return out
 
 
 _STATUS_TEXT = {
@@ -547,6 +538,7 @@ _STATUS_TEXT = {
     "FEASIBLE WITH WARNINGS": "⚠ FEASIBLE WITH WARNINGS - Proceed with caution",
     "INFEASIBLE": "✗ INFEASIBLE - see Errors for what would fix it",
 }
+_STATUS_TONE = {"FEASIBLE": "ok", "FEASIBLE WITH WARNINGS": "warn", "INFEASIBLE": "error"}
 
 
 class InfeasiblePlanError(RuntimeError):

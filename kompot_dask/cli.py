@@ -319,11 +319,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         rows = []
         for i in range(len(hist)):
             r = hist.record(i)
-            p = r.get("params", {})
-            rows.append({"run_id": r.get("run_id", i), "timestamp": r.get("timestamp"),
-                         "condition1": p.get("condition1"), "condition2": p.get("condition2"),
-                         "result_key": r.get("result_key"),
-                         "n_de": (r.get("fdr_results") or {}).get("n_significant")})
+            rows.append({"run_id": i if r.run_id is None else r.run_id, "timestamp": r.timestamp,
+                         "condition1": r.condition1, "condition2": r.condition2,
+                         "result_key": r.result_key, "n_de": r.n_de})
         text = "\n".join(f"{x['run_id']:>3}  {x['timestamp']}  {x['condition1']} → {x['condition2']}  "
                          f"result_key={x['result_key']}  DE={x['n_de']}" for x in rows) or "no runs recorded"
         _emit(args, {"runs": rows}, text)

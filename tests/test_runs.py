@@ -25,7 +25,8 @@ from kompot_dask._io import commit
 from kompot_dask._io.lease import StoreLockedError, store_lock
 from kompot_dask._io.store import StoreHandle, directory_nbytes
 from kompot_dask._runs.cleanup import cleanup
-from kompot_dask._runs.history import RunNotFoundError, get_run_fields, record_params, to_json
+from kompot_dask._runs.history import RunNotFoundError, get_run_fields
+from kompot_dask._runs.record import record_params, to_json
 from kompot_dask._runs.runinfo import RunInfo
 from kompot_dask.testing import SyntheticSpec, assert_de_results_close, write_synthetic_store
 

@@ -20,7 +20,10 @@ from dask.utils import format_bytes
 from .._io import commit
 from .._io.lease import store_lock
 from .._io.store import Store, StoreHandle
-from .history import RunHistory, RunSource, encode_entry, history_key, load_removed, read_history
+from .._report import Report, Section
+from .fields import KNOWN_FIELD_TYPES
+from .history import RunHistory, RunSource, history_key, read_history
+from .record import encode_entry, load_removed
 
 __all__ = ["cleanup", "CleanupSummary", "RemovedField", "SkippedField"]
 
@@ -30,13 +33,6 @@ _KEEP_ARG = {
     "layers": "keep_layers", "obsm": "keep_layers", "varm": "keep_layers", "obsp": "keep_layers",
     "obs": "keep_obs_fields", "var": "keep_var_fields",
 }
-KNOWN_FIELD_TYPES = (
-    "imputed", "fold_change", "std", "mahalanobis", "mean_log_fold_change",
-    "mahalanobis_local_fdr", "is_de",
-    # written by kompot; accepted so that its run histories can be cleaned too
-    "smoothed", "fold_change_zscores", "std_with_sample_var", "neg_log10_ptp",
-    "mahalanobis_pvalue", "mahalanobis_tail_fdr", "posterior_covariance",
-)
 
 
 @dataclass(frozen=True)
@@ -79,13 +75,22 @@ class CleanupSummary:
             "removed": [vars(r) for r in self.removed], "skipped": [vars(s) for s in self.skipped],
         }
 
+    def report(self) -> Report:
+        """The summary as a :class:`~kompot_dask._report.Report`."""
+        removed = [f"{r.location}/{r.name} (run {r.run_id}, {format_bytes(r.nbytes)})" for r in self.removed]
+        kept = [f"{s.location}/{s.name} (run {s.run_id}): {s.reason}" for s in self.skipped]
+        return Report(
+            f"Cleanup of {self.analysis_type.upper()} run(s) {self.run_ids} in {self.target}",
+            [Section("Would remove" if self.dry_run else "Removed", removed),
+             Section("Kept", kept, optional=True)],
+            status=f"{'Would free' if self.dry_run else 'Freed'} {format_bytes(self.bytes_freed)}",
+        )
+
     def __str__(self) -> str:
-        verb = "Would remove" if self.dry_run else "Removed"
-        lines = [f"Cleanup of {self.analysis_type.upper()} run(s) {self.run_ids} in {self.target}"]
-        lines += [f"  {verb} {r.location}/{r.name} (run {r.run_id}, {format_bytes(r.nbytes)})" for r in self.removed]
-        lines += [f"  Kept {s.location}/{s.name} (run {s.run_id}): {s.reason}" for s in self.skipped]
-        lines.append(f"  {'Would free' if self.dry_run else 'Freed'} {format_bytes(self.bytes_freed)}")
-        return "\n".join(lines)
+        return self.report().text()
+
+    def _repr_html_(self) -> str:
+        return self.report().html()
 
 
 def _check_keep(name: str, value: Any, types_seen: set[str]) -> bool | frozenset[str]:
@@ -117,7 +122,7 @@ def _plan(history: RunHistory, run_ids: list[int], keep: dict[str, bool | frozen
     skipped: list[SkippedField] = []
     for rid in run_ids:
         for name, spec in history.run_fields(rid).items():
-            loc, ftype = spec.get("location", ""), spec.get("type", "")
+            loc, ftype = spec.location, spec.type
             if loc not in _KEEP_ARG:
                 skipped.append(SkippedField(rid, loc, name, f"location {loc!r} is not handled by cleanup"))
                 continue
@@ -269,7 +274,7 @@ def _cleanup(source: RunSource, data: Any, run_ids: Any, analysis_type: str, kee
     ids = _resolve_run_ids(history, run_ids)
     if not ids:
         history.resolve(0)  # raises: no runs recorded
-    types_seen = {spec.get("type", "") for rid in ids for spec in history.run_fields(rid).values()}
+    types_seen = {spec.type for rid in ids for spec in history.run_fields(rid).values()}
     keep = {
         "keep_layers": _check_keep("keep_layers", keep_layers, types_seen),
         "keep_obs_fields": _check_keep("keep_obs_fields", keep_obs_fields, types_seen),

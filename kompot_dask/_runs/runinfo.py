@@ -8,13 +8,13 @@ store or AnnData is read for which fields are still there, never for results.
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._report import Report, Reportable, Section, format_cell
 from .._settings import (
     ComputeSettings,
     FDRSettings,
@@ -25,6 +25,7 @@ from .._settings import (
     StorageSettings,
 )
 from .history import FieldStatus, RunHistory, RunSource, read_history
+from .record import RunRecord
 
 __all__ = ["RunInfo", "RunComparison", "FieldDifference"]
 
@@ -52,34 +53,6 @@ _ABSENT = "<absent>"
 # ---- formatting ----------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, list | tuple) and len(value) > 6:
-        head = ", ".join(str(v) for v in value[:3])
-        return f"[{head}, … ({len(value)} items)]"
-    return str(value)
-
-
-def _text_table(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
-    cells = [tuple(_fmt(c) for c in r) for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    line = "  ".join("-" * w for w in widths)
-    head = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
-    out = [title, "=" * len(title), head, line]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return out + [""]
-
-
-def _html_table(title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
-        for r in rows
-    )
-    return f"<h4>{html.escape(title)}</h4><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _flatten(params: dict[str, Any]) -> dict[str, Any]:
     """``{"gp": {"sigma": 1.0}}`` → ``{"gp.sigma": 1.0}``; top-level values stay as they are."""
     out: dict[str, Any] = {}
@@ -92,8 +65,8 @@ def _flatten(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _conditions(params: dict[str, Any]) -> str:
-    return f"{params.get('condition1')} to {params.get('condition2')}"
+def _conditions(record: RunRecord) -> str:
+    return f"{record.condition1} to {record.condition2}"
 
 
 # ---- settings from a run record ------------------------------------------------------
@@ -108,10 +81,9 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
     them and no later run replaced them, and a boolean-array cell filter cannot be restored.
     """
     record = history.runs[run_id]
-    params = record.get("params") or {}
     out: dict[str, Any] = {}
     for section, cls in SETTINGS_CLASSES.items():
-        recorded = params.get(section)
+        recorded = record.params.get(section)
         if not isinstance(recorded, dict):
             logger.info("Run %d recorded no %s settings; using %s() defaults", run_id, section, cls.__name__)
             recorded = {}
@@ -125,7 +97,7 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
         kwargs = {k: v for k, v in recorded.items() if k in known}
         if section == "gp":
             kwargs["landmarks"] = _recorded_landmarks(history, run_id, kwargs.get("landmarks"))
-            if kwargs.get("random_state", 0) is None and (record.get("model") or {}).get("landmark_source") == "kmeans":
+            if kwargs.get("random_state", 0) is None and record.model.landmark_source == "kmeans":
                 logger.warning(
                     "Run %d placed its landmarks by k-means with GPSettings.random_state=None, so a "
                     "re-run places them differently; set gp.random_state to make runs repeatable.", run_id,
@@ -153,20 +125,19 @@ def _recorded_landmarks(history: RunHistory, run_id: int, recorded: Any) -> np.n
     if recorded is None or recorded is False:
         return None
     record = history.runs[run_id]
-    params = record.get("params") or {}
-    rk = (params.get("storage") or {}).get("result_key") or record.get("result_key") or "kompot_de"
+    rk = record.stored_result_key
     # uns[rk]["landmarks"] holds the landmarks of the latest run with this result_key that
     # stored them; only if that is this run are they this run's.
     storer = None
     for rid in range(len(history.runs) - 1, -1, -1):
-        p = history.runs[rid].get("params") or {}
-        if (p.get("storage") or {}).get("result_key", "kompot_de") == rk and (p.get("storage") or {}).get("store_landmarks"):
+        storage = history.runs[rid].settings("storage")
+        if storage.get("result_key", "kompot_de") == rk and storage.get("store_landmarks"):
             storer = rid
             break
     stored = history.source.uns_item(rk, "landmarks") if storer == run_id else None
     if stored is not None:
         arr = np.asarray(stored, dtype=np.float64)
-        expected = (record.get("model") or {}).get("n_landmarks")
+        expected = record.model.n_landmarks
         if arr.ndim == 2 and (expected is None or arr.shape[0] == expected):
             logger.info("Loaded run %d's %d landmarks from uns[%r]['landmarks']", run_id, arr.shape[0], rk)
             return arr
@@ -185,30 +156,7 @@ def _recorded_landmarks(history: RunHistory, run_id: int, recorded: Any) -> np.n
 # ---- RunInfo -------------------------------------------------------------------------
 
 
-class _Report:
-    """Text for terminals, HTML for Jupyter, from ``title`` and ``_sections()``."""
-
-    title: str  # and ``_sections() -> [(title, header, rows)]``, defined by each report
-
-    def to_text(self) -> str:
-        lines = [self.title, ""]
-        for title, header, rows in self._sections():
-            lines += _text_table(title, header, rows) if rows else [title, "=" * len(title), "(none)", ""]
-        return "\n".join(lines).rstrip() + "\n"
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def __repr__(self) -> str:
-        return self.to_text()
-
-    def _repr_html_(self) -> str:
-        parts = [f"<h3>{html.escape(self.title)}</h3>"]
-        parts += [_html_table(*section) for section in self._sections()]
-        return "<div>" + "".join(parts) + "</div>"
-
-
-class RunInfo(_Report):
+class RunInfo(Reportable):
     """One recorded run: parameters, environment, the fields it created and their status.
 
     Parameters
@@ -226,7 +174,9 @@ class RunInfo(_Report):
     run_id : int
         The resolved (non-negative) run id.
     record : dict
-        The run record as stored.
+        The run record as stored (:attr:`run_record` is its typed form).
+    run_record : RunRecord
+        The run record.
     params : dict
         Arguments and settings of the run (nested by Settings section).
     environment : dict
@@ -248,10 +198,11 @@ class RunInfo(_Report):
         self._history = read_history(data if isinstance(data, RunSource) else RunSource(data), analysis_type)
         self.analysis_type = analysis_type
         self.run_id = self._history.resolve(run_id)
-        self.record: dict[str, Any] = self._history.runs[self.run_id]
-        self.params: dict[str, Any] = dict(self.record.get("params") or {})
-        self.environment: dict[str, Any] = dict(self.record.get("environment") or {})
-        self.timestamp: str | None = self.record.get("timestamp")
+        self.run_record: RunRecord = self._history.runs[self.run_id]
+        self.record: dict[str, Any] = self.run_record.to_dict()
+        self.params: dict[str, Any] = dict(self.run_record.params)
+        self.environment: dict[str, Any] = dict(self.run_record.environment)
+        self.timestamp: str | None = self.run_record.timestamp
         self.fields: list[FieldStatus] = self._history.field_status(self.run_id)
 
     # ---- views -------------------------------------------------------------------
@@ -271,18 +222,18 @@ class RunInfo(_Report):
 
     def summary(self) -> dict[str, Any]:
         """The Run Summary rows."""
-        p = self.params
+        r = self.run_record
         out: dict[str, Any] = {
             "run_id": self.run_id,
-            "conditions": _conditions(p),
-            "groupby": p.get("groupby"),
-            "obsm_key": p.get("obsm_key"),
-            "layer": p.get("layer") if p.get("layer") is not None else "X",
-            "uses_sample_variance": bool(self.record.get("uses_sample_variance", False)),
-            "result_key": self.record.get("result_key"),
+            "conditions": _conditions(r),
+            "groupby": r.groupby,
+            "obsm_key": r.obsm_key,
+            "layer": r.layer if r.layer is not None else "X",
+            "uses_sample_variance": bool(r.uses_sample_variance),
+            "result_key": r.result_key,
             "timestamp": self.timestamp,
         }
-        fdr = self.record.get("fdr_results")
+        fdr = r.fdr_results
         if isinstance(fdr, dict) and "n_significant" in fdr:
             out["DE genes"] = f"{fdr['n_significant']}/{fdr.get('n_total')} at local FDR < {fdr.get('fdr_threshold')}"
         out["Fields Created"] = len(self.fields)
@@ -300,15 +251,16 @@ class RunInfo(_Report):
         out.update({f"package_versions.{k}": v for k, v in versions.items()})
         return out
 
-    def _sections(self) -> list[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]]:
-        return [
-            ("Run Summary", ("Parameter", "Value"), list(self.summary().items())),
-            ("All Parameters", ("Parameter", "Value"), list(self.parameters().items())),
-            ("Environment", ("Parameter", "Value"), list(self.environment_rows().items())),
-            ("Fields Created by This Run", ("Field", "Location", "Description", "Status"),
-             [(f.name, f.location, f"[{f.type}] {f.description}" if f.type else f.description, f.status)
-              for f in self.fields]),
-        ]
+    def report(self) -> Report:
+        """The run as a :class:`~kompot_dask._report.Report` (text and HTML)."""
+        fields = [(f.name, f.location, f"[{f.type}] {f.description}" if f.type else f.description, f.status)
+                  for f in self.fields]
+        return Report(self.title, [
+            Section.key_values("Run Summary", self.summary()),
+            Section.key_values("All Parameters", self.parameters()),
+            Section.key_values("Environment", self.environment_rows()),
+            Section.table("Fields Created by This Run", ("Field", "Location", "Description", "Status"), fields),
+        ])
 
     @property
     def title(self) -> str:
@@ -362,7 +314,7 @@ class FieldDifference:
     present: bool
 
 
-class RunComparison(_Report):
+class RunComparison(Reportable):
     """What differs between two runs: summary, parameters, fields.
 
     Attributes
@@ -405,7 +357,7 @@ class RunComparison(_Report):
 
     def difference_lines(self) -> list[str]:
         """``"condition2: Old → Mid"`` for each differing parameter."""
-        return [f"{k}: {_fmt(v1)} → {_fmt(v2)}" for k, (v1, v2) in self.parameter_differences.items()]
+        return [f"{k}: {format_cell(v1)} → {format_cell(v2)}" for k, (v1, v2) in self.parameter_differences.items()]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -417,22 +369,24 @@ class RunComparison(_Report):
             "field_differences": [dataclasses.asdict(d) for d in self.field_differences],
         }
 
-    def _sections(self) -> list[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]]:
+    def report(self) -> Report:
+        """The comparison as a :class:`~kompot_dask._report.Report` (text and HTML)."""
         a, b = self.run_ids
         runs = (f"Run {a}", f"Run {b}")
 
         def diff_rows(d: dict[str, tuple[Any, Any]]) -> list[tuple[Any, ...]]:
-            return [(k, v1, v2, f"{k}: {_fmt(v1)} → {_fmt(v2)}") for k, (v1, v2) in d.items()]
+            return [(k, v1, v2, f"{k}: {format_cell(v1)} → {format_cell(v2)}") for k, (v1, v2) in d.items()]
 
-        return [
-            ("Summary", ("Aspect", *runs), [(k, *v) for k, v in self.summary().items()]),
-            ("Key Parameter Differences", ("Parameter", *runs, "Change"), diff_rows(self.key_differences)),
-            (f"All Parameter Differences ({self.n_same} parameters are the same in both runs)",
-             ("Parameter", *runs, "Change"), diff_rows(self.parameter_differences)),
-            ("Field Differences", ("Field", "Location", "Status", "Last Modified By", "Now"),
-             [(d.name, d.location, d.status, f"Run {d.last_writer}" if d.last_writer is not None else "untracked",
-               "Present" if d.present else "Missing") for d in self.field_differences]),
-        ]
+        fields = [(d.name, d.location, d.status, f"Run {d.last_writer}" if d.last_writer is not None else "untracked",
+                   "Present" if d.present else "Missing") for d in self.field_differences]
+        return Report(self.title, [
+            Section.table("Summary", ("Aspect", *runs), [(k, *v) for k, v in self.summary().items()]),
+            Section.table("Key Parameter Differences", ("Parameter", *runs, "Change"),
+                          diff_rows(self.key_differences)),
+            Section.table(f"All Parameter Differences ({self.n_same} parameters are the same in both runs)",
+                          ("Parameter", *runs, "Change"), diff_rows(self.parameter_differences)),
+            Section.table("Field Differences", ("Field", "Location", "Status", "Last Modified By", "Now"), fields),
+        ])
 
     @property
     def title(self) -> str:

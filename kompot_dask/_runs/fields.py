@@ -1,0 +1,128 @@
+"""The field registry: every output field a DE run writes, in one table.
+
+Each :class:`FieldSpec` gives a field's role (``mahalanobis``, ``imputed1``, ...), where it
+lives (``var``, ``obs``, ``layers``), the type label the run record gives it, and the
+templates of its name and description. :func:`output_field_names`,
+:data:`FIELD_LOCATIONS`, :func:`field_mapping` (the record's types and descriptions) and
+:data:`KNOWN_FIELD_TYPES` are views of that table.
+
+The table also holds the types that kompot writes but kompot_dask does not (no role, no
+templates), so that cleanup accepts kompot's run histories too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FieldSpec", "FIELDS", "ROLES", "FIELD_LOCATIONS", "KNOWN_FIELD_TYPES", "sanitize_name",
+    "output_field_names", "field_mapping", "spec_of",
+]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One kind of output field.
+
+    Name templates know ``{result_key}``, ``{c1}``, ``{c2}`` (condition labels as written
+    in names, see :func:`sanitize_name`) and ``{pair}`` (``{result_key}_{c1}_to_{c2}``).
+    Description templates know ``{condition1}``, ``{condition2}`` and ``{threshold}``.
+    """
+
+    type: str
+    """Type label in the run record's ``field_mapping`` (what ``cleanup``'s keep lists name)."""
+    role: str | None = None
+    """Role in a kompot_dask run; ``None`` for types only kompot writes."""
+    location: str | None = None
+    name: str = ""
+    description: str = ""
+
+    def field_name(self, result_key: str, condition1: Any, condition2: Any) -> str:
+        c1, c2 = sanitize_name(condition1), sanitize_name(condition2)
+        return self.name.format(result_key=result_key, c1=c1, c2=c2, pair=f"{result_key}_{c1}_to_{c2}")
+
+    def describe(self, condition1: Any, condition2: Any, threshold: float) -> str:
+        return self.description.format(condition1=condition1, condition2=condition2, threshold=threshold)
+
+
+_STD = "Posterior standard deviation of imputed expression for {condition} (same for all genes)"
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("mahalanobis", "mahalanobis", "var", "{pair}_mahalanobis", "Mahalanobis distances"),
+    FieldSpec("mean_log_fold_change", "mean_lfc", "var", "{pair}_mean_lfc", "Mean log fold change values"),
+    FieldSpec("mahalanobis_local_fdr", "local_fdr", "var", "{pair}_mahalanobis_local_fdr",
+              "Local FDR values using empirical null estimation similar to R's fdrtool"),
+    FieldSpec("is_de", "is_de", "var", "{pair}_is_de",
+              "Boolean indicator of differential expression at local FDR < {threshold}"),
+    FieldSpec("std", "std1", "obs", "{result_key}_{c1}_std", _STD.replace("{condition}", "{condition1}")),
+    FieldSpec("std", "std2", "obs", "{result_key}_{c2}_std", _STD.replace("{condition}", "{condition2}")),
+    FieldSpec("imputed", "imputed1", "layers", "{result_key}_{c1}_imputed", "Imputed expression for {condition1}"),
+    FieldSpec("imputed", "imputed2", "layers", "{result_key}_{c2}_imputed", "Imputed expression for {condition2}"),
+    FieldSpec("fold_change", "fold_change", "layers", "{pair}_fold_change", "Log fold change for each cell and gene"),
+    # written by kompot only; known so that its run histories can be cleaned too
+    FieldSpec("smoothed"),
+    FieldSpec("fold_change_zscores"),
+    FieldSpec("std_with_sample_var"),
+    FieldSpec("neg_log10_ptp"),
+    FieldSpec("mahalanobis_pvalue"),
+    FieldSpec("mahalanobis_tail_fdr"),
+    FieldSpec("posterior_covariance"),
+)
+"""Every output field type, kompot_dask's (with a role) first."""
+
+_BY_ROLE: dict[str, FieldSpec] = {s.role: s for s in FIELDS if s.role is not None}
+
+ROLES: tuple[str, ...] = tuple(_BY_ROLE)
+"""The roles of a kompot_dask DE run's fields, in registry order."""
+
+FIELD_LOCATIONS: Mapping[str, str] = {role: str(s.location) for role, s in _BY_ROLE.items()}
+"""Role → location (``var``, ``obs`` or ``layers``)."""
+
+KNOWN_FIELD_TYPES: tuple[str, ...] = tuple(dict.fromkeys(s.type for s in FIELDS))
+"""Every field type label (kompot_dask's and kompot's), as cleanup's keep lists accept them."""
+
+
+def spec_of(role: str) -> FieldSpec:
+    """The registry entry of ``role``."""
+    try:
+        return _BY_ROLE[role]
+    except KeyError:
+        raise KeyError(f"{role!r} is not a field role; roles are {list(ROLES)}") from None
+
+
+def sanitize_name(name: Any) -> str:
+    """Condition name as it appears in field names (" ", "-", ".", "/" → "_")."""
+    out = str(name)
+    for ch in (" ", "-", ".", "/"):
+        out = out.replace(ch, "_")
+    return out
+
+
+def output_field_names(result_key: str, condition1: Any, condition2: Any) -> dict[str, str]:
+    """Every field a DE run may write, keyed by role."""
+    return {role: s.field_name(result_key, condition1, condition2) for role, s in _BY_ROLE.items()}
+
+
+def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: Any, condition2: Any,
+                  threshold: float) -> dict[str, dict[str, str]]:
+    """The run record's ``field_mapping``: field name → {location, type, description}.
+
+    Parameters
+    ----------
+    roles
+        Roles the run wrote.
+    names
+        Role → field name (from :func:`output_field_names`).
+    condition1, condition2
+        Condition labels as given (descriptions name them unsanitised).
+    threshold
+        Local FDR threshold (named in the ``is_de`` description).
+    """
+    out = {}
+    for role in roles:
+        spec = spec_of(role)
+        out[names[role]] = {"location": str(spec.location), "type": spec.type,
+                            "description": spec.describe(condition1, condition2, threshold)}
+    return out
