@@ -12,12 +12,13 @@ from ._engine.graph import NonFiniteExpressionError, WorkerLostError
 from ._io.commit import CommitError
 from ._io.ingest import ingest
 from ._io.lease import StoreLockedError
-from ._io.manifest import StoreIntegrityError, VerifyReport, verify
+from ._io.manifest import StoreIntegrityError, VerifyReport
 from ._io.store import StoreError
 from ._planner import InfeasiblePlanError, ResourcePlan
 from ._runs.cleanup import cleanup
 from ._runs.history import RunNotFoundError, get_run_fields
 from ._runs.runinfo import RunInfo
+from ._runs.verify import verify
 from ._settings import (
     ComputeSettings,
     FDRSettings,

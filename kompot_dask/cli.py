@@ -348,7 +348,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ._io.manifest import verify
+    from ._runs.verify import verify
 
     report = verify(args.store, record=args.record)
     _emit(args, report.to_dict(), str(report))

@@ -29,10 +29,10 @@ from kompot_dask._io.manifest import (
     StoreIntegrityError,
     manifest_path,
     read_manifest,
-    verify,
 )
 from kompot_dask._io.store import Store, StoreError
 from kompot_dask._io.tiles import clear_caches
+from kompot_dask._runs.verify import verify
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
 
 SPEC = SyntheticSpec(n_obs=1200, n_vars=90, n_dims=8, seed=3)

@@ -1,8 +1,10 @@
 """Parity with kompot 0.8.0, the reference oracle, run in a subprocess on the same input.
 
-Tolerances are the issue's: Mahalanobis relative error ≤ 1e-6 median and ≤ 1e-4 max;
-mean_lfc and obs std absolute error ≤ 1e-6; local FDR ≤ 1e-3; is_de identical except where
-the local FDR is within 1e-3 of the threshold; imputed and fold-change layers ≤ 1e-6.
+Tolerances are what is achieved, with a margin (measured: Mahalanobis relative error
+1.4e-10 median and 3.3e-9 max, mean_lfc 2e-12, local FDR 5.7e-10, layers 6e-8 — they are
+stored as float32): Mahalanobis ≤ 1e-9 median and ≤ 1e-8 max relative; mean_lfc and obs
+std ≤ 1e-10 absolute; local FDR ≤ 1e-8; identical is_de calls; layers ≤ 5e-7 (float32
+rounding of values of order 1).
 """
 
 from __future__ import annotations
@@ -41,31 +43,33 @@ def run_reference(tmp_path, adata: ad.AnnData, spec: dict) -> dict[str, np.ndarr
         return {k: data[k] for k in data.files}
 
 
-def compare(ref: dict, result: ad.AnnData, rk: str, c1: str, c2: str, threshold: float = 0.05) -> dict[str, float]:
+def compare(ref: dict, result: ad.AnnData, rk: str, c1: str, c2: str) -> dict[str, float]:
     pair = f"{rk}_{c1}_to_{c2}"
     d_ref = ref[f"var/{pair}_mahalanobis"].astype(float)
     d = result.var[f"{pair}_mahalanobis"].to_numpy(dtype=float)
     rel = np.abs(d - d_ref) / np.abs(d_ref)
     stats = {"mahal_rel_median": float(np.median(rel)), "mahal_rel_max": float(np.max(rel))}
-    assert stats["mahal_rel_median"] <= 1e-6, stats
-    assert stats["mahal_rel_max"] <= 1e-4, stats
+    assert stats["mahal_rel_median"] <= 1e-9, stats
+    assert stats["mahal_rel_max"] <= 1e-8, stats
     lfc_err = np.max(np.abs(result.var[f"{pair}_mean_lfc"].to_numpy(dtype=float) - ref[f"var/{pair}_mean_lfc"]))
-    assert lfc_err <= 1e-6
+    assert lfc_err <= 1e-10
+    std_errs = []
     for c in (c1, c2):
         std_err = np.max(np.abs(result.obs[f"{rk}_{c}_std"].to_numpy(dtype=float) - ref[f"obs/{rk}_{c}_std"]))
-        assert std_err <= 1e-6, (c, std_err)
+        std_errs.append(std_err)
+        assert std_err <= 1e-10, (c, std_err)
         imp_err = np.max(np.abs(np.asarray(result.layers[f"{rk}_{c}_imputed"], dtype=float) - ref[f"layers/{rk}_{c}_smoothed"]))
-        assert imp_err <= 1e-6, (c, imp_err)
+        assert imp_err <= 5e-7, (c, imp_err)
     fc_err = np.max(np.abs(np.asarray(result.layers[f"{pair}_fold_change"], dtype=float) - ref[f"layers/{pair}_fold_change"]))
-    assert fc_err <= 1e-6
+    assert fc_err <= 5e-7
     lf_ref = ref[f"var/{pair}_mahalanobis_local_fdr"].astype(float)
     lf = result.var[f"{pair}_mahalanobis_local_fdr"].to_numpy(dtype=float)
-    assert np.max(np.abs(lf - lf_ref)) <= 1e-3
+    assert np.max(np.abs(lf - lf_ref)) <= 1e-8
     de_ref = ref[f"var/{pair}_is_de"].astype(bool)
     de = result.var[f"{pair}_is_de"].to_numpy(dtype=bool)
     differing = de != de_ref
-    assert np.all(np.abs(lf_ref[differing] - threshold) <= 1e-3), np.flatnonzero(differing)
-    stats.update(lfc=float(lfc_err), fc=float(fc_err), lfdr=float(np.max(np.abs(lf - lf_ref))), n_de=int(de.sum()),
+    assert not differing.any(), np.flatnonzero(differing)
+    stats.update(lfc=float(lfc_err), std=float(max(std_errs)), fc=float(fc_err), lfdr=float(np.max(np.abs(lf - lf_ref))), n_de=int(de.sum()),
                  is_de_differing=int(differing.sum()))
     print(f"parity {rk}_{c1}_to_{c2}: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
     return stats

@@ -26,7 +26,6 @@ import os
 import time
 import urllib.parse
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -541,28 +540,10 @@ def _check_element(store: str, root: Any, elem_path: str, manifest: dict[str, An
     return report
 
 
-def _check_runs(path: str, report: VerifyReport) -> None:
-    from .._runs.history import read_history
-
-    hist = read_history(path)
-    report.runs_checked = len(hist)
-    for rid in range(len(hist)):
-        for f in hist.field_status(rid):
-            # Only the run that wrote a field last vouches for it; earlier writers'
-            # Overwritten/Missing states are expected.
-            if f.last_writer == rid and not f.present and f.status == "Missing":
-                report.run_problems.append(RunProblem(
-                    rid, f.location, f.name, f.status,
-                    "recorded as written by this run (its last writer) but not in the store, "
-                    "and no cleanup removed it: the field was lost or deleted by hand"))
-
-
 def _reconsolidate(path: str) -> None:
-    with warnings.catch_warnings():
-        # the .kompot directory and lease files are not zarr nodes; zarr says so while walking
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(path)
+    from .commit import write_consolidated
+
+    write_consolidated(path)  # atomically: readers never see a torn index
 
 
 def _is_consolidated(handle: StoreHandle) -> bool:
@@ -572,9 +553,9 @@ def _is_consolidated(handle: StoreHandle) -> bool:
         return json.load(fh).get("consolidated_metadata") is not None
 
 
-def verify(store: str | os.PathLike, record: bool = False) -> VerifyReport:
-    """Check a store's expression elements against their chunk manifests, and its run
-    history against the fields present.
+def verify_elements(store: str | os.PathLike, record: bool = False) -> VerifyReport:
+    """Check a store's expression elements against their chunk manifests (the run history
+    is checked by :func:`kompot_dask._runs.verify.verify`, which calls this).
 
     Parameters
     ----------
@@ -630,11 +611,4 @@ def verify(store: str | os.PathLike, record: bool = False) -> VerifyReport:
             if attrs_changed and consolidated:
                 _reconsolidate(path)
         clear_guards()
-    try:
-        _check_runs(path, report)
-    except Exception as exc:  # an unreadable history is itself a finding, not a crash
-        from .._runs.history import history_key
-
-        report.run_problems.append(RunProblem(-1, "uns", history_key("de"), "Unreadable",
-                                              f"the run history cannot be read ({type(exc).__name__}: {exc})"))
     return report
