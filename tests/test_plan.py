@@ -199,12 +199,13 @@ def test_in_memory__second_run_continues_history_and_sees_layers(client, caplog)
 # ---- the planner's decisions as pure functions (no cluster) ------------------------------
 
 def _inputs(**kw):
+    from kompot_dask._layout import LandmarkSource
     from kompot_dask._planner import PlanInputs
 
     base = dict(store_path="/tmp/x.zarr", n_obs=100_000, n_vars=2000, n_selected=2000, n1=50_000, n2=50_000,
                 n_pred=100_000, d=20, m=2000, n_null=2000, layer="logged_counts", layer_kind="dense",
                 layer_itemsize=4, layer_chunks=(4096, 256), layer_nnz=None, store_layers=True,
-                layer_dtype="float32", dtype="float64", ls_given=True, landmarks_given=False,
+                layer_dtype="float32", dtype="float64", ls_given=True, landmark_source=LandmarkSource.KMEANS,
                 fields=(("imputed1", "layers", "a"), ("imputed2", "layers", "b"),
                         ("fold_change", "layers", "c"), ("mahalanobis", "var", "d")),
                 overwrites=())
@@ -222,22 +223,13 @@ def _resources(memory_gib: float, workers: int = 2, threads: int = 1, disk_gib: 
 
 
 def _plan(inp, res, max_task_bytes=None):
-    from kompot_dask._engine import graph as engine
+    import numpy as np
+
     from kompot_dask._planner import Calibration, make_plan
 
     cal = Calibration(worker_rss=400 * 2**20)
-
-    def counter(ch):
-        lay = engine.make_layout(inp.n_obs, inp.n_vars, res.total_threads, cell_chunk=ch.cell_chunk,
-                                 gene_block=ch.gene_block, null_gene_block=ch.null_gene_block,
-                                 kernel_chunk=ch.kernel_chunk)
-        import numpy as np
-
-        return engine.task_counts(lay, inp.n_vars, np.arange(inp.n_selected), inp.n_null, inp.n_pred,
-                                  res.n_workers, res.total_threads)
-
-    return make_plan(inp, res, cal, cell_chunk=None, gene_block=None, null_gene_block=None,
-                     current_client_rss=300 * 2**20, embedded=False, task_counter=counter,
+    return make_plan(inp, res, cal, selected=np.arange(inp.n_selected), cell_chunk=None, gene_block=None,
+                     null_gene_block=None, current_client_rss=300 * 2**20, embedded=False,
                      max_task_bytes=max_task_bytes)
 
 

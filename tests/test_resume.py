@@ -11,6 +11,7 @@ import zarr
 from kompot_dask._engine import graph as engine
 from kompot_dask._io import commit
 from kompot_dask._io.store import Store
+from kompot_dask._layout import FIT_OUTPUTS, make_layout
 from kompot_dask._numerics import fdr as fdr_mod
 
 FIT_TASKS = {"_cross_gram_task", "_kernel_sum_task", "_mean_task", "_named_factor", "_condition_factor_task",
@@ -23,7 +24,7 @@ def _inputs(path: str) -> tuple[Store, dict]:
     codes = np.where(age == "Young", 1, np.where(age == "Old", 2, 0)).astype(np.int8)
     X = np.ascontiguousarray(store.read_obsm("X_pca"), dtype=np.float64)
     null_sources, null_seeds = fdr_mod.choose_null_genes(store.n_vars, 40, 0)
-    layout = engine.make_layout(store.n_obs, store.n_vars, 2, cell_chunk=256, gene_block=32,
+    layout = make_layout(store.n_obs, store.n_vars, 2, cell_chunk=256, gene_block=32,
                                 null_gene_block=20, kernel_chunk=256)
     return store, dict(
         X=X, codes=codes, pred=np.ones(store.n_obs, dtype=bool), selected=np.arange(store.n_vars),
@@ -61,8 +62,8 @@ def test_resume__remaining_blocks_reuse_the_saved_fit_bit_for_bit(small_store, c
     staging = commit.Staging.create(small_store)
     first, submitted = _run(client, store, staging, kw, monkeypatch)
     assert FIT_TASKS <= set(submitted)
-    assert submitted.count("_save_fit_task") == len(engine.FIT_OUTPUTS)
-    fit = commit.saved_arrays(staging.sub("fit"), engine.FIT_OUTPUTS)
+    assert submitted.count("_save_fit_task") == len(FIT_OUTPUTS)
+    fit = commit.saved_arrays(staging.sub("fit"), FIT_OUTPUTS)
     assert fit is not None
     expected = _results(first)
     markers = staging.sub("markers")
@@ -92,6 +93,6 @@ def test_resume__incomplete_saved_fit_is_fitted_again(small_store, client, monke
     os.remove(os.path.join(staging.sub("markers"), "real-0.npz"))
     again, submitted = _run(client, store, staging, kw, monkeypatch)
     assert FIT_TASKS <= set(submitted) and "_load_factor_task" not in submitted
-    assert commit.saved_arrays(staging.sub("fit"), engine.FIT_OUTPUTS) is not None
+    assert commit.saved_arrays(staging.sub("fit"), FIT_OUTPUTS) is not None
     np.testing.assert_array_equal(again.mahalanobis, first.mahalanobis)
     staging.remove()

@@ -22,7 +22,6 @@ I/O in :mod:`kompot_dask._io`.
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import time
 import uuid
@@ -32,8 +31,10 @@ import numpy as np
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
+from .. import _layout
 from .._io import commit as io_commit
 from .._io.store import LayerInfo, Store, TileReader, write_tile
+from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 
@@ -73,19 +74,6 @@ class InjectedFailure(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How the work is cut: row chunks (aligned with the store), gene blocks, kernel chunk."""
-
-    row_chunk: int
-    kernel_chunk: int
-    gene_block: int
-    null_gene_block: int
-    row_ranges: tuple[tuple[int, int], ...]
-    n_real_blocks: int
-    n_std_tasks: int
-
-
-@dataclass(frozen=True)
 class BlockContext:
     """Everything a block task needs besides the big arrays passed as futures."""
 
@@ -97,52 +85,6 @@ class BlockContext:
     layer_dtype: str
     staged: dict[str, str] = field(default_factory=dict)  # role -> staged array directory
     markers: str | None = None  # directory of finished-task markers (resume)
-
-
-def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gene_block: int,
-                null_gene_block: int, kernel_chunk: int) -> Layout:
-    """The engine's cut of the work for the chunk sizes a plan chose."""
-    cell_chunk = int(min(cell_chunk, n_obs))
-    gene_block = int(min(gene_block, n_vars))
-    row_ranges = tuple((r, min(r + cell_chunk, n_obs)) for r in range(0, n_obs, cell_chunk))
-    return Layout(
-        row_chunk=cell_chunk,
-        kernel_chunk=int(kernel_chunk),
-        gene_block=gene_block,
-        null_gene_block=int(null_gene_block),
-        row_ranges=row_ranges,
-        n_real_blocks=math.ceil(n_vars / gene_block),
-        n_std_tasks=max(1, min(len(row_ranges), 4 * n_threads)),
-    )
-
-
-def _fit_parts(n_workers: int) -> int:
-    return max(1, n_workers // 2)
-
-
-def _real_blocks(layout: Layout, n_vars: int, selected: np.ndarray) -> list[dict]:
-    """Fixed column ranges of the store, only the selected genes inside; empty ones skipped."""
-    sel_mask = np.zeros(n_vars, dtype=bool)
-    sel_mask[selected] = True
-    blocks = []
-    for j in range(layout.n_real_blocks):
-        c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
-        local = np.flatnonzero(sel_mask[c0:c1])
-        if len(local):
-            blocks.append({"index": j, "c0": c0, "c1": c1, "local": local})
-    return blocks
-
-
-def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
-                n_workers: int, n_threads: int) -> dict[str, int]:
-    """How many tasks :func:`run_engine` submits for this layout (the planner reports these)."""
-    return {
-        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R; one save per fit output
-        "fit tasks": 2 * _fit_parts(n_workers) + n_threads + 6 + len(FIT_OUTPUTS),
-        "gene blocks": len(_real_blocks(layout, n_vars, selected)),
-        "null-gene blocks": math.ceil(n_null / layout.null_gene_block) if n_null else 0,
-        "std tasks": min(layout.n_std_tasks, n_pred),
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -346,7 +288,7 @@ def _drain_writers(client: Client, keys: list[str], timeout: float = 120.0) -> N
     logger.warning("Block tasks still running after %.0f s; staged layers may need cleanup", timeout)
 
 
-def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, n_landmarks, random_state):
+def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, given, random_state):
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -356,23 +298,30 @@ def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, n_landmark
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         ls_f = pool.submit(_length_scale_task, X1, ls_factor) if ls is None else None
-        if landmarks is not None:
-            Z, source = landmarks, "provided"
-        elif n_landmarks >= pooled.shape[0]:
-            Z, source = gp_mod.compute_landmarks(pooled, n_landmarks, random_state), "all_cells"
-        else:
-            Z, source = pool.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state).result(), "kmeans"
+        Z = _landmark_array(landmarks, given, pooled, random_state, lambda *args: pool.submit(*args).result())
         if ls_f is not None:
             ls = float(ls_f.result())
-    return float(ls), np.asarray(Z, dtype=np.float64), source
+    return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
+
+
+def _landmark_array(landmarks: Landmarks, given: np.ndarray | None, pooled: np.ndarray,
+                    random_state: int | None, run_kmeans) -> np.ndarray:
+    """The landmarks :func:`kompot_dask._layout.landmarks_for` decided on: the given ones,
+    every cell, or k-means centroids computed by ``run_kmeans(fn, *args)`` away from the client."""
+    if landmarks.source is LandmarkSource.PROVIDED:
+        return given
+    if landmarks.source is LandmarkSource.ALL_CELLS:
+        return gp_mod.compute_landmarks(pooled, landmarks.requested, random_state)
+    return run_kmeans(gp_mod.compute_landmarks, pooled, landmarks.count, random_state)
 
 
 def prepare_model(
     client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
-    landmarks: np.ndarray | None, n_landmarks: int, random_state: int | None,
+    landmarks: Landmarks, given: np.ndarray | None, random_state: int | None,
 ) -> tuple[float, np.ndarray, str]:
     """Length scale and landmarks, computed concurrently.
 
+    ``landmarks`` says how many and where they come from (``given``: the user's array).
     The nearest-neighbour search compiles numba code (~20 s, ~300 MB of compiled code and
     k-means buffers that stay in the process) the first time a process runs it. On a
     long-lived cluster it runs on a pinned worker, which then pays that once. For an
@@ -383,30 +332,23 @@ def prepare_model(
 
     if is_embedded(client):
         return _prepare_in_subprocesses(X1, pooled, ls=ls, ls_factor=ls_factor, landmarks=landmarks,
-                                        n_landmarks=n_landmarks, random_state=random_state)
+                                        given=given, random_state=random_state)
     ls_f = None
     if ls is None:
         # Always the same worker, so that a long-lived cluster compiles pynndescent once.
         first = sorted(client.scheduler_info(n_workers=-1)["workers"])[:1]
         ls_f = client.submit(_length_scale_task, X1, ls_factor, pure=False, workers=first, allow_other_workers=True)
-    if landmarks is not None:
-        Z, source = landmarks, "provided"
-    elif n_landmarks >= pooled.shape[0]:
-        Z, source = gp_mod.compute_landmarks(pooled, n_landmarks, random_state), "all_cells"
-    else:
+
+    def kmeans_on_a_worker(fn, *args):
         # On another worker than the length-scale search, so the two overlap.
         others = sorted(client.scheduler_info(n_workers=-1)["workers"])[1:2]
         placement = {"workers": others, "allow_other_workers": True} if others else {}
-        Z = client.submit(gp_mod.compute_landmarks, pooled, n_landmarks, random_state, pure=False,
-                          **placement).result()
-        source = "kmeans"
+        return client.submit(fn, *args, pure=False, **placement).result()
+
+    Z = _landmark_array(landmarks, given, pooled, random_state, kmeans_on_a_worker)
     if ls_f is not None:
         ls = float(ls_f.result())
-    return float(ls), np.asarray(Z, dtype=np.float64), source
-
-
-FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
-"""What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
+    return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
 
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
@@ -415,7 +357,7 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     the run waits on (the diagonal flag, only logged, aside)."""
     kc = kernel_chunk
     logger.info("Fitting expression estimator for condition 1...")
-    parts = _fit_parts(n_workers)
+    parts = fit_parts(n_workers)
     s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
           for r in np.array_split(rows1, parts)]
     logger.info("Fitting expression estimator for condition 2...")
@@ -504,7 +446,7 @@ def run_engine(
     workers = client.scheduler_info(n_workers=-1)["workers"]
     n_workers = max(1, len(workers))
     n_threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-    real_blocks = _real_blocks(layout, n_vars, selected)
+    real_blocks = _layout.real_blocks(layout, n_vars, selected)
     # Null blocks: nulls sorted by source column so each block reads a narrow column range.
     order = np.argsort(null_sources, kind="stable")
     null_blocks = []
@@ -515,7 +457,7 @@ def run_engine(
     staged: dict[str, str] = {}
     if layer_names:
         for role, name in layer_names.items():
-            staged[role] = staging.create_layer(name, (n_obs, n_vars), (layout.row_chunk, layout.gene_block), layer_dtype)
+            staged[role] = staging.create_layer(name, (n_obs, n_vars), (layout.cell_chunk, layout.gene_block), layer_dtype)
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
     pred_rows = np.flatnonzero(pred)

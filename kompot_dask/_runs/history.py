@@ -9,13 +9,14 @@ come from the field registry (:mod:`kompot_dask._runs.fields`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .._io.source import open_data
+from .._io.store import StoreHandle
 from .record import (
     HISTORY_KEY,
     RecordedField,
@@ -65,23 +66,9 @@ class RunSource:
     """
 
     def __init__(self, data: Any):
-        import anndata as ad
-
-        from .._io.store import StoreHandle
-
-        self.adata: Any = None
-        self.handle: StoreHandle | None = None
-        if isinstance(data, ad.AnnData):
-            self.adata = data
-        elif isinstance(data, StoreHandle):
-            self.handle = data
-        elif isinstance(data, str | os.PathLike):
-            self.handle = StoreHandle(data)
-        else:
-            raise TypeError(
-                f"expected a zarr store path, a kompot_dask Store or an anndata.AnnData, got "
-                f"{type(data).__name__}; pass the store path (e.g. 'data.zarr') or the AnnData."
-            )
+        opened = open_data(data, StoreHandle)
+        self.handle: StoreHandle | None = opened if isinstance(opened, StoreHandle) else None
+        self.adata: Any = None if self.handle is not None else opened
 
     @property
     def is_store(self) -> bool:

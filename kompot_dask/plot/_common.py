@@ -20,7 +20,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._engine import reductions
-from .._io.store import LayerInfo, Store, StoreHandle
+from .._io.source import open_data
+from .._io.store import LayerInfo, Store
 from .._runs.history import RunFields, get_run_fields
 
 logger = logging.getLogger("kompot_dask")
@@ -59,23 +60,9 @@ class PlotData:
     disk) or an in-memory AnnData."""
 
     def __init__(self, data: Any):
-        import anndata as ad
-
-        self.adata: Any = None
-        self.store: Store | None = None
-        if isinstance(data, ad.AnnData):
-            self.adata = data
-        elif isinstance(data, Store):
-            self.store = data
-        elif isinstance(data, StoreHandle):
-            self.store = Store(data.path)
-        elif isinstance(data, str | os.PathLike):
-            self.store = Store(data)
-        else:
-            raise TypeError(
-                f"data must be a zarr store path (or file:// URL), a kompot_dask Store or an "
-                f"anndata.AnnData; got {type(data).__name__}. Pass e.g. 'data.zarr'."
-            )
+        opened = open_data(data, Store)
+        self.store: Store | None = opened if isinstance(opened, Store) else None
+        self.adata: Any = None if self.store is not None else opened
 
     @property
     def source(self) -> Any:

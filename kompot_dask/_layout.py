@@ -1,0 +1,634 @@
+"""The layout and cost model of a DE run: pure functions of sizes, shared by the planner
+and the engine.
+
+One model answers every "how is the work cut, and what does it cost" question, so that
+the plan a user reads and the graph the engine submits cannot disagree:
+
+* **landmarks**: how many there are and where they come from (:func:`landmarks_for`, the
+  one place that caps ``n_landmarks`` at the number of cells);
+* **layout**: cell chunks, gene blocks, null-gene blocks and the kernel chunk
+  (:class:`Chunks`), the cut they make of a store (:class:`Layout`, :func:`make_layout`)
+  and how many tasks the engine submits for it (:func:`task_counts`);
+* **memory**: the working set of every task kind, what each worker holds for the whole
+  run and what the model preparation leaves behind (:func:`estimate_worker_memory`), and
+  the largest layout that fits a budget (:func:`choose`);
+* **time**: FLOPs and seconds per phase from calibrated kernel speeds
+  (:func:`flops_and_seconds`).
+
+Nothing here talks to a cluster, a store or a logger: the inputs are sizes
+(:class:`PlanInputs`, :class:`ClusterResources`, :class:`Calibration`), the outputs typed
+values. Display labels are made by the planner's report, never used as keys here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import Enum, StrEnum
+from typing import Any
+
+import numpy as np
+
+MEMORY_FRACTION = 0.6
+"""Share of a worker's memory limit the plan lets one run's peak reach."""
+
+
+# --------------------------------------------------------------------------------------
+# Landmarks
+
+
+class LandmarkSource(StrEnum):
+    """Where a run's landmarks come from (the value is what the run record stores)."""
+
+    PROVIDED = "provided"
+    ALL_CELLS = "all_cells"
+    KMEANS = "kmeans"
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """How many landmarks a run uses, and how they are obtained."""
+
+    count: int
+    source: LandmarkSource
+    requested: int
+    """``GPSettings.n_landmarks`` as asked (the all-cells warning names it)."""
+
+
+def landmarks_for(n_landmarks: int, n_cells: int, provided: int | None = None) -> Landmarks:
+    """The landmarks of a run over ``n_cells`` pooled cells.
+
+    Parameters
+    ----------
+    n_landmarks
+        ``GPSettings.n_landmarks``.
+    n_cells
+        Cells of both conditions after filtering (the pool k-means would cluster).
+    provided
+        Rows of ``GPSettings.landmarks`` when given (they are used as they are).
+
+    Returns
+    -------
+    Landmarks
+        With as many landmarks as cells or more requested, every cell is a landmark and no
+        k-means runs: this is the only place that applies that cap.
+    """
+    if provided is not None:
+        return Landmarks(int(provided), LandmarkSource.PROVIDED, int(n_landmarks))
+    if n_landmarks >= n_cells:
+        return Landmarks(int(n_cells), LandmarkSource.ALL_CELLS, int(n_landmarks))
+    return Landmarks(int(n_landmarks), LandmarkSource.KMEANS, int(n_landmarks))
+
+
+# --------------------------------------------------------------------------------------
+# The model's inputs
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """The sizes a run depends on (everything is read from metadata, nothing from layers),
+    and what the report says about its outputs."""
+
+    store_path: str
+    n_obs: int
+    n_vars: int
+    n_selected: int
+    n1: int
+    n2: int
+    n_pred: int
+    d: int
+    m: int
+    n_null: int
+    layer: str | None
+    layer_kind: str
+    layer_itemsize: int
+    layer_chunks: tuple[int, int] | None
+    layer_nnz: int | None
+    store_layers: bool
+    layer_dtype: str
+    dtype: str
+    ls_given: bool
+    landmark_source: LandmarkSource
+    fields: tuple[tuple[str, str, str], ...]  # (role, location, name)
+    overwrites: tuple[tuple[str, str, int | None], ...]  # (location, name, previous run id)
+    previous_run: dict[str, Any] | None = None
+    in_memory: bool = False
+    overwrite: bool | None = None  # StorageSettings.overwrite
+
+    @property
+    def n12(self) -> int:
+        """Cells of both conditions."""
+        return self.n1 + self.n2
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between planning and running."""
+        keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
+                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """What the plan may use: per worker (the smallest worker when they differ)."""
+
+    source: str
+    n_workers: int
+    threads_per_worker: int
+    memory_limit: int  # bytes per worker; host memory / workers where the cluster sets none
+    memory_limit_set: bool
+    host_memory_total: int
+    host_memory_available: int
+    disk_path: str
+    disk_free: int
+
+    @property
+    def total_threads(self) -> int:
+        return self.n_workers * self.threads_per_worker
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured on the workers (medians over workers)."""
+
+    worker_rss: int  # resident memory of a worker with the kernels loaded, before the run
+    kernel_s: float | None = None  # seconds per (cell × landmark) kernel evaluation, at this d
+    gemm_flops: float | None = None  # FLOP/s of the projection GEMM, one thread
+    syrk_flops: float | None = None  # FLOP/s of the rank-k update, one thread
+    chol_flops: float | None = None  # FLOP/s of the Cholesky, one thread
+    read_bytes_s: float | None = None  # bytes/s reading expression tiles
+    write_bytes_s: float | None = None  # bytes/s writing layer tiles
+    nn_compiled: bool = False  # pynndescent already compiled on the first worker
+    seconds: float = 0.0
+
+    @property
+    def timed(self) -> bool:
+        return self.gemm_flops is not None
+
+
+# --------------------------------------------------------------------------------------
+# Layout and task counts
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The four sizes that cut a run: cells per tile, genes per block, null genes per
+    block, cells per kernel evaluation."""
+
+    cell_chunk: int
+    gene_block: int
+    null_gene_block: int
+    kernel_chunk: int
+
+
+def kernel_chunk_for(m: int) -> int:
+    """Cells per kernel block: bounds the m × rows kernel matrix to ~64 MB."""
+    return int(max(128, min(2048, 8_000_000 // max(m, 1))))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the work is cut: cell chunks (aligned with the store), gene blocks, kernel chunk."""
+
+    cell_chunk: int
+    kernel_chunk: int
+    gene_block: int
+    null_gene_block: int
+    row_ranges: tuple[tuple[int, int], ...]
+    n_real_blocks: int
+    n_std_tasks: int
+
+    @property
+    def chunks(self) -> Chunks:
+        return Chunks(self.cell_chunk, self.gene_block, self.null_gene_block, self.kernel_chunk)
+
+
+def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gene_block: int,
+                null_gene_block: int, kernel_chunk: int) -> Layout:
+    """The cut of an ``n_obs`` × ``n_vars`` store for these chunk sizes.
+
+    Chunks larger than the store are clipped to it; the std tasks are at most four per
+    thread (each pays a fixed cost for its kernel blocks), one per cell chunk otherwise.
+    """
+    cell_chunk = int(min(cell_chunk, n_obs))
+    gene_block = int(min(gene_block, n_vars))
+    row_ranges = tuple((r, min(r + cell_chunk, n_obs)) for r in range(0, n_obs, cell_chunk))
+    return Layout(
+        cell_chunk=cell_chunk,
+        kernel_chunk=int(kernel_chunk),
+        gene_block=gene_block,
+        null_gene_block=int(null_gene_block),
+        row_ranges=row_ranges,
+        n_real_blocks=math.ceil(n_vars / gene_block),
+        n_std_tasks=max(1, min(len(row_ranges), 4 * n_threads)),
+    )
+
+
+def fit_parts(n_workers: int) -> int:
+    """How many partial sums each condition's S is split into (half the workers)."""
+    return max(1, n_workers // 2)
+
+
+FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
+"""What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
+
+
+def real_blocks(layout: Layout, n_vars: int, selected: np.ndarray) -> list[dict]:
+    """Fixed column ranges of the store, only the selected genes inside; empty ones skipped."""
+    sel_mask = np.zeros(n_vars, dtype=bool)
+    sel_mask[selected] = True
+    blocks = []
+    for j in range(layout.n_real_blocks):
+        c0, c1 = j * layout.gene_block, min((j + 1) * layout.gene_block, n_vars)
+        local = np.flatnonzero(sel_mask[c0:c1])
+        if len(local):
+            blocks.append({"index": j, "c0": c0, "c1": c1, "local": local})
+    return blocks
+
+
+@dataclass(frozen=True)
+class TaskCounts:
+    """How many tasks of each kind the engine submits."""
+
+    fit: int
+    gene_blocks: int
+    null_blocks: int
+    std: int
+
+    @property
+    def total(self) -> int:
+        return self.fit + self.gene_blocks + self.null_blocks + self.std
+
+    def labelled(self) -> dict[str, int]:
+        """The counts under the names the plan report and ``to_dict`` show."""
+        return {"fit tasks": self.fit, "gene blocks": self.gene_blocks,
+                "null-gene blocks": self.null_blocks, "std tasks": self.std}
+
+
+def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
+                n_workers: int, n_threads: int) -> TaskCounts:
+    """How many tasks the engine submits for this layout (the engine's own arithmetic)."""
+    return TaskCounts(
+        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R; one save per fit output
+        fit=2 * fit_parts(n_workers) + n_threads + 6 + len(FIT_OUTPUTS),
+        gene_blocks=len(real_blocks(layout, n_vars, selected)),
+        null_blocks=math.ceil(n_null / layout.null_gene_block) if n_null else 0,
+        std=min(layout.n_std_tasks, n_pred),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Memory model
+
+
+@dataclass(frozen=True)
+class TaskBytes:
+    """Working set of one task of each kind (bytes)."""
+
+    real_block: int
+    null_block: int
+    std: int
+
+    @property
+    def largest(self) -> int:
+        return max(self.real_block, self.null_block, self.std)
+
+
+def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
+    """Working set of one task of each kind."""
+    m, C, G, kc = inp.m, ch.cell_chunk, ch.gene_block, ch.kernel_chunk
+    bt = 4 if inp.dtype == "float32" else 8
+    s = inp.layer_itemsize
+    lb = 4 if inp.layer_dtype == "float32" else 8
+    if inp.layer_kind == "csr":
+        nnz_row = (inp.layer_nnz or inp.n_obs * inp.n_vars) / max(1, inp.n_obs)
+        read = int(C * nnz_row * (s + 4) + C * G * 8)
+    else:
+        read = int(C * G * s)
+    # tile read + column selection + the per-condition float copies
+    tile = read + C * G * (2 * s + bt)
+    kernel = 2 * m * kc * bt + kc * G * bt  # JAX temporaries of one projection step
+    acc = 2 * m * G * bt
+    scores = 4 * m * G * 8  # W1, W2 and the Mahalanobis batch temporaries
+    predict = (3 * C * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
+    real = acc + max(tile + kernel, scores, predict)
+    nb = ch.null_gene_block
+    # source columns of both conditions, their permuted copies, one tile, projections
+    null = 2 * inp.n12 * nb * bt + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8
+    std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
+    return TaskBytes(int(real), int(null), int(std))
+
+
+@dataclass(frozen=True)
+class SharedBytes:
+    """What every worker holds for the whole run, beside its tasks."""
+
+    embedding: int  # the embedding and the condition masks
+    landmarks: int
+    factors: int  # C1, C2, R, Lp
+    csc_cache: int  # column cache of a CSC layer (0 for other layouts)
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.landmarks + self.factors + self.csc_cache
+
+    @property
+    def besides_factors(self) -> int:
+        """What stays beside the factor phase, whose own arrays are counted apart."""
+        return self.total - self.factors
+
+
+def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
+    m = inp.m
+    return SharedBytes(
+        embedding=inp.n_obs * (inp.d * 8 + 2) + inp.n12 * 8,
+        landmarks=m * inp.d * 8,
+        factors=4 * m * m * 8,
+        csc_cache=2 * inp.n_obs * ch.gene_block * 8 if inp.layer_kind == "csc" else 0,
+    )
+
+
+def factor_phase_bytes(inp: PlanInputs) -> int:
+    """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays."""
+    return 5 * inp.m * inp.m * 8
+
+
+class PrepPlacement(Enum):
+    """Where the model preparation (length scale, k-means landmarks) runs."""
+
+    HELPERS = "helper processes on the client host"  # an embedded cluster
+    TWO_WORKERS = "first and second worker"
+    ONE_WORKER = "the only worker"
+
+
+@dataclass(frozen=True)
+class PrepMemory:
+    """Resident memory the model preparation adds, and where."""
+
+    placement: PrepPlacement
+    length_scale: int  # the nearest-neighbour search's compiled code and graph
+    kmeans: int
+
+    @property
+    def helpers(self) -> int:
+        """Bytes in the embedded cluster's helper processes (0 on a cluster's workers)."""
+        return self.length_scale + self.kmeans if self.placement is PrepPlacement.HELPERS else 0
+
+    @property
+    def first_worker(self) -> int:
+        """What the length-scale search leaves in the first worker for the whole run."""
+        return 0 if self.placement is PrepPlacement.HELPERS else self.length_scale
+
+    def placements(self) -> list[tuple[str, int]]:
+        """(where, bytes) of each part, named as the report shows them."""
+        if self.placement is PrepPlacement.HELPERS:
+            return [("helper processes (client host)", self.helpers)]
+        kmeans_where = ("second worker (k-means)" if self.placement is PrepPlacement.TWO_WORKERS
+                        else "first worker (k-means, before the engine)")
+        return [("first worker (length scale)", self.length_scale), (kmeans_where, self.kmeans)]
+
+
+NO_PREP = PrepMemory(PrepPlacement.HELPERS, 0, 0)
+"""No preparation memory on the workers (an estimate of the engine alone)."""
+
+# Measured here (benchmarks/plan_accuracy.py and a probe of pynndescent alone): the
+# nearest-neighbour search leaves ~360 MB of numba-compiled code in the process that ran
+# it, plus ~220 B per cell of graph; k-means needs sklearn (~50 MB) and two copies of the
+# pooled embedding.
+_NN_FIXED = 360 * 1024**2
+_NN_PER_CELL = 220
+_KM_FIXED = 50 * 1024**2
+
+
+def prep_memory(inp: PlanInputs, n_workers: int, nn_compiled: bool, embedded: bool) -> PrepMemory:
+    """Extra resident memory of the model-preparation step (length scale, landmarks)."""
+    nn = 0 if inp.ls_given else _NN_FIXED + _NN_PER_CELL * inp.n1
+    km = _KM_FIXED + 2 * inp.n12 * inp.d * 8 if inp.landmark_source is LandmarkSource.KMEANS else 0
+    if embedded:
+        return PrepMemory(PrepPlacement.HELPERS, nn, km)
+    if nn_compiled:
+        nn = 0  # already in the first worker's resident memory
+    # One worker runs both, concurrently; k-means' buffers are gone before the engine starts.
+    return PrepMemory(PrepPlacement.TWO_WORKERS if n_workers > 1 else PrepPlacement.ONE_WORKER, nn, km)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    worker_peak: int  # the largest worker
+    base: int
+    shared: SharedBytes
+    tasks: TaskBytes
+    factor_phase: int
+
+
+# XLA's compiled kernels for the run's shapes, and allocator slack on the working set.
+_JIT_OVERHEAD = 40 * 1024**2
+_SLACK = 1.0
+
+
+def factor_worker_bytes(est: MemoryEstimate, prep: PrepMemory) -> int:
+    """Peak of the worker that factorises the m × m matrices."""
+    return (est.base + _JIT_OVERHEAD + int(_SLACK * (est.factor_phase + est.shared.besides_factors))
+            + prep.first_worker)
+
+
+def estimate_worker_memory(inp: PlanInputs, ch: Chunks, threads: int, base_rss: int,
+                           prep: PrepMemory | None = None) -> MemoryEstimate:
+    """Peak resident memory of the largest worker for the chunks ``ch``."""
+    tasks = task_bytes(inp, ch)
+    shared = shared_bytes(inp, ch)
+    steady = shared.total + threads * tasks.largest
+    factor = factor_phase_bytes(inp) + shared.besides_factors
+    run_part = _JIT_OVERHEAD + int(_SLACK * max(steady, factor))
+    prep = prep or NO_PREP
+    first = prep.first_worker
+    if prep.placement is PrepPlacement.TWO_WORKERS:
+        peak = base_rss + max(first + run_part, max(prep.kmeans, run_part))
+    elif prep.placement is PrepPlacement.ONE_WORKER:
+        # k-means ends before the engine starts, the search's code stays
+        peak = base_rss + first + max(run_part, prep.kmeans)
+    else:  # helper processes: nothing stays in the workers
+        peak = base_rss + run_part
+    return MemoryEstimate(peak, base_rss, shared, tasks, factor_phase_bytes(inp))
+
+
+def _cell_options(inp: PlanInputs, given: int | None, rbase: int) -> list[int]:
+    if given:
+        return [given]
+    multiples = (max(1, 8192 // rbase), max(1, 4096 // rbase), max(1, 2048 // rbase), 1)
+    return sorted({min(inp.n_obs, rbase * k) for k in multiples}, reverse=True)
+
+
+def _gene_options(inp: PlanInputs, given: int | None, cbase: int) -> list[int]:
+    if given:
+        return [given]
+    multiples = (max(1, 256 // cbase), max(1, 128 // cbase), max(1, 64 // cbase), 1)
+    return sorted({min(inp.n_vars, cbase * k) for k in multiples}, reverse=True)
+
+
+def _null_options(inp: PlanInputs, given: int | None, gene_block: int) -> list[int]:
+    if given:
+        return [given]
+    # the null block's source columns of both conditions dominate: keep them ~160 MB
+    top = int(max(8, min(gene_block, 160_000_000 // max(1, 20 * inp.n12))))
+    return sorted({top} | {x for x in (128, 64, 32, 16, 8) if x < top}, reverse=True)
+
+
+def choose(inp: PlanInputs, res: ClusterResources, base_rss: int, *, cell_chunk: int | None,
+           gene_block: int | None, null_gene_block: int | None, prep: PrepMemory | None = None,
+           max_task_bytes: int | None = None) -> tuple[Chunks, MemoryEstimate, bool]:
+    """The largest chunks under the memory budget (user-given sizes are kept as given).
+
+    Candidates are whole multiples of the store's chunks, tried from the largest kernel
+    chunk, gene block, cell chunk and null block down; the first that fits is taken.
+
+    Returns
+    -------
+    tuple
+        The chunks, their estimate, and whether they fit the budget (else the smallest tried).
+    """
+    budget = MEMORY_FRACTION * res.memory_limit
+    kc = kernel_chunk_for(inp.m)
+    if inp.layer_kind == "dense" and inp.layer_chunks is not None:
+        rbase, cbase = inp.layer_chunks
+    else:
+        rbase, cbase = 1024, 32
+    kc_opts = sorted({kc, max(128, kc // 2), max(128, kc // 4)}, reverse=True)
+    best = None
+    for k in kc_opts:
+        for g in _gene_options(inp, gene_block, cbase):
+            for c in _cell_options(inp, cell_chunk, rbase):
+                for nb in _null_options(inp, null_gene_block, g):
+                    ch = Chunks(int(c), int(g), int(nb), int(k))
+                    est = estimate_worker_memory(inp, ch, res.threads_per_worker, base_rss, prep)
+                    if est.worker_peak <= budget and (max_task_bytes is None
+                                                      or est.tasks.largest <= max_task_bytes):
+                        return ch, est, True
+                    best = (ch, est)
+    ch, est = best
+    return ch, est, False
+
+
+def max_landmarks(inp: PlanInputs, res: ClusterResources, base_rss: int, prep: PrepMemory,
+                  cell_chunk: int | None, gene_block: int | None, null_gene_block: int | None) -> int:
+    """The largest landmark count whose plan fits the budget (0 if none does)."""
+    lo, hi = 0, inp.m
+    # The preparation memory stays as planned: only the m × m and m × block terms shrink.
+    while hi - lo > max(1, inp.m // 200):
+        mid = (lo + hi) // 2
+        _, _, ok = choose(replace(inp, m=mid), res, base_rss, cell_chunk=cell_chunk, gene_block=gene_block,
+                          null_gene_block=null_gene_block, prep=prep)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return int(lo // 100 * 100 if lo >= 1000 else lo)
+
+
+def client_peak_bytes(inp: PlanInputs, current_rss: int) -> tuple[int, dict[str, int]]:
+    """Peak resident memory of the client, and its parts (named for the report)."""
+    parts = {
+        "embedding (as stored and float64)": inp.n_obs * inp.d * 16 + inp.n12 * inp.d * 8,
+        "masks and per-cell results": inp.n_obs * 40,
+        "per-gene results and nulls": (inp.n_vars + inp.n_null) * 64,
+    }
+    if inp.in_memory:
+        lb = 4 if inp.layer_dtype == "float32" else 8
+        parts["layers copied back into the AnnData"] = (3 * inp.n_obs * inp.n_vars * lb) if inp.store_layers else 0
+    return int(current_rss + sum(parts.values())), parts
+
+
+def output_bytes(inp: PlanInputs, location: str) -> int:
+    """Bytes of one output field at ``location`` (uncompressed)."""
+    lb = 4 if inp.layer_dtype == "float32" else 8
+    return int({"layers": inp.n_obs * inp.n_vars * lb, "obs": inp.n_obs * 8, "var": inp.n_vars * 8}[location])
+
+
+# --------------------------------------------------------------------------------------
+# Time model
+
+
+# Measured on this project's machine (2 cores; benchmarks/plan_accuracy.py and probes of
+# each step alone): pynndescent's numba compile in a fresh process (~21 s, whatever the
+# cell count up to 100k) and its search per cell per 10 embedding dimensions; sklearn's
+# k-means (k-means++ and Lloyd, two threads) per cell × landmark × dimension, scaled by
+# the calibrated GEMM speed relative to this machine's; the start of spawned helpers.
+_NN_COMPILE_S = 21.0
+_NN_S_PER_CELL = 1e-5
+_KMEANS_S = 4e-9
+_REF_GEMM_FLOPS = 66e9
+_KMEANS_ITERS = 10  # for the FLOP count only
+_PROCESS_START_S = 4.0
+# Whole tasks run slower than their calibrated kernels (Python between kernels, memory
+# traffic, scheduling): measured engine phases took 1.2–1.8× the kernel-only estimate.
+_ENGINE_EFFICIENCY = 1.5
+
+
+def _flops(inp: PlanInputs) -> dict[str, float]:
+    m, d, n12, G = inp.m, inp.d, inp.n12, inp.n_selected
+    kmeans = inp.landmark_source is LandmarkSource.KMEANS
+    return {
+        "landmarks (k-means)": 2.0 * n12 * m * d * _KMEANS_ITERS if kmeans else 0.0,
+        "fit (S, factors)": float(n12 * m * m + 3 * m**3),
+        "genes (fit, scores, predictions)": float(
+            2 * n12 * m * G + 6 * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
+        "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
+        "per-cell std": float(3 * inp.n_pred * m * m),
+    }
+
+
+def _prep_seconds(inp: PlanInputs, cal: Calibration, embedded: bool) -> float:
+    """Length scale and landmarks, which run concurrently before the engine."""
+    ls_t = 0.0
+    if not inp.ls_given:
+        ls_t = (0.0 if (cal.nn_compiled and not embedded) else _NN_COMPILE_S) + _NN_S_PER_CELL * inp.n1 * inp.d / 10
+    km_t = 0.0
+    if inp.landmark_source is LandmarkSource.KMEANS:
+        km_t = _KMEANS_S * inp.n12 * inp.m * inp.d * (_REF_GEMM_FLOPS / cal.gemm_flops)
+    return max(ls_t, km_t) + (_PROCESS_START_S if embedded else 0.0)
+
+
+def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> float:
+    """S per condition on half the workers, then the factor chain (three potrf in
+    parallel, then the metric on one thread)."""
+    m, n12, kern = inp.m, inp.n12, cal.kernel_s
+    s_t = (n12 * m * kern + n12 * m * m / cal.syrk_flops) / max(1, min(res.total_threads,
+                                                                       2 * max(1, res.n_workers // 2)))
+    chol = (m**3 / 3) / cal.chol_flops
+    fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
+    return _ENGINE_EFFICIENCY * (s_t + fac_t)
+
+
+def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Calibration,
+                   counts: TaskCounts) -> float:
+    """Gene blocks, null blocks and std tasks: parallel over all threads."""
+    m, n12, G = inp.m, inp.n12, inp.n_selected
+    kern, gemm = cal.kernel_s, cal.gemm_flops
+    read_rate = cal.read_bytes_s or 2e8
+    write_rate = cal.write_bytes_s or 1e8
+    lb = 4 if inp.layer_dtype == "float32" else 8
+    nr, nn = counts.gene_blocks, counts.null_blocks
+    blocks = (nr * n12 * m * kern + 2 * n12 * m * G / gemm + 6 * m * m * G / gemm
+              + inp.n_obs * nr * ch.gene_block * inp.layer_itemsize / read_rate)
+    if inp.store_layers:
+        blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
+                   + 3 * inp.n_obs * nr * ch.gene_block * lb / write_rate)
+    nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + 6 * m * m * inp.n_null / gemm
+             + inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
+    std = inp.n_pred * m * kern + 3 * inp.n_pred * m * m / gemm
+    return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
+
+
+def flops_and_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Calibration,
+                      counts: TaskCounts, embedded: bool) -> tuple[dict[str, float], dict[str, float], float | None]:
+    """FLOPs and predicted seconds per phase, and the total wall time.
+
+    Without a timed calibration only the FLOPs are known: the seconds are ``{}`` and the
+    total ``None``.
+    """
+    flops = _flops(inp)
+    if not cal.timed:
+        return flops, {}, None
+    seconds = {
+        "landmarks and length scale": _prep_seconds(inp, cal, embedded),
+        "fit (S and factors)": _fit_seconds(inp, res, cal),
+        "gene and null blocks, std": _block_seconds(inp, ch, res, cal, counts),
+        "FDR and commit": 2.0 + inp.n_obs * 2e-7,
+    }
+    return flops, seconds, sum(seconds.values())
