@@ -174,7 +174,9 @@ def main():
     inner_prepare = eng._prepare_in_subprocesses
 
     def announced(*a, **k):
-        print("LANDMARKS", flush=True)
+        import psutil  # the processes before the landmark helpers start
+        kids = [str(p.pid) for p in psutil.Process().children(recursive=True)]
+        print("LANDMARKS", ",".join(kids) or "-", flush=True)
         out = inner_prepare(*a, **k)
         print("LANDMARKS-DONE", flush=True)
         return out
@@ -782,7 +784,8 @@ class Bench:
             warnings.simplefilter("ignore")
             lm_obs = ad.read_zarr(path).obs.copy()
         drv = Driver(self, path, settings=s.settings(n_landmarks=s.lm_n_landmarks), name="1-landmarks")
-        if drv.wait_line("LANDMARKS", 180) is None:
+        line = drv.wait_line("LANDMARKS", 180)
+        if line is None:
             row.problems.append("the landmark step never started")
             drv.kill()
             drv.wait()
@@ -790,11 +793,15 @@ class Bench:
             return [row]
         t_lm = time.monotonic()
         client = psutil.Process(drv.proc.pid)
-        known = {p.pid for p in client.children(recursive=True)}
-        helpers: list[int] = []
+        known = {int(p) for p in line.split()[1].split(",") if p.isdigit()}
+        helpers: set[int] = set()
         while time.monotonic() < t_lm + self.args.landmark_kill_s and not drv.has("LANDMARKS-DONE"):
-            helpers = [p.pid for p in client.children(recursive=True) if p.pid not in known]
+            try:
+                helpers |= {p.pid for p in client.children(recursive=True) if p.pid not in known}
+            except psutil.NoSuchProcess:
+                break
             time.sleep(0.05)
+        helpers = {h for h in helpers if psutil.pid_exists(h)}
         done_first = drv.has("LANDMARKS-DONE")
         alive = [_describe(p) for p in _marked(drv.mark)]
         drv.kill()
@@ -821,8 +828,9 @@ class Bench:
 
         kept = commit.staged_bytes(path)
         row.outcome = (f"killed {self.args.landmark_kill_s:.1f} s into the landmark step "
-                       f"({s.lm_n_landmarks} k-means landmarks of {s.lm_n_obs:,} cells; {len(alive)} processes: "
-                       f"client, {len(helpers)} helper(s), cluster); all gone {took:.1f} s after; "
+                       f"({s.lm_n_landmarks} k-means landmarks of {s.lm_n_obs:,} cells): {len(alive)} processes "
+                       f"alive (client, {len(helpers)} k-means helper(s), cluster worker, resource tracker), all "
+                       f"gone {took:.1f} s after the kill; "
                        f"store files unchanged ({kept / 2**10:.0f} KiB hidden staging); {lease}")
         return [row]
 
