@@ -697,7 +697,7 @@ def _overwrite_message(run: _Run) -> str:
 def _plan_inputs(run: _Run) -> planner.PlanInputs:
     """The sizes the layout and cost model needs, read from the validated call."""
     store, info, cells, s = run.store, run.info, run.cells, run.settings
-    nnz = int(store.root[info.elem_path]["data"].shape[0]) if info.kind in ("csr", "csc") else None
+    nnz = info.nnz
     tracking = run.earlier.tracking
     overwrites = tuple((loc, name, tracking.get(loc, {}).get(name)) for loc, name in run.earlier.existing)
     prev = run.previous_run()

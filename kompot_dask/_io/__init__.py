@@ -4,7 +4,9 @@
 - :mod:`.tiles`: tile readers for workers and region writes into staged arrays;
 - :mod:`.commit`: the staging area, the journaled commit and its recovery;
 - :mod:`.lease`: one writer per store;
-- :mod:`.ingest`: h5ad / AnnData → zarr store.
+- :mod:`.ingest`: h5ad / AnnData → zarr store;
+- :mod:`.manifest`: chunk manifests and the chunk checks of ``verify``;
+- :mod:`.source`: the one place that decides between a path, a Store and an AnnData.
 """
 
 from .lease import StoreLockedError, store_lock

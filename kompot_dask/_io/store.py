@@ -149,6 +149,10 @@ class StoreHandle:
                     raise error
                 return result
 
+    def has_element(self, elem_path: str) -> bool:
+        """Whether the store holds ``elem_path`` (e.g. ``"X"``)."""
+        return elem_path in self.root
+
     def obsm_keys(self) -> list[str]:
         return sorted(self.root["obsm"].keys()) if "obsm" in self.root else []
 
@@ -346,7 +350,7 @@ class Store(StoreHandle):
         if enc in ("csr_matrix", "csc_matrix"):
             shape = tuple(int(s) for s in elem.attrs["shape"])
             dtype = np.dtype(elem["data"].dtype)
-            info = LayerInfo(elem_path, enc[:3], shape, dtype, None)
+            info = LayerInfo(elem_path, enc[:3], shape, dtype, None, int(elem["data"].shape[0]))
         elif isinstance(elem, zarr.Array):
             info = LayerInfo(elem_path, "dense", tuple(elem.shape), np.dtype(elem.dtype), tuple(elem.chunks))
         else:

@@ -29,6 +29,7 @@ class LayerInfo:
     shape: tuple[int, int]
     dtype: np.dtype
     chunks: tuple[int, int] | None  # dense only
+    nnz: int | None = None  # sparse only: stored values
 
 
 def clear_caches() -> None:

@@ -128,7 +128,7 @@ class PlotData:
 
     def check_layer(self, layer: str | None, what: str = "layer") -> None:
         if layer is None:
-            has_x = "X" in self.store.root if self.store is not None else self.adata.X is not None
+            has_x = self.store.has_element("X") if self.store is not None else self.adata.X is not None
             if not has_x:
                 raise KeyError(
                     f"{what}=None means X, but {self.label} has no X; pass {what}= one of "
@@ -217,7 +217,7 @@ def _row_blocks(store: Store, info: LayerInfo) -> list[tuple[int, int]]:
     if info.kind == "csc":  # a CSC read takes its columns over every cell at once
         return [(0, n)]
     if info.kind == "csr":
-        nnz = int(store.root[info.elem_path]["indptr"][-1])
+        nnz = int(info.nnz or 0)
         step = max(256, int(_SPARSE_BLOCK_NNZ / max(nnz / max(n, 1), 1.0)))
     else:
         chunk = info.chunks[0] if info.chunks else n
