@@ -237,15 +237,8 @@ PRELOAD_SLOW = '''
 import time
 
 def engine_module():
-    import importlib
-    for name in ("kompot_dask._engine.graph", "kompot_dask.engine"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "_real_block_task"):
-            return mod
-    raise ImportError("no kompot_dask module defines _real_block_task")
+    import kompot_dask._engine.graph as mod
+    return mod
 
 
 def dask_setup(worker):
@@ -266,15 +259,8 @@ import time
 SIGNALS = {signals!r}
 
 def engine_module():
-    import importlib
-    for name in ("kompot_dask._engine.graph", "kompot_dask.engine"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "_real_block_task"):
-            return mod
-    raise ImportError("no kompot_dask module defines _real_block_task")
+    import kompot_dask._engine.graph as mod
+    return mod
 
 
 def dask_setup(worker):

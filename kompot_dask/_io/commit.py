@@ -75,12 +75,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that readers see the old or the new file, never a part."""
+def write_atomic(path: str, data: bytes | Any) -> None:
+    """Replace ``path`` by ``data`` so that readers see the old or the new file, never a part.
+
+    ``data`` is bytes, or a function that writes into the open binary file (to stream
+    large content without holding it as bytes too).
+    """
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -639,20 +646,7 @@ def write_array_atomic(path: str, array: np.ndarray) -> None:
     factor is hundreds of MB: :func:`write_atomic` would need it as bytes in memory too).
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(array), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(path))
+    write_atomic(path, lambda fh: np.save(fh, np.asarray(array), allow_pickle=False))
 
 
 def read_array(path: str) -> np.ndarray:

@@ -131,14 +131,11 @@ def read_manifest(store: str, elem_path: str) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    from .commit import write_atomic  # commit imports this package's store: import at call time
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
     # A reader sees either the old manifest or the new one, never half of one.
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
 
 
 def _crc32c(path: str) -> tuple[int, str]:
@@ -554,24 +551,8 @@ def _is_consolidated(handle: StoreHandle) -> bool:
 
 
 def verify_elements(store: str | os.PathLike, record: bool = False) -> VerifyReport:
-    """Check a store's expression elements against their chunk manifests (the run history
-    is checked by :func:`kompot_dask._runs.verify.verify`, which calls this).
-
-    Parameters
-    ----------
-    store
-        Path (or ``file://`` URL) of a zarr AnnData store.
-    record
-        Write a manifest for each expression element that lacks a valid one (none, or
-        stale because the element was rewritten), taking the store's lease; its chunks are
-        taken as correct. Manifests of removed elements are deleted.
-
-    Returns
-    -------
-    VerifyReport
-        ``.ok`` is False when a chunk is missing, truncated or corrupt, or a run's field is
-        gone; ``str()`` lists each problem.
-    """
+    """The chunk half of :func:`kompot_dask._runs.verify.verify` (which documents the
+    arguments): each expression element against its chunk manifest."""
     handle = StoreHandle(store)
     path = handle.path
     report = VerifyReport(path)
