@@ -13,7 +13,7 @@ from ._io.commit import CommitError
 from ._io.ingest import ingest
 from ._io.lease import StoreLockedError
 from ._io.manifest import StoreIntegrityError, VerifyReport
-from ._io.store import StoreError
+from ._io.store import StoreDiskFullError, StoreError
 from ._planner import InfeasiblePlanError, ResourcePlan
 from ._runs.cleanup import cleanup
 from ._runs.history import RunNotFoundError, get_run_fields
@@ -41,6 +41,7 @@ __all__ = [
     "VerifyReport",
     "StoreError",
     "StoreLockedError",
+    "StoreDiskFullError",
     "StoreIntegrityError",
     "CommitError",
     "NonFiniteExpressionError",

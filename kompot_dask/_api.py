@@ -11,6 +11,7 @@ Whether ``data`` is a store or an in-memory AnnData is decided by
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from ._engine.cluster import is_embedded, resolve_client
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
-from ._io.store import LayerInfo, Store
+from ._io.store import LayerInfo, Store, StoreDiskFullError, disk_full_error
 from ._layout import Landmarks, Layout, landmarks_for, make_layout
 from ._numerics import fdr as fdr_mod
 from ._runs import fields as run_fields
@@ -187,8 +188,13 @@ def de(
         run = _validate(store, call, settings, in_memory=in_memory,
                         existing_layers=list(data.layers.keys()) if in_memory else None)
         # A temporary store of an AnnData is this call's alone: no lease, nothing to resume.
-        with contextlib.nullcontext() if in_memory else store_lock(store.path, "kompot_dask.de"):
-            done = _de(run, client, plan, resume=resume and not in_memory)
+        try:
+            with contextlib.nullcontext() if in_memory else store_lock(store.path, "kompot_dask.de"):
+                done = _de(run, client, plan, resume=resume and not in_memory)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not isinstance(exc, StoreDiskFullError):
+                raise disk_full_error(store.path, exc) from exc
+            raise
         if in_memory:
             copy_results(store, data, done.record.fields_written,
                          sorted({run_record.HISTORY_KEY, settings.storage.result_key}))

@@ -534,6 +534,20 @@ def client_peak_bytes(inp: PlanInputs, current_rss: int) -> tuple[int, dict[str,
     return int(current_rss + sum(parts.values())), parts
 
 
+COMMIT_RESERVE_BYTES = 4 << 20
+"""Room the commit reserves before its journal for the metadata written after it (a
+margin over the 1 MiB plus twice the consolidated metadata it takes on typical stores)."""
+
+
+def staging_bytes(inp: PlanInputs) -> int:
+    """Disk a run needs besides its outputs, while it runs: the model kept for a resume
+    (four m × m float64 factors, the kernel mean, the landmarks), the task markers (a few
+    numbers per gene, null gene and cell) and the commit's reserve."""
+    model = 4 * inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
+    markers = 24 * inp.n_vars + 16 * inp.n_null + 24 * inp.n_pred
+    return int(model + markers + COMMIT_RESERVE_BYTES)
+
+
 def output_bytes(inp: PlanInputs, location: str) -> int:
     """Bytes of one output field at ``location`` (uncompressed)."""
     lb = 4 if inp.layer_dtype == "float32" else 8

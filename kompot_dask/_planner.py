@@ -53,6 +53,7 @@ from ._layout import (
     max_landmarks,
     output_bytes,
     prep_memory,
+    staging_bytes,
     task_counts,
 )
 from ._report import Report, Section
@@ -576,15 +577,16 @@ def _note_client_and_disk(inp: PlanInputs, res: ClusterResources, client_peak: i
             f"{format_bytes(res.host_memory_available)} available",
             ["run on a host with more memory", "use a zarr store instead of an in-memory AnnData"
              if inp.in_memory else "free memory on the client host"]))
-    if total_output > res.disk_free:
+    need = total_output + staging_bytes(inp)
+    if need > res.disk_free:
         layer_bytes = sum(f["bytes"] for f in outputs if f["location"] == "layers")
         found.errors.append(Problem(
-            f"The outputs need {format_bytes(total_output)} of disk; {format_bytes(res.disk_free)} is free "
-            f"at {res.disk_path}",
-            [f"free {format_bytes(total_output - res.disk_free)} more disk",
+            f"The run needs {format_bytes(need)} of disk (outputs {format_bytes(total_output)}, working files "
+            f"{format_bytes(need - total_output)}); {format_bytes(res.disk_free)} is free at {res.disk_path}",
+            [f"free {format_bytes(need - res.disk_free)} more disk",
              f"StorageSettings(store_layers=False) writes no layers (saves {format_bytes(layer_bytes)}); "
              "the per-gene and per-cell results are still written",
              "StorageSettings(layer_dtype='float32') halves the layers" if inp.layer_dtype == "float64" else
              "kompot_dask.cleanup() of earlier runs' layers"]))
-    elif total_output > 0.8 * res.disk_free:
-        found.warnings.append(f"The outputs take {total_output / res.disk_free:.0%} of the free disk")
+    elif need > 0.8 * res.disk_free:
+        found.warnings.append(f"The run takes {need / res.disk_free:.0%} of the free disk")

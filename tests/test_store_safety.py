@@ -369,3 +369,38 @@ def test_consolidated_metadata_matches_zarr(store):
     zarr.consolidate_metadata(store)
     theirs = json.load(open(os.path.join(store, ".zmetadata")))
     assert ours == theirs
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 16 MiB tmpfs (skipped where mounting is not permitted)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk__clear_error_store_unchanged_and_no_lease_left(atlas, tiny_disk):
+    store = str(tiny_disk / "atlas.zarr")
+    shutil.copytree(atlas[0], store)
+    ballast = tiny_disk / "ballast"
+    with open(ballast, "wb") as fh:  # fill the disk to the last byte
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError:
+            pass
+    before = sorted(os.listdir(store))
+    with pytest.raises(kd.StoreDiskFullError, match=r"no space left on the disk holding the store .*unchanged"):
+        kd.de(store, **ARGS, **_fast())
+    assert sorted(os.listdir(store)) == before  # no lease file, no staging
+    pd.testing.assert_frame_equal(ad.read_zarr(store).obs[atlas[1].columns], atlas[1])
+    os.remove(ballast)
+    kd.de(store, **ARGS, **_fast())  # at once: nothing blocks the rerun
+    assert _n_runs(store) == 1

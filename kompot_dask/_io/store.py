@@ -8,6 +8,7 @@ which renames the staged arrays into place and reconsolidates the metadata once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
+from dask.utils import format_bytes
 
 from . import commit
 from .tiles import LayerInfo, TileReader, clear_caches, write_tile  # noqa: F401
@@ -34,6 +36,33 @@ READ_WAIT_SECONDS = 120.0
 
 class StoreError(ValueError):
     """The store cannot be used as asked (missing, not AnnData, read-only, ...)."""
+
+
+class StoreDiskFullError(OSError):
+    """The disk holding the store filled up while a run wrote to it."""
+
+
+def disk_full_error(store_path: str, exc: OSError) -> StoreDiskFullError:
+    """ENOSPC raised anywhere in a run (a worker's tile write, the commit, the lease), said
+    in terms of the store: what happened to it, what was kept, what to do."""
+    import shutil as _shutil
+
+    from .commit import staged_bytes
+
+    try:
+        free = format_bytes(_shutil.disk_usage(store_path).free)
+    except OSError:
+        free = "?"
+    kept = staged_bytes(store_path) if os.path.isdir(store_path) else 0
+    keep = (f" {format_bytes(kept)} of finished work is kept in {store_path}/.kompot/staging for a resume "
+            "(kompot_dask.cleanup(store, staged=True) frees it)." if kept else "")
+    err = StoreDiskFullError(
+        errno.ENOSPC,
+        f"no space left on the disk holding the store {store_path} ({free} free; {exc.filename or 'a write'} "
+        f"failed): no results were written and the store's data is unchanged.{keep} Free disk space and "
+        "rerun the same call, or check the plan's disk estimate with kompot_dask.plan(...).",
+    )
+    return err
 
 
 def _local_path(path: str | os.PathLike) -> str:
