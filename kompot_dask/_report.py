@@ -11,6 +11,7 @@ and its fixes) or a table (a header and rows; key/value sections are two-column 
 from __future__ import annotations
 
 import html
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,11 +176,12 @@ def _html_table(section: Section) -> str:
     return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
 
 
-class Reportable:
+class Reportable(ABC):
     """Text for terminals, HTML for Jupyter, from the subclass's :meth:`report`."""
 
-    def report(self) -> Report:  # pragma: no cover - defined by each subclass
-        raise NotImplementedError
+    @abstractmethod
+    def report(self) -> Report:
+        """The object as titled sections."""
 
     def to_text(self) -> str:
         """The report as plain text."""
