@@ -268,8 +268,9 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
                 n_workers: int, n_threads: int) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic)."""
     return TaskCounts(
-        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R; one save per fit output
-        fit=2 * fit_parts(n_workers) + n_threads + 6 + len(FIT_OUTPUTS),
+        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
+        # save per fit output
+        fit=2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS),
         gene_blocks=len(real_blocks(layout, n_vars, selected)),
         null_blocks=math.ceil(n_null / layout.null_gene_block) if n_null else 0,
         std=min(layout.n_std_tasks, n_pred),

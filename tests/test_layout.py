@@ -58,7 +58,7 @@ def test_task_counts__follow_the_layout(n_obs, n_threads, n_pred, std):
     assert counts.gene_blocks == 6  # 90 genes / 16
     assert counts.null_blocks == 9  # 200 nulls / 24
     assert counts.std == std
-    assert counts.fit == 2 * 1 + n_threads + 6 + len(L.FIT_OUTPUTS)
+    assert counts.fit == 2 * 1 + n_threads + 7 + len(L.FIT_OUTPUTS)
     assert counts.total == sum(counts.labelled().values())
     assert list(counts.labelled()) == ["fit tasks", "gene blocks", "null-gene blocks", "std tasks"]
 

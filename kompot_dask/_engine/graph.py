@@ -353,8 +353,8 @@ def prepare_model(
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
                 kernel_chunk: int, n_workers: int, n_threads: int) -> tuple[dict, list]:
-    """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and the fit's futures that
-    the run waits on (the diagonal flag, only logged, aside)."""
+    """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
+    run waits on."""
     kc = kernel_chunk
     logger.info("Fitting expression estimator for condition 1...")
     parts = fit_parts(n_workers)
@@ -375,7 +375,7 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
     diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
-    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f]
+    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f]
 
 
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
@@ -521,9 +521,14 @@ def run_engine(
         del fit, Lp_f, C1_f, C2_f, R_f, kbar_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
+        diagonal = False
         with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
             for fut in _completed(client, pending):
-                if fut.key in outputs:
+                if fut.key == diag_f.key:
+                    # gathered now, inside the loop that watches for lost workers: fetched
+                    # after it, a flag whose worker had gone would wait for a worker forever
+                    diagonal = bool(fut.result())
+                elif fut.key in outputs:
                     res = fut.result()
                     if isinstance(res, tuple):
                         std_out.append(res)
@@ -534,7 +539,7 @@ def run_engine(
                 elif fut.status == "error":
                     fut.result()
                 bar.update(1)
-        if diag_f.result():
+        if diagonal:
             logger.info("Mahalanobis distances used the diagonal covariance shortcut")
     except BaseException as exc:
         if pending is not None:
