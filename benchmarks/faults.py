@@ -497,33 +497,14 @@ class Driver:
 # Stores and checks
 
 
-def _user_obs(n: int) -> pd.DataFrame:
-    """~110 user columns of the kinds anndata writes: floats, ints, bools, categoricals."""
-    rng = np.random.default_rng(0)
-    cols: dict[str, Any] = {}
-    for i in range(N_USER_COLUMNS):
-        kind = i % 5
-        if kind == 0:
-            cols[f"qc_{i}"] = rng.normal(size=n)
-        elif kind == 1:
-            cols[f"count_{i}"] = rng.integers(0, 1000, size=n)
-        elif kind == 2:
-            cols[f"flag_{i}"] = rng.random(n) < 0.5
-        elif kind == 3:
-            cols[f"cat_{i}"] = pd.Categorical(rng.choice([f"type{k}" for k in range(7)], size=n))
-        else:
-            cols[f"donor_{i}"] = pd.Categorical(rng.choice(["d1", "d2", "d3"], size=n))
-    return pd.DataFrame(cols)
-
-
 def write_atlas(path: str, n_obs: int, n_vars: int, n_dims: int, seed: int):
     """A store written by anndata itself: the synthetic data plus 110 user obs columns."""
     import anndata as ad
 
-    from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
+    from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, make_user_obs
 
     adata = make_synthetic_adata(SyntheticSpec(n_obs=n_obs, n_vars=n_vars, n_dims=n_dims, seed=seed))
-    extra = _user_obs(adata.n_obs)
+    extra = make_user_obs(adata.n_obs, N_USER_COLUMNS)
     extra.index = adata.obs.index
     adata.obs = pd.concat([adata.obs, extra], axis=1)
     with warnings.catch_warnings():

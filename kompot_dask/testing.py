@@ -22,6 +22,7 @@ __all__ = [
     "SyntheticSpec",
     "make_synthetic_adata",
     "write_synthetic_store",
+    "make_user_obs",
     "assert_de_results_close",
 ]
 
@@ -155,6 +156,24 @@ def write_synthetic_store(
         path, ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), spec.layer, (spec.n_obs, spec.n_vars), chunks,
         lambda r0, r1: _expression_rows(spec, X[r0:r1], cond[r0:r1], params, r0),
     )
+
+
+def make_user_obs(n_obs: int, n_columns: int = 110, seed: int = 0) -> pd.DataFrame:
+    """Obs columns of every kind users keep beside their conditions (floats, integers,
+    booleans, categoricals), for tests that a run never touches a user's own data."""
+    rng = np.random.default_rng(seed)
+    makers = (
+        ("qc", lambda: rng.normal(size=n_obs)),
+        ("count", lambda: rng.integers(0, 1000, size=n_obs)),
+        ("flag", lambda: rng.random(n_obs) < 0.5),
+        ("cat", lambda: pd.Categorical(rng.choice([f"type{k}" for k in range(7)], size=n_obs))),
+        ("donor", lambda: pd.Categorical(rng.choice(["d1", "d2", "d3"], size=n_obs))),
+    )
+    cols = {}
+    for i in range(n_columns):
+        prefix, make = makers[i % len(makers)]
+        cols[f"{prefix}_{i}"] = make()
+    return pd.DataFrame(cols)
 
 
 def assert_de_results_close(

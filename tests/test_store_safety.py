@@ -24,7 +24,7 @@ import pytest
 
 import kompot_dask as kd
 from kompot_dask._io import commit
-from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
+from kompot_dask.testing import SyntheticSpec, make_synthetic_adata, make_user_obs
 
 SPEC = SyntheticSpec(n_obs=900, n_vars=60, n_dims=6, seed=11)
 ARGS = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca")
@@ -35,30 +35,11 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def _user_obs(n: int) -> pd.DataFrame:
-    """~110 user columns of every kind anndata writes: floats, ints, bools, strings, categoricals."""
-    rng = np.random.default_rng(0)
-    cols = {}
-    for i in range(N_USER_COLUMNS):
-        kind = i % 5
-        if kind == 0:
-            cols[f"qc_{i}"] = rng.normal(size=n)
-        elif kind == 1:
-            cols[f"count_{i}"] = rng.integers(0, 1000, size=n)
-        elif kind == 2:
-            cols[f"flag_{i}"] = rng.random(n) < 0.5
-        elif kind == 3:
-            cols[f"cat_{i}"] = pd.Categorical(rng.choice([f"type{k}" for k in range(7)], size=n))
-        else:
-            cols[f"donor_{i}"] = pd.Categorical(rng.choice(["d1", "d2", "d3"], size=n))
-    return pd.DataFrame(cols)
-
-
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory):
     """A store written by anndata itself, with 110 user obs columns."""
     adata = make_synthetic_adata(SPEC)
-    extra = _user_obs(adata.n_obs)
+    extra = make_user_obs(adata.n_obs, N_USER_COLUMNS)
     extra.index = adata.obs.index
     adata.obs = pd.concat([adata.obs, extra], axis=1)
     path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
