@@ -260,3 +260,14 @@ def test_cli__object_store_urls_are_refused_clearly(config, capsys):
     rc, _, err = run_cli(capsys, "de", "s3://bucket/atlas.zarr", "--config", config, "--condition1", "Young",
                          "--condition2", "Old")
     assert rc == 2 and "s3:// stores are not supported yet" in err and err.count("\n") == 1
+
+
+def test_cli__global_flags_also_after_the_subcommand():
+    """The README writes `kompot-dask plan STORE --config de.yaml --json`."""
+    from kompot_dask.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["plan", "s.zarr", "--json"]).json is True
+    assert parser.parse_args(["--json", "plan", "s.zarr"]).json is True
+    assert parser.parse_args(["plan", "s.zarr"]).json is False
+    assert parser.parse_args(["runs", "s.zarr", "0", "--verbose"]).verbose is True
