@@ -295,10 +295,6 @@ class ChunkGuard:
                    "zeros. Turn them on with `kompot-dask verify %s --record` (or kompot_dask.verify(store, "
                    "record=True)).", self.elem_path, self.store, why, self.store)
 
-    @property
-    def active(self) -> bool:
-        return self.manifest is not None
-
     def touched(self, array: str, region: Sequence[slice | np.ndarray | tuple[int, int]]) -> list[tuple[tuple[int, ...], str]]:
         """(chunk coordinates, key) of every storage chunk that ``region`` of ``array`` touches."""
         arr = self.arrays[array]

@@ -241,11 +241,6 @@ class StoreHandle:
                     "back into the store. Make it writable or copy it first."
                 )
 
-    def _rw_group(self) -> Any:
-        return zarr.open_group(store=self.path, mode="r+", use_consolidated=False)
-
-    # ---- removal -------------------------------------------------------------------
-
     def check_new_field_names(self, fields: list[tuple[str, str]], fix: str) -> None:
         """Refuse output names that the store's file system or zarr cannot hold, before any
         compute: reserved or hidden names and names or paths longer than the system allows."""
