@@ -523,13 +523,12 @@ def run_engine(
         futures = []
         diagonal = False
         with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
-            for fut in _completed(client, pending):
+            for fut, res in _completed(client, pending, outputs | {diag_f.key}):
                 if fut.key == diag_f.key:
-                    # gathered now, inside the loop that watches for lost workers: fetched
-                    # after it, a flag whose worker had gone would wait for a worker forever
-                    diagonal = bool(fut.result())
+                    # gathered inside the loop that watches for lost workers: fetched after
+                    # it, a flag whose worker had gone would wait for a worker forever
+                    diagonal = bool(res)
                 elif fut.key in outputs:
-                    res = fut.result()
                     if isinstance(res, tuple):
                         std_out.append(res)
                     elif "null_ids" in res:
@@ -676,39 +675,65 @@ def _input_futures(client: Client, token: str, **arrays: np.ndarray) -> list:
                 for name, a in arrays.items()]
 
 
-def _completed(client: Client, pending):
-    """The futures of ``pending`` (an ``as_completed``) as they finish.
+def _completed(client: Client, pending, wanted: set):
+    """``(future, result)`` for the futures of ``pending`` (an ``as_completed``) as they
+    finish; the result is fetched only for keys in ``wanted`` (the small outputs: the
+    factors stay on the workers), and a failed future raises its error.
 
     A task that was running on a worker that died is re-run by the scheduler, but only on
     a worker: on a cluster left with none (an external cluster that loses all of its
     workers) the run would wait forever. Stop it with :class:`WorkerLostError` once no
     worker has been seen for ``_NO_WORKER_GRACE_S``.
     """
-    seen = set(client.nthreads())  # address -> threads; lighter than scheduler_info
-    gone: list[str] = []
-    empty_since = None
-    next_poll = time.monotonic() + _WORKER_POLL_S
+    watch = _WorkerWatch(client)
     while not pending.is_empty():
         if pending.has_ready():
-            yield next(pending)
+            fut = next(pending)
+            if fut.key not in wanted and fut.status != "error":
+                yield fut, None
+                continue
+            # Fetched here, still watched: a finished task whose worker left before its
+            # result was fetched is recomputed, which waits for a worker.
+            while True:
+                try:
+                    res = fut.result(timeout=_WORKER_POLL_S)
+                    break
+                except TimeoutError:
+                    watch.check()
+            yield fut, res
             continue
-        now = time.monotonic()
-        if now >= next_poll:
-            next_poll = now + _WORKER_POLL_S
-            current = set(client.nthreads())
-            gone.extend(sorted(seen - current))
-            seen |= current
-            if current:
-                empty_since = None
-            elif empty_since is None:
-                empty_since = now
-            elif now - empty_since > _NO_WORKER_GRACE_S:
-                which = ", ".join(dict.fromkeys(gone)) or "unknown"
-                raise WorkerLostError(
-                    f"the cluster has had no worker for {_NO_WORKER_GRACE_S:.0f} s "
-                    f"(workers that left: {which})"
-                )
+        watch.check()
         time.sleep(0.05)
+
+
+class _WorkerWatch:
+    """Raises :class:`WorkerLostError` once the cluster has had no worker for
+    ``_NO_WORKER_GRACE_S``, naming the workers that left."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.seen = set(client.nthreads())  # address -> threads; lighter than scheduler_info
+        self.gone: list[str] = []
+        self.empty_since: float | None = None
+        self.next_poll = time.monotonic() + _WORKER_POLL_S
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_poll:
+            return
+        self.next_poll = now + _WORKER_POLL_S
+        current = set(self.client.nthreads())
+        self.gone.extend(sorted(self.seen - current))
+        self.seen |= current
+        if current:
+            self.empty_since = None
+        elif self.empty_since is None:
+            self.empty_since = now
+        elif now - self.empty_since > _NO_WORKER_GRACE_S:
+            which = ", ".join(dict.fromkeys(self.gone)) or "unknown"
+            raise WorkerLostError(
+                f"the cluster has had no worker for {_NO_WORKER_GRACE_S:.0f} s (workers that left: {which})"
+            )
 
 
 def _as_worker_lost(exc: BaseException) -> WorkerLostError | None:
