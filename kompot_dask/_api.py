@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import anndata as ad
@@ -28,7 +30,7 @@ from distributed import Client, KilledWorker
 
 from . import _planner as planner
 from ._engine import graph as engine
-from ._engine.cluster import is_embedded, resolve_client
+from ._engine.cluster import is_embedded, resolve_client, single_threaded_blas
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
@@ -234,7 +236,7 @@ def _plan_public(data: Any, call: _Call, settings: _Settings, client: Client | N
     with run_store(data, call.layer) as store:
         run = _validate(store, call, settings, in_memory=in_memory,
                         existing_layers=list(data.layers.keys()) if in_memory else None)
-        with resolve_client(client, settings.compute) as c:
+        with resolve_client(client, settings.compute, store.n_obs * store.n_vars) as c:
             return _make_plan(run, c, timed=True)
 
 
@@ -302,6 +304,16 @@ class _Run:
     earlier: _Earlier
     landmarks: Landmarks
     in_memory: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each step of the run as it goes (kept in the run record)."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + time.perf_counter() - t, 3)
 
     def previous_run(self) -> run_record.RunRecord | None:
         """The record of the run that last wrote this result_key (else the latest run)."""
@@ -468,12 +480,19 @@ def _de(run: _Run, client: Client | None, plan: planner.ResourcePlan | None, res
     c1, c2 = run.call.condition1, run.call.condition2
     logger.info("Condition 1 (%s): %s cells", c1, f"{run.cells.n1:,}")
     logger.info("Condition 2 (%s): %s cells", c2, f"{run.cells.n2:,}")
-    with resolve_client(client, run.settings.compute) as c:
+    with ExitStack() as stack:
+        with run.phase("cluster start"):
+            c = stack.enter_context(resolve_client(client, run.settings.compute,
+                                                   run.store.n_obs * run.store.n_vars))
         environment = run_record.environment_info(c)  # now: version skew shows before the long run
-        plan = _plan_for_run(run, c, plan)
+        with run.phase("plan"):
+            plan = _plan_for_run(run, c, plan)
         computed = _execute(run, c, plan, resume)
-    results = _record(run, computed, plan, environment, t_start)
+    with run.phase("FDR and record"):
+        results = _record(run, computed, plan, environment, t_start)
+    t_commit = time.perf_counter()
     _commit(run, computed, results)
+    logger.debug("Commit took %.2f s", time.perf_counter() - t_commit)
     return _Done(results.record, _returned(run, computed, results))
 
 
@@ -495,14 +514,19 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
             logger.info("Resuming the interrupted run of this call kept in %s", staging.path)
         else:
             gp = run.settings.gp
-            ls, Z, landmark_source = engine.prepare_model(
-                client, cells.embedding[cells.mask1], np.vstack([X[cells.mask1], X[cells.mask2]]), ls=gp.ls,
-                ls_factor=gp.ls_factor, landmarks=run.landmarks, given=gp.landmarks, random_state=gp.random_state,
-            )
+            with run.phase("length scale and landmarks"):
+                ls, Z, landmark_source = engine.prepare_model(
+                    client, cells.embedding[cells.mask1], np.vstack([X[cells.mask1], X[cells.mask2]]), ls=gp.ls,
+                    ls_factor=gp.ls_factor, landmarks=run.landmarks, given=gp.landmarks,
+                    random_state=gp.random_state, neighbors=gp.neighbors, neighbor_sample=gp.neighbor_sample,
+                    landmark_sample=gp.landmark_sample,
+                )
             layout = plan.layout
             io_commit.save_run_state(staging, fingerprint, {"ls": ls, "landmark_source": landmark_source,
                                                             "layout": _layout_state(layout)}, Z)
         res = _run_engine(run, client, X, Z, ls, layout, staging)
+        for stage, seconds in res.wall_seconds.items():
+            run.phase_seconds[f"engine: {stage}"] = seconds
     except engine.NonFiniteExpressionError as exc:
         staging.remove()
         raise engine.NonFiniteExpressionError(
@@ -531,12 +555,13 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources, null_seeds = fdr_mod.choose_null_genes(run.store.n_vars, outputs.n_null, s.fdr.null_seed)
     else:
         null_sources = null_seeds = np.array([], dtype=np.int64)
-    return engine.run_engine(
-        client, run.store, run.info, X=X, codes=codes, pred=cells.filter_mask, selected=cells.selected, Z=Z,
-        ls=ls, sigma=s.gp.sigma, eps=s.gp.eps, null_sources=null_sources, null_seeds=null_seeds,
-        layer_names={r: outputs.names[r] for r in outputs.layer_roles}, layer_dtype=s.storage.layer_dtype,
-        dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
-    )
+    with single_threaded_blas(client):
+        return engine.run_engine(
+            client, run.store, run.info, X=X, codes=codes, pred=cells.filter_mask, selected=cells.selected, Z=Z,
+            ls=ls, sigma=s.gp.sigma, eps=s.gp.eps, null_sources=null_sources, null_seeds=null_seeds,
+            layer_names={r: outputs.names[r] for r in outputs.layer_roles}, layer_dtype=s.storage.layer_dtype,
+            dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
+        )
 
 
 def _fingerprint(run: _Run) -> str:
@@ -598,6 +623,7 @@ def _record(run: _Run, computed: _Computed, plan: planner.ResourcePlan, environm
                                      n_workers=computed.n_workers),
         plan=run_record.PlanSummary.of(plan), environment=environment,
         wall_seconds=round(time.perf_counter() - t_start, 3),
+        phase_seconds=dict(run.phase_seconds), task_seconds=dict(res.thread_seconds),
         resumed=run_record.ResumeInfo(tasks_reused=res.n_reused, tasks_run=res.n_tasks) if res.n_reused else None,
     )
     return results
@@ -718,6 +744,8 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         dtype=s.compute.dtype, ls_given=s.gp.ls is not None, landmark_source=run.landmarks.source,
         fields=tuple((r, run_fields.FIELD_LOCATIONS[r], run.outputs.names[r]) for r in run.outputs.roles),
         overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory, overwrite=s.storage.overwrite,
+        neighbors=s.gp.neighbors, neighbor_sample=s.gp.neighbor_sample, landmark_sample=s.gp.landmark_sample,
+        layer_dtype_is_float32_safe=bool(np.can_cast(np.dtype(info.dtype), np.float32, casting="safe")),
     )
 
 

@@ -80,6 +80,22 @@ def landmarks_for(n_landmarks: int, n_cells: int, provided: int | None = None) -
     return Landmarks(int(n_landmarks), LandmarkSource.KMEANS, int(n_landmarks))
 
 
+CLIENT_KMEANS_CELLS = 200_000
+"""Most cells k-means clusters in the client process (beyond, it runs where pynndescent would)."""
+
+
+def prep_in_client(neighbors: str, landmark_sample: int | None, n_pooled: int,
+                   source: LandmarkSource) -> bool:
+    """Whether the length scale and landmarks are computed in the client process: on the fast
+    path (exact neighbours: no compiled code) when k-means, if any, clusters a bounded pool."""
+    if neighbors != "exact":
+        return False
+    if source is not LandmarkSource.KMEANS:
+        return True
+    pool = n_pooled if landmark_sample is None else min(n_pooled, landmark_sample)
+    return pool <= CLIENT_KMEANS_CELLS
+
+
 # --------------------------------------------------------------------------------------
 # The model's inputs
 
@@ -114,6 +130,24 @@ class PlanInputs:
     previous_run: dict[str, Any] | None = None
     in_memory: bool = False
     overwrite: bool | None = None  # StorageSettings.overwrite
+    layer_dtype_is_float32_safe: bool = True  # float32 holds every value of the layer's dtype
+    neighbors: str = "pynndescent"  # GPSettings.neighbors
+    neighbor_sample: int | None = None
+    landmark_sample: int | None = None
+
+    @property
+    def nn_queries(self) -> int:
+        """Condition-1 cells whose nearest neighbour the exact search finds."""
+        return self.n1 if self.neighbor_sample is None else min(self.n1, self.neighbor_sample)
+
+    @property
+    def kmeans_pool(self) -> int:
+        """Cells k-means clusters."""
+        return self.n12 if self.landmark_sample is None else min(self.n12, max(self.landmark_sample, self.m))
+
+    @property
+    def prep_in_client(self) -> bool:
+        return prep_in_client(self.neighbors, self.landmark_sample, self.n12, self.landmark_source)
 
     @property
     def n12(self) -> int:
@@ -181,8 +215,9 @@ class Chunks:
 
 
 def kernel_chunk_for(m: int) -> int:
-    """Cells per kernel block: bounds the m × rows kernel matrix to ~64 MB."""
-    return int(max(128, min(2048, 8_000_000 // max(m, 1))))
+    """Cells per kernel block: bounds the m × rows kernel matrix to ~32 MB (float64). Smaller
+    blocks measured faster (less memory traffic) as well as leaner than 64 MB ones."""
+    return int(max(128, min(2048, 4_000_000 // max(m, 1))))
 
 
 @dataclass(frozen=True)
@@ -206,8 +241,9 @@ def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gen
                 null_gene_block: int, kernel_chunk: int) -> Layout:
     """The cut of an ``n_obs`` × ``n_vars`` store for these chunk sizes.
 
-    Chunks larger than the store are clipped to it; the std tasks are at most four per
-    thread (each pays a fixed cost for its kernel blocks), one per cell chunk otherwise.
+    Chunks larger than the store are clipped to it. A std task takes one kernel chunk of
+    cells (a few seconds): short tasks let the fit's critical path, which the std tasks
+    run beside, take the next free thread.
     """
     cell_chunk = int(min(cell_chunk, n_obs))
     gene_block = int(min(gene_block, n_vars))
@@ -219,8 +255,14 @@ def make_layout(n_obs: int, n_vars: int, n_threads: int, *, cell_chunk: int, gen
         null_gene_block=int(null_gene_block),
         row_ranges=row_ranges,
         n_real_blocks=math.ceil(n_vars / gene_block),
-        n_std_tasks=max(1, min(len(row_ranges), 4 * n_threads)),
+        n_std_tasks=max(1, math.ceil(n_obs / kernel_chunk)),
     )
+
+
+def std_parts(layout: Layout, pred_rows: np.ndarray) -> list[np.ndarray]:
+    """The cells of each std task: consecutive runs of one kernel chunk."""
+    kc = layout.kernel_chunk
+    return [pred_rows[s : s + kc] for s in range(0, len(pred_rows), kc)]
 
 
 def fit_parts(n_workers: int) -> int:
@@ -273,7 +315,7 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         fit=2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS),
         gene_blocks=len(real_blocks(layout, n_vars, selected)),
         null_blocks=math.ceil(n_null / layout.null_gene_block) if n_null else 0,
-        std=min(layout.n_std_tasks, n_pred),
+        std=math.ceil(n_pred / layout.kernel_chunk),
     )
 
 
@@ -313,8 +355,10 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     predict = (3 * C * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     real = acc + max(tile + kernel, scores, predict)
     nb = ch.null_gene_block
-    # source columns of both conditions, their permuted copies, one tile, projections
-    null = 2 * inp.n12 * nb * bt + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8
+    # source columns of both conditions and their permuted copies (in the layer's precision
+    # where float32 holds it), a permutation, one tile, projections
+    null = (inp.n12 * (2 * nb * _null_value_bytes(inp) + 8) + C * nb * s + 2 * m * nb * bt + kernel
+            + 4 * m * nb * 8)
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     return TaskBytes(int(real), int(null), int(std))
 
@@ -356,6 +400,7 @@ def factor_phase_bytes(inp: PlanInputs) -> int:
 class PrepPlacement(Enum):
     """Where the model preparation (length scale, k-means landmarks) runs."""
 
+    CLIENT = "the client process"  # the fast path: no compiled code, bounded pools
     HELPERS = "helper processes on the client host"  # an embedded cluster
     TWO_WORKERS = "first and second worker"
     ONE_WORKER = "the only worker"
@@ -375,12 +420,19 @@ class PrepMemory:
         return self.length_scale + self.kmeans if self.placement is PrepPlacement.HELPERS else 0
 
     @property
+    def client(self) -> int:
+        """Bytes the preparation adds to the client process while it runs (the fast path)."""
+        return max(self.length_scale, self.kmeans) if self.placement is PrepPlacement.CLIENT else 0
+
+    @property
     def first_worker(self) -> int:
         """What the length-scale search leaves in the first worker for the whole run."""
-        return 0 if self.placement is PrepPlacement.HELPERS else self.length_scale
+        return 0 if self.placement in (PrepPlacement.HELPERS, PrepPlacement.CLIENT) else self.length_scale
 
     def placements(self) -> list[tuple[str, int]]:
         """(where, bytes) of each part, named as the report shows them."""
+        if self.placement is PrepPlacement.CLIENT:
+            return [("client process (length scale, then k-means)", self.client)]
         if self.placement is PrepPlacement.HELPERS:
             return [("helper processes (client host)", self.helpers)]
         kmeans_where = ("second worker (k-means)" if self.placement is PrepPlacement.TWO_WORKERS
@@ -398,12 +450,19 @@ NO_PREP = PrepMemory(PrepPlacement.HELPERS, 0, 0)
 _NN_FIXED = 360 * 1024**2
 _NN_PER_CELL = 220
 _KM_FIXED = 50 * 1024**2
+_NN_BLOCK_BYTES = 512 * 32768 * 8 * 2  # one distance block and its temporaries (gp.exact_nearest_distances)
 
 
 def prep_memory(inp: PlanInputs, n_workers: int, nn_compiled: bool, embedded: bool) -> PrepMemory:
     """Extra resident memory of the model-preparation step (length scale, landmarks)."""
+    if inp.prep_in_client:
+        # the exact search: a float64 copy of condition 1 and one block of distances; k-means
+        # runs after it, on its pool (sklearn and two copies of the pool)
+        nn = 0 if inp.ls_given else inp.n1 * inp.d * 8 + _NN_BLOCK_BYTES
+        km = _KM_FIXED + 2 * inp.kmeans_pool * inp.d * 8 if inp.landmark_source is LandmarkSource.KMEANS else 0
+        return PrepMemory(PrepPlacement.CLIENT, nn, km)
     nn = 0 if inp.ls_given else _NN_FIXED + _NN_PER_CELL * inp.n1
-    km = _KM_FIXED + 2 * inp.n12 * inp.d * 8 if inp.landmark_source is LandmarkSource.KMEANS else 0
+    km = _KM_FIXED + 2 * inp.kmeans_pool * inp.d * 8 if inp.landmark_source is LandmarkSource.KMEANS else 0
     if embedded:
         return PrepMemory(PrepPlacement.HELPERS, nn, km)
     if nn_compiled:
@@ -447,7 +506,7 @@ def estimate_worker_memory(inp: PlanInputs, ch: Chunks, threads: int, base_rss: 
     elif prep.placement is PrepPlacement.ONE_WORKER:
         # k-means ends before the engine starts, the search's code stays
         peak = base_rss + first + max(run_part, prep.kmeans)
-    else:  # helper processes: nothing stays in the workers
+    else:  # helper processes or the client: nothing stays in the workers
         peak = base_rss + run_part
     return MemoryEstimate(peak, base_rss, shared, tasks, factor_phase_bytes(inp))
 
@@ -459,18 +518,41 @@ def _cell_options(inp: PlanInputs, given: int | None, rbase: int) -> list[int]:
     return sorted({min(inp.n_obs, rbase * k) for k in multiples}, reverse=True)
 
 
-def _gene_options(inp: PlanInputs, given: int | None, cbase: int) -> list[int]:
+MAX_GENE_BLOCK = 512
+"""Widest gene block tried: every block task evaluates the kernel over all cells once, which
+costs about as much as projecting 200 genes (benchmarks/phases.py), so wide blocks amortise
+it; 1024 measured no faster at 10k × 2k and held 300 MB more."""
+
+
+def _gene_options(inp: PlanInputs, given: int | None, cbase: int, total_threads: int = 1) -> list[int]:
+    """Gene-block widths to try, widest first: multiples of the store's column chunk up to
+    :data:`MAX_GENE_BLOCK`, but no wider than leaves one block per worker thread (all
+    threads busy) unless even the narrowest option would not."""
     if given:
         return [given]
-    multiples = (max(1, 256 // cbase), max(1, 128 // cbase), max(1, 64 // cbase), 1)
-    return sorted({min(inp.n_vars, cbase * k) for k in multiples}, reverse=True)
+    widths = (MAX_GENE_BLOCK, 512, 256, 128, 64)
+    options = sorted({min(inp.n_vars, cbase * max(1, w // cbase)) for w in widths} | {min(inp.n_vars, cbase)},
+                     reverse=True)
+    busy = [g for g in options if math.ceil(max(1, inp.n_selected) / g) >= total_threads]
+    return busy or options[-1:]
+
+
+NULL_TASK_BYTES = 1 << 30
+"""Most bytes a null-gene block's source columns may take (they span every cell of both
+conditions). Each null block evaluates the kernel over all those cells once, so the widest
+block that fits is the fastest; this bound keeps a 1M-cell run's null blocks at ~128 genes."""
+
+
+def _null_value_bytes(inp: PlanInputs) -> int:
+    """Bytes per null source value as the null task keeps it (float32 for layers whose
+    values float32 holds exactly, in practice float32 or narrower)."""
+    return 4 if inp.layer_itemsize <= 4 and inp.layer_dtype_is_float32_safe else 8
 
 
 def _null_options(inp: PlanInputs, given: int | None, gene_block: int) -> list[int]:
     if given:
         return [given]
-    # the null block's source columns of both conditions dominate: keep them ~160 MB
-    top = int(max(8, min(gene_block, 160_000_000 // max(1, 20 * inp.n12))))
+    top = int(max(8, min(gene_block, NULL_TASK_BYTES // max(1, 2 * inp.n12 * _null_value_bytes(inp)))))
     return sorted({top} | {x for x in (128, 64, 32, 16, 8) if x < top}, reverse=True)
 
 
@@ -496,7 +578,7 @@ def choose(inp: PlanInputs, res: ClusterResources, base_rss: int, *, cell_chunk:
     kc_opts = sorted({kc, max(128, kc // 2), max(128, kc // 4)}, reverse=True)
     best = None
     for k in kc_opts:
-        for g in _gene_options(inp, gene_block, cbase):
+        for g in _gene_options(inp, gene_block, cbase, res.total_threads):
             for c in _cell_options(inp, cell_chunk, rbase):
                 for nb in _null_options(inp, null_gene_block, g):
                     ch = Chunks(int(c), int(g), int(nb), int(k))
@@ -570,6 +652,7 @@ _KMEANS_S = 4e-9
 _REF_GEMM_FLOPS = 66e9
 _KMEANS_ITERS = 10  # for the FLOP count only
 _PROCESS_START_S = 4.0
+_NN_GEMM_EFFICIENCY = 0.5  # the exact search's blocked products with their min-reductions
 # Whole tasks run slower than their calibrated kernels (Python between kernels, memory
 # traffic, scheduling): measured engine phases took 1.2–1.8× the kernel-only estimate.
 _ENGINE_EFFICIENCY = 1.5
@@ -579,7 +662,9 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
     m, d, n12, G = inp.m, inp.d, inp.n12, inp.n_selected
     kmeans = inp.landmark_source is LandmarkSource.KMEANS
     return {
-        "landmarks (k-means)": 2.0 * n12 * m * d * _KMEANS_ITERS if kmeans else 0.0,
+        "landmarks (k-means)": 2.0 * inp.kmeans_pool * m * d * _KMEANS_ITERS if kmeans else 0.0,
+        "length scale (exact neighbours)": (2.0 * inp.nn_queries * inp.n1 * d
+                                            if inp.neighbors == "exact" and not inp.ls_given else 0.0),
         "fit (S, factors)": float(n12 * m * m + 3 * m**3),
         "genes (fit, scores, predictions)": float(
             2 * n12 * m * G + 6 * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
@@ -590,12 +675,16 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
 
 def _prep_seconds(inp: PlanInputs, cal: Calibration, embedded: bool) -> float:
     """Length scale and landmarks, which run concurrently before the engine."""
+    km_t = 0.0
+    if inp.landmark_source is LandmarkSource.KMEANS:
+        km_t = _KMEANS_S * inp.kmeans_pool * inp.m * inp.d * (_REF_GEMM_FLOPS / cal.gemm_flops)
+    if inp.prep_in_client:
+        # one after the other in the client, which uses every core of its host
+        ls_t = 0.0 if inp.ls_given else 2.0 * inp.nn_queries * inp.n1 * inp.d / (_NN_GEMM_EFFICIENCY * cal.gemm_flops)
+        return ls_t + km_t
     ls_t = 0.0
     if not inp.ls_given:
         ls_t = (0.0 if (cal.nn_compiled and not embedded) else _NN_COMPILE_S) + _NN_S_PER_CELL * inp.n1 * inp.d / 10
-    km_t = 0.0
-    if inp.landmark_source is LandmarkSource.KMEANS:
-        km_t = _KMEANS_S * inp.n12 * inp.m * inp.d * (_REF_GEMM_FLOPS / cal.gemm_flops)
     return max(ls_t, km_t) + (_PROCESS_START_S if embedded else 0.0)
 
 

@@ -421,6 +421,9 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                          gene_block=ch.gene_block, null_gene_block=ch.null_gene_block, kernel_chunk=ch.kernel_chunk)
     counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads)
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
+    if prep.client:
+        client_parts["model preparation (length scale, then k-means)"] = prep.client
+        client_peak += prep.client
     outputs = _output_fields(inp)
     total_output = int(sum(f["bytes"] for f in outputs))
     flops, phases, wall = flops_and_seconds(inp, ch, res, cal, counts, embedded)

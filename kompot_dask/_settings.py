@@ -87,8 +87,25 @@ class GPSettings(_Settings):
     jit_compile
         Kept for compatibility; kompot_dask always compiles its kernels.
     random_state
-        Seed of the k-means landmark search. kompot 0.8.0 defaults to ``None`` (not
-        reproducible); kompot_dask defaults to 0 so that runs are deterministic.
+        Seed of the k-means landmark search and of the samples below. kompot 0.8.0
+        defaults to ``None`` (not reproducible); kompot_dask defaults to 0 so that runs
+        are deterministic.
+    neighbors
+        How the length scale's nearest neighbours are found. ``"exact"`` (default):
+        blocked matrix products, no compiled code, the true nearest neighbours.
+        ``"pynndescent"``: kompot 0.8.0's approximate search, bit for bit (it compiles
+        ~20 s of numba code in every fresh process and misses the nearest cell for some).
+    neighbor_sample
+        With ``neighbors="exact"``, the nearest neighbours of a seeded sample of this many
+        condition-1 cells (against all of them) estimate the length scale: cost linear in
+        the cells. ``None``: every cell.
+    landmark_sample
+        k-means clusters a seeded sample of this many pooled cells when there are more
+        (at least ``n_landmarks``); ``None``: every cell, as kompot 0.8.0.
+
+    The defaults of the last three are kompot_dask's fast path; :meth:`kompot` returns the
+    settings that reproduce kompot 0.8.0 exactly. docs/performance.md measures how far the
+    two are apart.
     """
 
     sigma: float = 1.0
@@ -101,6 +118,17 @@ class GPSettings(_Settings):
     eps: float = 1e-8
     jit_compile: bool = False
     random_state: int | None = 0
+    neighbors: str = "exact"
+    neighbor_sample: int | None = 20_000
+    landmark_sample: int | None = 100_000
+
+    @classmethod
+    def kompot(cls, **kwargs: Any) -> GPSettings:
+        """Settings that reproduce kompot 0.8.0 to the last bit: pynndescent's nearest
+        neighbours over every condition-1 cell and k-means over every pooled cell (other
+        fields as given)."""
+        parity = {"neighbors": "pynndescent", "neighbor_sample": None, "landmark_sample": None}
+        return cls(**{**parity, **kwargs})
 
     def __post_init__(self) -> None:
         c = "GPSettings"
@@ -122,6 +150,14 @@ class GPSettings(_Settings):
         _positive_number(c, "eps", self.eps)
         if self.random_state is not None:
             _positive_int(c, "random_state", self.random_state, allow_zero=True)
+        if self.neighbors not in ("exact", "pynndescent"):
+            raise _fail(c, "neighbors", self.neighbors, '"exact" or "pynndescent"')
+        if self.neighbor_sample is not None:
+            _positive_int(c, "neighbor_sample", self.neighbor_sample)
+            if self.neighbor_sample < 2:
+                raise _fail(c, "neighbor_sample", self.neighbor_sample, "at least 2 cells, or None for all")
+        if self.landmark_sample is not None:
+            _positive_int(c, "landmark_sample", self.landmark_sample)
 
 
 @dataclass
@@ -268,9 +304,16 @@ class ComputeSettings(_Settings):
         Null genes per block task (their columns span all cells of both conditions).
     n_workers, threads_per_worker, memory_limit
         Used only when kompot_dask starts its own LocalCluster. By default that is one
-        worker process with one thread per core: the m × m factors are then held once
-        per machine instead of once per process (measured at m = 5000: 1.67 GiB peak
-        with 1 × 2 against 2.88 GiB with 2 × 1 on 2 cores, for 15 % more wall time).
+        worker with one thread per core: the m × m factors are then held once per machine
+        instead of once per process (measured at m = 5000: 1.67 GiB peak with 1 × 2
+        against 2.88 GiB with 2 × 1 on 2 cores, for 15 % more wall time).
+    processes
+        Whether kompot_dask's own LocalCluster runs its worker in a process of its own.
+        ``None`` (default): in this process for small runs (at most
+        ``IN_PROCESS_MAX_ELEMENTS`` cells × genes, and no worker count, threads or memory
+        limit given: a memory limit is enforced by a worker's nanny process),
+        which saves the worker's start and its ~300 MB of imports; in a separate process
+        otherwise, where a nanny restarts a worker that dies.
     max_task_bytes
         Upper bound on one task's working set (bytes), on top of the planner's own rule
         (peak × threads ≤ 60 % of the worker memory limit); ``None`` for no extra bound.
@@ -291,9 +334,12 @@ class ComputeSettings(_Settings):
     memory_limit: str | int | None = None
     dtype: str = "float64"
     max_task_bytes: int | None = field(default=None)
+    processes: bool | None = None
 
     def __post_init__(self) -> None:
         c = "ComputeSettings"
+        if self.processes not in (None, True, False):
+            raise _fail(c, "processes", self.processes, "None, True or False")
         for name in ("cell_chunk", "gene_block", "null_gene_block", "n_workers", "max_task_bytes"):
             value = getattr(self, name)
             if value is not None:

@@ -48,9 +48,10 @@ def test_layout__cell_chunk_keeps_its_name_and_chunks_round_trip():
 
 
 @pytest.mark.parametrize(("n_obs", "n_threads", "n_pred", "std"), [
-    (1000, 2, 1000, 4),  # four cell chunks, fewer than 4 × threads
-    (100_000, 2, 100_000, 8),  # capped at 4 × threads
-    (100_000, 2, 3, 3),  # never more std tasks than predicted cells
+    (1000, 2, 1000, 2),  # one kernel chunk (512 cells) of predicted cells per std task
+    (100_000, 2, 100_000, 196),
+    (100_000, 2, 3, 1),  # a partial chunk is one task
+    (100_000, 2, 0, 0),  # no predicted cells, no std task
 ])
 def test_task_counts__follow_the_layout(n_obs, n_threads, n_pred, std):
     lay = L.make_layout(n_obs, 90, n_threads, cell_chunk=256, gene_block=16, null_gene_block=24, kernel_chunk=512)
@@ -58,6 +59,7 @@ def test_task_counts__follow_the_layout(n_obs, n_threads, n_pred, std):
     assert counts.gene_blocks == 6  # 90 genes / 16
     assert counts.null_blocks == 9  # 200 nulls / 24
     assert counts.std == std
+    assert counts.std == len(L.std_parts(lay, np.arange(n_pred)))
     assert counts.fit == 2 * 1 + n_threads + 7 + len(L.FIT_OUTPUTS)
     assert counts.total == sum(counts.labelled().values())
     assert list(counts.labelled()) == ["fit tasks", "gene blocks", "null-gene blocks", "std tasks"]
@@ -140,3 +142,19 @@ def test_layout_module__imports_nothing_but_numpy():
             assert node.level == 0, "the layout model imports nothing of the package"
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "math", "dataclasses", "enum", "typing", "numpy"}
+
+
+def test_prep_memory__fast_path_runs_in_the_client_with_bounded_pools():
+    inp = _inputs(n1=5_000_000, n2=5_000_000, neighbors="exact", neighbor_sample=20_000, landmark_sample=100_000)
+    prep = L.prep_memory(inp, 2, nn_compiled=False, embedded=True)
+    assert prep.placement is L.PrepPlacement.CLIENT and prep.helpers == 0 and prep.first_worker == 0
+    assert inp.kmeans_pool == 100_000 and inp.nn_queries == 20_000
+    assert prep.kmeans < 100 * 1024**2  # the k-means pool is the sample, not the 10M cells
+    assert prep.client == max(prep.length_scale, prep.kmeans)
+    assert [w for w, _ in prep.placements()] == ["client process (length scale, then k-means)"]
+    est = L.estimate_worker_memory(inp, L.Chunks(4096, 256, 64, 512), 2, 300 << 20, prep)
+    assert est.worker_peak == L.estimate_worker_memory(inp, L.Chunks(4096, 256, 64, 512), 2, 300 << 20).worker_peak
+    # the exact search's cost is linear in the cells: sample × condition-1 cells × d
+    flops = L._flops(inp)
+    assert flops["length scale (exact neighbours)"] == 2.0 * 20_000 * 5_000_000 * 20
+    assert flops["landmarks (k-means)"] == 2.0 * 100_000 * 2000 * 20 * L._KMEANS_ITERS

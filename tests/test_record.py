@@ -46,6 +46,11 @@ OLD_KEYS = [
     "wall_seconds", "resumed",
 ]
 """The keys of the record that ``_api`` built inline before RunRecord, in their order."""
+NEW_KEYS = OLD_KEYS[:-1] + ["phase_seconds", "task_seconds", "resumed"]
+"""Since issue 12 the record also says where the time went."""
+NEW_PARAM_KEYS = {"gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"}}
+"""Settings fields added since the previous records (the fast path and the in-process
+cluster, issue 12)."""
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +133,7 @@ def test_registry__field_mapping_matches_the_previous_records(old_uns):
 def test_record__round_trips_and_keeps_the_stored_keys():
     record = _record()
     d = record.to_dict()
-    assert list(d) == OLD_KEYS
+    assert list(d) == NEW_KEYS
     assert RunRecord.from_dict(d) == record
     assert RunRecord.from_dict(json.loads(json.dumps(d))).to_dict() == json.loads(json.dumps(d))
     assert d["fdr_keys"] == {"local_fdr_key": "kompot_de_Young_to_Old_mahalanobis_local_fdr",
@@ -143,7 +148,8 @@ def test_record__previous_code_history_reads_back_unchanged(old_uns):
         assert list(raw) == OLD_KEYS
         record = RunRecord.from_dict(raw)
         assert record.to_dict() == raw and list(record.to_dict()) == OLD_KEYS
-        assert not record.extra and not record.absent
+        assert not record.extra and record.absent == {"phase_seconds", "task_seconds"}
+        assert record.phase_seconds == {} and record.task_seconds == {}
     run1 = RunRecord.from_dict(load_history(old_uns[HISTORY_KEY])[1])
     assert run1.result_key == "rk2" and run1.fdr_keys == {} and run1.imputed_layer_keys == {}
     assert run1.model.n_landmarks == 50 and run1.layout.n_workers == 1 and run1.plan.status == "FEASIBLE"
@@ -207,11 +213,20 @@ def test_de__writes_what_the_previous_code_wrote(tmp_path, client, old_uns):
     new, old = load_history(entry), load_history(old_entry)
     assert entry["last_run_info"] == new[-1]
     for n, o in zip(new, old, strict=True):
-        assert list(n) == OLD_KEYS
+        assert list(n) == NEW_KEYS
         for key in ("field_names", "field_mapping", "fields_written", "fdr_keys", "imputed_layer_keys",
-                    "std_keys", "params"):
+                    "std_keys"):
             assert n[key] == o[key], key
-        assert _shape(n) == _shape(o)
+        params = dict(n["params"])
+        for section, added in NEW_PARAM_KEYS.items():
+            assert set(params[section]) - set(o["params"][section]) == added
+            params[section] = {k: v for k, v in params[section].items() if k not in added}
+        assert params == o["params"]
+        assert isinstance(n["phase_seconds"], dict) and n["phase_seconds"]["engine: all tasks"] > 0
+        assert {"projection", "posterior std"} <= set(n["task_seconds"])
+        shape = _shape(n)
+        del shape["phase_seconds"], shape["task_seconds"]
+        assert shape == _shape(o)
 
 
 # ---- readers through RunRecord -----------------------------------------------------------

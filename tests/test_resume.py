@@ -56,7 +56,7 @@ def _results(res: engine.EngineResult) -> dict[str, np.ndarray]:
             "fold_change": zarr.open_array(res.staged["fold_change"], mode="r")[:]}
 
 
-@pytest.mark.parametrize("lost", [("real-0", "null-1", "std-0"), ("real-1", "real-2")])
+@pytest.mark.parametrize("lost", [("real-0", "null-1", "stdk-0"), ("real-1", "real-2")])
 def test_resume__remaining_blocks_reuse_the_saved_fit_bit_for_bit(small_store, client, monkeypatch, lost):
     store, kw = _inputs(small_store)
     staging = commit.Staging.create(small_store)

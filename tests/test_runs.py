@@ -99,8 +99,11 @@ def test_runinfo__text_and_html_reports(history):
     info = RunInfo(history[0], run_id=0)
     text = str(info)
     assert text.startswith("Run 0 (DE Analysis)")
-    for section in ("Run Summary", "All Parameters", "Environment", "Fields Created by This Run"):
+    for section in ("Run Summary", "All Parameters", "Environment", "Time", "Fields Created by This Run"):
         assert section in text
+    timings = info.timings()
+    assert float(timings["wall: engine: all tasks"].split()[0]) > 0
+    assert timings["tasks: posterior std"].endswith("thread-s")
     params = info.parameters()
     assert params["gp.n_landmarks"] == 100 and params["fdr.null_genes"] == 4000
     assert params["compute.dtype"] == "float64" and params["storage.result_key"] == "kompot_de"
@@ -116,7 +119,7 @@ def test_runinfo__text_and_html_reports(history):
     assert env["hostname"] and env["platform"] and env["python_version"]
     assert "kompot_de_Young_imputed" in text and "Overwritten by Run 1" in text
     page = info._repr_html_()
-    assert page.count("<table>") == 4 and "Overwritten by Run 1" in page and "fdr.null_genes" in page
+    assert page.count("<table>") == 5 and "Overwritten by Run 1" in page and "fdr.null_genes" in page
     assert repr(info) == text
 
 
@@ -184,14 +187,15 @@ def test_call_args__settings_are_editable(history):
 
 _NON_DEFAULT = {
     kd.GPSettings: dict(sigma=0.5, ls=3.0, ls_factor=5.0, n_landmarks=7, landmarks=np.arange(15.0).reshape(5, 3),
-                        batch_size=0, eps=1e-6, jit_compile=True, random_state=None),
+                        batch_size=0, eps=1e-6, jit_compile=True, random_state=None, neighbors="pynndescent",
+                        neighbor_sample=None, landmark_sample=None),
     kd.FDRSettings: dict(null_genes=123, null_seed=7, threshold=0.01),
     kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,
                              layer_dtype="float64"),
     kd.OutputSettings: dict(return_full_results=True, progress=False),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,
-                             memory_limit="2GiB", dtype="float32", max_task_bytes=10**8),
+                             memory_limit="2GiB", dtype="float32", max_task_bytes=10**8, processes=True),
 }
 _CANNOT_DIFFER = {(kd.GPSettings, "use_empirical_variance")}  # only False is valid
 

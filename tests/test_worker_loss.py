@@ -215,7 +215,7 @@ import kompot_dask as kd
 import kompot_dask._numerics.gp as gp
 
 
-def slow_compute_landmarks(X, n_landmarks, random_state):
+def slow_compute_landmarks(X, n_landmarks, random_state, sample=None):
     # Runs in the k-means helper process (pickled by name from __main__).
     print(f"KMEANS {{os.getpid()}}", flush=True)
     time.sleep(120)
@@ -225,7 +225,7 @@ def slow_compute_landmarks(X, n_landmarks, random_state):
 if __name__ == "__main__":
     gp.compute_landmarks = slow_compute_landmarks
     kd.de({path!r}, "Age", "Young", "Old", layer="logged_counts", obsm_key="X_pca",
-          gp=kd.GPSettings(n_landmarks=100, ls=50.0), fdr=kd.FDRSettings(null_genes=0),
+          gp=kd.GPSettings.kompot(n_landmarks=100, ls=50.0), fdr=kd.FDRSettings(null_genes=0),
           compute=kd.ComputeSettings(memory_limit="2GiB"), output=kd.OutputSettings(progress=False))
     print("DONE", flush=True)
 '''
@@ -244,9 +244,9 @@ def _marked(marker: str) -> list[psutil.Process]:
 
 
 def test_de__killed_client_leaves_no_process_behind(tmp_path, small_store):
-    """SIGKILL of a client process while k-means runs in its helper: the helper, the
-    resource tracker and the embedded cluster's worker all exit within seconds, and
-    nothing keeps the client's stdout open."""
+    """SIGKILL of a client process while k-means runs in its helper (kompot's exact path
+    runs it there): the helper, the resource tracker and the embedded cluster's worker all
+    exit within seconds, and nothing keeps the client's stdout open."""
     script = tmp_path / "client.py"
     script.write_text(CLIENT_SCRIPT.format(path=os.fspath(small_store)))
     marker = uuid.uuid4().hex

@@ -31,8 +31,29 @@ def worker_environment(threads_per_worker: int) -> dict[str, str]:
     }
 
 
-def default_local_cluster_kwargs(compute: ComputeSettings) -> dict:
+IN_PROCESS_MAX_ELEMENTS = 50_000_000
+"""Largest run (cells × genes of the store) that the embedded cluster runs in the client's
+own process by default (``ComputeSettings.processes=None``)."""
+
+
+def use_in_process(compute: ComputeSettings, n_elements: int | None) -> bool:
+    """Whether the embedded LocalCluster runs its worker as threads of this process."""
+    if compute.processes is not None:
+        return not compute.processes
+    if (compute.n_workers not in (None, 1) or compute.threads_per_worker is not None
+            or compute.memory_limit is not None):  # a memory limit is enforced by a nanny only
+        return False
+    return n_elements is not None and n_elements <= IN_PROCESS_MAX_ELEMENTS
+
+
+def default_local_cluster_kwargs(compute: ComputeSettings, in_process: bool = False) -> dict:
     cores = os.cpu_count() or 1
+    if in_process:
+        memory_limit = compute.memory_limit
+        if memory_limit is None:
+            memory_limit = int(0.9 * psutil.virtual_memory().total)
+        return dict(n_workers=1, threads_per_worker=cores, processes=False, memory_limit=memory_limit,
+                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
     threads = compute.threads_per_worker
     if compute.n_workers is None:
         n_workers = 1 if threads is None else max(1, cores // threads)
@@ -101,8 +122,13 @@ def pin_workers(client: Client) -> dict[str, list[int]]:
 
 
 @contextmanager
-def resolve_client(client: Client | None = None, compute: ComputeSettings | None = None) -> Iterator[Client]:
-    """Yield the client to run on; an embedded LocalCluster is closed on exit."""
+def resolve_client(client: Client | None = None, compute: ComputeSettings | None = None,
+                   n_elements: int | None = None) -> Iterator[Client]:
+    """Yield the client to run on; an embedded LocalCluster is closed on exit.
+
+    ``n_elements`` (cells × genes of the run's store) lets a small run's embedded cluster
+    run in this process (see :func:`use_in_process`).
+    """
     if client is not None:
         yield client
         return
@@ -113,14 +139,20 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
     if current is not None:
         yield current
         return
-    kwargs = default_local_cluster_kwargs(compute or ComputeSettings())
-    logger.info(
-        "Starting a LocalCluster with %d worker processes × %d threads",
-        kwargs["n_workers"], kwargs["threads_per_worker"],
-    )
+    compute = compute or ComputeSettings()
+    in_process = use_in_process(compute, n_elements)
+    kwargs = default_local_cluster_kwargs(compute, in_process)
+    if in_process:
+        logger.info("Starting a LocalCluster in this process (1 worker × %d threads)", kwargs["threads_per_worker"])
+    else:
+        logger.info(
+            "Starting a LocalCluster with %d worker processes × %d threads",
+            kwargs["n_workers"], kwargs["threads_per_worker"],
+        )
     with LocalCluster(**kwargs) as cluster, Client(cluster) as new_client:
         logger.info("Dask dashboard: %s", new_client.dashboard_link)
         new_client.kompot_embedded = True  # workers live for this run only
+        new_client.kompot_in_process = in_process
         if kwargs["n_workers"] > 1:
             pin_workers(new_client)
         yield new_client
@@ -129,3 +161,22 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
 def is_embedded(client: Client) -> bool:
     """Whether ``client`` belongs to a LocalCluster that kompot_dask started for one run."""
     return bool(getattr(client, "kompot_embedded", False))
+
+
+def is_in_process(client: Client) -> bool:
+    """Whether ``client``'s workers are threads of this process (an in-process embedded cluster)."""
+    return bool(getattr(client, "kompot_in_process", False))
+
+
+@contextmanager
+def single_threaded_blas(client: Client) -> Iterator[None]:
+    """Limit BLAS to one thread per call while an in-process cluster computes: its Dask
+    threads are this process's threads, and each would otherwise start a BLAS thread per
+    core (threads × cores on the cores). Worker processes get that from their environment."""
+    if not is_in_process(client):
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -141,8 +141,49 @@ def _load_array_task(path):
     return io_commit.read_array(path)
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only) at the end of a task: a worker's
+    threads allocate from separate malloc arenas that otherwise keep what a finished task
+    freed, so resident memory would creep up to threads × the largest task."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def value_dtype(layer_dtype) -> np.dtype:
+    """Precision the null-gene source values are kept in: float32 where it holds every value
+    of the layer's dtype exactly, float64 otherwise."""
+    dt = np.dtype(layer_dtype)
+    return np.dtype(np.float32) if np.can_cast(dt, np.float32, casting="safe") else np.dtype(np.float64)
+
+
+class _Clock:
+    """Thread-seconds per phase inside one task (returned with its result, summed by the
+    client into :attr:`EngineResult.thread_seconds`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
 def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar):
     """Fit, score and (optionally) predict one block of store columns."""
+    clock = _Clock()
     lay = ctx.layout
     c0, c1 = block["c0"], block["c1"]
     local = block["local"]  # selected columns, relative to c0
@@ -159,47 +200,68 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
         tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
         used = tile[in1 | in2]
         bad |= ~np.all(np.isfinite(used), axis=0)
+        clock.lap("tile read")
         xs = X[r0:r1]
         if in1.any():
             acc1.add(xs[in1], tile[in1].astype(ctx.dtype, copy=False))
         if in2.any():
             acc2.add(xs[in2], tile[in2].astype(ctx.dtype, copy=False))
+        acc1.wait()
+        acc2.wait()
+        clock.lap("projection")
     if bad.any():
         raise NonFiniteExpressionError((c0 + local[bad]).tolist())
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
-    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
+    b1, b2 = acc1.result(), acc2.result()
+    clock.lap("projection")
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    del b1, b2
+    clock.lap("scoring")
     if ctx.staged:
         kc = lay.kernel_chunk
+        Zd, w1d, w2d = (gp_mod.as_device(a, ctx.dtype) for a in (Z, w1, w2))
         for r0, r1 in lay.row_ranges:
             sel = np.flatnonzero(pred[r0:r1])
             tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
             for s in range(0, len(sel), kc):
                 rows = sel[s : s + kc]
                 xs = gp_mod._pad_rows(X[r0 + rows], kc)
-                mu1, mu2, fc = gp_mod.predict_pair(xs, Z, w1, w2, ctx.ls, ctx.dtype)
+                mu1, mu2, fc = gp_mod.predict_pair(xs, Zd, w1d, w2d, ctx.ls, ctx.dtype)
                 n = len(rows)
                 values = {"imputed1": mu1, "imputed2": mu2, "fold_change": fc}
                 for role, t in tiles.items():
                     t[np.ix_(rows, local)] = values[role][:n, :n_sel]
+            clock.lap("layer prediction")
             for role, path in ctx.staged.items():
                 write_tile(path, "", r0, r1, c0, c1, tiles[role])
-    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+            clock.lap("layer write")
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
+           "seconds": clock.seconds}
+    del acc1, acc2, w1, w2
+    if ctx.staged:
+        del Zd, w1d, w2d
+    _trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
-                               {k: np.asarray(v) for k, v in out.items()})
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
     return out
 
 
 def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar):
     """Score one block of null genes: permuted source columns over both conditions."""
+    clock = _Clock()
     lay = ctx.layout
     sources = block["sources"]  # sorted store column of each null
     seeds = block["seeds"]
     uniq, inverse = np.unique(sources, return_inverse=True)
     n1, n2 = len(rows1), len(rows2)
     stacked_rows = np.concatenate([rows1, rows2])
-    values = np.empty((n1 + n2, len(uniq)), dtype=ctx.dtype)
+    # The source columns over all cells of both conditions are this task's big arrays: kept
+    # in the layer's own precision where float32 holds its values exactly (the projection
+    # converts each chunk to the compute dtype, so nothing changes numerically).
+    vdt = value_dtype(ctx.reader.info.dtype)
+    values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
     pos_of_row[stacked_rows] = np.arange(n1 + n2)
@@ -213,33 +275,41 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             continue
         tile = ctx.reader.read(r0, r1, uniq)[: hi - r0]
         values[pos[keep]] = tile[keep]
+    del pos_of_row
     if not np.all(np.isfinite(values)):
         bad = ~np.all(np.isfinite(values), axis=0)
         raise NonFiniteExpressionError(uniq[bad].tolist(), as_null_source=True)
+    clock.lap("null-gene read")
     width = lay.null_gene_block
-    y1 = np.zeros((n1, width), dtype=ctx.dtype)
-    y2 = np.zeros((n2, width), dtype=ctx.dtype)
+    # Both conditions' permuted values in one array: condition 1's cells first.
+    y = np.zeros((n1 + n2, width), dtype=vdt)
     for i, (col, seed) in enumerate(zip(inverse, seeds, strict=True)):
-        permuted = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
-        y1[:, i] = permuted[:n1]
-        y2[:, i] = permuted[n1:]
+        y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
+    clock.lap("null-gene read")
     acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
-    acc1.add(X[rows1], y1)
-    del y1
+    acc1.add(X, y[:n1], rows=rows1)
     acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
-    acc2.add(X[rows2], y2)
-    del y2
+    acc2.add(X, y[n1:], rows=rows2)
+    del y
+    b1, b2 = acc1.result(), acc2.result()
+    clock.lap("null-gene projection")
     factors = {"C1": C1, "C2": C2, "R": R}
-    _, _, d, _ = gp_mod.block_scores(factors, kbar, acc1.result(), acc2.result(), ctx.sigma, FACTOR_DTYPE)
-    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)]}
+    _, _, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    clock.lap("null-gene scoring")
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)],
+           "seconds": clock.seconds}
+    del acc1, acc2, b1, b2
+    _trim_heap()
     if ctx.markers:
-        io_commit.write_marker(ctx.markers, f"null-{block['index']}", {k: np.asarray(v) for k, v in out.items()})
+        io_commit.write_marker(ctx.markers, f"null-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
     return out
 
 
 def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None):
     """Posterior standard deviation of both conditions at the cells ``rows``."""
+    t0 = time.perf_counter()
     factors = {"Lp": Lp, "C1": C1, "C2": C2}
     out1 = np.empty(len(rows))
     out2 = np.empty(len(rows))
@@ -248,13 +318,18 @@ def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None)
         v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], kernel_chunk), Z, factors, ls, dtype)
         out1[s : s + len(r)] = v1[: len(r)]
         out2[s : s + len(r)] = v2[: len(r)]
-    result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps)
+    _trim_heap()
+    result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps), np.float64(time.perf_counter() - t0)
     if marker is not None:
-        io_commit.write_marker(marker[0], marker[1], dict(zip(("rows", "std1", "std2"), result, strict=True)))
+        io_commit.write_marker(marker[0], marker[1], dict(zip(("rows", "std1", "std2", "seconds"), result,
+                                                              strict=True)))
     return result
 
 
-def _length_scale_task(X1, ls_factor):
+def _length_scale_task(X1, ls_factor, neighbors="pynndescent", sample=None, random_state=None):
+    if neighbors == "exact":
+        nn = gp_mod.sampled_nearest_distances(X1, sample, random_state)
+        return gp_mod.length_scale_from_distances(nn, ls_factor)
     import warnings
 
     with warnings.catch_warnings():
@@ -288,7 +363,7 @@ def _drain_writers(client: Client, keys: list[str], timeout: float = 120.0) -> N
     logger.warning("Block tasks still running after %.0f s; staged layers may need cleanup", timeout)
 
 
-def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, given, random_state):
+def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, given, random_state, nn):
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -297,7 +372,7 @@ def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, given, ran
     # client must not leave a ~350 MiB k-means process behind.
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        ls_f = pool.submit(_length_scale_task, X1, ls_factor) if ls is None else None
+        ls_f = pool.submit(_length_scale_task, X1, ls_factor, *nn) if ls is None else None
         Z = _landmark_array(landmarks, given, pooled, random_state, lambda *args: pool.submit(*args).result())
         if ls_f is not None:
             ls = float(ls_f.result())
@@ -305,39 +380,53 @@ def _prepare_in_subprocesses(X1, pooled, *, ls, ls_factor, landmarks, given, ran
 
 
 def _landmark_array(landmarks: Landmarks, given: np.ndarray | None, pooled: np.ndarray,
-                    random_state: int | None, run_kmeans) -> np.ndarray:
+                    random_state: int | None, run_kmeans, sample: int | None = None) -> np.ndarray:
     """The landmarks :func:`kompot_dask._layout.landmarks_for` decided on: the given ones,
-    every cell, or k-means centroids computed by ``run_kmeans(fn, *args)`` away from the client."""
+    every cell, or k-means centroids (of ``sample`` cells at most) computed by
+    ``run_kmeans(fn, *args)``."""
     if landmarks.source is LandmarkSource.PROVIDED:
         return given
     if landmarks.source is LandmarkSource.ALL_CELLS:
         return gp_mod.compute_landmarks(pooled, landmarks.requested, random_state)
-    return run_kmeans(gp_mod.compute_landmarks, pooled, landmarks.count, random_state)
+    return run_kmeans(gp_mod.compute_landmarks, pooled, landmarks.count, random_state, sample)
 
 
 def prepare_model(
     client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
     landmarks: Landmarks, given: np.ndarray | None, random_state: int | None,
+    neighbors: str = "pynndescent", neighbor_sample: int | None = None, landmark_sample: int | None = None,
 ) -> tuple[float, np.ndarray, str]:
-    """Length scale and landmarks, computed concurrently.
+    """Length scale and landmarks.
 
     ``landmarks`` says how many and where they come from (``given``: the user's array).
-    The nearest-neighbour search compiles numba code (~20 s, ~300 MB of compiled code and
-    k-means buffers that stay in the process) the first time a process runs it. On a
-    long-lived cluster it runs on a pinned worker, which then pays that once. For an
-    embedded, single-run cluster it runs in short-lived helper processes instead, so the
-    workers start the factor phase without that memory.
+    Where they run is :func:`kompot_dask._layout.prep_in_client`'s decision:
+
+    - the fast path (exact neighbours of a sample, k-means of a sample) runs here, in the
+      client: bounded memory, no compiled code, nothing to start;
+    - pynndescent compiles numba code (~20 s, ~300 MB of compiled code and k-means buffers
+      that stay in the process) the first time a process runs it. On a long-lived cluster
+      it runs on a pinned worker, which then pays that once. For an embedded, single-run
+      cluster it runs in short-lived helper processes instead, so the workers start the
+      factor phase without that memory.
     """
+    from .._layout import prep_in_client
     from .cluster import is_embedded
 
+    nn = (neighbors, neighbor_sample, random_state)
+    if prep_in_client(neighbors, landmark_sample, pooled.shape[0], landmarks.source):
+        if ls is None:
+            ls = _length_scale_task(X1, ls_factor, *nn)
+        Z = _landmark_array(landmarks, given, pooled, random_state, lambda fn, *args: fn(*args), landmark_sample)
+        return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
     if is_embedded(client):
         return _prepare_in_subprocesses(X1, pooled, ls=ls, ls_factor=ls_factor, landmarks=landmarks,
-                                        given=given, random_state=random_state)
+                                        given=given, random_state=random_state, nn=nn)
     ls_f = None
     if ls is None:
         # Always the same worker, so that a long-lived cluster compiles pynndescent once.
         first = sorted(client.scheduler_info(n_workers=-1)["workers"])[:1]
-        ls_f = client.submit(_length_scale_task, X1, ls_factor, pure=False, workers=first, allow_other_workers=True)
+        ls_f = client.submit(_length_scale_task, X1, ls_factor, *nn, pure=False, workers=first,
+                             allow_other_workers=True)
 
     def kmeans_on_a_worker(fn, *args):
         # On another worker than the length-scale search, so the two overlap.
@@ -345,10 +434,14 @@ def prepare_model(
         placement = {"workers": others, "allow_other_workers": True} if others else {}
         return client.submit(fn, *args, pure=False, **placement).result()
 
-    Z = _landmark_array(landmarks, given, pooled, random_state, kmeans_on_a_worker)
+    Z = _landmark_array(landmarks, given, pooled, random_state, kmeans_on_a_worker, landmark_sample)
     if ls_f is not None:
         ls = float(ls_f.result())
     return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
+
+
+_FIT_PRIORITY = 10
+"""Dask priority of the fit's critical path (higher runs first; std tasks have 1, blocks 0)."""
 
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
@@ -356,24 +449,31 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
     run waits on."""
     kc = kernel_chunk
+    # Priorities follow the critical path S → C → metric → blocks: the metric's chain of
+    # m × m solves is the longest single step, so everything it needs goes first and the
+    # per-cell std tasks (which need no metric) fill the other threads meanwhile. (A metric
+    # with two BLAS threads and the std tasks after it measured slower: OpenBLAS does not
+    # regain its speed after threadpoolctl lowered and raised its thread count.)
+    hi = {"pure": False, "priority": _FIT_PRIORITY}
     logger.info("Fitting expression estimator for condition 1...")
     parts = fit_parts(n_workers)
-    s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+    s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, **hi)
           for r in np.array_split(rows1, parts)]
     logger.info("Fitting expression estimator for condition 2...")
-    s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+    s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, **hi)
           for r in np.array_split(rows2, parts)]
-    ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False)
+    # kbar: off the critical path, but ahead of the std tasks (the blocks need it)
+    ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False, priority=2)
           for r in np.array_split(pred_rows, n_threads)]
-    kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False)
+    kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False, priority=2)
     # The m × m factors as a small graph of their own, so that the two conditions are
     # factorised on different workers; workers fetch each factor once.
-    Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, pure=False)
-    C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, pure=False)
-    C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, pure=False)
-    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, pure=False)
-    R_f = client.submit(operator.getitem, metric_f, 0, pure=False)
-    diag_f = client.submit(operator.getitem, metric_f, 1, pure=False)
+    Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, **hi)
+    C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
+    C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, **hi)
+    R_f = client.submit(operator.getitem, metric_f, 0, **hi)
+    diag_f = client.submit(operator.getitem, metric_f, 1, **hi)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
     return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f]
 
@@ -410,6 +510,10 @@ class EngineResult:
     layout: Layout
     n_tasks: int
     n_reused: int = 0
+    thread_seconds: dict[str, float] = field(default_factory=dict)
+    """Thread-seconds the tasks spent per phase (tile read, projection, scoring, ...)."""
+    wall_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of the engine's stages seen from the client (the fit, all tasks)."""
 
 
 def run_engine(
@@ -461,14 +565,15 @@ def run_engine(
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
     pred_rows = np.flatnonzero(pred)
-    std_parts = [(i, r) for i, r in enumerate(np.array_split(pred_rows, layout.n_std_tasks)) if len(r)]
+    std_parts = list(enumerate(_layout.std_parts(layout, pred_rows)))
     real_out = [done[f"real-{b['index']}"] for b in real_blocks if f"real-{b['index']}" in done]
     null_out = [done[f"null-{b['index']}"] for b in null_blocks if f"null-{b['index']}" in done]
-    std_out = [tuple(done[f"std-{i}"][k] for k in ("rows", "std1", "std2")) for i, _ in std_parts if f"std-{i}" in done]
+    std_out = [tuple(done[f"stdk-{i}"][k] for k in ("rows", "std1", "std2")) + (0.0,)
+               for i, _ in std_parts if f"stdk-{i}" in done]
     n_all = len(real_blocks) + len(null_blocks) + len(std_parts)
     real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
     null_blocks = [b for b in null_blocks if f"null-{b['index']}" not in done]
-    std_parts = [(i, r) for i, r in std_parts if f"std-{i}" not in done]
+    std_parts = [(i, r) for i, r in std_parts if f"stdk-{i}" not in done]
     n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts)
     if n_reused:
         logger.info("Resuming: %d of %d tasks finished before the interruption are reused "
@@ -512,7 +617,7 @@ def run_engine(
         for i, r in std_parts:
             # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
             futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
-                                         (markers, f"std-{i}"), pure=False, priority=1))
+                                         (markers, f"stdk-{i}"), pure=False, priority=1))
         n_tasks = len(futures) + len(setup)
         outputs = {f.key for f in futures}
         pending = as_completed(setup + futures, loop=client.loop)
@@ -522,12 +627,15 @@ def run_engine(
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
         futures = []
         diagonal = False
+        t_tasks = time.perf_counter()
+        walls: dict[str, float] = {}
         with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
             for fut, res in _completed(client, pending, outputs | {diag_f.key}):
                 if fut.key == diag_f.key:
                     # gathered inside the loop that watches for lost workers: fetched after
                     # it, a flag whose worker had gone would wait for a worker forever
                     diagonal = bool(res)
+                    walls["fit"] = round(time.perf_counter() - t_tasks, 3)
                 elif fut.key in outputs:
                     if isinstance(res, tuple):
                         std_out.append(res)
@@ -538,6 +646,7 @@ def run_engine(
                 elif fut.status == "error":
                     fut.result()
                 bar.update(1)
+        walls["all tasks"] = round(time.perf_counter() - t_tasks, 3)
         if diagonal:
             logger.info("Mahalanobis distances used the diagonal covariance shortcut")
     except BaseException as exc:
@@ -550,7 +659,9 @@ def run_engine(
         if lost is not None:
             raise lost from exc
         raise
-    return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused)
+    result = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused)
+    result.wall_seconds = walls
+    return result
 
 
 def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks, n_reused) -> EngineResult:
@@ -564,10 +675,16 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
         null_d[r["null_ids"]] = r["mahalanobis"]
     std1 = np.full(n_obs, np.nan)
     std2 = np.full(n_obs, np.nan)
-    for rows, a, b in std_out:
+    seconds: dict[str, float] = {}
+    for rows, a, b, t in std_out:
         std1[rows] = a
         std2[rows] = b
-    return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused)
+        seconds["posterior std"] = seconds.get("posterior std", 0.0) + float(t)
+    for r in (*real_out, *null_out):
+        for phase, t in r.get("seconds", {}).items():
+            seconds[phase] = seconds.get(phase, 0.0) + float(t)
+    return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused,
+                        thread_seconds={k: round(v, 3) for k, v in seconds.items()})
 
 
 # --------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import blas
+
 logger = logging.getLogger("kompot_dask")
 
 JITTER = 1e-6
@@ -92,12 +94,6 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, pad], axis=0)
 
 
-def _syrk(dtype: np.dtype):
-    from scipy.linalg import blas
-
-    return blas.dsyrk if np.dtype(dtype) == np.float64 else blas.ssyrk
-
-
 def cross_gram(
     Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64",
     out: np.ndarray | None = None,
@@ -109,7 +105,6 @@ def cross_gram(
     """
     m = Z.shape[0]
     dt = np.dtype(dtype)
-    syrk = _syrk(dt)
     s = np.zeros((m, m), dtype=dt, order="F") if out is None else out
     with precision(dtype):
         z = jnp.asarray(Z, dt)
@@ -120,7 +115,7 @@ def cross_gram(
             w[: xs.shape[0]] = 1.0
             k = np.asarray(_masked_kernel(z, jnp.asarray(_pad_rows(xs, chunk), dt), jnp.asarray(w, dt), lsj))
             # k is m × chunk in C order, i.e. kᵀ in Fortran order: S += (kᵀ)ᵀ kᵀ = k kᵀ
-            s = syrk(1.0, k.T, beta=1.0, c=s, trans=1, lower=1, overwrite_c=1)
+            blas.syrk_lower(s, k.T, trans=True)
     return s
 
 
@@ -165,10 +160,13 @@ class ProjectionAccumulator:
         with precision(dtype) as dt:
             self._b = jnp.zeros((Z.shape[0], width), dt)
 
-    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
-        """Add the contribution of cells ``X`` (n × d) with expression ``Y`` (n × genes)."""
-        for start in range(0, X.shape[0], self.chunk):
-            xs = X[start : start + self.chunk]
+    def add(self, X: np.ndarray, Y: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Add the contribution of cells ``X`` (n × d) with expression ``Y`` (n × genes);
+        with ``rows``, of the cells ``X[rows]`` (``Y`` then has one row per entry of
+        ``rows``), gathered one chunk at a time."""
+        n = X.shape[0] if rows is None else len(rows)
+        for start in range(0, n, self.chunk):
+            xs = X[start : start + self.chunk] if rows is None else X[rows[start : start + self.chunk]]
             ys = Y[start : start + self.chunk]
             if xs.shape[0] == 0:
                 continue
@@ -182,6 +180,10 @@ class ProjectionAccumulator:
                     jnp.asarray(ypad),
                     jnp.asarray(self._ls, dt),
                 )
+
+    def wait(self) -> None:
+        """Block until the queued (asynchronously dispatched) steps are done."""
+        self._b.block_until_ready()
 
     def result(self) -> np.ndarray:
         return np.asarray(self._b)
@@ -257,15 +259,19 @@ def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block
     return target
 
 
-def _potrf_lower_inplace(a: np.ndarray) -> np.ndarray:
-    """Cholesky of the lower triangle of a Fortran-ordered matrix, in place (upper zeroed)."""
-    from scipy.linalg import lapack
-
-    potrf = lapack.dpotrf if a.dtype == np.float64 else lapack.spotrf
-    c, info = potrf(a, lower=1, overwrite_a=1, clean=1)
-    if info != 0:
-        c[...] = np.nan
-    return c
+def _potrf_lower_inplace(a: np.ndarray, block: int = 512) -> np.ndarray:
+    """Cholesky of the lower triangle of a Fortran-ordered matrix, in place (upper zeroed;
+    all NaN when the matrix is not positive definite)."""
+    if blas.potrf_lower(a) != 0:
+        a[...] = np.nan
+        return a
+    n = a.shape[0]
+    for j0 in range(0, n, block):  # zero the strict upper triangle, block column by block column
+        j1 = min(n, j0 + block)
+        a[:j0, j0:j1] = 0.0
+        diag = a[j0:j1, j0:j1]
+        diag[np.triu_indices(j1 - j0, 1)] = 0.0
+    return a
 
 
 def _upper_factor(lower_f: np.ndarray, dtype: str) -> DeviceMatrix:
@@ -322,17 +328,14 @@ def landmark_metric(
     Runs in place with LAPACK/BLAS — triangular solves into one work matrix, rank-k updates
     into the covariance — so its working set is two m × m matrices besides the factors.
     """
-    import scipy.linalg as sla
-
     dt = np.dtype(dtype)
     m = Z.shape[0]
-    syrk = _syrk(dt)
     cov = _kernel_into(np.empty((m, m), dtype=dt, order="F"), Z, ls, dtype)
     work = np.empty((m, m), dtype=dt, order="F")
     for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
         _kernel_into(work, Z, ls, dtype)
-        sla.solve_triangular(_lower_view(factor), work, lower=True, overwrite_b=True, check_finite=False)
-        cov = syrk(alpha, work, beta=beta, c=cov, trans=1, lower=1, overwrite_c=1)
+        blas.trsm_left_lower(_lower_view(factor), work)
+        blas.syrk_lower(cov, work, alpha, beta, trans=True)
     diag = np.diag(cov).copy()
     ratio = float(diag.sum() / _lower_abs_sum(cov)) if m > 10 else 0.0
     diagonal = bool(m > 10 and ratio > 0.95)
@@ -345,7 +348,7 @@ def landmark_metric(
         cov[np.diag_indices(m)] += eps
         chol = _potrf_lower_inplace(cov)
         if np.all(np.isfinite(chol)):
-            sla.solve_triangular(chol, work, lower=True, overwrite_b=True, check_finite=False)
+            blas.trsm_left_lower(chol, work)
         else:
             work[...] = np.nan
         del chol, cov
@@ -381,17 +384,18 @@ def block_scores(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weights W1, W2 (m × g), Mahalanobis distances and mean log fold changes (g,).
 
-    W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ² by LAPACK (potrs, in place on a copy of B_c); the distances
-    D = ‖R (W₂ − W₁)‖ and k̄ᵀ(W₂ − W₁) are one jitted JAX batch.
+    W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ² by two triangular solves (BLAS, in place on a copy of B_c);
+    the distances D = ‖R (W₂ − W₁)‖ and k̄ᵀ(W₂ − W₁) are one jitted JAX batch.
     """
-    import scipy.linalg as sla
-
     dt = np.dtype(dtype)
     w = []
     for name, b in (("C1", B1), ("C2", B2)):
-        wc = sla.cho_solve((_lower_view(factors[name]), True), np.array(b, dtype=dt, order="F"),
-                           overwrite_b=True, check_finite=False)
-        w.append(wc / sigma**2)
+        lower = _lower_view(factors[name])
+        wc = blas.trsm_left_lower(lower, np.array(b, dtype=dt, order="F"))
+        blas.trsm_left_lower(lower, wc, transpose=True)
+        if sigma != 1.0:
+            wc /= sigma**2
+        w.append(wc)
     with precision(dtype) as jdt:
         d, lfc = _mahalanobis_batch(_to_jax(factors["R"], jdt), jnp.asarray(kbar_mean, jdt),
                                     jnp.asarray(w[0], jdt), jnp.asarray(w[1], jdt))
@@ -409,13 +413,25 @@ def _predict(x, z, w1, w2, ls):
 def predict_pair(
     X: np.ndarray, Z: np.ndarray, W1: np.ndarray, W2: np.ndarray, ls: float, dtype: str = "float64"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Posterior means of both conditions at cells ``X`` and their difference (n × g each)."""
+    """Posterior means of both conditions at cells ``X`` and their difference (n × g each).
+
+    ``Z``, ``W1`` and ``W2`` may be JAX arrays already (see :func:`as_device`): a block task
+    predicts many cell chunks with the same weights, and converting them once saves a copy
+    of each per chunk.
+    """
     with precision(dtype) as dt:
         mu1, mu2, fc = _predict(
-            jnp.asarray(X, dt), jnp.asarray(Z, dt), jnp.asarray(W1, dt), jnp.asarray(W2, dt),
-            jnp.asarray(ls, dt),
+            jnp.asarray(X, dt), as_device(Z, dt), as_device(W1, dt), as_device(W2, dt), jnp.asarray(ls, dt),
         )
         return np.asarray(mu1), np.asarray(mu2), np.asarray(fc)
+
+
+def as_device(a, dtype: str | np.dtype = "float64") -> jax.Array:
+    """``a`` as a JAX array of ``dtype`` (no copy if it is one already)."""
+    with precision(dtype) as dt:
+        if isinstance(a, jax.Array) and a.dtype == dt:
+            return a
+        return jnp.asarray(a, dt)
 
 
 def posterior_variances(
@@ -426,17 +442,15 @@ def posterior_variances(
     v_c(x) = 1 − ‖Lp⁻¹ k_x‖² + ‖C_c⁻¹ k_x‖², which equals the DTC latent variance
     k(x,x) − k K̃uu⁻¹ k + σ² k (σ²K̃uu + S)⁻¹ k since C_c C_cᵀ = K̃uu + S/σ².
 
-    The triangular solves run in place in LAPACK on a copy of the kernel block: JAX's
+    The triangular solves run in place in BLAS on a copy of the kernel block: JAX's
     solver would copy each m × m factor on every call.
     """
-    import scipy.linalg as sla
-
     k = np.asfortranarray(matern52(Z, X, ls, dtype))
     work = np.empty_like(k, order="F")
 
     def sq_norms(name: str) -> np.ndarray:
         work[...] = k
-        sla.solve_triangular(_lower_view(factors[name]), work, lower=True, overwrite_b=True, check_finite=False)
+        blas.trsm_left_lower(_lower_view(factors[name]), work)
         return np.einsum("ij,ij->j", work, work)
 
     prior = sq_norms("Lp")
@@ -447,9 +461,25 @@ def posterior_variances(
 # Landmarks and length scale (client side, on the embedding only)
 
 
-def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None) -> np.ndarray:
+def sample_rows(n: int, size: int | None, random_state: int | None) -> np.ndarray | None:
+    """Sorted row indices of a seeded sample of ``size`` of ``n`` rows, or ``None`` when the
+    sample would hold every row (``size`` is ``None`` or at least ``n``)."""
+    if size is None or size >= n:
+        return None
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(n, size=int(size), replace=False))
+
+
+def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None,
+                      sample: int | None = None) -> np.ndarray:
     """Landmarks of the pooled cells ``X``: all of them if there are at most ``n_landmarks``,
-    otherwise k-means centroids (one seeded initialisation, as in the reference)."""
+    otherwise k-means centroids (one seeded initialisation, as in the reference).
+
+    With ``sample``, k-means clusters a seeded sample of that many cells when there are more:
+    its cost is then bounded (k-means++ and each Lloyd step are O(cells · landmarks · d)),
+    while the landmarks still cover the embedding (their only job is to carry the GP).
+    ``sample=None`` clusters every cell, as kompot 0.8.0 does.
+    """
     if n_landmarks >= X.shape[0]:
         logger.warning(
             "n_landmarks=%s are requested while only %s cells are available. "
@@ -459,8 +489,62 @@ def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None)
         return np.asarray(X, dtype=np.float64).copy()
     from sklearn.cluster import k_means
 
-    centers, _, _ = k_means(np.asarray(X, dtype=np.float64), n_landmarks, n_init=1, random_state=random_state)
+    rows = sample_rows(X.shape[0], None if sample is None else max(int(sample), n_landmarks), random_state)
+    pool = np.asarray(X if rows is None else X[rows], dtype=np.float64)
+    if rows is not None:
+        logger.info("k-means landmarks from a seeded sample of %s of %s cells", f"{len(rows):,}", f"{X.shape[0]:,}")
+    centers, _, _ = k_means(pool, n_landmarks, n_init=1, random_state=random_state)
     return np.asarray(centers, dtype=np.float64)
+
+
+def exact_nearest_distances(X: np.ndarray, queries: np.ndarray | None = None, *, query_block: int = 512,
+                            ref_block: int = 32768) -> np.ndarray:
+    """Euclidean distance from each query row of ``X`` (``queries``: row indices, default
+    all) to its nearest *other* row of ``X``, found exactly by blocked matrix products.
+
+    Needs no compiled code and no index: O(queries · rows · d) flops, and memory of one
+    ``query_block × ref_block`` distance block (128 MiB by default) whatever the sizes.
+    The chosen neighbour's distance is recomputed from the coordinate differences, so it
+    carries no cancellation error from the ‖x‖² − 2x·y + ‖y‖² expansion.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    q_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    if n < 2:
+        raise ValueError("the length scale needs at least 2 condition-1 cells")
+    sq = np.einsum("ij,ij->i", X, X)
+    best = np.empty(len(q_rows), dtype=np.int64)
+    for q0 in range(0, len(q_rows), query_block):
+        qi = q_rows[q0 : q0 + query_block]
+        xq = X[qi]
+        best_d = np.full(len(qi), np.inf)
+        best_j = np.zeros(len(qi), dtype=np.int64)
+        for r0 in range(0, n, ref_block):
+            d2 = xq @ X[r0 : r0 + ref_block].T
+            d2 *= -2.0
+            d2 += sq[qi, None]
+            d2 += sq[None, r0 : r0 + ref_block]
+            own = (qi >= r0) & (qi < r0 + d2.shape[1])
+            d2[np.flatnonzero(own), qi[own] - r0] = np.inf  # not itself
+            j = np.argmin(d2, axis=1)
+            dj = d2[np.arange(len(qi)), j]
+            better = dj < best_d
+            best_d[better] = dj[better]
+            best_j[better] = j[better] + r0
+        best[q0 : q0 + len(qi)] = best_j
+    diff = X[q_rows] - X[best]
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def sampled_nearest_distances(X: np.ndarray, sample: int | None, random_state: int | None) -> np.ndarray:
+    """Exact nearest-neighbour distances of a seeded sample of ``sample`` rows of ``X`` (all
+    rows when ``None`` or fewer), each against every other row of ``X``.
+
+    The length scale is a geometric mean of these distances; a sample estimates it without
+    bias, at a cost linear in the cells (sample · cells · d) instead of quadratic.
+    """
+    rows = sample_rows(X.shape[0], sample, random_state)
+    return exact_nearest_distances(X, rows)
 
 
 def numba_cache_dir() -> str:
@@ -513,7 +597,9 @@ def _import_nndescent():
 
 def nearest_neighbour_distances(X: np.ndarray) -> np.ndarray:
     """Distance of each row of ``X`` to its nearest other row, found with pynndescent exactly
-    as the reference does (2 neighbours, Euclidean, ``random_state=42``)."""
+    as the reference does (2 neighbours, Euclidean, ``random_state=42``): an approximate
+    search, which on 2 neighbours returns a farther cell for some rows (1–20 % of them on
+    our test data), and ~20 s of numba compiling in every fresh process."""
     NNDescent = _import_nndescent()
     index = NNDescent(np.asarray(X), n_neighbors=2, metric="euclidean", random_state=42)
     _, dist = index.neighbor_graph

@@ -215,6 +215,10 @@ class RunRecord(_Stored):
     plan: PlanSummary = field(default_factory=PlanSummary)
     environment: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each step up to the record (cluster start, plan, model, engine, FDR)."""
+    task_seconds: dict[str, float] = field(default_factory=dict)
+    """Thread-seconds the workers' tasks spent per phase (tile read, projection, ...)."""
     resumed: ResumeInfo | None = None
 
     _SECTIONS: ClassVar[dict[str, type[_Stored]]] = {
@@ -299,7 +303,9 @@ class RunRecord(_Stored):
 def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Sequence[str],
                  fdr_results: dict[str, Any] | None, params: dict[str, Any], model: ModelInfo,
                  layout: LayoutInfo, plan: PlanSummary, environment: dict[str, Any],
-                 wall_seconds: float, resumed: ResumeInfo | None) -> RunRecord:
+                 wall_seconds: float, resumed: ResumeInfo | None,
+                 phase_seconds: dict[str, float] | None = None,
+                 task_seconds: dict[str, float] | None = None) -> RunRecord:
     """The record of a finished run.
 
     Parameters
@@ -316,6 +322,8 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
         From :func:`record_params`; conditions, threshold and result_key are read from it.
     model, layout, plan, environment, wall_seconds, resumed
         The record's sections (``resumed`` is ``None`` for a run that reused nothing).
+    phase_seconds, task_seconds
+        Where the time went: wall seconds per step, thread-seconds per task phase.
     """
     rk = params["storage"]["result_key"]
     mapping = field_mapping(list(names), names, params["condition1"], params["condition2"],
@@ -330,7 +338,8 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
         imputed_layer_keys=layer_keys, std_keys={"condition1": names["std1"], "condition2": names["std2"]},
         field_names=dict(names), field_mapping=mapping, fields_written=list(fields_written),
         uses_sample_variance=False, params=params, model=model, layout=layout, plan=plan,
-        environment=environment, wall_seconds=wall_seconds, resumed=resumed,
+        environment=environment, wall_seconds=wall_seconds, phase_seconds=dict(phase_seconds or {}),
+        task_seconds=dict(task_seconds or {}), resumed=resumed,
     )
 
 

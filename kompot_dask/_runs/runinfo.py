@@ -97,6 +97,10 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
         kwargs = {k: v for k, v in recorded.items() if k in known}
         if section == "gp":
             kwargs["landmarks"] = _recorded_landmarks(history, run_id, kwargs.get("landmarks"))
+            if "neighbors" not in recorded:
+                # recorded before the fast path existed (or by kompot): it searched with
+                # pynndescent and clustered every cell
+                kwargs.update(neighbors="pynndescent", neighbor_sample=None, landmark_sample=None)
             if kwargs.get("random_state", 0) is None and record.model.landmark_source == "kmeans":
                 logger.warning(
                     "Run %d placed its landmarks by k-means with GPSettings.random_state=None, so a "
@@ -251,16 +255,30 @@ class RunInfo(Reportable):
         out.update({f"package_versions.{k}": v for k, v in versions.items()})
         return out
 
+    def timings(self) -> dict[str, str]:
+        """Where the run's time went: wall seconds per step, then the workers' thread-seconds
+        per task phase ({} for runs recorded without them)."""
+        r = self.run_record
+        out = {f"wall: {k}": f"{v:.1f} s" for k, v in r.phase_seconds.items()}
+        if r.wall_seconds is not None and r.phase_seconds:
+            out["wall: total (to the record)"] = f"{r.wall_seconds:.1f} s"
+        out.update({f"tasks: {k}": f"{v:.1f} thread-s" for k, v in r.task_seconds.items()})
+        return out
+
     def report(self) -> Report:
         """The run as a :class:`~kompot_dask._report.Report` (text and HTML)."""
         fields = [(f.name, f.location, f"[{f.type}] {f.description}" if f.type else f.description, f.status)
                   for f in self.fields]
-        return Report(self.title, [
+        sections = [
             Section.key_values("Run Summary", self.summary()),
             Section.key_values("All Parameters", self.parameters()),
             Section.key_values("Environment", self.environment_rows()),
-            Section.table("Fields Created by This Run", ("Field", "Location", "Description", "Status"), fields),
-        ])
+        ]
+        if self.timings():
+            sections.append(Section.key_values("Time", self.timings()))
+        sections.append(
+            Section.table("Fields Created by This Run", ("Field", "Location", "Description", "Status"), fields))
+        return Report(self.title, sections)
 
     @property
     def title(self) -> str:
