@@ -36,7 +36,7 @@ from _measure import gib, run_measured  # noqa: E402
 
 KERNELS = r"""
 import os, json, time
-os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+os.sched_setaffinity(0, {{sorted(os.sched_getaffinity(0))[0]}})
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
 import numpy as np
