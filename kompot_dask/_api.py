@@ -35,7 +35,7 @@ from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
 from ._io.store import LayerInfo, Store, StoreDiskFullError, disk_full_error
-from ._layout import Landmarks, Layout, landmarks_for, make_layout
+from ._layout import Landmarks, Layout, landmarks_for, make_layout, null_value_dtype
 from ._numerics import fdr as fdr_mod
 from ._runs import fields as run_fields
 from ._runs import record as run_record
@@ -745,7 +745,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         fields=tuple((r, run_fields.FIELD_LOCATIONS[r], run.outputs.names[r]) for r in run.outputs.roles),
         overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory, overwrite=s.storage.overwrite,
         neighbors=s.gp.neighbors, neighbor_sample=s.gp.neighbor_sample, landmark_sample=s.gp.landmark_sample,
-        layer_dtype_is_float32_safe=bool(np.can_cast(np.dtype(info.dtype), np.float32, casting="safe")),
+        layer_dtype_is_float32_safe=null_value_dtype(info.dtype) == np.float32,
     )
 
 

@@ -545,10 +545,16 @@ a 200k-cell run's null blocks at ~335 genes and a 1M-cell run's at ~67. 1 GiB me
 3.11 GiB peak at 200k × 2k, against 1.84 GiB for the earlier 160 MB bound."""
 
 
+def null_value_dtype(layer_dtype) -> np.dtype:
+    """Precision the null-gene source values are kept in: float32 where it holds every value
+    of the layer's dtype exactly, float64 otherwise."""
+    dt = np.dtype(layer_dtype)
+    return np.dtype(np.float32) if np.can_cast(dt, np.float32, casting="safe") else np.dtype(np.float64)
+
+
 def _null_value_bytes(inp: PlanInputs) -> int:
-    """Bytes per null source value as the null task keeps it (float32 for layers whose
-    values float32 holds exactly, in practice float32 or narrower)."""
-    return 4 if inp.layer_itemsize <= 4 and inp.layer_dtype_is_float32_safe else 8
+    """Bytes per null source value as the null task keeps it (:func:`null_value_dtype`)."""
+    return 4 if inp.layer_dtype_is_float32_safe else 8
 
 
 def _null_options(inp: PlanInputs, given: int | None, gene_block: int) -> list[int]:

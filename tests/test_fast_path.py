@@ -17,7 +17,6 @@ from scipy.spatial import cKDTree
 import kompot_dask as kd
 from kompot_dask import _layout as L
 from kompot_dask._engine.cluster import IN_PROCESS_MAX_ELEMENTS, use_in_process
-from kompot_dask._engine.graph import value_dtype
 from kompot_dask._numerics import blas, gp
 
 
@@ -161,7 +160,7 @@ def test_prep_placement__client_on_the_fast_path_else_helpers_or_workers():
 
 
 def test_value_dtype__float32_only_where_it_is_exact():
-    assert value_dtype(np.float32) == np.float32
-    assert value_dtype(np.int16) == np.float32
-    assert value_dtype(np.float64) == np.float64
-    assert value_dtype(np.int32) == np.float64
+    assert L.null_value_dtype(np.float32) == np.float32
+    assert L.null_value_dtype(np.int16) == np.float32
+    assert L.null_value_dtype(np.float64) == np.float64
+    assert L.null_value_dtype(np.int32) == np.float64

@@ -160,13 +160,6 @@ def _trim_heap() -> None:
 _MALLOC_TRIM = None
 
 
-def value_dtype(layer_dtype) -> np.dtype:
-    """Precision the null-gene source values are kept in: float32 where it holds every value
-    of the layer's dtype exactly, float64 otherwise."""
-    dt = np.dtype(layer_dtype)
-    return np.dtype(np.float32) if np.can_cast(dt, np.float32, casting="safe") else np.dtype(np.float64)
-
-
 class _Clock:
     """Thread-seconds per phase inside one task (returned with its result, summed by the
     client into :attr:`EngineResult.thread_seconds`)."""
@@ -206,8 +199,6 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
             acc1.add(xs[in1], tile[in1].astype(ctx.dtype, copy=False))
         if in2.any():
             acc2.add(xs[in2], tile[in2].astype(ctx.dtype, copy=False))
-        acc1.wait()
-        acc2.wait()
         clock.lap("projection")
     if bad.any():
         raise NonFiniteExpressionError((c0 + local[bad]).tolist())
@@ -220,14 +211,14 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     clock.lap("scoring")
     if ctx.staged:
         kc = lay.kernel_chunk
-        Zd, w1d, w2d = (gp_mod.as_device(a, ctx.dtype) for a in (Z, w1, w2))
+        Zd = gp_mod.as_device(Z, ctx.dtype)  # once per block, not once per kernel chunk
         for r0, r1 in lay.row_ranges:
             sel = np.flatnonzero(pred[r0:r1])
             tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
             for s in range(0, len(sel), kc):
                 rows = sel[s : s + kc]
                 xs = gp_mod._pad_rows(X[r0 + rows], kc)
-                mu1, mu2, fc = gp_mod.predict_pair(xs, Zd, w1d, w2d, ctx.ls, ctx.dtype)
+                mu1, mu2, fc = gp_mod.predict_pair(xs, Zd, w1, w2, ctx.ls, ctx.dtype)
                 n = len(rows)
                 values = {"imputed1": mu1, "imputed2": mu2, "fold_change": fc}
                 for role, t in tiles.items():
@@ -239,8 +230,6 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "seconds": clock.seconds}
     del acc1, acc2, w1, w2
-    if ctx.staged:
-        del Zd, w1d, w2d
     _trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
@@ -260,7 +249,7 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     # The source columns over all cells of both conditions are this task's big arrays: kept
     # in the layer's own precision where float32 holds its values exactly (the projection
     # converts each chunk to the compute dtype, so nothing changes numerically).
-    vdt = value_dtype(ctx.reader.info.dtype)
+    vdt = _layout.null_value_dtype(ctx.reader.info.dtype)
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)

@@ -171,10 +171,6 @@ class ProjectionAccumulator:
                                              jnp.asarray(self._ls, dt)))
             self._b[:, : ys.shape[1]] += k[:, : ys.shape[0]] @ ys
 
-    def wait(self) -> None:
-        """Nothing to wait for (kept for callers that time the steps: the work is done by
-        the time :meth:`add` returns)."""
-
     def result(self) -> np.ndarray:
         return self._b
 
