@@ -13,6 +13,7 @@ Two parts, each in fresh processes:
 
     .venv/bin/python benchmarks/phases.py --kernels
     .venv/bin/python benchmarks/phases.py --n-obs 10000 --n-vars 2000
+    .venv/bin/python benchmarks/phases.py --n-obs 10000 --processes yes   # worker process
     .venv/bin/python benchmarks/phases.py --n-obs 200000 --n-vars 2000 --workdir /data/bench
 
 FLOP counts (multiply-adds count 2): cross-gram n·m² (syrk), projection 2·m·n·genes, scoring
@@ -89,7 +90,8 @@ if __name__ == "__main__":
     import json, time, kompot_dask as kd
     t = time.perf_counter()
     kd.de({store!r}, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-          output=kd.OutputSettings(progress=False), storage=kd.StorageSettings(overwrite=True))
+          output=kd.OutputSettings(progress=False), storage=kd.StorageSettings(overwrite=True),
+          compute=kd.ComputeSettings(processes={processes!r}))
     wall = time.perf_counter() - t
     info = kd.RunInfo({store!r}, -1)
     r = info.run_record
@@ -119,7 +121,7 @@ def print_kernels(k: dict) -> None:
         print(f"{name:28s}{rate / 1e9:>10.1f}{100 * rate / gemm:>8.0f} %")
 
 
-def run(n_obs: int, n_vars: int, workdir: str, gemm_one_core: float) -> None:
+def run(n_obs: int, n_vars: int, workdir: str, gemm_one_core: float, processes: bool | None = None) -> None:
     import kompot_dask as kd
     from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
@@ -127,7 +129,7 @@ def run(n_obs: int, n_vars: int, workdir: str, gemm_one_core: float) -> None:
     if not os.path.exists(store):
         write_synthetic_store(store, SyntheticSpec(n_obs=n_obs, n_vars=n_vars, n_dims=20, seed=0))
     del kd
-    res = run_measured(RUN.format(store=store))
+    res = run_measured(RUN.format(store=store, processes=processes))
     m, n12, n_null = res["m"], res["n1"] + res["n2"], res["n_null"]
     genes = n_vars
     flops = {
@@ -161,12 +163,15 @@ def main() -> None:
     p.add_argument("--n-vars", type=int, default=2_000)
     p.add_argument("--m", type=int, default=5000)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--processes", choices=("auto", "yes", "no"), default="auto",
+                   help="the embedded cluster's workers: the default's choice, processes, or threads of the run's process")
     args = p.parse_args()
     k = kernels(args.m, 20, 20_000)
     print_kernels(k)
     if args.kernels:
         return
-    run(args.n_obs, args.n_vars, args.workdir or tempfile.mkdtemp(prefix="kd_phases_"), k["gemm"])
+    processes = {"auto": None, "yes": True, "no": False}[args.processes]
+    run(args.n_obs, args.n_vars, args.workdir or tempfile.mkdtemp(prefix="kd_phases_"), k["gemm"], processes)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from distributed import Client, KilledWorker
 
 from . import _planner as planner
 from ._engine import graph as engine
-from ._engine.cluster import is_embedded, resolve_client, single_threaded_blas
+from ._engine.cluster import is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
@@ -555,7 +555,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources, null_seeds = fdr_mod.choose_null_genes(run.store.n_vars, outputs.n_null, s.fdr.null_seed)
     else:
         null_sources = null_seeds = np.array([], dtype=np.int64)
-    with single_threaded_blas(client):
+    with worker_runtime(client):
         return engine.run_engine(
             client, run.store, run.info, X=X, codes=codes, pred=cells.filter_mask, selected=cells.selected, Z=Z,
             ls=ls, sigma=s.gp.sigma, eps=s.gp.eps, null_sources=null_sources, null_seeds=null_seeds,

@@ -34,3 +34,53 @@ def test_pin_workers__more_threads_than_cores_are_left_alone():
                       host="127.0.0.1", dashboard_address=None, env=worker_environment(1)) as cl, \
             Client(cl, set_as_default=False) as c:
         assert kd.pin_workers(c) == {}
+
+
+def _mmapped_by_a_4mib_array() -> int:
+    """Bytes that glibc served from fresh mmaps for one 4 MiB allocation (0: from the heap)."""
+    import ctypes
+
+    import numpy as np
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    a = np.ones(2**19)  # 4 MiB
+    after = mallinfo2().hblkhd
+    del a
+    return int(after - before)
+
+
+def _has_mallinfo2() -> bool:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc ≥ 2.33")
+def test_worker_runtime__heap_thresholds_for_the_run_then_the_workers_own():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's mmap
+    threshold at 128 KiB: each kernel block would be a fresh, kernel-zeroed mmap. During a
+    run, large blocks come from the heap; afterwards the worker's own setting is back."""
+    from kompot_dask._engine.cluster import worker_runtime
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="2GiB",
+                      host="127.0.0.1", dashboard_address=None, env=worker_environment(1)) as cl, \
+            Client(cl, set_as_default=False) as c:
+        assert c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).popitem()[1] is not None
+
+        def mmapped() -> int:
+            return c.submit(_mmapped_by_a_4mib_array, pure=False).result()
+
+        assert mmapped() >= 2**22
+        with worker_runtime(c):
+            assert mmapped() == 0
+        assert mmapped() >= 2**22
