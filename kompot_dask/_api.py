@@ -34,7 +34,7 @@ from ._engine.cluster import is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
-from ._io.store import LayerInfo, Store, StoreDiskFullError, disk_full_error
+from ._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, StoreDiskFullError, disk_full_error
 from ._layout import Landmarks, Layout, landmarks_for, make_layout, null_value_dtype
 from ._numerics import fdr as fdr_mod
 from ._runs import fields as run_fields
@@ -248,7 +248,7 @@ def _plan_public(data: Any, call: _Call, settings: _Settings, client: Client | N
 class _Cells:
     """The run's cells and genes: the embedding, the masks and the tested store columns."""
 
-    embedding: np.ndarray  # obsm[obsm_key] as stored
+    embedding: np.ndarray | EmbeddingReader  # obsm[obsm_key]: a band reader when dense in the store
     filter_mask: np.ndarray  # FilterSettings.cell_filter: the cells the model predicts at
     mask1: np.ndarray  # condition 1, within the filter
     mask2: np.ndarray  # condition 2, within the filter
@@ -358,7 +358,14 @@ def _check_conditions(obs: pd.DataFrame, call: _Call) -> None:
             raise ValueError(f"{name}={cond!r} is not a value of obs[{groupby!r}]; available values: {present}; pass {name}= one of these")
 
 
-def _read_embedding(store: Store, obsm_key: str) -> np.ndarray:
+def _read_embedding(store: Store, obsm_key: str) -> np.ndarray | EmbeddingReader:
+    """A dense embedding in the store as a band reader (no process holds it whole), any
+    other encoding read into memory."""
+    reader = store.embedding_reader(obsm_key)
+    if reader is not None:
+        if reader.shape[0] != store.n_obs:
+            raise ValueError(f"obsm[{obsm_key!r}] has shape {reader.shape}; expected ({store.n_obs}, d)")
+        return reader
     X_raw = store.read_obsm(obsm_key)
     if X_raw.ndim != 2 or X_raw.shape[0] != store.n_obs:
         raise ValueError(f"obsm[{obsm_key!r}] has shape {X_raw.shape}; expected ({store.n_obs}, d)")
@@ -376,7 +383,17 @@ def _genes_list(genes: Any) -> list[str] | None:
     return genes
 
 
-def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray) -> _Cells:
+def _finite_rows(embedding: np.ndarray | EmbeddingReader) -> np.ndarray:
+    """Whether each cell's coordinates are all finite (a stored embedding band by band)."""
+    if not isinstance(embedding, EmbeddingReader):
+        return np.all(np.isfinite(embedding), axis=1)
+    out = np.empty(len(embedding), dtype=bool)
+    for r0, r1, rows in embedding.bands():
+        out[r0:r1] = np.all(np.isfinite(rows), axis=1)
+    return out
+
+
+def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray | EmbeddingReader) -> _Cells:
     obs, var, genes, filt = store.obs, store.var, call.genes, settings.filter
     if genes is not None:
         unknown = [g for g in genes if g not in var.index]
@@ -387,7 +404,7 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
         selected = np.arange(store.n_vars)
     filter_mask = _cell_filter_mask(obs, filt.cell_filter)
     # Only the filtered cells enter the model (fits, predictions, stds), so only they must be finite.
-    bad_rows = filter_mask & ~np.all(np.isfinite(embedding), axis=1)
+    bad_rows = filter_mask & ~_finite_rows(embedding)
     if bad_rows.any():
         raise ValueError(
             f"obsm[{call.obsm_key!r}] holds NaN or inf in {int(bad_rows.sum())} cell(s) "
@@ -504,7 +521,14 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
     """The model (length scale, landmarks) and the engine's tasks, in a staging directory
     that a failed run keeps for a resume or discards (:func:`_keep_or_discard`)."""
     store, cells = run.store, run.cells
-    X = np.ascontiguousarray(cells.embedding, dtype=np.float64)
+    rows1, rows2 = np.flatnonzero(cells.mask1), np.flatnonzero(cells.mask2)
+    if isinstance(cells.embedding, EmbeddingReader):
+        # Read band by band, in the client (the model's samples) as on the workers.
+        X = cells.embedding
+        X1, pooled = RowSubset(X, rows1), RowSubset(X, np.concatenate([rows1, rows2]))
+    else:
+        X = np.ascontiguousarray(cells.embedding, dtype=np.float64)
+        X1, pooled = cells.embedding[rows1], np.vstack([X[rows1], X[rows2]])
     fingerprint = _fingerprint(run)
     staging, saved = io_commit.open_run_staging(store.path, fingerprint, resume)
     try:
@@ -516,7 +540,7 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
             gp = run.settings.gp
             with run.phase("length scale and landmarks"):
                 ls, Z, landmark_source = engine.prepare_model(
-                    client, cells.embedding[cells.mask1], np.vstack([X[cells.mask1], X[cells.mask2]]), ls=gp.ls,
+                    client, X1, pooled, ls=gp.ls,
                     ls_factor=gp.ls_factor, landmarks=run.landmarks, given=gp.landmarks,
                     random_state=gp.random_state, neighbors=gp.neighbors, neighbor_sample=gp.neighbor_sample,
                     landmark_sample=gp.landmark_sample,
@@ -746,6 +770,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         overwrites=overwrites, previous_run=prev_summary, in_memory=run.in_memory, overwrite=s.storage.overwrite,
         neighbors=s.gp.neighbors, neighbor_sample=s.gp.neighbor_sample, landmark_sample=s.gp.landmark_sample,
         layer_dtype_is_float32_safe=null_value_dtype(info.dtype) == np.float32,
+        embedding_cache_bytes=(cells.embedding.cache_nbytes if isinstance(cells.embedding, EmbeddingReader) else 0),
     )
 
 

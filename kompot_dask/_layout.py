@@ -134,6 +134,12 @@ class PlanInputs:
     neighbors: str = "pynndescent"  # GPSettings.neighbors
     neighbor_sample: int | None = None
     landmark_sample: int | None = None
+    embedding_cache_bytes: int = 0  # a stored embedding read in bands: the most a process caches; 0: held whole
+
+    @property
+    def embedding_bytes(self) -> int:
+        """What one process holds of the embedding: its cached bands, or all of it."""
+        return self.embedding_cache_bytes or self.n_obs * self.d * 8
 
     @property
     def nn_queries(self) -> int:
@@ -385,7 +391,7 @@ class SharedBytes:
 def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
     m = inp.m
     return SharedBytes(
-        embedding=inp.n_obs * (inp.d * 8 + 2) + inp.n12 * 8,
+        embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
         factors=4 * m * m * 8,
         csc_cache=2 * inp.n_obs * ch.gene_block * 8 if inp.layer_kind == "csc" else 0,
@@ -450,7 +456,8 @@ NO_PREP = PrepMemory(PrepPlacement.HELPERS, 0, 0)
 _NN_FIXED = 360 * 1024**2
 _NN_PER_CELL = 220
 _KM_FIXED = 50 * 1024**2
-_NN_BLOCK_BYTES = 512 * 32768 * 8 * 2  # one distance block and its temporaries (gp.exact_nearest_distances)
+_NN_REF_ROWS = 32768  # reference rows per block of gp.exact_nearest_distances
+_NN_BLOCK_BYTES = 512 * _NN_REF_ROWS * 8 * 2  # one distance block and its temporaries
 
 
 def prep_memory(inp: PlanInputs, n_workers: int, nn_compiled: bool, embedded: bool) -> PrepMemory:
@@ -458,7 +465,12 @@ def prep_memory(inp: PlanInputs, n_workers: int, nn_compiled: bool, embedded: bo
     if inp.prep_in_client:
         # the exact search: a float64 copy of condition 1 and one block of distances; k-means
         # runs after it, on its pool (sklearn and two copies of the pool)
-        nn = 0 if inp.ls_given else inp.n1 * inp.d * 8 + _NN_BLOCK_BYTES
+        if inp.ls_given:
+            nn = 0
+        elif inp.embedding_cache_bytes:  # the sample's rows and one block of reference rows
+            nn = 2 * inp.nn_queries * inp.d * 8 + _NN_REF_ROWS * inp.d * 8 + _NN_BLOCK_BYTES
+        else:
+            nn = inp.n1 * inp.d * 8 + _NN_BLOCK_BYTES
         km = _KM_FIXED + 2 * inp.kmeans_pool * inp.d * 8 if inp.landmark_source is LandmarkSource.KMEANS else 0
         return PrepMemory(PrepPlacement.CLIENT, nn, km)
     nn = 0 if inp.ls_given else _NN_FIXED + _NN_PER_CELL * inp.n1
@@ -615,7 +627,8 @@ def max_landmarks(inp: PlanInputs, res: ClusterResources, base_rss: int, prep: P
 def client_peak_bytes(inp: PlanInputs, current_rss: int) -> tuple[int, dict[str, int]]:
     """Peak resident memory of the client, and its parts (named for the report)."""
     parts = {
-        "embedding (as stored and float64)": inp.n_obs * inp.d * 16 + inp.n12 * inp.d * 8,
+        "embedding (as stored and float64)": (inp.embedding_cache_bytes if inp.embedding_cache_bytes
+                                              else inp.n_obs * inp.d * 16 + inp.n12 * inp.d * 8),
         "masks and per-cell results": inp.n_obs * 40,
         "per-gene results and nulls": (inp.n_vars + inp.n_null) * 64,
     }

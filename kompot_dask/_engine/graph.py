@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import _layout
 from .._io import commit as io_commit
-from .._io.store import LayerInfo, Store, TileReader, write_tile
+from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader, write_tile
 from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
@@ -91,12 +91,28 @@ class BlockContext:
 # Worker tasks (module level so they pickle by reference)
 
 
+ROW_PIECE = 65_536
+"""Cells whose coordinates a fit task gathers at a time (rounded to whole kernel chunks, so
+that the sums run in the same order as over all rows at once)."""
+
+
+def _row_pieces(rows: np.ndarray, kernel_chunk: int) -> list[np.ndarray]:
+    step = kernel_chunk * max(1, ROW_PIECE // kernel_chunk)
+    return [rows[s : s + step] for s in range(0, len(rows), step)] or [rows]
+
+
 def _cross_gram_task(Z, X, rows, ls, kernel_chunk, dtype):
-    return gp_mod.cross_gram(Z, X[rows], ls, chunk=kernel_chunk, dtype=dtype)
+    s = None
+    for piece in _row_pieces(rows, kernel_chunk):
+        s = gp_mod.cross_gram(Z, X[piece], ls, chunk=kernel_chunk, dtype=dtype, out=s)
+    return s
 
 
 def _kernel_sum_task(Z, X, rows, ls, kernel_chunk, dtype):
-    return gp_mod.kernel_column_sum(Z, X[rows], ls, chunk=kernel_chunk, dtype=dtype)
+    total = None
+    for piece in _row_pieces(rows, kernel_chunk):
+        total = gp_mod.kernel_column_sum(Z, X[piece], ls, chunk=kernel_chunk, dtype=dtype, out=total)
+    return total
 
 
 def _named_factor(name, fn, *args):
@@ -381,7 +397,7 @@ def _landmark_array(landmarks: Landmarks, given: np.ndarray | None, pooled: np.n
 
 
 def prepare_model(
-    client: Client, X1: np.ndarray, pooled: np.ndarray, *, ls: float | None, ls_factor: float,
+    client: Client, X1: np.ndarray | RowSubset, pooled: np.ndarray | RowSubset, *, ls: float | None, ls_factor: float,
     landmarks: Landmarks, given: np.ndarray | None, random_state: int | None,
     neighbors: str = "pynndescent", neighbor_sample: int | None = None, landmark_sample: int | None = None,
 ) -> tuple[float, np.ndarray, str]:
@@ -407,6 +423,8 @@ def prepare_model(
             ls = _length_scale_task(X1, ls_factor, *nn)
         Z = _landmark_array(landmarks, given, pooled, random_state, lambda fn, *args: fn(*args), landmark_sample)
         return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
+    # kompot's exact path needs its cells whole (pynndescent's index, k-means of every cell)
+    X1, pooled = np.asarray(X1), np.asarray(pooled, dtype=np.float64)
     if is_embedded(client):
         return _prepare_in_subprocesses(X1, pooled, ls=ls, ls_factor=ls_factor, landmarks=landmarks,
                                         given=given, random_state=random_state, nn=nn)
@@ -510,7 +528,7 @@ def run_engine(
     store: Store,
     info: LayerInfo,
     *,
-    X: np.ndarray,
+    X: np.ndarray | EmbeddingReader,
     codes: np.ndarray,
     pred: np.ndarray,
     selected: np.ndarray,
@@ -578,8 +596,14 @@ def run_engine(
         ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged, markers)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
-        X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f = _input_futures(
-            client, run_token, X=X, Z=Z, codes=codes, pred=pred, rows1=rows1, rows2=rows2)
+        # A stored embedding travels as its reader (each task reads the rows it needs); an
+        # in-memory one as one input task.
+        inputs = {"Z": Z, "codes": codes, "pred": pred, "rows1": rows1, "rows2": rows2}
+        if isinstance(X, np.ndarray):
+            inputs["X"] = X
+        futs = dict(zip(inputs, _input_futures(client, run_token, **inputs), strict=True))
+        Z_f, codes_f, pred_f, rows1_f, rows2_f = (futs[k] for k in ("Z", "codes", "pred", "rows1", "rows2"))
+        X_f = futs.get("X", X)
         kc = layout.kernel_chunk
 
         fit_dir = staging.sub("fit")
@@ -613,7 +637,7 @@ def run_engine(
         # Only the iterator holds the futures now: each intermediate (S partials, factors,
         # input arrays) is freed on the workers as soon as its last dependent finishes.
         del fit, Lp_f, C1_f, C2_f, R_f, kbar_f, setup
-        del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f
+        del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f, futs
         futures = []
         diagonal = False
         t_tasks = time.perf_counter()

@@ -24,7 +24,7 @@ import zarr
 from dask.utils import format_bytes
 
 from . import commit
-from .tiles import LayerInfo, TileReader, clear_caches, write_tile  # noqa: F401
+from .tiles import EmbeddingReader, LayerInfo, RowSubset, TileReader, clear_caches, write_tile  # noqa: F401
 
 logger = logging.getLogger("kompot_dask")
 
@@ -319,8 +319,9 @@ class StoreHandle:
 class Store(StoreHandle):
     """A zarr AnnData store opened for a kompot_dask run.
 
-    obs, var and the embedding are read into memory; expression elements stay on disk
-    and are read tile by tile through :class:`TileReader`.
+    obs and var are read into memory; expression elements stay on disk and are read tile
+    by tile through :class:`TileReader`, a dense embedding band by band through
+    :class:`EmbeddingReader`.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -356,6 +357,19 @@ class Store(StoreHandle):
         if sp.issparse(value):
             value = value.toarray()
         return np.asarray(value)
+
+    def embedding_reader(self, key: str) -> EmbeddingReader | None:
+        """A band reader of ``obsm[key]`` when it is a dense numeric array in the store;
+        ``None`` for other encodings (a DataFrame, a sparse matrix), which
+        :meth:`read_obsm` reads whole."""
+        if key not in self.obsm_keys():
+            self.read_obsm(key)  # raises the KeyError that names the available keys
+        node = self.root["obsm"][key]
+        if not isinstance(node, zarr.Array) or node.ndim != 2 or not np.issubdtype(node.dtype, np.number):
+            return None
+        elem = f"obsm/{key}"
+        token = json.dumps(self.element_signature(elem))
+        return EmbeddingReader.open(self.path, elem, token)
 
     def layer_info(self, layer: str | None) -> LayerInfo:
         if layer is None:

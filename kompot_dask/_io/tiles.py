@@ -37,6 +37,7 @@ def clear_caches() -> None:
     _open_array_cached.cache_clear()
     _open_group_cached.cache_clear()
     _csc_columns.cache_clear()
+    _embedding_band.cache_clear()
     from .manifest import clear_guards
 
     clear_guards()
@@ -143,3 +144,136 @@ def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: i
     """Region write of one tile into a staged array (called on workers)."""
     arr = _open_array_cached(store_path, elem_path, "r+")
     arr[r0:r1, c0:c1] = tile
+
+
+# --------------------------------------------------------------------------------------
+# The embedding, read per row band
+
+
+EMBEDDING_BAND_ROWS = 65_536
+"""Rows per cached band of a stored embedding when its zarr chunks are shorter (bands are
+whole chunks: each chunk is decoded once per band, not once per read)."""
+MAX_BAND_BYTES = 64 * 2**20
+"""The most a decoded band holds (four are cached per process)."""
+_BAND_CACHE = 4
+
+
+@dataclass(frozen=True)
+class EmbeddingReader:
+    """Rows of a dense ``obsm`` embedding, read from the store one row band at a time.
+
+    Picklable and small: a task that needs the coordinates of some cells reads the bands
+    that hold them, so no process holds the whole embedding (n × d) whatever the atlas.
+    Bands are whole zarr row chunks (at least :data:`EMBEDDING_BAND_ROWS` rows) kept
+    decoded in float64 in a small per-process cache: reads of nearby rows (one kernel chunk
+    after another) decode each chunk once. ``token`` is the element's signature when the
+    reader was made, so a rewritten element is never served from an old band.
+
+    Supports what the engine does with an array: ``X[r0:r1]``, ``X[rows]`` (integer
+    indices, any order), ``len(X)``, ``X.shape``, ``X.ndim``, ``X.dtype`` (float64).
+    """
+
+    store_path: str
+    elem_path: str
+    shape: tuple[int, int]
+    band: int
+    token: str
+
+    dtype = np.dtype(np.float64)
+    ndim = 2
+
+    @classmethod
+    def open(cls, store_path: str, elem_path: str, token: str) -> EmbeddingReader:
+        arr = zarr.open_array(store=store_path, path=elem_path, mode="r")
+        if arr.ndim != 2:
+            raise ValueError(f"{elem_path} has shape {arr.shape}; expected (cells, d)")
+        chunk_rows = int(arr.chunks[0])
+        band = chunk_rows * max(1, -(-EMBEDDING_BAND_ROWS // chunk_rows))
+        # A store chunked in very long row chunks: bands stay bounded (each band read then
+        # decodes its whole chunk, slower but never more memory than one chunk).
+        band = min(band, max(EMBEDDING_BAND_ROWS, MAX_BAND_BYTES // (8 * max(1, int(arr.shape[1])))))
+        return cls(store_path, elem_path, (int(arr.shape[0]), int(arr.shape[1])), band, token)
+
+    @property
+    def band_nbytes(self) -> int:
+        return self.band * self.shape[1] * 8
+
+    @property
+    def cache_nbytes(self) -> int:
+        """The most a process holds of this embedding: its cached bands."""
+        return _BAND_CACHE * self.band_nbytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _band(self, b: int) -> np.ndarray:
+        return _embedding_band(self.store_path, self.elem_path, self.token, b, self.band)
+
+    def bands(self):
+        """``(r0, r1, rows)`` for every band, in order (each decoded once, then dropped from
+        the cache's point of view only when newer bands push it out)."""
+        for b in range(-(-self.shape[0] // self.band)):
+            r0 = b * self.band
+            yield r0, min(r0 + self.band, self.shape[0]), self._band(b)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            r0, r1, step = key.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(r0, r1, step)]
+            if r1 <= r0:
+                return np.empty((0, self.shape[1]))
+            b0, b1 = r0 // self.band, (r1 - 1) // self.band
+            parts = [self._band(b)[max(r0 - b * self.band, 0) : r1 - b * self.band] for b in range(b0, b1 + 1)]
+            return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False)
+        if idx.ndim != 1:
+            raise IndexError("an embedding reader takes a slice or one vector of row indices")
+        if len(idx) and (idx.min() < -self.shape[0] or idx.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} cells")
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        out = np.empty((len(idx), self.shape[1]))
+        which = idx // self.band
+        order = np.argsort(which, kind="stable") if np.any(np.diff(which) < 0) else np.arange(len(idx))
+        bounds = np.flatnonzero(np.diff(which[order])) + 1
+        for sel in np.split(order, bounds) if len(idx) else []:
+            b = int(which[sel[0]])
+            out[sel] = self._band(b)[idx[sel] - b * self.band]
+        return out
+
+
+@lru_cache(maxsize=_BAND_CACHE)
+def _embedding_band(store_path: str, elem_path: str, token: str, b: int, band: int) -> np.ndarray:
+    arr = _open_array_cached(store_path, elem_path, "r")
+    rows = np.asarray(arr[b * band : (b + 1) * band], dtype=np.float64)
+    rows.flags.writeable = False  # shared by every task of the process
+    return rows
+
+
+class RowSubset:
+    """The rows ``rows`` of an embedding (an array or an :class:`EmbeddingReader`), indexed
+    by position: ``sub[i:j]`` is ``base[rows[i:j]]``. Lets the model preparation walk one
+    condition's cells of a stored embedding without gathering them first."""
+
+    ndim = 2
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, base: Any, rows: np.ndarray):
+        self.base = base
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), int(base.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple) or (not isinstance(key, slice) and np.ndim(key) != 1):
+            raise IndexError("a row subset takes a slice or one vector of positions")
+        return np.asarray(self.base[self.rows[key]], dtype=np.float64)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)

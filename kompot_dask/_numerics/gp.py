@@ -119,13 +119,14 @@ def symmetric_from_lower(a: np.ndarray) -> np.ndarray:
 
 
 def kernel_column_sum(
-    Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64"
+    Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``Σ_i k(Z, x_i)`` over the rows of ``X`` (length m)."""
+    """``Σ_i k(Z, x_i)`` over the rows of ``X`` (length m), added to ``out`` when given."""
     with precision(dtype) as dt:
         z = jnp.asarray(Z, dt)
         lsj = jnp.asarray(ls, dt)
-        total = np.zeros(Z.shape[0])
+        total = np.zeros(Z.shape[0]) if out is None else out
         for start in range(0, X.shape[0], chunk):
             xs = X[start : start + chunk]
             w = np.zeros(chunk)
@@ -475,42 +476,46 @@ def compute_landmarks(X: np.ndarray, n_landmarks: int, random_state: int | None,
     return np.asarray(centers, dtype=np.float64)
 
 
-def exact_nearest_distances(X: np.ndarray, queries: np.ndarray | None = None, *, query_block: int = 512,
+def exact_nearest_distances(X, queries: np.ndarray | None = None, *, query_block: int = 512,
                             ref_block: int = 32768) -> np.ndarray:
     """Euclidean distance from each query row of ``X`` (``queries``: row indices, default
     all) to its nearest *other* row of ``X``, found exactly by blocked matrix products.
 
+    ``X`` is an array or anything that returns float rows for ``X[i:j]`` and ``X[indices]``
+    (a stored embedding's rows): each block of ``ref_block`` reference rows is read once.
     Needs no compiled code and no index: O(queries · rows · d) flops, and memory of one
     ``query_block × ref_block`` distance block (128 MiB by default) whatever the sizes.
     The chosen neighbour's distance is recomputed from the coordinate differences, so it
     carries no cancellation error from the ‖x‖² − 2x·y + ‖y‖² expansion.
     """
-    X = np.asarray(X, dtype=np.float64)
+    if isinstance(X, np.ndarray):
+        X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
     q_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     if n < 2:
         raise ValueError("the length scale needs at least 2 condition-1 cells")
-    sq = np.einsum("ij,ij->i", X, X)
-    best = np.empty(len(q_rows), dtype=np.int64)
-    for q0 in range(0, len(q_rows), query_block):
-        qi = q_rows[q0 : q0 + query_block]
-        xq = X[qi]
-        best_d = np.full(len(qi), np.inf)
-        best_j = np.zeros(len(qi), dtype=np.int64)
-        for r0 in range(0, n, ref_block):
-            d2 = xq @ X[r0 : r0 + ref_block].T
+    xq_all = np.asarray(X[q_rows], dtype=np.float64)
+    sq_q = np.einsum("ij,ij->i", xq_all, xq_all)
+    best_d = np.full(len(q_rows), np.inf)
+    best = np.zeros(len(q_rows), dtype=np.int64)
+    for r0 in range(0, n, ref_block):
+        ref = np.asarray(X[r0 : r0 + ref_block], dtype=np.float64)
+        sq_r = np.einsum("ij,ij->i", ref, ref)
+        for q0 in range(0, len(q_rows), query_block):
+            qs = slice(q0, q0 + query_block)
+            qi = q_rows[qs]
+            d2 = xq_all[qs] @ ref.T
             d2 *= -2.0
-            d2 += sq[qi, None]
-            d2 += sq[None, r0 : r0 + ref_block]
+            d2 += sq_q[qs, None]
+            d2 += sq_r[None, :]
             own = (qi >= r0) & (qi < r0 + d2.shape[1])
             d2[np.flatnonzero(own), qi[own] - r0] = np.inf  # not itself
             j = np.argmin(d2, axis=1)
             dj = d2[np.arange(len(qi)), j]
-            better = dj < best_d
-            best_d[better] = dj[better]
-            best_j[better] = j[better] + r0
-        best[q0 : q0 + len(qi)] = best_j
-    diff = X[q_rows] - X[best]
+            better = dj < best_d[qs]
+            best_d[qs] = np.where(better, dj, best_d[qs])
+            best[qs] = np.where(better, j + r0, best[qs])
+    diff = xq_all - np.asarray(X[best], dtype=np.float64)
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
