@@ -34,7 +34,14 @@ from ._engine.cluster import is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
-from ._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, StoreDiskFullError, disk_full_error
+from ._io.store import (
+    EmbeddingReader,
+    LayerInfo,
+    RowSubset,
+    Store,
+    StoreDiskFullError,
+    disk_full_error,
+)
 from ._layout import Landmarks, Layout, landmarks_for, make_layout, null_value_dtype
 from ._numerics import fdr as fdr_mod
 from ._runs import fields as run_fields
