@@ -361,10 +361,10 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     predict = (3 * C * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     real = acc + max(tile + kernel, scores, predict)
     nb = ch.null_gene_block
-    # source columns of both conditions and their permuted copies (in the layer's precision
-    # where float32 holds it), a permutation, one tile, projections
-    null = (inp.n12 * (2 * nb * _null_value_bytes(inp) + 8) + C * nb * s + 2 * m * nb * bt + kernel
-            + 4 * m * nb * 8)
+    # source columns of both conditions, permuted in place (in the layer's precision where
+    # float32 holds it), a permutation and one permuted column, one tile, projections
+    vb = _null_value_bytes(inp)
+    null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     return TaskBytes(int(real), int(null), int(std))
 
@@ -551,10 +551,10 @@ def _gene_options(inp: PlanInputs, given: int | None, cbase: int, total_threads:
 
 NULL_TASK_BYTES = 512 << 20
 """Most bytes a null-gene block's source columns may take (they span every cell of both
-conditions). Each null block evaluates the kernel over all those cells once, so the widest
-block that fits is the fastest; this bound (per task: twice that with two threads) keeps
-a 200k-cell run's null blocks at ~335 genes and a 1M-cell run's at ~67. 1 GiB measured
-3.11 GiB peak at 200k × 2k, against 1.84 GiB for the earlier 160 MB bound."""
+conditions, and are permuted in place). Each null block evaluates the kernel over all those
+cells once, so the widest block that fits is the fastest; this bound (per task: twice that
+with two threads) keeps a 200k-cell run's null blocks at the gene block (512) and a 1M-cell
+run's at ~134 genes."""
 
 
 def null_value_dtype(layer_dtype) -> np.dtype:
@@ -572,7 +572,7 @@ def _null_value_bytes(inp: PlanInputs) -> int:
 def _null_options(inp: PlanInputs, given: int | None, gene_block: int) -> list[int]:
     if given:
         return [given]
-    top = int(max(8, min(gene_block, NULL_TASK_BYTES // max(1, 2 * inp.n12 * _null_value_bytes(inp)))))
+    top = int(max(8, min(gene_block, NULL_TASK_BYTES // max(1, inp.n12 * _null_value_bytes(inp)))))
     return sorted({top} | {x for x in (128, 64, 32, 16, 8) if x < top}, reverse=True)
 
 

@@ -286,10 +286,18 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         raise NonFiniteExpressionError(uniq[bad].tolist(), as_null_source=True)
     clock.lap("null-gene read")
     width = lay.null_gene_block
-    # Both conditions' permuted values in one array: condition 1's cells first.
-    y = np.zeros((n1 + n2, width), dtype=vdt)
-    for i, (col, seed) in enumerate(zip(inverse, seeds, strict=True)):
-        y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
+    # Both conditions' permuted values in one array, condition 1's cells first. Each source
+    # column serves one null (sources are drawn without replacement whenever there are at
+    # most as many nulls as genes): it is permuted in place, and the task holds one array.
+    if len(uniq) == len(sources):  # sources are sorted: null i is column i
+        y = values
+        for i, seed in enumerate(seeds):
+            column = y[:, i].copy()  # gather from a contiguous copy, not across the rows
+            y[:, i] = column[fdr_mod.null_permutation(n1 + n2, int(seed))]
+    else:
+        y = np.empty((n1 + n2, len(sources)), dtype=vdt)
+        for i, (col, seed) in enumerate(zip(inverse, seeds, strict=True)):
+            y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
     acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
