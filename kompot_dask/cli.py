@@ -400,7 +400,24 @@ def _one_line(exc: BaseException) -> str:
         return f"infeasible plan, nothing was computed: {reasons}"
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     msg = " ".join(str(msg).split())
+    for python, command in _CLI_HINTS.items():  # name the subcommand, not the Python call
+        msg = msg.replace(python, command)
     return msg or type(exc).__name__
+
+
+_CLI_HINTS = {
+    "kompot_dask.ingest('data.h5ad', 'data.zarr')": "`kompot-dask ingest data.h5ad data.zarr`",
+    "kompot_dask.ingest(src, dest)": "`kompot-dask ingest SRC DEST`",
+}
+
+
+def _h5ad_hint(args: argparse.Namespace) -> None:
+    """An .h5ad given where a zarr store is needed: the command that converts it."""
+    store = getattr(args, "store", None)
+    if isinstance(store, str) and store.lower().endswith((".h5ad", ".h5")):
+        dest = os.path.splitext(store)[0] + ".zarr"
+        raise CLIError(f"{store} is an HDF5 AnnData file; kompot-dask works on zarr stores. Convert it once with "
+                       f"`kompot-dask ingest {store} {dest}`, then run `kompot-dask {args.command} {dest} ...`.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # logs stay on stderr; keep them to warnings so stdout/stderr stay parseable
         log.setLevel(logging.WARNING)
     try:
+        _h5ad_hint(args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("kompot-dask: interrupted", file=sys.stderr)
