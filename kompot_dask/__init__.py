@@ -7,7 +7,7 @@ import sys as _sys
 
 from . import plot
 from ._api import de, plan
-from ._engine.cluster import pin_workers
+from ._engine.cluster import UnguardedScriptError, pin_workers
 from ._engine.graph import NonFiniteExpressionError, WorkerLostError
 from ._io.commit import CommitError
 from ._io.ingest import ingest
@@ -46,6 +46,7 @@ __all__ = [
     "CommitError",
     "NonFiniteExpressionError",
     "WorkerLostError",
+    "UnguardedScriptError",
     "RunNotFoundError",
     "RunInfo",
     "cleanup",

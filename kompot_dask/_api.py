@@ -30,7 +30,7 @@ from distributed import Client, KilledWorker
 
 from . import _planner as planner
 from ._engine import graph as engine
-from ._engine.cluster import is_embedded, resolve_client, worker_runtime
+from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import copy_results, run_store
@@ -187,6 +187,7 @@ def de(
     with ``dry_run=True`` the :class:`~kompot_dask.ResourcePlan`.
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
+    check_process_context("kompot_dask.de", client, settings.compute)
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
         raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
     call = _Call(groupby, condition1, condition2, layer, obsm_key, genes)
@@ -234,6 +235,7 @@ def plan(
     started for the calibration and closed again.
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
+    check_process_context("kompot_dask.plan", client, settings.compute)
     return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
 
 

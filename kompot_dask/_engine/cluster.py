@@ -3,8 +3,10 @@ LocalCluster whose worker processes get their JAX/BLAS environment before JAX st
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,14 +38,101 @@ IN_PROCESS_MAX_ELEMENTS = 50_000_000
 own process by default (``ComputeSettings.processes=None``)."""
 
 
+def _asks_for_processes(compute: ComputeSettings) -> bool:
+    return bool(compute.processes) or (
+        compute.processes is None
+        and (compute.n_workers not in (None, 1) or compute.threads_per_worker is not None
+             or compute.memory_limit is not None)  # a memory limit is enforced by a nanny only
+    )
+
+
 def use_in_process(compute: ComputeSettings, n_elements: int | None) -> bool:
-    """Whether the embedded LocalCluster runs its worker as threads of this process."""
+    """Whether the embedded LocalCluster runs its worker as threads of this process: small
+    runs, and every run of a script that spawned workers would run again
+    (:func:`unguarded_script`)."""
     if compute.processes is not None:
         return not compute.processes
-    if (compute.n_workers not in (None, 1) or compute.threads_per_worker is not None
-            or compute.memory_limit is not None):  # a memory limit is enforced by a nanny only
+    if _asks_for_processes(compute):
         return False
+    if unguarded_script() is not None:
+        return True
     return n_elements is not None and n_elements <= IN_PROCESS_MAX_ELEMENTS
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    consts = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and consts == ["__main__"]
+
+
+def unguarded_script() -> str | None:
+    """The path of the script this process runs when its top level has no
+    ``if __name__ == "__main__":`` block, else ``None``.
+
+    A spawned worker process imports the main script again (as ``__mp_main__``) and so runs
+    every unguarded statement of it: a top-level ``kd.de(...)`` would start a second run in
+    each worker. Interactive sessions, notebooks and ``python -c`` have no script to import.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py") or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), filename=str(path))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    if any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body):
+        return None
+    return str(path)
+
+
+def in_spawned_import() -> bool:
+    """Whether this process is re-importing its parent's main script (a spawned process's
+    start: multiprocessing names that module ``__mp_main__``)."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__name__", "__main__") == "__mp_main__"
+
+
+class UnguardedScriptError(RuntimeError):
+    """A call that would make worker processes re-run the user's script, or one made while
+    a worker process re-runs it; raised before anything is read or written."""
+
+
+def check_process_context(function: str, client: Client | None, compute: ComputeSettings) -> None:
+    """Refuse, before touching any store, the two calls a process-based cluster cannot serve.
+
+    Raises
+    ------
+    UnguardedScriptError
+        The call runs while a spawned process re-imports the main script; or an unguarded
+        script asks for worker processes (``ComputeSettings(processes=True)``, several
+        workers, a thread count or a memory limit) from an embedded cluster.
+    """
+    if in_spawned_import():
+        raise UnguardedScriptError(
+            f"{function} was called while a new process re-imported the main script (multiprocessing's spawn), "
+            "so it did nothing. Put the script's top-level code under `if __name__ == \"__main__\":`."
+        )
+    if client is not None or not _asks_for_processes(compute):
+        return
+    try:
+        get_client()
+        return  # a current client: no cluster is started
+    except ValueError:
+        pass
+    script = unguarded_script()
+    if script is not None:
+        raise UnguardedScriptError(
+            f"{script} has no `if __name__ == \"__main__\":` block, and the ComputeSettings ask for worker "
+            "processes, each of which would run the whole script again. Put the script's top-level code under "
+            "`if __name__ == \"__main__\":`, or drop processes=/n_workers=/threads_per_worker=/memory_limit= to "
+            "compute in this process. Nothing was read or written."
+        )
 
 
 def default_local_cluster_kwargs(compute: ComputeSettings, in_process: bool = False) -> dict:
@@ -143,6 +232,11 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
     in_process = use_in_process(compute, n_elements)
     kwargs = default_local_cluster_kwargs(compute, in_process)
     if in_process:
+        script = unguarded_script() if compute.processes is None else None
+        if script is not None and not (n_elements is not None and n_elements <= IN_PROCESS_MAX_ELEMENTS):
+            logger.info("%s has no `if __name__ == \"__main__\":` block: the workers run as threads of this "
+                        "process (worker processes would run the script again); add the block for worker "
+                        "processes with a memory limit", script)
         logger.info("Starting a LocalCluster in this process (1 worker × %d threads)", kwargs["threads_per_worker"])
     else:
         logger.info(

@@ -423,7 +423,7 @@ def prepare_model(
       factor phase without that memory.
     """
     from .._layout import prep_in_client
-    from .cluster import is_embedded
+    from .cluster import is_embedded, unguarded_script
 
     nn = (neighbors, neighbor_sample, random_state)
     if prep_in_client(neighbors, landmark_sample, pooled.shape[0], landmarks.source):
@@ -433,7 +433,7 @@ def prepare_model(
         return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
     # kompot's exact path needs its cells whole (pynndescent's index, k-means of every cell)
     X1, pooled = np.asarray(X1), np.asarray(pooled, dtype=np.float64)
-    if is_embedded(client):
+    if is_embedded(client) and unguarded_script() is None:  # helpers would re-run an unguarded script
         return _prepare_in_subprocesses(X1, pooled, ls=ls, ls_factor=ls_factor, landmarks=landmarks,
                                         given=given, random_state=random_state, nn=nn)
     ls_f = None
