@@ -181,7 +181,7 @@ def _settings_from(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     for flag in ("cell_chunk", "gene_block", "n_workers", "threads_per_worker", "memory_limit"):
         if getattr(args, flag) is not None:
             compute[flag] = getattr(args, flag)
-    output.setdefault("progress", not args.json and sys.stderr.isatty())
+    output.setdefault("progress", not args.json)  # a bar on a terminal, periodic log lines elsewhere
     output["return_full_results"] = True
     try:
         built = dict(gp=kd.GPSettings(**gp), fdr=kd.FDRSettings(**fdr), filter=kd.FilterSettings(**filt),

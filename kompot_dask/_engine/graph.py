@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from distributed import Client, as_completed
-from tqdm.auto import tqdm
 
 from .. import _layout
 from .._io import commit as io_commit
@@ -37,6 +36,7 @@ from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader
 from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
+from .._progress import progress as progress_bar
 
 logger = logging.getLogger("kompot_dask")
 
@@ -650,7 +650,7 @@ def run_engine(
         diagonal = False
         t_tasks = time.perf_counter()
         walls: dict[str, float] = {}
-        with tqdm(total=n_tasks, desc="kompot_dask", unit="task", disable=not progress) as bar:
+        with progress_bar(n_tasks, "kompot_dask", "task", progress) as bar:
             for fut, res in _completed(client, pending, outputs | {diag_f.key}):
                 if fut.key == diag_f.key:
                     # gathered inside the loop that watches for lost workers: fetched after

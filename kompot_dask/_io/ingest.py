@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 import zarr
-from tqdm.auto import tqdm
 
+from .._progress import progress as progress_bar
 from .manifest import ID_ATTR, new_manifest_id, record_manifest
 
 logger = logging.getLogger("kompot_dask")
@@ -64,8 +64,10 @@ def write_dense_element(
     attrs = dict(_ARRAY_ATTRS, **{ID_ATTR: new_manifest_id()})
     arr = parent.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, attributes=attrs)
     blocks = _row_blocks(matrix, shape[0], chunks[0])
-    for r0, r1, block in tqdm(blocks, total=-(-shape[0] // chunks[0]), desc=f"ingest {elem_path}", disable=not progress, unit="chunk"):
-        arr[r0:r1, :] = block.astype(dtype, copy=False)
+    with progress_bar(-(-shape[0] // chunks[0]), f"ingest {elem_path}", "chunk", progress) as bar:
+        for r0, r1, block in blocks:
+            arr[r0:r1, :] = block.astype(dtype, copy=False)
+            bar.update(1)
 
 
 def ingest(

@@ -1,0 +1,79 @@
+"""Progress where nobody watches a terminal: periodic log lines with done/total, elapsed time
+and time left, in a log file as under SLURM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+from kompot_dask import _progress
+from kompot_dask.testing import SyntheticSpec, write_synthetic_store
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_log_progress__a_line_every_5_percent_or_30_seconds_and_at_the_end(caplog):
+    clock = _Clock()
+    caplog.set_level(logging.INFO, logger="kompot_dask")
+    with _progress.LogProgress(200, "kompot_dask", "task", clock=clock) as bar:
+        for _ in range(9):  # 9 of 200: under 5 %, no time passed
+            bar.update()
+        assert [r.getMessage() for r in caplog.records] == ["kompot_dask: 200 tasks to run"]
+        clock.t = 10.0
+        bar.update()  # the 10th: 5 %
+        clock.t = 41.0
+        bar.update()  # 30 s since the last line
+        clock.t = 50.0
+        for _ in range(189):
+            bar.update()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[1] == "kompot_dask: 10/200 tasks (5 %), 10.00 s elapsed, about 190.00 s left"
+    assert lines[2].startswith("kompot_dask: 11/200 tasks (6 %), 41.00 s elapsed, about ")
+    assert lines[-1] == "kompot_dask: 200/200 tasks (100 %), 50.00 s elapsed"
+    assert "left" not in lines[-1]
+    assert len(lines) == 22  # the header, the 5 % line, the 30 s line, 18 lines 10 tasks apart, the end
+    assert sum("200/200" in x for x in lines) == 1
+
+
+def test_progress__a_bar_on_a_terminal_lines_elsewhere_nothing_when_off(monkeypatch):
+    monkeypatch.setattr(_progress, "interactive", lambda: False)
+    assert isinstance(_progress.progress(5, "x", "task"), _progress.LogProgress)
+    monkeypatch.setattr(_progress, "interactive", lambda: True)
+    bar = _progress.progress(5, "x", "task")
+    assert not isinstance(bar, _progress.LogProgress) and not bar.disable
+    bar.close()
+    off = _progress.progress(5, "x", "task", enabled=False)
+    assert off.disable
+
+
+def test_de_into_a_log_file__progress_lines_not_a_bar(tmp_path):
+    store = write_synthetic_store(tmp_path / "s.zarr", SyntheticSpec(n_obs=600, n_vars=40, n_dims=5, seed=2),
+                                  cell_chunk=128, gene_chunk=8)
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import kompot_dask as kd
+
+        if __name__ == "__main__":
+            kd.de({store!r}, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
+                  obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=40), compute=kd.ComputeSettings(gene_block=8))
+    """))
+    log = tmp_path / "job.log"
+    with open(log, "w") as fh:  # stderr is a file: no terminal, as in a batch job
+        rc = subprocess.run([sys.executable, str(script)], stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600).returncode
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "\r" not in text
+    progress_lines = [x for x in text.splitlines() if "kompot_dask: " in x and " tasks (" in x]
+    assert len(progress_lines) >= 3, text
+    assert "(100 %)" in progress_lines[-1] and "elapsed" in progress_lines[-1]
+    assert any("left" in x for x in progress_lines)
