@@ -326,6 +326,19 @@ def test_embedding__categorical_colour_and_combined_selection(store, adata):
 # ---------------------------------------------------------------------------
 
 
+def test_volcano_de__missing_gene_labels_are_warned_about_and_skipped(store, caplog):
+    """As kompot: a label for a gene the data lacks is named in a warning, the rest are drawn."""
+    with caplog.at_level(logging.WARNING, logger="kompot_dask"):
+        fig = kd.plot.volcano_de(store, gene_labels=["gene_1", "missing_gene", "gene_10"])
+    assert "gene_labels: 1 gene(s) not in var_names are not labelled: ['missing_gene']" in caplog.text
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "gene_1" in texts and "gene_10" in texts and "missing_gene" not in texts
+    with caplog.at_level(logging.WARNING, logger="kompot_dask"):
+        fig = kd.plot.volcano_de(store, gene_labels={"nope": "x"})
+    assert not fig.axes[0].texts
+    plt.close("all")
+
+
 def test_plots__clear_errors(store, tmp_path):
     with pytest.raises(KeyError, match="'no_such_gene'.*not found in var_names"):
         kd.plot.plot_gene_expression(store, "no_such_gene")
@@ -349,8 +362,6 @@ def test_plots__clear_errors(store, tmp_path):
         kd.plot.volcano_de(store, y_axis_type="pvalue")
     with pytest.raises(ValueError, match=r"significance_threshold keys \['fdr'\]"):
         kd.plot.volcano_de(store, significance_threshold={"fdr": 0.1})
-    with pytest.raises(KeyError, match="gene_labels"):
-        kd.plot.volcano_de(store, gene_labels=["gene_1", "missing_gene"])
     with pytest.raises(ValueError, match=r"mgroups: value\(s\) \['Middle'\] not found in obs column 'Age'"):
         kd.plot.embedding(store, "umap", mgroups=[{"Age": "Middle"}])
     with pytest.raises(KeyError, match="color='nothing' is neither an obs column nor a gene"):

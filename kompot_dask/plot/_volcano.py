@@ -275,16 +275,20 @@ def _labels(source: PlotData, gene_labels: Any, y: np.ndarray, finite: np.ndarra
             raise ValueError(f"gene_labels={gene_labels} must be >= 0")
         logger.info("Labeling top %d genes by score", gene_labels)
         return {names[j]: names[j] for j in _top_by_score(y, finite, gene_labels)}
-    if isinstance(gene_labels, dict):
-        source.gene_indices(list(gene_labels), what="gene_labels")
-        logger.info("Labeling %d specific genes", len(gene_labels))
-        return {str(k): str(v) for k, v in gene_labels.items()}
     if isinstance(gene_labels, str):
         gene_labels = [gene_labels]
     if isinstance(gene_labels, list | tuple):
-        source.gene_indices(list(gene_labels), what="gene_labels")
-        logger.info("Labeling %d specific genes", len(gene_labels))
-        return {str(g): str(g) for g in gene_labels}
+        gene_labels = {g: g for g in gene_labels}
+    if isinstance(gene_labels, dict):
+        # as kompot: genes missing from the data are named in a warning and not labelled
+        pos = source.var_names.get_indexer(list(gene_labels))
+        missing = [str(g) for g, p in zip(gene_labels, pos, strict=True) if p < 0]
+        if missing:
+            logger.warning("gene_labels: %d gene(s) not in var_names are not labelled: %s", len(missing),
+                           missing[:10])
+        labels = {str(k): str(v) for (k, v), p in zip(gene_labels.items(), pos, strict=True) if p >= 0}
+        logger.info("Labeling %d specific genes", len(labels))
+        return labels
     raise TypeError(f"gene_labels must be an int, a list of genes or a dict; got "
                     f"{type(gene_labels).__name__}.")
 
