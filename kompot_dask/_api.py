@@ -11,6 +11,7 @@ Whether ``data`` is a store or an in-memory AnnData is decided by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -52,6 +53,7 @@ from ._settings import (
     FilterSettings,
     GPSettings,
     OutputSettings,
+    SettingsError,
     StorageSettings,
 )
 
@@ -128,14 +130,27 @@ def _cell_filter_mask(obs: pd.DataFrame, cell_filter: Any) -> np.ndarray:
     return arr
 
 
+def _refuse_unsupported(**given: Any) -> None:
+    """kompot's ``de`` arguments that kompot_dask does not implement: refused by name."""
+    reasons = {
+        "sample_col": "replicate-aware variance is not implemented in kompot_dask yet; run without it "
+                      "(the pooled-cell variance, kompot's default) or use kompot for this comparison",
+        "model": "prefitted kompot predictors cannot be distributed; kompot_dask fits its own model",
+    }
+    for name, value in given.items():
+        if value is not None:
+            raise SettingsError(f"{name}={value!r} is not supported: {reasons[name]}.")
+
+
 def de(
     data: str | os.PathLike | ad.AnnData,
     groupby: str,
     condition1: Any,
     condition2: Any,
-    layer: str | None = None,
     obsm_key: str = "DM_EigenVectors",
+    layer: str | None = None,
     genes: list[str] | None = None,
+    sample_col: str | None = None,
     *,
     gp: GPSettings | None = None,
     fdr: FDRSettings | None = None,
@@ -143,11 +158,12 @@ def de(
     storage: StorageSettings | None = None,
     output: OutputSettings | None = None,
     compute: ComputeSettings | None = None,
+    model: Any = None,
     client: Client | None = None,
     plan: planner.ResourcePlan | None = None,
     dry_run: bool = False,
     resume: bool = True,
-) -> dict[str, Any] | planner.ResourcePlan | None:
+) -> dict[str, Any] | ad.AnnData | planner.ResourcePlan | None:
     """Kompot differential expression between two conditions, computed on Dask.
 
     Parameters
@@ -159,12 +175,16 @@ def de(
         obs column holding the condition labels.
     condition1, condition2
         The two labels compared; fold changes are condition2 − condition1.
-    layer
-        Expression layer (log scale); ``None`` uses X.
     obsm_key
         Cell-state embedding (cells × d).
+    layer
+        Expression layer (log scale); ``None`` uses X.
     genes
         Optional subset of var_names to test (store order is kept).
+    sample_col
+        kompot's replicate-aware variance: not implemented yet (a value raises).
+    model
+        kompot's prefitted predictors (``ModelSettings``): not supported (a value raises).
     gp, fdr, filter, storage, output, compute
         Settings objects; see :mod:`kompot_dask` (``GPSettings``, ``FDRSettings``, ...).
     client
@@ -188,6 +208,16 @@ def de(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.de", client, settings.compute)
+    _refuse_unsupported(sample_col=sample_col, model=model)
+    out = settings.output
+    if not out.inplace or out.copy:
+        if not isinstance(data, ad.AnnData):
+            field = "inplace=False" if not out.inplace else "copy=True"
+            raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
+                                "place. Copy the store directory first, or use another StorageSettings.result_key.")
+        data = data.copy()
+        if not out.inplace and not out.return_full_results:  # the results are what is returned
+            settings = dataclasses.replace(settings, output=dataclasses.replace(out, return_full_results=True))
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
         raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
     call = _Call(groupby, condition1, condition2, layer, obsm_key, genes)
@@ -208,6 +238,10 @@ def de(
         if in_memory:
             copy_results(store, data, done.record.fields_written,
                          sorted({run_record.HISTORY_KEY, settings.storage.result_key}))
+    if not out.inplace:  # the AnnData passed is unchanged; the results are returned
+        return done.returned
+    if out.copy:
+        return data if done.returned is None else {**done.returned, "adata": data}
     return done.returned
 
 
@@ -216,9 +250,10 @@ def plan(
     groupby: str,
     condition1: Any,
     condition2: Any,
-    layer: str | None = None,
     obsm_key: str = "DM_EigenVectors",
+    layer: str | None = None,
     genes: list[str] | None = None,
+    sample_col: str | None = None,
     *,
     gp: GPSettings | None = None,
     fdr: FDRSettings | None = None,
@@ -236,6 +271,7 @@ def plan(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.plan", client, settings.compute)
+    _refuse_unsupported(sample_col=sample_col)
     return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
 
 

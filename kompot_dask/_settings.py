@@ -8,10 +8,13 @@ Every class validates itself on construction and names the offending field.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+logger = logging.getLogger("kompot_dask")
 
 __all__ = [
     "GPSettings",
@@ -39,6 +42,24 @@ def _positive_number(cls: str, name: str, value: Any) -> None:
         raise _fail(cls, name, value, "a positive, finite number")
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    if value is None or default is None:
+        return value is default
+    if isinstance(value, np.ndarray):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - an object that does not compare is not the default
+        return False
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"<array shape={value.shape}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _positive_int(cls: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise _fail(cls, name, value, "an integer")
@@ -47,7 +68,33 @@ def _positive_int(cls: str, name: str, value: Any, *, allow_zero: bool = False) 
 
 
 class _Settings:
-    """Shared helpers: a plain-JSON view of the fields for run records."""
+    """Shared helpers: a plain-JSON view of the fields for run records, and kompot 0.8.0's
+    fields that are accepted under their own names but not acted on.
+
+    ``_REFUSED`` maps such a field to the reason a value other than kompot's default is
+    refused (with a :class:`SettingsError` naming the field); ``_IGNORED`` to the reason a
+    value is accepted without effect (logged once at INFO).
+    """
+
+    _REFUSED: ClassVar[dict[str, str]] = {}
+    _IGNORED: ClassVar[dict[str, str]] = {}
+
+    def _check_kompot_fields(self) -> None:
+        cls = type(self).__name__
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name in self._REFUSED and not _is_default(value, f.default):
+                raise SettingsError(f"{cls}.{f.name}={_short(value)} is not supported by kompot_dask: "
+                                    f"{self._REFUSED[f.name]}. Leave it at its default ({f.default!r}).")
+            if f.name in self._IGNORED and not _is_default(value, f.default):
+                logger.info("%s.%s=%s has no effect in kompot_dask: %s", cls, f.name, _short(value),
+                            self._IGNORED[f.name])
+
+    @classmethod
+    def kompot_only_fields(cls) -> dict[str, str]:
+        """kompot's fields this class accepts without acting on them, with the reason."""
+        return {**{k: f"refused: {v}" for k, v in cls._REFUSED.items()},
+                **{k: f"accepted, no effect: {v}" for k, v in cls._IGNORED.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -122,6 +169,14 @@ class GPSettings(_Settings):
     neighbor_sample: int | None = 20_000
     landmark_sample: int | None = 100_000
 
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "use_empirical_variance": "empirical variance is not implemented in kompot_dask yet",
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "batch_size": "the Dask engine's chunking is set by ComputeSettings",
+        "jit_compile": "kompot_dask always compiles its kernels",
+    }
+
     @classmethod
     def kompot(cls, **kwargs: Any) -> GPSettings:
         """Settings that reproduce kompot 0.8.0 to the last bit: pynndescent's nearest
@@ -144,8 +199,7 @@ class GPSettings(_Settings):
             if not np.all(np.isfinite(arr)):
                 raise _fail(c, "landmarks", "<array with NaN/inf>", "finite coordinates")
             self.landmarks = arr.astype(np.float64)
-        if self.use_empirical_variance:
-            raise _fail(c, "use_empirical_variance", True, "False (empirical variance is not implemented in kompot_dask yet)")
+        self._check_kompot_fields()
         _positive_int(c, "batch_size", self.batch_size, allow_zero=True)
         _positive_number(c, "eps", self.eps)
         if self.random_state is not None:
@@ -172,14 +226,28 @@ class FDRSettings(_Settings):
         Seed of the null-gene draw and permutations (numpy ``RandomState`` semantics).
     threshold
         Local-FDR threshold for ``is_de`` (strictly less than).
+    null_mahalanobis, null_expression, combine_with_internal
+        kompot's user-supplied nulls: accepted at their defaults only (see
+        ``docs/kompot_compat.md``).
     """
 
     null_genes: int | str | None = "auto"
     null_seed: int = 42
     threshold: float = 0.05
+    null_mahalanobis: np.ndarray | None = None
+    null_expression: Any = None
+    combine_with_internal: bool = False
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "null_mahalanobis": "user-supplied null distances are not implemented; the null genes are drawn "
+                            "and permuted from the data (FDRSettings.null_genes)",
+        "null_expression": "user-supplied null expression would be cells × nulls in memory",
+        "combine_with_internal": "it combines user-supplied nulls, which are not implemented",
+    }
 
     def __post_init__(self) -> None:
         c = "FDRSettings"
+        self._check_kompot_fields()
         if isinstance(self.null_genes, str):
             if self.null_genes != "auto":
                 raise _fail(c, "null_genes", self.null_genes, '"auto", None or a non-negative integer')
@@ -211,8 +279,20 @@ class FilterSettings(_Settings):
 
     cell_filter: Any = None
     min_cells: int = 2
+    groups: Any = None
+    min_percentage: float | None = None
+    check_representation: bool | None = None
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "groups": "kompot's per-group DE subsets are not implemented; restrict the cells with cell_filter",
+        "min_percentage": "only an absolute minimum is checked (min_cells)",
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "check_representation": "it checks the representation of groups, which are not implemented",
+    }
 
     def __post_init__(self) -> None:
+        self._check_kompot_fields()
         _positive_int("FilterSettings", "min_cells", self.min_cells)
         if self.min_cells < 2:
             raise _fail("FilterSettings", "min_cells", self.min_cells, "an integer ≥ 2")
@@ -256,8 +336,24 @@ class StorageSettings(_Settings):
     store_landmarks: bool = False
     store_layers: bool = True
     layer_dtype: str = "float32"
+    store_posterior_covariance: bool = False
+    store_additional_stats: bool = False
+    store_arrays_on_disk: bool | None = None
+    disk_storage_dir: str | None = None
+    max_memory_ratio: float = 0.8
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "store_posterior_covariance": "an m × m covariance per gene does not fit an atlas-sized store",
+        "store_additional_stats": "kompot's extra per-gene statistics are not computed",
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "store_arrays_on_disk": "every cells × genes array is streamed to the store in tiles anyway",
+        "disk_storage_dir": "intermediate work is staged inside the store (see docs/store_safety.md)",
+        "max_memory_ratio": "memory is planned against the workers' limits (kd.plan)",
+    }
 
     def __post_init__(self) -> None:
+        self._check_kompot_fields()
         if self.result_key is None:
             self.result_key = "kompot_de"
         rk = self.result_key
@@ -283,11 +379,36 @@ class OutputSettings(_Settings):
     return_full_results
         Return a dict with the per-gene table and the FDR summary.
     progress
-        Show a progress bar over gene blocks.
+        Show progress: a bar on a terminal or in a notebook, periodic log lines elsewhere.
+    copy
+        With an in-memory AnnData: write the results into a copy and return it, leaving
+        the AnnData passed unchanged (a store is always written in place).
+    inplace
+        ``False`` with an in-memory AnnData: leave it unchanged and return the full
+        results (the dict of ``return_full_results``).
+    return_null_data, compute_mahalanobis, allow_single_condition_variance
+        kompot's; see ``docs/kompot_compat.md``.
     """
 
     return_full_results: bool = False
     progress: bool = True
+    copy: bool = False
+    inplace: bool = True
+    return_null_data: bool = False
+    compute_mahalanobis: bool = True
+    allow_single_condition_variance: bool = False
+
+    _REFUSED: ClassVar[dict[str, str]] = {
+        "compute_mahalanobis": "the Mahalanobis distance is the test statistic and the FDR's input",
+        "allow_single_condition_variance": "it belongs to replicate-aware variance (sample_col), "
+                                           "which is not implemented",
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "return_null_data": "with return_full_results=True the result always holds 'null_mahalanobis'",
+    }
+
+    def __post_init__(self) -> None:
+        self._check_kompot_fields()
 
 
 @dataclass

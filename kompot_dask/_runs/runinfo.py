@@ -23,6 +23,7 @@ from .._settings import (
     OutputSettings,
     SettingsError,
     StorageSettings,
+    _is_default,
 )
 from .history import FieldStatus, RunHistory, RunSource, read_history
 from .record import RunRecord
@@ -95,6 +96,11 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
                 run_id, ", ".join(f"{section}.{k}={recorded[k]!r}" for k in unknown), cls.__name__,
             )
         kwargs = {k: v for k, v in recorded.items() if k in known}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for k in sorted(set(kwargs) & set(getattr(cls, "_REFUSED", {}))):
+            if not _is_default(kwargs[k], defaults[k]):
+                logger.warning("Run %d recorded %s.%s=%r, which kompot_dask does not support; using the default.",
+                               run_id, section, k, kwargs.pop(k))
         if section == "gp":
             kwargs["landmarks"] = _recorded_landmarks(history, run_id, kwargs.get("landmarks"))
             if "neighbors" not in recorded:

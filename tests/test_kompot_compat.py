@@ -1,0 +1,91 @@
+"""kompot 0.8.0's arguments: each one supported, mapped, accepted without effect, or refused
+by name with a reason; the compatibility table lists them all and is current."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import kompot_dask as kd
+from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("kompot")
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("kompot_compat", os.path.join(ROOT, "docs", "kompot_compat.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kompot_compat"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compat_table__lists_every_kompot_argument_and_is_current():
+    import dataclasses
+
+    import kompot
+
+    text = open(os.path.join(ROOT, "docs", "kompot_compat.md"), encoding="utf-8").read()
+    assert text == _generator().render(), "docs/kompot_compat.md is stale: run .venv/bin/python docs/kompot_compat.py"
+    import inspect
+
+    for name in inspect.signature(kompot.de).parameters:
+        assert f"| `{name}` |" in text
+    for cls in ("GPSettings", "FDRSettings", "FilterSettings", "StorageSettings", "OutputSettings"):
+        ours = {f.name for f in dataclasses.fields(getattr(kd, cls))}
+        theirs = {f.name for f in dataclasses.fields(getattr(kompot, cls))}
+        assert theirs <= ours, f"{cls} lacks kompot's {sorted(theirs - ours)}"
+
+
+@pytest.mark.parametrize("cls, field, value, reason", [
+    (kd.FDRSettings, "null_mahalanobis", np.ones(5), "user-supplied null distances"),
+    (kd.FDRSettings, "combine_with_internal", True, "combines user-supplied nulls"),
+    (kd.FilterSettings, "groups", {"Age": "Young"}, "restrict the cells with cell_filter"),
+    (kd.StorageSettings, "store_additional_stats", True, "extra per-gene statistics"),
+    (kd.OutputSettings, "compute_mahalanobis", False, "the test statistic"),
+    (kd.GPSettings, "use_empirical_variance", True, "empirical variance"),
+])
+def test_kompot_fields__a_refused_value_names_the_field_and_the_reason(cls, field, value, reason):
+    with pytest.raises(kd.SettingsError, match=rf"{cls.__name__}\.{field}=.* is not supported by kompot_dask: .*{reason}"):
+        cls(**{field: value})
+    cls(**{field: cls.__dataclass_fields__[field].default})  # kompot's default is fine
+
+
+def test_kompot_fields__memory_knobs_are_accepted_without_effect(caplog):
+    with caplog.at_level(logging.INFO, logger="kompot_dask"):
+        s = kd.StorageSettings(store_arrays_on_disk=True, max_memory_ratio=0.5)
+        kd.GPSettings(batch_size=500, jit_compile=True)
+    assert s.store_arrays_on_disk is True
+    for field in ("store_arrays_on_disk", "max_memory_ratio", "batch_size", "jit_compile"):
+        assert f".{field}=" in caplog.text and "has no effect in kompot_dask" in caplog.text
+
+
+def test_de__kompot_positional_order_copy_and_inplace_on_an_anndata():
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=500, n_vars=25, n_dims=5, seed=4))
+    before = set(adata.var.columns)
+    kw = dict(gp=kd.GPSettings(n_landmarks=40), compute=kd.ComputeSettings(processes=False))
+    # kompot's order: obsm_key before layer
+    copy = kd.de(adata, "Age", "Young", "Old", "X_pca", "logged_counts",
+                 output=kd.OutputSettings(copy=True, progress=False), **kw)
+    assert set(adata.var.columns) == before  # the AnnData passed is unchanged
+    assert "kompot_de_Young_to_Old_mahalanobis" in copy.var.columns
+    res = kd.de(adata, "Age", "Young", "Old", "X_pca", "logged_counts",
+                output=kd.OutputSettings(inplace=False, progress=False), **kw)
+    assert set(adata.var.columns) == before
+    np.testing.assert_array_equal(res["table"]["mahalanobis"].to_numpy(),
+                                  copy.var["kompot_de_Young_to_Old_mahalanobis"].to_numpy())
+
+
+def test_de__arguments_kompot_has_and_kompot_dask_refuses(tmp_path):
+    with pytest.raises(kd.SettingsError, match="sample_col='donor' is not supported: replicate-aware"):
+        kd.de(str(tmp_path / "none.zarr"), "Age", "Young", "Old", sample_col="donor")
+    with pytest.raises(kd.SettingsError, match="model=.* is not supported: prefitted"):
+        kd.de(str(tmp_path / "none.zarr"), "Age", "Young", "Old", model=object())
+    with pytest.raises(kd.SettingsError, match="OutputSettings.copy=True needs an in-memory AnnData"):
+        kd.de(str(tmp_path / "none.zarr"), "Age", "Young", "Old", output=kd.OutputSettings(copy=True))
