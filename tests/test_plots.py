@@ -77,6 +77,9 @@ def collections_by_label(ax) -> dict[str, np.ndarray]:
 def test_volcano_de__highlighted_points_are_the_is_de_genes(store, adata, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
         fig = kd.plot.volcano_de(store, save=tmp_path / "volcano.png")
+    # saved at kompot's 300 dpi: the PNG is about 300 pixels per inch of the figure
+    png = matplotlib.image.imread(tmp_path / "volcano.png")
+    assert png.shape[1] >= 0.75 * 300 * fig.get_size_inches()[0]  # (a tight box trims the margins)
     assert is_png(tmp_path / "volcano.png")
     is_de = adata.var[f"{PREFIX}_is_de"].to_numpy(dtype=bool)
     lfc = adata.var[f"{PREFIX}_mean_lfc"].to_numpy()

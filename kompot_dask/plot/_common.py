@@ -274,11 +274,15 @@ def resolve_limit(value: float | str | None, values: Iterable[float] | np.ndarra
     return float(value)
 
 
+SAVE_DPI = 300
+"""Resolution of saved figures (kompot's): print quality, not the screen's 100 dpi."""
+
+
 def finish(fig: Any, data: dict[str, Any], save: str | os.PathLike | None) -> Any:
     """Attach ``data`` as ``fig.kompot_data`` and save the figure when asked."""
     setattr(fig, DATA_ATTRIBUTE, data)
     if save is not None:
-        fig.savefig(os.fspath(save), bbox_inches="tight")
+        fig.savefig(os.fspath(save), bbox_inches="tight", dpi=SAVE_DPI)
         logger.info("Saved figure to %s", os.fspath(save))
     return fig
 
