@@ -48,9 +48,16 @@ OLD_KEYS = [
 """The keys of the record that ``_api`` built inline before RunRecord, in their order."""
 NEW_KEYS = OLD_KEYS[:-1] + ["phase_seconds", "task_seconds", "resumed"]
 """Since issue 12 the record also says where the time went."""
-NEW_PARAM_KEYS = {"gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"}}
+NEW_PARAM_KEYS = {
+    "gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"},
+    "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal"},
+    "filter": {"groups", "min_percentage", "check_representation"},
+    "storage": {"store_posterior_covariance", "store_additional_stats", "store_arrays_on_disk", "disk_storage_dir",
+                "max_memory_ratio"},
+    "output": {"copy", "inplace", "return_null_data", "compute_mahalanobis", "allow_single_condition_variance"},
+}
 """Settings fields added since the previous records (the fast path and the in-process
-cluster, issue 12)."""
+cluster, issue 12; kompot's own fields under their names, issue 13)."""
 
 
 @pytest.fixture(scope="module")

@@ -190,14 +190,18 @@ _NON_DEFAULT = {
                         batch_size=0, eps=1e-6, jit_compile=True, random_state=None, neighbors="pynndescent",
                         neighbor_sample=None, landmark_sample=None),
     kd.FDRSettings: dict(null_genes=123, null_seed=7, threshold=0.01),
-    kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5),
+    kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5, check_representation=True),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,
-                             layer_dtype="float64"),
-    kd.OutputSettings: dict(return_full_results=True, progress=False),
+                             layer_dtype="float64", store_arrays_on_disk=True, disk_storage_dir="/scratch",
+                             max_memory_ratio=0.5),
+    kd.OutputSettings: dict(return_full_results=True, progress=False, copy=True, inplace=False,
+                            return_null_data=True),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,
                              memory_limit="2GiB", dtype="float32", max_task_bytes=10**8, processes=True),
 }
-_CANNOT_DIFFER = {(kd.GPSettings, "use_empirical_variance")}  # only False is valid
+# kompot's fields that kompot_dask refuses at anything but their default
+_CANNOT_DIFFER = {(cls, name) for cls in (kd.GPSettings, kd.FDRSettings, kd.FilterSettings, kd.StorageSettings,
+                                          kd.OutputSettings) for name in cls._REFUSED}
 
 
 def _settings_record(settings: dict, *, landmark_source: str = "user") -> dict:
@@ -278,16 +282,33 @@ def test_to_settings__unknown_fields_are_ignored_with_a_warning(caplog):
                 "storage": kd.StorageSettings(), "output": kd.OutputSettings(), "compute": kd.ComputeSettings()}
     record = _settings_record(settings)
     record["params"]["gp"]["from_the_future"] = 3
-    record["params"]["output"]["copy"] = False
+    record["params"]["output"]["from_the_future"] = False
     record["params"]["sample_col"] = None
     record["params"]["filter"]["cell_filter"] = "<array shape=(2,)>"
     info = RunInfo(_adata_with_history([record]), 0)
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
         kwargs = info.call_args()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "gp.from_the_future=3" in messages and "output.copy=False" in messages and "sample_col" in messages
+    assert "gp.from_the_future=3" in messages and "output.from_the_future=False" in messages
     assert "boolean array" in messages and kwargs["filter"].cell_filter is None
     assert "sample_col" not in kwargs and isinstance(kwargs["gp"], kd.GPSettings)
+
+
+def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default(caplog):
+    """A kompot-written record may hold values kompot_dask refuses: the rebuilt call keeps
+    the rest and says which ones it dropped."""
+    settings = {"gp": kd.GPSettings(), "fdr": kd.FDRSettings(), "filter": kd.FilterSettings(),
+                "storage": kd.StorageSettings(), "output": kd.OutputSettings(), "compute": kd.ComputeSettings()}
+    record = _settings_record(settings)
+    record["params"]["storage"]["store_additional_stats"] = True
+    record["params"]["output"]["compute_mahalanobis"] = False
+    record["params"]["sample_col"] = "donor"
+    with caplog.at_level(logging.WARNING, logger="kompot_dask"):
+        kwargs = RunInfo(_adata_with_history([record]), 0).call_args()
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "storage.store_additional_stats=True, which kompot_dask does not support; using the default" in messages
+    assert "output.compute_mahalanobis=False" in messages and "sample_col='donor'" in messages
+    assert kwargs["storage"].store_additional_stats is False and "sample_col" not in kwargs
 
 
 # ---------------------------------------------------------------------------

@@ -43,11 +43,11 @@ def test_unguarded_script__a_run_too_large_for_threads_by_default_still_runs_onc
         cluster.IN_PROCESS_MAX_ELEMENTS = 0  # as if the store were an atlas: worker processes by default
         kd.de({store!r}, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
               obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=50), output=kd.OutputSettings(progress=False))
-        print("RUNS", len(kd.RunInfo({store!r}).history))
+        print("RUN_ID", kd.RunInfo({store!r}, -1).run_id)
     """)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "ran.txt").read_text() == "once\n"
-    assert "RUNS 1" in out.stdout
+    assert "RUN_ID 0" in out.stdout
     assert "has no `if __name__" in out.stderr and "in this process" in out.stderr
 
 
@@ -78,10 +78,10 @@ def test_guarded_script__worker_processes_as_asked(tmp_path):
             kd.de({store!r}, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
                   obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=50), compute=kd.ComputeSettings(processes=True),
                   output=kd.OutputSettings(progress=False))
-            print("RUNS", len(kd.RunInfo({store!r}).history))
+            print("RUN_ID", kd.RunInfo({store!r}, -1).run_id)
     """)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "RUNS 1" in out.stdout
+    assert "RUN_ID 0" in out.stdout
     assert (tmp_path / "ran.txt").read_text().count("top") >= 2  # the worker process re-imported the script
 
 

@@ -313,7 +313,9 @@ class RunInfo(Reportable):
         set ``kwargs["storage"].overwrite = True`` to silence the notice (or change
         ``result_key``).
         """
-        unknown = sorted(k for k in self.params if k not in CALL_ARGUMENTS and k not in SETTINGS_CLASSES)
+        # kompot records sample_col; kompot_dask does not implement it (a value would raise)
+        unknown = sorted(k for k in self.params if k not in CALL_ARGUMENTS and k not in SETTINGS_CLASSES
+                         and not (k == "sample_col" and self.params[k] is None))
         if unknown:
             logger.warning(
                 "Run %d recorded argument(s) %s, which this kompot_dask version's de() does not take; ignored.",
