@@ -281,7 +281,8 @@ def _plan_public(data: Any, call: _Call, settings: _Settings, client: Client | N
     with run_store(data, call.layer) as store:
         run = _validate(store, call, settings, in_memory=in_memory,
                         existing_layers=list(data.layers.keys()) if in_memory else None)
-        with resolve_client(client, settings.compute, store.n_obs * store.n_vars) as c:
+        # the calibration times the kernels under the run's own worker settings
+        with resolve_client(client, settings.compute, store.n_obs * store.n_vars) as c, worker_runtime(c):
             return _make_plan(run, c, timed=True)
 
 
