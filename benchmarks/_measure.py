@@ -61,3 +61,25 @@ def run_measured(code: str, *, env: dict | None = None, interval: float = 0.1, t
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def store_arguments(parser) -> None:
+    """``--n-obs``, ``--n-vars`` and ``--workdir``: the synthetic store a benchmark runs on."""
+    parser.add_argument("--n-obs", type=int, default=10_000)
+    parser.add_argument("--n-vars", type=int, default=2_000)
+    parser.add_argument("--workdir", default=None)
+
+
+def synthetic_store(args, name: str) -> str:
+    """The store ``--n-obs`` × ``--n-vars`` (d = 20, seed 0) named ``name`` in ``--workdir``
+    (a new temporary directory by default), written unless it is there."""
+    import os
+    import tempfile
+
+    from kompot_dask.testing import SyntheticSpec, write_synthetic_store
+
+    work = args.workdir or tempfile.mkdtemp(prefix=f"kd_{name}_")
+    path = os.path.join(work, f"{name}_{args.n_obs}x{args.n_vars}.zarr")
+    if os.path.exists(path):
+        return path
+    return write_synthetic_store(path, SyntheticSpec(n_obs=args.n_obs, n_vars=args.n_vars, n_dims=20, seed=0))

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _measure import store_arguments, synthetic_store  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-obs", type=int, default=10_000)
-    p.add_argument("--n-vars", type=int, default=2_000)
-    p.add_argument("--workdir", default=None)
+    store_arguments(p)
     args = p.parse_args()
 
     import anndata as ad
@@ -29,11 +30,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     import kompot_dask as kd
-    from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
-    work = args.workdir or tempfile.mkdtemp(prefix="kd_mixed_")
-    store = write_synthetic_store(os.path.join(work, f"mixed_{args.n_obs}x{args.n_vars}.zarr"),
-                                  SyntheticSpec(n_obs=args.n_obs, n_vars=args.n_vars, n_dims=20, seed=0))
+    store = synthetic_store(args, "mixed")
     common = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
                   output=kd.OutputSettings(progress=False))
     for dtype in ("float32", "float64"):  # warm-up: compile both precisions' kernels
