@@ -210,19 +210,19 @@ def de(
     check_process_context("kompot_dask.de", client, settings.compute)
     _refuse_unsupported(sample_col=sample_col, model=model)
     out = settings.output
-    if not out.inplace or out.copy:
-        if not isinstance(data, ad.AnnData):
-            field = "inplace=False" if not out.inplace else "copy=True"
-            raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
-                                "place. Copy the store directory first, or use another StorageSettings.result_key.")
-        data = data.copy()
-        if not out.inplace and not out.return_full_results:  # the results are what is returned
-            settings = dataclasses.replace(settings, output=dataclasses.replace(out, return_full_results=True))
+    if (not out.inplace or out.copy) and not isinstance(data, ad.AnnData):
+        field = "inplace=False" if not out.inplace else "copy=True"
+        raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
+                            "place. Copy the store directory first, or use another StorageSettings.result_key.")
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
         raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
     call = _Call(groupby, condition1, condition2, layer, obsm_key, genes)
     if dry_run:
         return plan if plan is not None else _plan_public(data, call, settings, client)
+    if not out.inplace or out.copy:  # the AnnData passed stays as it is
+        data = data.copy()
+        if not out.inplace and not out.return_full_results:  # the results are what is returned
+            settings = dataclasses.replace(settings, output=dataclasses.replace(out, return_full_results=True))
     in_memory = isinstance(data, ad.AnnData)
     with run_store(data, layer) as store:
         run = _validate(store, call, settings, in_memory=in_memory,
@@ -408,11 +408,7 @@ def _read_embedding(store: Store, obsm_key: str) -> np.ndarray | EmbeddingReader
     """A dense embedding in the store as a band reader (no process holds it whole), any
     other encoding read into memory."""
     reader = store.embedding_reader(obsm_key)
-    if reader is not None:
-        if reader.shape[0] != store.n_obs:
-            raise ValueError(f"obsm[{obsm_key!r}] has shape {reader.shape}; expected ({store.n_obs}, d)")
-        return reader
-    X_raw = store.read_obsm(obsm_key)
+    X_raw = reader if reader is not None else store.read_obsm(obsm_key)
     if X_raw.ndim != 2 or X_raw.shape[0] != store.n_obs:
         raise ValueError(f"obsm[{obsm_key!r}] has shape {X_raw.shape}; expected ({store.n_obs}, d)")
     if not np.issubdtype(X_raw.dtype, np.number):

@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
 
 import psutil
 from distributed import Client, LocalCluster, get_client
@@ -54,8 +56,10 @@ def use_in_process(compute: ComputeSettings, n_elements: int | None) -> bool:
         return not compute.processes
     if _asks_for_processes(compute):
         return False
-    if unguarded_script() is not None:
-        return True
+    return _small_run(n_elements) or unguarded_script() is not None
+
+
+def _small_run(n_elements: int | None) -> bool:
     return n_elements is not None and n_elements <= IN_PROCESS_MAX_ELEMENTS
 
 
@@ -81,14 +85,19 @@ def unguarded_script() -> str | None:
     path = getattr(main, "__file__", None)
     if not path or not str(path).endswith(".py") or not os.path.isfile(path):
         return None
+    return None if _has_main_block(str(path), os.stat(path).st_mtime_ns) else str(path)
+
+
+@lru_cache(maxsize=8)
+def _has_main_block(path: str, mtime_ns: int) -> bool:
+    """Whether the script at ``path`` has a top-level ``if __name__ == "__main__":`` (parsed
+    once per version of the file; an unreadable one counts as guarded)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            tree = ast.parse(fh.read(), filename=str(path))
+            tree = ast.parse(fh.read(), filename=path)
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-        return None
-    if any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body):
-        return None
-    return str(path)
+        return True
+    return any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body)
 
 
 def in_spawned_import() -> bool:
@@ -232,8 +241,8 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
     in_process = use_in_process(compute, n_elements)
     kwargs = default_local_cluster_kwargs(compute, in_process)
     if in_process:
-        script = unguarded_script() if compute.processes is None else None
-        if script is not None and not (n_elements is not None and n_elements <= IN_PROCESS_MAX_ELEMENTS):
+        script = None if compute.processes is not None or _small_run(n_elements) else unguarded_script()
+        if script is not None:  # in this process only because of the script
             logger.info("%s has no `if __name__ == \"__main__\":` block: the workers run as threads of this "
                         "process (worker processes would run the script again); add the block for worker "
                         "processes with a memory limit", script)
@@ -272,15 +281,24 @@ _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def _mallopt(trim: int, mmap: int) -> bool:
-    """Set glibc's trim and mmap thresholds in this process; False where there is no glibc."""
+@lru_cache(maxsize=1)
+def glibc() -> Any:
+    """This process's C library when it is glibc (``malloc_trim``, ``mallopt``), else ``None``."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim)) and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap)))
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc has both
+        return libc
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _mallopt(trim: int, mmap: int) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; False where there is no glibc."""
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim))
+                                     and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap)))
 
 
 def _tune_heap() -> bool:

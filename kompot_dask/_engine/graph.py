@@ -37,6 +37,7 @@ from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 from .._progress import progress as progress_bar
+from .cluster import glibc, is_embedded, unguarded_script
 
 logger = logging.getLogger("kompot_dask")
 
@@ -161,19 +162,9 @@ def _trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc only) at the end of a task: a worker's
     threads allocate from separate malloc arenas that otherwise keep what a finished task
     freed, so resident memory would creep up to threads × the largest task."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _Clock:
@@ -423,7 +414,6 @@ def prepare_model(
       factor phase without that memory.
     """
     from .._layout import prep_in_client
-    from .cluster import is_embedded, unguarded_script
 
     nn = (neighbors, neighbor_sample, random_state)
     if prep_in_client(neighbors, landmark_sample, pooled.shape[0], landmarks.source):

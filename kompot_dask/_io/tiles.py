@@ -184,7 +184,7 @@ class EmbeddingReader:
 
     @classmethod
     def open(cls, store_path: str, elem_path: str, token: str) -> EmbeddingReader:
-        arr = zarr.open_array(store=store_path, path=elem_path, mode="r")
+        arr = _open_array_cached(store_path, elem_path, "r")
         if arr.ndim != 2:
             raise ValueError(f"{elem_path} has shape {arr.shape}; expected (cells, d)")
         chunk_rows = int(arr.chunks[0])
