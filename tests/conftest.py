@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
+import sys
 
 import pytest
 from distributed import Client, LocalCluster
 
 from kompot_dask._engine.cluster import worker_environment
 from kompot_dask.testing import SyntheticSpec, write_synthetic_store
+
+
+def pytest_configure(config):
+    """A crash (SIGSEGV, SIGABRT) prints the Python stack of the thread that crashed only:
+    with every thread's stack, as pytest's own faulthandler plugin prints (switched off in
+    pyproject.toml), the crashing one is buried in the middle of a long log whose tail is
+    all a CI summary shows. The stream is a duplicate of the terminal's stderr, taken
+    before pytest captures it."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        fd = sys.__stderr__.fileno()
+    faulthandler.enable(file=os.dup(fd), all_threads=False)
+
 
 SMALL = SyntheticSpec(n_obs=1200, n_vars=90, n_dims=8, seed=3)
 

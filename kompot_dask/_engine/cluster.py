@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import psutil
+from dask.system import cpu_count as dask_cpu_count
 from distributed import Client, LocalCluster, get_client
 
 from .._numerics.gp import numba_cache_dir
@@ -145,7 +146,9 @@ def check_process_context(function: str, client: Client | None, compute: Compute
 
 
 def default_local_cluster_kwargs(compute: ComputeSettings, in_process: bool = False) -> dict:
-    cores = os.cpu_count() or 1
+    # Dask's count: the CPU affinity and a cgroup's CPU quota (a container's share), not
+    # the host's cores that os.cpu_count() reports.
+    cores = max(1, int(dask_cpu_count()))
     if in_process:
         memory_limit = compute.memory_limit
         if memory_limit is None:
@@ -301,15 +304,22 @@ def _mallopt(trim: int, mmap: int) -> bool:
                                      and libc.mallopt(_M_MMAP_THRESHOLD, int(mmap)))
 
 
+def _started_thresholds() -> tuple[str | None, str | None]:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+
+
 def _tune_heap() -> bool:
+    """The run's thresholds, in a process started with fixed ones (a nanny's worker). A
+    process started without them (the user's own, with an in-process cluster) runs glibc's
+    dynamic thresholds, which grow to about these values by themselves: it is left alone."""
+    if _started_thresholds() == (None, None):
+        return False
     return _mallopt(TASK_TRIM_THRESHOLD, TASK_MMAP_THRESHOLD)
 
 
 def _restore_heap() -> bool:
-    """Back to the thresholds this process was started with. A process started without
-    them ran glibc's dynamic thresholds, which grow to about the values set for the run:
-    it keeps them."""
-    trim, mmap = os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    """Back to the thresholds this process was started with (see :func:`_tune_heap`)."""
+    trim, mmap = _started_thresholds()
     if trim is None and mmap is None:
         return False
     return _mallopt(int(trim or _GLIBC_DEFAULT_THRESHOLD), int(mmap or _GLIBC_DEFAULT_THRESHOLD))
