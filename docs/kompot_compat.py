@@ -43,7 +43,6 @@ SETTINGS_NOTES = {
 }
 PLOT_NOTES = {
     "adata": "mapped: `data`, an AnnData, a store path or an opened store",
-    "return_fig": "not yet: figures are always returned",
     "kwargs": "not yet: no pass-through keywords",
 }
 PLOT_DEFAULT = "not yet"

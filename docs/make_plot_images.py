@@ -66,7 +66,7 @@ def main() -> None:
     def out(name: str) -> str:
         return os.path.join(IMAGES, name)
 
-    volcano = kd.plot.volcano_de(store, save=out("volcano.png")).kompot_data
+    volcano = kd.plot.volcano_de(store, save=out("volcano.png"), return_fig=True).kompot_data
     kd.plot.volcano_de(store, y_axis_type="local_fdr", significance_threshold=0.02,
                        save=out("volcano_local_fdr.png"))
     set_one = volcano["up"][:3] + ["gene_1"]
@@ -80,7 +80,7 @@ def main() -> None:
                        save=out("volcano_gene_sets.png"))
     kd.plot.heatmap(store, n_top_genes=20, groupby="cell_type", exclude_groups="HSC",
                     standard_scale=None, vmax="p99", save=out("heatmap.png"))
-    top = kd.plot.heatmap(store, n_top_genes=8, groupby="cell_type").kompot_data["genes"]
+    top = kd.plot.heatmap(store, n_top_genes=8, groupby="cell_type", return_fig=True).kompot_data["genes"]
     kd.plot.heatmap(store, genes=top, groupby="cell_type", vmin="p1", vmax="p99",
                     save=out("heatmap_zscore.png"))
     kd.plot.heatmap(store, genes=top, groupby="cell_type", fold_change_mode=True,

@@ -76,7 +76,7 @@ def collections_by_label(ax) -> dict[str, np.ndarray]:
 
 def test_volcano_de__highlighted_points_are_the_is_de_genes(store, adata, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
-        fig = kd.plot.volcano_de(store, save=tmp_path / "volcano.png")
+        fig = kd.plot.volcano_de(store, save=tmp_path / "volcano.png", return_fig=True)
     # saved at kompot's 300 dpi: the PNG is about 300 pixels per inch of the figure
     png = matplotlib.image.imread(tmp_path / "volcano.png")
     assert png.shape[1] >= 0.75 * 300 * fig.get_size_inches()[0]  # (a tight box trims the margins)
@@ -102,7 +102,7 @@ def test_volcano_de__highlighted_points_are_the_is_de_genes(store, adata, tmp_pa
 
 
 def test_volcano_de__float_threshold_on_local_fdr(store, adata):
-    fig = kd.plot.volcano_de(store, y_axis_type="local_fdr", significance_threshold=0.3, gene_labels=0)
+    fig = kd.plot.volcano_de(store, y_axis_type="local_fdr", significance_threshold=0.3, gene_labels=0, return_fig=True)
     fdr = adata.var[f"{PREFIX}_mahalanobis_local_fdr"].to_numpy()
     expected = adata.var_names[fdr < 0.3].tolist()
     assert len(expected) > 0
@@ -119,7 +119,7 @@ def test_volcano_de__float_threshold_on_local_fdr(store, adata):
 
 def test_volcano_de__dict_threshold_needs_both_and_draws_no_line(store, adata, caplog):
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
-        fig = kd.plot.volcano_de(store, significance_threshold={"local_fdr": 0.5, "mahalanobis": 4.0})
+        fig = kd.plot.volcano_de(store, significance_threshold={"local_fdr": 0.5, "mahalanobis": 4.0}, return_fig=True)
     var = adata.var
     hit = (var[f"{PREFIX}_mahalanobis_local_fdr"] < 0.5) & (var[f"{PREFIX}_mahalanobis"] > 4.0)
     assert 0 < hit.sum() < len(var)
@@ -133,7 +133,7 @@ def test_volcano_de__highlight_groups_labels_and_ax(store, adata, tmp_path):
     groups = [{"name": "Set one", "genes": ["gene_1", "gene_2", "gene_3"], "color": "#E76F51"},
               {"name": "Set two", "genes": ["gene_10", "gene_11"], "color": "#2A9D8F"}]
     out = kd.plot.volcano_de(store, ax=axes[1], highlight_genes=groups,
-                             gene_labels={"gene_1": "first", "gene_10": "tenth"}, title="custom")
+                             gene_labels={"gene_1": "first", "gene_10": "tenth"}, title="custom", return_fig=True)
     assert out is fig
     assert len(axes[0].collections) == 0 and axes[1].get_title() == "custom"
     points = collections_by_label(axes[1])
@@ -153,7 +153,7 @@ def test_volcano_de__highlight_groups_labels_and_ax(store, adata, tmp_path):
 def test_heatmap__tiles_are_group_means_of_the_raw_layer(store, adata, client, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
         fig = kd.plot.heatmap(store, n_top_genes=12, groupby="cell_type", exclude_groups="Type A",
-                              standard_scale=None, vmax="p99", client=client, save=tmp_path / "heat.png")
+                              standard_scale=None, vmax="p99", client=client, save=tmp_path / "heat.png", return_fig=True)
     assert is_png(tmp_path / "heat.png")
     data = fig.kompot_data
     top = adata.var[f"{PREFIX}_mahalanobis"].sort_values(ascending=False).index[:12].tolist()
@@ -181,14 +181,15 @@ def test_heatmap__tiles_are_group_means_of_the_raw_layer(store, adata, client, t
 def test_heatmap__fold_change_mode_tiles_are_differences(store, adata, caplog):
     genes = ["gene_5", "gene_0", "gene_40", "gene_17"]
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
-        fig = kd.plot.heatmap(store, genes=genes, groupby="cell_type", vmin="p1", vmax="p99", fold_change_mode=True)
+        fig = kd.plot.heatmap(store, genes=genes, groupby="cell_type", vmin="p1", vmax="p99", fold_change_mode=True, return_fig=True)
     data = fig.kompot_data
     groups = data["groups"]
     expected = group_means(adata, genes, groups, "Old") - group_means(adata, genes, groups, "Young")
     np.testing.assert_allclose(data["tiles"].to_numpy(), expected.to_numpy(), rtol=1e-5, atol=1e-7)
     assert data["genes"] == genes and data["standard_scale"] is None
-    assert data["vmin"] == pytest.approx(np.percentile(expected.to_numpy(), 1))
-    assert data["vmax"] == pytest.approx(np.percentile(expected.to_numpy(), 99))
+    # symmetric around 0: the percentile further from it sets both ends
+    half = np.abs(np.percentile(expected.to_numpy(), [1, 99])).max()
+    assert data["vmin"] == pytest.approx(-half) and data["vmax"] == pytest.approx(half)
     mesh = [c for c in fig.axes[0].collections if c.get_gid() == "fold_change"][0]
     np.testing.assert_allclose(np.asarray(mesh.get_array()).ravel(), expected.to_numpy().ravel(), rtol=1e-5, atol=1e-7)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -198,7 +199,7 @@ def test_heatmap__fold_change_mode_tiles_are_differences(store, adata, caplog):
 @pytest.mark.parametrize("scale", ["var", "group"])
 def test_heatmap__standard_scale_z_scores(store, adata, scale):
     genes = ["gene_1", "gene_2", "gene_3", "gene_4", "gene_5"]
-    fig = kd.plot.heatmap(store, genes=genes, groupby="cell_type", standard_scale=scale)
+    fig = kd.plot.heatmap(store, genes=genes, groupby="cell_type", standard_scale=scale, return_fig=True)
     data = fig.kompot_data
     raw = np.stack([group_means(adata, genes, data["groups"], c).to_numpy() for c in ("Young", "Old")])  # 2 × genes × groups
     axes = (0, 2) if scale == "var" else (0, 1)
@@ -219,7 +220,7 @@ def test_heatmap__reads_only_the_selected_columns_and_draws_into_ax(store, adata
     monkeypatch.setattr(TileReader, "read", recording_read)
     genes = ["gene_30", "gene_3", "gene_12"]
     fig, ax = plt.subplots()
-    out = kd.plot.heatmap(store, genes=genes, groupby=None, standard_scale=None, ax=ax)  # threaded scheduler
+    out = kd.plot.heatmap(store, genes=genes, groupby=None, standard_scale=None, ax=ax, return_fig=True)  # threaded scheduler
     assert out is fig and fig.axes[0] is ax
     assert seen and set(np.concatenate(seen).tolist()) == {30, 3, 12}  # no other column read
     young = (adata.obs["Age"] == "Young").to_numpy()
@@ -229,8 +230,8 @@ def test_heatmap__reads_only_the_selected_columns_and_draws_into_ax(store, adata
 
 def test_heatmap__in_memory_anndata_and_store_object_agree(store, adata):
     kwargs = dict(n_top_genes=6, groupby="cell_type", standard_scale=None)
-    from_store = kd.plot.heatmap(Store(store), **kwargs).kompot_data
-    from_adata = kd.plot.heatmap(adata, **kwargs).kompot_data
+    from_store = kd.plot.heatmap(Store(store), **kwargs, return_fig=True).kompot_data
+    from_adata = kd.plot.heatmap(adata, **kwargs, return_fig=True).kompot_data
     assert from_store["genes"] == from_adata["genes"]
     for cond in ("Young", "Old"):
         np.testing.assert_allclose(from_store["means"][cond], from_adata["means"][cond], rtol=1e-6)
@@ -253,7 +254,7 @@ def test_plot_gene_expression__panels_hold_the_gene_columns(store, adata, tmp_pa
     gene = "gene_7"
     j = adata.var_names.get_loc(gene)
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
-        fig = kd.plot.plot_gene_expression(store, gene, save=tmp_path / "gene.png")
+        fig = kd.plot.plot_gene_expression(store, gene, save=tmp_path / "gene.png", return_fig=True)
     assert is_png(tmp_path / "gene.png")
     assert seen and all(cols == [j] for cols in seen)
     data = fig.kompot_data
@@ -277,7 +278,7 @@ def test_plot_gene_expression__panels_hold_the_gene_columns(store, adata, tmp_pa
 
 
 def test_plot_gene_expression__on_anndata_with_fixed_limits(adata):
-    fig = kd.plot.plot_gene_expression(adata, "gene_2", basis="umap", vmin=0.0, vmax=3.0, frameon=False)
+    fig = kd.plot.plot_gene_expression(adata, "gene_2", basis="umap", vmin=0.0, vmax=3.0, frameon=False, return_fig=True)
     data = fig.kompot_data
     assert data["basis"] == "X_umap"
     assert data["limits"]["observed"] == (0.0, 3.0) and data["limits"]["fold_change"] == (-3.0, 3.0)
@@ -292,7 +293,7 @@ def test_plot_gene_expression__on_anndata_with_fixed_limits(adata):
 def test_embedding__mgroups_panels_show_the_selected_cells(store, adata, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kompot_dask"):
         fig = kd.plot.embedding(store, "umap", color="gene_4", layer="logged_counts",
-                                mgroups=[{"Age": "Young"}, {"Age": "Old"}], vmax="p99", save=tmp_path / "emb.png")
+                                mgroups=[{"Age": "Young"}, {"Age": "Old"}], vmax="p99", save=tmp_path / "emb.png", return_fig=True)
     assert is_png(tmp_path / "emb.png")
     data = fig.kompot_data
     counts = adata.obs["Age"].value_counts()
@@ -313,7 +314,7 @@ def test_embedding__mgroups_panels_show_the_selected_cells(store, adata, tmp_pat
 
 def test_embedding__categorical_colour_and_combined_selection(store, adata):
     fig = kd.plot.embedding(store, "X_umap", color="cell_type",
-                            mgroups=[{"Age": "Old", "cell_type": ["Type A", "Type B"]}], frameon=False)
+                            mgroups=[{"Age": "Old", "cell_type": ["Type A", "Type B"]}], frameon=False, return_fig=True)
     data = fig.kompot_data
     expected = ((adata.obs["Age"] == "Old") & adata.obs["cell_type"].isin(["Type A", "Type B"])).to_numpy()
     assert data["color_kind"] == "categorical"
@@ -332,12 +333,12 @@ def test_embedding__categorical_colour_and_combined_selection(store, adata):
 def test_volcano_de__missing_gene_labels_are_warned_about_and_skipped(store, caplog):
     """As kompot: a label for a gene the data lacks is named in a warning, the rest are drawn."""
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
-        fig = kd.plot.volcano_de(store, gene_labels=["gene_1", "missing_gene", "gene_10"])
+        fig = kd.plot.volcano_de(store, gene_labels=["gene_1", "missing_gene", "gene_10"], return_fig=True)
     assert "gene_labels: 1 gene(s) not in var_names are not labelled: ['missing_gene']" in caplog.text
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "gene_1" in texts and "gene_10" in texts and "missing_gene" not in texts
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
-        fig = kd.plot.volcano_de(store, gene_labels={"nope": "x"})
+        fig = kd.plot.volcano_de(store, gene_labels={"nope": "x"}, return_fig=True)
     assert not fig.axes[0].texts
     plt.close("all")
 
@@ -420,6 +421,195 @@ def test_heatmap__layer_layout_and_blocking_do_not_change_means(store, adata, tm
         path = str(tmp_path / f"{layout}.zarr")
         copy.write_zarr(path)
     genes = ["gene_9", "gene_2", "gene_33"]
-    data = kd.plot.heatmap(path, genes=genes, groupby="cell_type", standard_scale=None).kompot_data
+    data = kd.plot.heatmap(path, genes=genes, groupby="cell_type", standard_scale=None, return_fig=True).kompot_data
     for cond in ("Young", "Old"):
         np.testing.assert_allclose(data["means"][cond], group_means(adata, genes, data["groups"], cond), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# kompot's and scanpy's conventions: what a plot returns and shows, dpi, legends,
+# scanpy's colours, colour scales and their units, titles of overwritten runs
+# ---------------------------------------------------------------------------
+
+
+def _png_width(path) -> int:
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    return int.from_bytes(head[16:20], "big")
+
+
+PLOTS = {
+    "volcano_de": lambda s, **kw: kd.plot.volcano_de(s, **kw),
+    "heatmap": lambda s, **kw: kd.plot.heatmap(s, n_top_genes=5, groupby="cell_type", **kw),
+    "plot_gene_expression": lambda s, **kw: kd.plot.plot_gene_expression(s, "gene_4", basis="umap", **kw),
+    "embedding": lambda s, **kw: kd.plot.embedding(s, "umap", color="cell_type", **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_plots__return_nothing_unless_asked_and_stay_open_for_savefig(store, name, recwarn):
+    """kompot returns the figure only with return_fig=True: a notebook cell ending in a plot
+    call then shows it once (the inline backend), not a second time as the cell's value.
+    Under Agg nothing is shown and no "cannot be shown" warning appears; the figure stays
+    open for plt.savefig()."""
+    before = set(plt.get_fignums())
+    assert PLOTS[name](store) is None
+    opened = set(plt.get_fignums()) - before
+    assert len(opened) == 1
+    assert plt.gcf().number in opened
+    assert not [w for w in recwarn if "non-interactive" in str(w.message)]
+    fig = PLOTS[name](store, return_fig=True)
+    assert isinstance(fig, matplotlib.figure.Figure) and isinstance(fig.kompot_data, dict)
+    with pytest.raises(TypeError, match="return_fig"):
+        PLOTS[name](store, return_fig="yes")
+
+
+def test_plots__shown_once_on_a_screen_or_notebook_backend(store, monkeypatch):
+    from kompot_dask.plot import _common
+
+    shown = []
+    monkeypatch.setattr(_common, "interactive_backend", lambda: True)
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(1))
+    assert kd.plot.volcano_de(store) is None
+    assert len(shown) == 1
+    kd.plot.volcano_de(store, return_fig=True)  # the caller has the figure: not shown
+    kd.plot.volcano_de(store, show=False)
+    _, ax = plt.subplots()
+    kd.plot.volcano_de(store, ax=ax)  # drawn into the caller's axes: the caller shows it
+    assert len(shown) == 1
+    kd.plot.volcano_de(store, ax=ax, show=True)
+    assert len(shown) == 2
+
+
+def test_plots__dpi_sets_the_saved_resolution(store, tmp_path):
+    kd.plot.volcano_de(store, save=tmp_path / "default.png", figsize=(4, 3))
+    kd.plot.volcano_de(store, save=tmp_path / "low.png", figsize=(4, 3), dpi=50)
+    ratio = _png_width(tmp_path / "default.png") / _png_width(tmp_path / "low.png")
+    assert 5.0 < ratio < 7.0  # 300 dpi (kompot's) against 50
+    with pytest.raises(ValueError, match="dpi"):
+        kd.plot.volcano_de(store, dpi=0)
+
+
+def test_volcano__legend_loc_show_legend_labels_and_condition_names(store):
+    fig = kd.plot.volcano_de(store, legend_loc="upper left", condition1="young mice", condition2="old mice",
+                             xlabel="LFC", ylabel="distance", return_fig=True)
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert legend is not None and legend._loc == 2  # matplotlib's code of "upper left"
+    assert any("old mice" in t.get_text() for t in legend.get_texts())
+    assert ax.get_xlabel() == "LFC" and ax.get_ylabel() == "distance"
+    assert ax.get_title() == "young mice to old mice"
+    assert kd.plot.volcano_de(store, legend_loc="none", return_fig=True).axes[0].get_legend() is None
+    assert kd.plot.volcano_de(store, show_legend=False, return_fig=True).axes[0].get_legend() is None
+    with pytest.raises(ValueError, match="legend_loc='top left' is not supported"):
+        kd.plot.volcano_de(store, legend_loc="top left")
+
+
+def test_embedding__legend_on_data_and_into_a_given_axes(store, adata):
+    _, ax = plt.subplots()
+    kd.plot.embedding(store, "umap", color="cell_type", legend_loc="on data", ax=ax)
+    texts = {t.get_text(): t.get_position() for t in ax.texts}
+    assert set(texts) == set(adata.obs["cell_type"].cat.categories)
+    xy = adata.obsm["X_umap"][:, :2]
+    for name, pos in texts.items():
+        cells = (adata.obs["cell_type"] == name).to_numpy()
+        np.testing.assert_allclose(pos, np.median(xy[cells], axis=0))
+    assert ax.get_legend() is None
+    with pytest.raises(ValueError, match="ax= takes one panel"):
+        kd.plot.embedding(store, "umap", mgroups=[{"Age": "Young"}, {"Age": "Old"}], ax=ax)
+
+
+def _with_uns_colors(store: str, tmp_path, colors: list[str]) -> str:
+    """The store as scanpy leaves it after a categorical plot: written by anndata, with
+    uns['cell_type_colors']."""
+    adata = ad.read_zarr(store)
+    adata.uns["cell_type_colors"] = np.array(colors, dtype=object)
+    copy = str(tmp_path / "colored.zarr")
+    adata.write_zarr(copy)
+    return copy
+
+
+def test_embedding__scanpys_uns_colors_are_used(store, adata, tmp_path):
+    categories = list(adata.obs["cell_type"].cat.categories)
+    colors = ["#112233", "#445566", "#778899", "#AABBCC", "#DDEEFF"][: len(categories)]
+    colored = _with_uns_colors(store, tmp_path, colors)
+    data = kd.plot.embedding(colored, "umap", color="cell_type", return_fig=True).kompot_data
+    assert data["palette"] == dict(zip(categories, colors, strict=True))
+    in_memory = adata.copy()
+    in_memory.uns["cell_type_colors"] = np.array(colors)
+    data = kd.plot.embedding(in_memory, "umap", color="cell_type", return_fig=True).kompot_data
+    assert data["palette"] == dict(zip(categories, colors, strict=True))
+    # an explicit palette wins; too few colours fall back to the default palette
+    data = kd.plot.embedding(colored, "umap", color="cell_type", palette=["red"] * len(categories),
+                             return_fig=True).kompot_data
+    assert set(data["palette"].values()) == {"red"}
+    (tmp_path / "short").mkdir()
+    short = _with_uns_colors(store, tmp_path / "short", colors[:2])
+    data = kd.plot.embedding(short, "umap", color="cell_type", return_fig=True).kompot_data
+    assert list(data["palette"].values())[:2] != colors[:2]
+
+
+def test_heatmap__centred_scale_is_symmetric_and_the_legend_sits_inside_the_figure(store):
+    """vmin="p1", vmax="p99" on z-scores: the further limit sets both ends, so −x and +x
+    are equally saturated (a TwoSlopeNorm on ±p1/p99 made −1.0 as dark as +2.7)."""
+    fig = kd.plot.heatmap(store, n_top_genes=8, groupby="cell_type", vmin="p1", vmax="p99", return_fig=True)
+    data = fig.kompot_data
+    assert data["vmin"] == pytest.approx(-data["vmax"])
+    plotted = np.stack([t.to_numpy() for t in data["tiles"].values()])
+    lo, hi = np.nanpercentile(plotted, [1, 99])
+    assert data["vmax"] == pytest.approx(max(abs(lo), abs(hi)))
+    ax = fig.axes[0]
+    norm = ax.collections[0].norm
+    assert norm(1.0) - 0.5 == pytest.approx(0.5 - norm(-1.0))
+    assert "z-score" in fig.axes[1].get_ylabel() and "logged_counts" in fig.axes[1].get_ylabel()
+    fig.canvas.draw()
+    legend = ax.get_legend()
+    assert legend is not None and min(t.get_fontsize() for t in legend.get_texts()) >= 9
+    box, frame = legend.get_window_extent(), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    assert ax.title.get_window_extent().y0 >= box.y1 - 1  # the title sits above the legend
+    fold = kd.plot.heatmap(store, n_top_genes=8, groupby="cell_type", fold_change_mode=True, standard_scale=None,
+                           vcenter=0.5, colorbar_title="LFC", return_fig=True)
+    d = fold.kompot_data
+    assert (d["vmin"] + d["vmax"]) / 2 == pytest.approx(0.5)
+    assert fold.axes[1].get_ylabel() == "LFC"
+
+
+def test_plots__colour_bars_name_their_units(store):
+    fig = kd.plot.plot_gene_expression(store, "gene_4", basis="umap", return_fig=True)
+    labels = [a.get_ylabel() for a in fig.axes[4:]]
+    assert labels[0] == "expression (logged_counts)"
+    assert labels[1] == labels[2] == "imputed expression"
+    assert labels[3].startswith("log fold change")
+    emb = kd.plot.embedding(store, "umap", color="gene_4", layer="logged_counts", return_fig=True)
+    assert emb.axes[1].get_ylabel() == "gene_4 (logged_counts)"
+
+
+def test_plot_gene_expression__kompots_argument_names(store):
+    fig = kd.plot.plot_gene_expression(store, "gene_4", basis="umap", cmap_expression="magma",
+                                       cmap_fold_change="PiYG", title="gene 4", return_fig=True)
+    cmaps = [a.collections[-1].get_cmap().name for a in fig.axes[:4]]
+    assert cmaps[:3] == ["magma"] * 3 and cmaps[3] == "PiYG"
+    assert fig._suptitle.get_text() == "gene 4"
+    with pytest.raises(ValueError, match="name the same setting"):
+        kd.plot.plot_gene_expression(store, "gene_4", basis="umap", cmap_expression="magma", cmap="plasma")
+
+
+def test_plots__titles_say_when_a_later_run_overwrote_the_fields(store, tmp_path, client):
+    """Run 0's fields overwritten by run 1 (same conditions, same field names): a plot of
+    run 0 says whose values it shows, as the warning does."""
+    import shutil
+
+    copy = str(tmp_path / "twice.zarr")
+    shutil.copytree(store, copy)
+    kd.de(copy, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          gp=kd.GPSettings(n_landmarks=80), fdr=kd.FDRSettings(null_genes=200),
+          storage=kd.StorageSettings(overwrite=True),
+          output=kd.OutputSettings(progress=False), client=client)
+    fig = kd.plot.volcano_de(copy, run_id=0, return_fig=True)
+    assert "values of run 1" in fig.axes[0].get_title()
+    assert fig.kompot_data["overwritten"]["mahalanobis"] == 1
+    latest = kd.plot.volcano_de(copy, return_fig=True)
+    assert "values of run" not in latest.axes[0].get_title() and latest.kompot_data["overwritten"] == {}
+    gene = kd.plot.plot_gene_expression(copy, "gene_4", basis="umap", run_id=0, return_fig=True)
+    assert "values of run 1" in gene._suptitle.get_text()

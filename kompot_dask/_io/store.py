@@ -213,6 +213,15 @@ class StoreHandle:
         raw = ad.io.read_elem(self.root["uns"][key])
         return {k: _maybe_json(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
+    def read_uns_value(self, key: str) -> Any:
+        """``uns[key]`` as anndata reads it (an array, a dict, a scalar), or ``None`` when absent."""
+        return self.consistent(self._read_uns_value, key)
+
+    def _read_uns_value(self, key: str) -> Any:
+        if "uns" not in self.root or key not in self.root["uns"]:
+            return None
+        return ad.io.read_elem(self.root["uns"][key])
+
     def read_uns_item(self, key: str, item: str) -> Any:
         """``uns[key][item]`` as anndata reads it, or ``None`` when absent."""
         return self.consistent(self._read_uns_item, key, item)

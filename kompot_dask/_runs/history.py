@@ -233,6 +233,9 @@ class RunFields:
     names: dict[str, str]
     locations: dict[str, str]
     record: RunRecord
+    writers: dict[str, int | None] = field(default_factory=dict)
+    """Role → the run whose values its field holds now (a later run that overwrote it;
+    ``None``: no run is recorded as writing it), for the roles that were asked for."""
 
     def __getitem__(self, role: str) -> str:
         try:
@@ -320,4 +323,5 @@ def get_run_fields(
         raise KeyError(f"run {rid} wrote no field for role(s) {unknown}; its roles are {sorted(names)}")
     for role in wanted:
         _check_role(history, rid, role, names[role], locations[role])
-    return RunFields(rid, analysis_type, names, locations, record)
+    writers = {role: history.last_writer(locations[role], names[role]) for role in wanted}
+    return RunFields(rid, analysis_type, names, locations, record, writers)

@@ -89,6 +89,23 @@ class PlotData:
     def n_obs(self) -> int:
         return len(self.obs)
 
+    def uns_colors(self, column: str) -> list[str] | None:
+        """``uns['<column>_colors']`` (scanpy's colours of a categorical obs column, in
+        category order), or ``None`` when absent or unreadable."""
+        key = f"{column}_colors"
+        try:
+            if self.store is not None:
+                value = self.store.read_uns_value(key)
+            else:
+                value = self.adata.uns.get(key)
+        except Exception as exc:  # a malformed entry: fall back to the default palette
+            logger.debug("Not using uns[%r]: %s", key, exc)
+            return None
+        if value is None:
+            return None
+        colors = [str(c) for c in np.asarray(value, dtype=object).ravel()]
+        return colors or None
+
     # -- names ----------------------------------------------------------------------
 
     def obs_column(self, column: str, what: str = "groupby") -> pd.Series:
@@ -278,13 +295,86 @@ SAVE_DPI = 300
 """Resolution of saved figures (kompot's): print quality, not the screen's 100 dpi."""
 
 
-def finish(fig: Any, data: dict[str, Any], save: str | os.PathLike | None) -> Any:
-    """Attach ``data`` as ``fig.kompot_data`` and save the figure when asked."""
+_NON_INTERACTIVE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"})
+
+
+def interactive_backend() -> bool:
+    """Whether matplotlib draws on a screen or in a notebook (Qt, Tk, macOS, Jupyter's
+    inline backend, ipympl) rather than only into files (Agg in a batch job)."""
+    import matplotlib
+
+    return str(matplotlib.get_backend()).lower() not in _NON_INTERACTIVE_BACKENDS
+
+
+def check_output_options(return_fig: Any, show: Any, dpi: Any) -> None:
+    """The arguments every plot takes for its output, checked before anything is read."""
+    if not isinstance(return_fig, bool | np.bool_):
+        raise TypeError(f"return_fig={return_fig!r} must be True or False")
+    if show is not None and not isinstance(show, bool | np.bool_):
+        raise TypeError(f"show={show!r} must be True, False or None")
+    if dpi is not None and (isinstance(dpi, bool) or not isinstance(dpi, int | float | np.number) or dpi <= 0):
+        raise ValueError(f"dpi={dpi!r} must be a positive number (dots per inch of the saved file) or None")
+
+
+def finish(fig: Any, data: dict[str, Any], save: str | os.PathLike | None, *, return_fig: bool = False,
+           show: bool | None = None, dpi: float | None = None, own_figure: bool = True) -> Any:
+    """Attach ``data`` as ``fig.kompot_data``, save the figure when asked, then hand it
+    over the way kompot's and scanpy's plots do.
+
+    - ``return_fig=True``: the Figure is returned and nothing is shown.
+    - Otherwise ``None`` is returned, so that a notebook does not display the figure a
+      second time as the cell's value. ``show=None`` shows it (``plt.show()``) when the
+      backend draws on a screen or in a notebook and the plot made its own figure (not
+      when it drew into a given ``ax``); under Agg the figure stays open, for
+      ``plt.savefig`` and ``plt.gcf()``.
+    """
     setattr(fig, DATA_ATTRIBUTE, data)
     if save is not None:
-        fig.savefig(os.fspath(save), bbox_inches="tight", dpi=SAVE_DPI)
+        fig.savefig(os.fspath(save), bbox_inches="tight", dpi=SAVE_DPI if dpi is None else float(dpi))
         logger.info("Saved figure to %s", os.fspath(save))
-    return fig
+    if return_fig:
+        return fig
+    if show is None:
+        show = own_figure and interactive_backend()
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+    return None
+
+
+_MATPLOTLIB_LOCS = ("best", "upper right", "upper left", "lower left", "lower right", "right", "center left",
+                    "center right", "lower center", "upper center", "center")
+
+
+def check_legend_loc(loc: Any, extra: Sequence[str] = ()) -> None:
+    """``legend_loc``: a matplotlib location, ``"right margin"`` (outside the axes, on the
+    right), ``"none"`` (or ``None``: no legend), or one of ``extra``."""
+    allowed = (*_MATPLOTLIB_LOCS, "right margin", "none", *extra)
+    if loc is not None and (not isinstance(loc, str) or loc not in allowed):
+        raise ValueError(f"legend_loc={loc!r} is not supported; pass one of {list(allowed)} or None.")
+
+
+def place_legend(ax: Any, loc: str | None, fontsize: float = 8.0, **kwargs: Any) -> Any:
+    """The axes' legend at ``loc`` (see :func:`check_legend_loc`); ``None`` for no legend."""
+    if loc is None or loc == "none":
+        return None
+    if loc == "right margin":
+        return ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=fontsize, **kwargs)
+    return ax.legend(loc=loc, frameon=False, fontsize=fontsize, **kwargs)
+
+
+def run_note(fields: RunFields | None, roles: Sequence[str]) -> tuple[str, dict[str, int]]:
+    """A title note when fields of the run a plot was asked for now hold a later run's
+    values (``("", {})`` otherwise), and role → the run whose values the field holds."""
+    if fields is None:
+        return "", {}
+    later = {r: w for r, w in fields.writers.items() if r in roles and w is not None and w != fields.run_id}
+    if not later:
+        return "", {}
+    runs = sorted(set(later.values()))
+    return (f" (values of run {runs[0]}: it overwrote run {fields.run_id}'s fields)" if len(runs) == 1 else
+            f" (values of runs {', '.join(map(str, runs))}: they overwrote run {fields.run_id}'s fields)"), later
 
 
 def new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:

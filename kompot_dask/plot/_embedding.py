@@ -11,7 +11,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._common import PlotData, Selection, default_point_size, finish, resolve_limit, select_cells
+from ._common import (
+    PlotData,
+    Selection,
+    check_legend_loc,
+    check_output_options,
+    default_point_size,
+    finish,
+    place_legend,
+    resolve_limit,
+    select_cells,
+)
 
 logger = logging.getLogger("kompot_dask")
 
@@ -36,6 +46,13 @@ def embedding(
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
     save: str | os.PathLike | None = None,
+    ax: Any = None,
+    legend_loc: str | None = "right margin",
+    legend_fontsize: float = 8.0,
+    colorbar_title: str | None = None,
+    return_fig: bool = False,
+    show: bool | None = None,
+    dpi: float | None = None,
 ) -> Any:
     """Cells on an embedding, coloured by an obs column or a gene's expression.
 
@@ -63,6 +80,8 @@ def embedding(
         Colormap for numeric colours.
     palette
         Colours of the categories: a list (in category order) or ``{category: colour}``.
+        ``None``: scanpy's ``uns['<color>_colors']`` when the data has one for every
+        category, else a tab10/tab20 palette.
     point_size
         Marker area (default from the number of cells).
     background_color
@@ -77,14 +96,36 @@ def embedding(
         Figure size (default 4 × 4 per panel).
     save
         Path to save the figure to.
+    ax
+        Axes to draw into (one panel only; a new figure otherwise).
+    legend_loc
+        Legend of categories: ``"right margin"`` (scanpy's default), ``"on data"`` (each
+        category's name at the median of its cells), a matplotlib location, or
+        ``"none"``/``None``.
+    legend_fontsize
+        Font size of the legend (or of the names on the data).
+    colorbar_title
+        Label of the colour bar of a numeric colour (default: the obs column, or the
+        gene and the layer its values come from).
+    return_fig
+        Return the Figure (kompot's and scanpy's convention); by default nothing is
+        returned, so that a notebook shows the figure once.
+    show
+        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
+        notebook backend, unless drawn into a given ``ax``.
+    dpi
+        Resolution of the saved file (default 300, kompot's).
 
     Returns
     -------
-    The matplotlib Figure, with ``fig.kompot_data``: ``basis`` (obsm key), ``color``,
+    ``None``; with ``return_fig=True`` the matplotlib Figure, with ``fig.kompot_data``:
+    ``basis`` (obsm key), ``color``,
     ``color_kind`` (``"categorical"``, ``"numeric"`` or ``None``), ``values`` (per cell,
     in obs order), ``n_total``, ``panels`` (list of ``{"title", "n_cells", "mask"}``),
-    ``vmin``, ``vmax``.
+    ``vmin``, ``vmax``, ``palette`` (category → colour, or ``None``).
     """
+    check_output_options(return_fig, show, dpi)
+    check_legend_loc(legend_loc, extra=("on data",))
     source = PlotData(data)
     key, xy = source.embedding(basis)
     kind, values, categories = _color_values(source, color, layer)
@@ -114,15 +155,26 @@ def embedding(
         if shown.size:
             lo = float(shown.min()) if lo is None else lo
             hi = float(shown.max()) if hi is None else hi
+    if kind == "categorical" and palette is None and color in source.obs.columns:
+        palette = _uns_palette(source, color, categories)
     colors = _category_colors(categories, palette) if kind == "categorical" else None
 
     n = len(selections)
-    ncols = max(1, min(int(ncols), n))
-    nrows = math.ceil(n / ncols)
-    import matplotlib.pyplot as plt
+    own_figure = ax is None
+    if ax is not None:
+        if n != 1:
+            raise ValueError(f"ax= takes one panel, but mgroups= asks for {n}; drop ax= (the panels get "
+                             "a figure of their own) or pass one selection.")
+        fig, axes = ax.figure, np.array([[ax]])
+    else:
+        ncols = max(1, min(int(ncols), n))
+        nrows = math.ceil(n / ncols)
+        import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (4.2 * ncols + (1.2 if kind else 0), 4.0 * nrows),
-                             squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols,
+                                 figsize=figsize or (4.2 * ncols + (1.2 if kind else 0), 4.0 * nrows), squeeze=False)
+    if colorbar_title is None and kind == "numeric":
+        colorbar_title = color if color in source.obs.columns else f"{color} ({'X' if layer is None else layer})"
     size = point_size if point_size is not None else default_point_size(source.n_obs)
     panels = []
     for sel, ax in zip(selections, axes.ravel(), strict=False):
@@ -132,18 +184,21 @@ def embedding(
         ax.set_title(panel_title, fontsize=10)
         style_axes(ax, key, frameon)
         if kind == "numeric":
-            fig.colorbar(ax.collections[-1], ax=ax, shrink=0.8)
+            fig.colorbar(ax.collections[-1], ax=ax, shrink=0.8, label=colorbar_title)
+        if kind == "categorical" and legend_loc == "on data":
+            _names_on_data(ax, xy, sel.mask, values, legend_fontsize)
         panels.append({"title": panel_title, "n_cells": sel.n_cells, "mask": sel.mask})
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
-    if kind == "categorical":
+    if kind == "categorical" and legend_loc != "on data":
         shown = pd.unique(np.concatenate([values[s.mask] for s in selections]).astype(object))
-        _category_legend(axes.ravel()[n - 1], [c for c in colors if c in set(shown)], colors)
+        _category_legend(axes.ravel()[n - 1], [c for c in colors if c in set(shown)], colors, legend_loc,
+                         legend_fontsize)
 
     return finish(fig, {
         "basis": key, "color": color, "color_kind": kind, "values": values,
-        "n_total": source.n_obs, "panels": panels, "vmin": lo, "vmax": hi,
-    }, save)
+        "n_total": source.n_obs, "panels": panels, "vmin": lo, "vmax": hi, "palette": colors,
+    }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
 
 
 def _color_values(source: PlotData, color: str | None,
@@ -189,12 +244,38 @@ def _category_colors(categories: list[Any], palette: Any) -> dict[Any, str]:
     return {c: palette[i % len(palette)] for i, c in enumerate(categories)}
 
 
-def _category_legend(ax: Any, categories: list[Any], colors: dict[Any, str]) -> None:
+def _uns_palette(source: PlotData, column: str, categories: list[Any]) -> list[str] | None:
+    """scanpy's colours of ``column`` (``uns['<column>_colors']``, in category order) when
+    they cover every category; ``None`` (the default palette) otherwise."""
+    colors = source.uns_colors(column)
+    if colors is None:
+        return None
+    if len(colors) < len(categories):
+        logger.warning("uns[%r] has %d colours for %d categories of %r; using the default palette.",
+                       f"{column}_colors", len(colors), len(categories), column)
+        return None
+    logger.info("Using the colours of uns[%r]", f"{column}_colors")
+    return colors[: len(categories)]
+
+
+def _category_legend(ax: Any, categories: list[Any], colors: dict[Any, str], loc: str | None = "right margin",
+                     fontsize: float = 8.0) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", linestyle="none", markerfacecolor=colors[c],
                       markeredgewidth=0, markersize=6, label=str(c)) for c in categories]
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    place_legend(ax, loc, fontsize=fontsize, handles=handles)
+
+
+def _names_on_data(ax: Any, xy: np.ndarray, mask: np.ndarray, values: np.ndarray, fontsize: float) -> None:
+    """scanpy's ``legend_loc="on data"``: each category's name at the median of its cells."""
+    shown = values[mask]
+    for category in pd.unique(shown.astype(object)):
+        if category is None or (isinstance(category, float) and np.isnan(category)):
+            continue
+        here = mask & (values == category)
+        x, y = np.median(xy[here], axis=0)
+        ax.text(x, y, str(category), fontsize=fontsize, fontweight="bold", ha="center", va="center")
 
 
 def draw_cells(ax: Any, xy: np.ndarray, mask: np.ndarray, kind: str | None, values: Any, *,

@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from ._common import PlotData, default_point_size, describe_run, finish, resolve_limit
+from ._common import (
+    PlotData,
+    check_output_options,
+    default_point_size,
+    describe_run,
+    finish,
+    resolve_limit,
+    run_note,
+)
 from ._embedding import draw_cells, style_axes
 
 logger = logging.getLogger("kompot_dask")
@@ -32,6 +40,16 @@ def plot_gene_expression(
     ncols: int = 2,
     figsize: tuple[float, float] | None = None,
     save: str | os.PathLike | None = None,
+    title: str | None = None,
+    lfc_key: str | None = None,
+    score_key: str | None = None,
+    condition1: str | None = None,
+    condition2: str | None = None,
+    cmap_expression: str | None = None,
+    cmap_fold_change: str | None = None,
+    return_fig: bool = False,
+    show: bool | None = None,
+    dpi: float | None = None,
 ) -> Any:
     """A gene on an embedding in four panels: observed expression, imputed expression in
     each condition, and the imputed fold change (condition2 − condition1).
@@ -68,28 +86,52 @@ def plot_gene_expression(
         Figure size (default 4 × 4 per panel).
     save
         Path to save the figure to.
+    title
+        Figure title (default: the gene, the run, its fold change and distance).
+    lfc_key, score_key
+        var columns of the fold change and the distance in the title (default: the run's).
+    condition1, condition2
+        Names of the conditions in the panel titles (default: the run's).
+    cmap_expression, cmap_fold_change
+        kompot's names for ``cmap`` and ``fold_change_cmap``.
+    return_fig
+        Return the Figure (kompot's and scanpy's convention); by default nothing is
+        returned, so that a notebook shows the figure once.
+    show
+        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
+        notebook backend, unless drawn into a given ``ax``.
+    dpi
+        Resolution of the saved file (default 300, kompot's).
 
     Returns
     -------
-    The matplotlib Figure, with ``fig.kompot_data``: ``gene``, ``run_id``, ``basis``,
+    ``None``; with ``return_fig=True`` the matplotlib Figure, with ``fig.kompot_data``:
+    ``gene``, ``run_id``, ``basis``,
     ``coords`` (cells × 2), ``panels`` (``{"observed", "imputed1", "imputed2",
     "fold_change"}`` → the gene's values per cell, in obs order), ``layers`` (panel →
-    layer name), ``limits`` (panel → (vmin, vmax)), ``mean_lfc``, ``mahalanobis``.
+    layer name), ``limits`` (panel → (vmin, vmax)), ``mean_lfc``, ``mahalanobis``,
+    ``overwritten`` (role → the later run whose values a field holds).
     """
+    check_output_options(return_fig, show, dpi)
+    cmap = _alias(cmap_expression, "cmap_expression", cmap, "cmap", "viridis")
+    fold_change_cmap = _alias(cmap_fold_change, "cmap_fold_change", fold_change_cmap, "fold_change_cmap", "RdBu_r")
     source = PlotData(data)
     if not isinstance(gene, str):
         raise TypeError(f"gene={gene!r} must be one gene name (a string)")
     j = int(source.gene_indices([gene], what="gene")[0])
     fields = _layer_fields(source, run_id)
     describe_run(fields)
-    logger.info("Using fields for gene expression plot - lfc_key: %r, score_key: %r",
-                fields["mean_lfc"], fields["mahalanobis"])
-    c1, c2 = fields.condition1, fields.condition2
-    lfc = float(source.var_column(fields["mean_lfc"], "mean_lfc column")[j])
-    score = float(source.var_column(fields["mahalanobis"], "mahalanobis column")[j])
+    lfc_key = lfc_key or fields["mean_lfc"]
+    score_key = score_key or fields["mahalanobis"]
+    logger.info("Using fields for gene expression plot - lfc_key: %r, score_key: %r", lfc_key, score_key)
+    c1 = condition1 if condition1 is not None else fields.condition1
+    c2 = condition2 if condition2 is not None else fields.condition2
+    note, overwritten = run_note(fields, ("mean_lfc", "mahalanobis", *_LAYER_ROLES))
+    lfc = float(source.var_column(lfc_key, "lfc_key")[j])
+    score = float(source.var_column(score_key, "score_key")[j])
     if not np.isfinite(lfc):
         raise ValueError(
-            f"gene {gene!r} was not tested in run {fields.run_id} (its {fields['mean_lfc']!r} is "
+            f"gene {gene!r} was not tested in run {fields.run_id} (its {lfc_key!r} is "
             f"NaN; the run's genes= left it out). Pick a tested gene or re-run kompot_dask.de."
         )
     if layer is None:
@@ -119,6 +161,8 @@ def plot_gene_expression(
         "imputed2": f"{gene}: imputed {c2}",
         "fold_change": f"{gene}: fold change {c2} − {c1}",
     }
+    units = {"observed": f"expression ({'X' if layer is None else layer})", "imputed1": "imputed expression",
+             "imputed2": "imputed expression", "fold_change": f"log fold change ({c2} − {c1})"}
     import matplotlib.pyplot as plt
 
     ncols = max(1, min(int(ncols), 4))
@@ -133,16 +177,26 @@ def plot_gene_expression(
         coll.set_gid(panel)
         ax.set_title(titles[panel], fontsize=10)
         style_axes(ax, key, frameon)
-        fig.colorbar(coll, ax=ax, shrink=0.8)
+        fig.colorbar(coll, ax=ax, shrink=0.8, label=units[panel])
     for ax in axes.ravel()[4:]:
         ax.set_visible(False)
-    fig.suptitle(f"{gene} — run {fields.run_id}, {c1} to {c2}: mean log fold change {lfc:+.3f}, "
-                 f"Mahalanobis distance {score:.2f}", fontsize=11)
+    fig.suptitle(title if title is not None else
+                 f"{gene} — run {fields.run_id}, {c1} to {c2}: mean log fold change {lfc:+.3f}, "
+                 f"Mahalanobis distance {score:.2f}{note}", fontsize=11)
 
     return finish(fig, {
         "gene": gene, "run_id": fields.run_id, "basis": key, "coords": xy, "panels": panels,
-        "layers": layers, "limits": limits, "mean_lfc": lfc, "mahalanobis": score,
-    }, save)
+        "layers": layers, "limits": limits, "mean_lfc": lfc, "mahalanobis": score, "overwritten": overwritten,
+    }, save, return_fig=return_fig, show=show, dpi=dpi)
+
+
+def _alias(kompot_value: Any, kompot_name: str, value: Any, name: str, default: Any) -> Any:
+    """kompot's name of an argument, or ours; both given and different is an error."""
+    if kompot_value is None:
+        return value
+    if value != default and value != kompot_value:
+        raise ValueError(f"{kompot_name}={kompot_value!r} and {name}={value!r} name the same setting; pass one.")
+    return kompot_value
 
 
 def _layer_fields(source: PlotData, run_id: int) -> Any:

@@ -12,7 +12,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._common import PlotData, describe_run, finish, new_axes, resolve_limit, run_fields
+from ._common import (
+    PlotData,
+    check_legend_loc,
+    check_output_options,
+    describe_run,
+    finish,
+    new_axes,
+    place_legend,
+    resolve_limit,
+    run_fields,
+    run_note,
+)
 
 logger = logging.getLogger("kompot_dask")
 
@@ -42,6 +53,12 @@ def heatmap(
     ax: Any = None,
     save: str | os.PathLike | None = None,
     client: Any = None,
+    vcenter: float | None = None,
+    colorbar_title: str | None = None,
+    legend_loc: str | None = "top",
+    return_fig: bool = False,
+    show: bool | None = None,
+    dpi: float | None = None,
 ) -> Any:
     """Mean observed expression of genes per group, one tile per (gene, group).
 
@@ -70,8 +87,9 @@ def heatmap(
         fold-change mode.
     vmin, vmax
         Colour limits: numbers, or ``"pNN"`` for the NNth percentile (``np.percentile``)
-        of the plotted tile values. By default the data range (symmetric around 0 for
-        z-scores and fold changes).
+        of the plotted tile values. By default the data range. Z-scores and fold changes
+        are coloured on a scale symmetric around ``vcenter``: the limit further from it
+        sets both ends, so that equal distances from it are equally saturated.
     fold_change_mode
         Show condition2 − condition1 as one square per tile.
     run_id
@@ -93,10 +111,25 @@ def heatmap(
     client
         Dask client for the group means on a store; by default the current client, else
         the threaded scheduler.
+    vcenter
+        Centre of the colour scale of z-scores and fold changes (default 0).
+    colorbar_title
+        Label of the colour bar (default: what the tiles hold, and the layer).
+    legend_loc
+        Legend of the split tiles' triangles: ``"top"`` (above the tiles, under the
+        title), ``"right margin"``, a matplotlib location, or ``"none"``/``None``.
+    return_fig
+        Return the Figure (kompot's and scanpy's convention); by default nothing is
+        returned, so that a notebook shows the figure once.
+    show
+        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
+        notebook backend, unless drawn into a given ``ax``.
+    dpi
+        Resolution of the saved file (default 300, kompot's).
 
     Returns
     -------
-    The matplotlib Figure, with ``fig.kompot_data``: ``genes``, ``groups`` (plotted
+    ``None``; with ``return_fig=True`` the matplotlib Figure, with ``fig.kompot_data``: ``genes``, ``groups`` (plotted
     order), ``condition1``, ``condition2``, ``means`` (``{condition: DataFrame genes ×
     groups}`` of mean observed expression, NaN where a group has no cells of that
     condition), ``n_cells`` (DataFrame groups × conditions), ``tiles`` (the plotted
@@ -106,6 +139,8 @@ def heatmap(
     """
     if standard_scale not in _SCALES:
         raise ValueError(f"standard_scale={standard_scale!r} is not supported; pass one of {list(_SCALES)}.")
+    check_output_options(return_fig, show, dpi)
+    check_legend_loc(legend_loc, extra=("top",))
     source = PlotData(data)
     needs_run = (
         (genes is None and score_key is None) or condition_column is None or condition1 is None
@@ -178,22 +213,32 @@ def heatmap(
     lo = resolve_limit(vmin, plotted, "vmin")
     hi = resolve_limit(vmax, plotted, "vmax")
     finite = plotted[np.isfinite(plotted)]
+    centre = 0.0 if vcenter is None else float(vcenter)
     if finite.size and (lo is None or hi is None):
-        bound = float(np.abs(finite).max()) if centred else None
-        lo = lo if lo is not None else (-bound if centred else float(finite.min()))
-        hi = hi if hi is not None else (bound if centred else float(finite.max()))
+        bound = float(np.abs(finite - centre).max()) if centred else None
+        lo = lo if lo is not None else (centre - bound if centred else float(finite.min()))
+        hi = hi if hi is not None else (centre + bound if centred else float(finite.max()))
+    if centred and lo is not None and hi is not None:
+        # one distance from the centre is one colour on both sides
+        half = max(abs(lo - centre), abs(hi - centre))
+        lo, hi = centre - half, centre + half
     cmap = cmap or ("RdBu_r" if centred else "viridis")
+    layer_name = "X" if layer is None else layer
 
     n_genes, n_groups = len(gene_names), len(group_names)
-    fig, ax = new_axes(ax, figsize or (max(4.0, 0.5 * n_groups + 3.0), max(3.0, 0.32 * n_genes + 1.8)))
+    own_figure = ax is None
+    fig, ax = new_axes(ax, figsize or (max(4.0, 0.5 * n_groups + 3.0), max(3.0, 0.32 * n_genes + 2.2)))
     if fold_change_mode:
-        mappable = _draw_squares(ax, tiles.to_numpy(), cmap, _norm(lo, hi, True))
-        label = f"{condition2} − {condition1}"
+        mappable = _draw_squares(ax, tiles.to_numpy(), cmap, _norm(lo, hi))
+        label = f"mean {condition2} − mean {condition1} ({layer_name})"
     else:
         mappable = _draw_split(ax, tiles[condition1].to_numpy(), tiles[condition2].to_numpy(), cmap,
-                               _norm(lo, hi, centred))
-        label = {"var": "z-score per gene", "group": "z-score per group", None: "mean expression"}[applied_scale]
-        _split_legend(ax, condition1, condition2)
+                               _norm(lo, hi))
+        label = {"var": f"z-score of the mean per gene ({layer_name})",
+                 "group": f"z-score of the mean per group ({layer_name})",
+                 None: f"mean expression ({layer_name})"}[applied_scale]
+        _split_legend(ax, condition1, condition2, legend_loc)
+    note, overwritten = run_note(fields, ("mahalanobis",) if genes is None and fields is not None else ())
     ax.set_xlim(0, n_groups)
     ax.set_ylim(n_genes, 0)
     ax.set_xticks(np.arange(n_groups) + 0.5, [str(g) for g in group_names], rotation=90)
@@ -201,16 +246,18 @@ def heatmap(
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title if title is not None else f"{condition1} vs {condition2}" + (f" by {groupby}" if groupby else ""))
-    fig.colorbar(mappable, ax=ax, label=label, shrink=0.8)
+    default_title = f"{condition1} vs {condition2}" + (f" by {groupby}" if groupby else "") + note
+    has_top_legend = not fold_change_mode and legend_loc == "top"
+    ax.set_title(title if title is not None else default_title, pad=30 if has_top_legend else 6)
+    fig.colorbar(mappable, ax=ax, label=colorbar_title if colorbar_title is not None else label, shrink=0.8)
 
     return finish(fig, {
         "genes": gene_names, "groups": group_names, "condition1": condition1,
         "condition2": condition2, "means": means,
         "n_cells": pd.DataFrame(n_cells, index=group_names, columns=[condition1, condition2]),
         "tiles": tiles, "vmin": lo, "vmax": hi, "standard_scale": applied_scale,
-        "layer": layer, "fold_change_mode": bool(fold_change_mode),
-    }, save)
+        "layer": layer, "fold_change_mode": bool(fold_change_mode), "overwritten": overwritten,
+    }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
 
 
 def _inferred(value: Any, from_run: Any, name: str) -> Any:
@@ -279,13 +326,11 @@ def _scale(mean: np.ndarray, how: str | None) -> np.ndarray:
     return (mean - centre) / np.where(spread > 0, spread, 1.0)
 
 
-def _norm(lo: float | None, hi: float | None, centred: bool) -> Any:
-    """Linear colour scale; centred data (z-scores, differences) keep 0 at the colormap's
-    middle when the limits straddle it."""
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+def _norm(lo: float | None, hi: float | None) -> Any:
+    """Linear colour scale (centred data come with limits symmetric around their centre,
+    so the centre is the colormap's middle and one distance from it one colour)."""
+    from matplotlib.colors import Normalize
 
-    if centred and lo is not None and hi is not None and lo < 0 < hi:
-        return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
     return Normalize(vmin=lo, vmax=hi)
 
 
@@ -327,13 +372,17 @@ def _draw_squares(ax: Any, values: np.ndarray, cmap: str, norm: Any) -> Any:
     return mesh
 
 
-def _split_legend(ax: Any, condition1: Any, condition2: Any) -> None:
+def _split_legend(ax: Any, condition1: Any, condition2: Any, loc: str | None = "top") -> Any:
+    """Which triangle is which condition: ``"top"`` puts the legend in one row above the
+    tiles (between them and the title), inside the figure."""
     from matplotlib.lines import Line2D
 
-    style = dict(linestyle="none", markersize=11, markerfacecolor="#9E9E9E", markeredgecolor="#616161")
+    style = dict(linestyle="none", markersize=14, markerfacecolor="#9E9E9E", markeredgecolor="#616161")
     handles = [
-        Line2D([], [], marker=[(-1, -1), (1, -1), (-1, 1)], label=str(condition1), **style),
-        Line2D([], [], marker=[(1, -1), (1, 1), (-1, 1)], label=str(condition2), **style),
+        Line2D([], [], marker=[(-1, -1), (1, -1), (-1, 1)], label=f"{condition1} (lower left)", **style),
+        Line2D([], [], marker=[(1, -1), (1, 1), (-1, 1)], label=f"{condition2} (upper right)", **style),
     ]
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.0, 1.0), frameon=False,
-              fontsize=8, ncols=1, handletextpad=0.3, borderaxespad=0.2)
+    if loc == "top":
+        return ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+                         fontsize=9, ncols=2, handletextpad=0.3, borderaxespad=0.2, columnspacing=1.2)
+    return place_legend(ax, loc, fontsize=9, handles=handles)

@@ -8,7 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import PlotData, describe_run, finish, new_axes, run_fields
+from ._common import (
+    PlotData,
+    check_legend_loc,
+    check_output_options,
+    describe_run,
+    finish,
+    new_axes,
+    place_legend,
+    run_fields,
+    run_note,
+)
 
 logger = logging.getLogger("kompot_dask")
 
@@ -35,6 +45,17 @@ def volcano_de(
     figsize: tuple[float, float] = (8.0, 6.5),
     ax: Any = None,
     save: str | os.PathLike | None = None,
+    condition1: str | None = None,
+    condition2: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    font_size: float = 8.0,
+    legend_loc: str = "best",
+    legend_fontsize: float = 8.0,
+    show_legend: bool = True,
+    return_fig: bool = False,
+    show: bool | None = None,
+    dpi: float | None = None,
 ) -> Any:
     """Volcano plot of a DE run: each gene at (mean log fold change, score).
 
@@ -74,10 +95,31 @@ def volcano_de(
         Axes to draw into (a new figure otherwise).
     save
         Path to save the figure to (format from the extension).
+    condition1, condition2
+        Names of the conditions in the legend, axis label and title (default: the run's).
+    xlabel, ylabel
+        Axis labels (default: the fold-change direction and the y-axis quantity).
+    font_size
+        Font size of the gene labels.
+    legend_loc
+        Where the legend goes: a matplotlib location (``"best"``, ``"upper left"``, …),
+        ``"right margin"`` (outside the axes) or ``"none"``.
+    legend_fontsize
+        Font size of the legend.
+    show_legend
+        Draw the legend (``False`` is ``legend_loc="none"``).
+    return_fig
+        Return the Figure (kompot's and scanpy's convention); by default nothing is
+        returned, so that a notebook shows the figure once.
+    show
+        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
+        notebook backend, unless drawn into a given ``ax``.
+    dpi
+        Resolution of the saved file (default 300, kompot's).
 
     Returns
     -------
-    The matplotlib Figure, with ``fig.kompot_data``: ``genes`` (var names), ``x``, ``y``
+    ``None``; with ``return_fig=True`` the matplotlib Figure, with ``fig.kompot_data``: ``genes`` (var names), ``x``, ``y``
     (plotted values per gene), ``significant`` (bool per gene), ``highlighted`` (names of
     the genes coloured up/down, in var order), ``up``, ``down``, ``highlight_groups``
     (``{name: genes}``), ``labels`` (``{gene: label}``), ``threshold_line`` (y of the
@@ -85,6 +127,8 @@ def volcano_de(
     """
     if y_axis_type not in _Y_AXIS:
         raise ValueError(f"y_axis_type={y_axis_type!r} is not supported; pass one of {list(_Y_AXIS)}.")
+    check_output_options(return_fig, show, dpi)
+    check_legend_loc(legend_loc)
     source = PlotData(data)
     fields = None
     explicit = lfc_key is not None and score_key is not None
@@ -117,9 +161,11 @@ def volcano_de(
     down = significant & (x < 0)
     groups = _highlight_groups(source, highlight_genes, y, finite)
 
+    own_figure = ax is None
     fig, ax = new_axes(ax, figsize)
-    c1 = fields.condition1 if fields is not None else "condition 1"
-    c2 = fields.condition2 if fields is not None else "condition 2"
+    c1 = condition1 if condition1 is not None else fields.condition1 if fields is not None else "condition 1"
+    c2 = condition2 if condition2 is not None else fields.condition2 if fields is not None else "condition 2"
+    note, overwritten = run_note(fields, ("mean_lfc", "mahalanobis", "local_fdr", "is_de"))
     rest = finite & ~significant
     ax.scatter(x[rest], y[rest], s=point_size, c=color_background, alpha=0.6, linewidths=0,
                label="_not significant", rasterized=True)
@@ -140,13 +186,13 @@ def volcano_de(
 
     labels = _labels(source, gene_labels, y, finite)
     label_idx = source.gene_indices(list(labels), what="gene_labels") if labels else np.zeros(0, int)
-    _place_labels(ax, x[label_idx], y[label_idx], list(labels.values()))
+    _place_labels(ax, x[label_idx], y[label_idx], list(labels.values()), fontsize=font_size)
 
-    ax.set_xlabel(f"Mean log fold change ({c2} vs {c1})")
-    ax.set_ylabel(_Y_AXIS[y_axis_type])
-    ax.set_title(title if title is not None else f"{c1} to {c2}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8, frameon=False)
+    ax.set_xlabel(xlabel if xlabel is not None else f"Mean log fold change ({c2} vs {c1})")
+    ax.set_ylabel(ylabel if ylabel is not None else _Y_AXIS[y_axis_type])
+    ax.set_title(title if title is not None else f"{c1} to {c2}" + note)
+    if show_legend and ax.get_legend_handles_labels()[0]:
+        place_legend(ax, legend_loc, fontsize=legend_fontsize)
 
     return finish(fig, {
         "genes": genes, "x": x, "y": y, "significant": significant,
@@ -155,7 +201,8 @@ def volcano_de(
         "highlight_groups": {name: genes[idx].tolist() for name, idx, _ in groups},
         "labels": labels, "threshold_line": threshold_line, "lfc_key": lfc_key,
         "score_key": score_key, "run_id": fields.run_id if fields is not None else None,
-    }, save)
+        "overwritten": overwritten,
+    }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
 
 
 def _significance(source: PlotData, fields: Any, threshold: Any, y_axis_type: str,
