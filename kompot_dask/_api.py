@@ -547,6 +547,7 @@ def _de(run: _Run, client: Client | None, plan: planner.ResourcePlan | None, res
         with run.phase("plan"):
             plan = _plan_for_run(run, c, plan)
         computed = _execute(run, c, plan, resume)
+    _announce(plan, "FDR and commit", "Computing the FDR and writing the results")
     with run.phase("FDR and record"):
         results = _record(run, computed, plan, environment, t_start)
     t_commit = time.perf_counter()
@@ -580,6 +581,7 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
             logger.info("Resuming the interrupted run of this call kept in %s", staging.path)
         else:
             gp = run.settings.gp
+            _announce(plan, "landmarks and length scale", "Choosing the landmarks and the length scale")
             with run.phase("length scale and landmarks"):
                 ls, Z, landmark_source = engine.prepare_model(
                     client, X1, pooled, ls=gp.ls,
@@ -590,6 +592,8 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
             layout = plan.layout
             io_commit.save_run_state(staging, fingerprint, {"ls": ls, "landmark_source": landmark_source,
                                                             "layout": _layout_state(layout)}, Z)
+        _announce(plan, "fit (S and factors)", "Fitting both conditions' models on the workers")
+        _announce(plan, "gene and null blocks, std", "Scoring the gene and null-gene blocks")
         res = _run_engine(run, client, X, Z, ls, layout, staging)
         for stage, seconds in res.wall_seconds.items():
             run.phase_seconds[f"engine: {stage}"] = seconds
@@ -603,6 +607,22 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
         raise
     n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
     return _Computed(res, ls, Z, landmark_source, staging, n_workers)
+
+
+TIMED_PLAN_FLOPS = 1e11
+"""A run of at least this many flops (a few seconds of work) plans with timed kernels."""
+ANNOUNCE_SECONDS = 2.0
+"""Steps the plan expects to take at least this long are announced with that estimate."""
+
+
+def _announce(plan: planner.ResourcePlan | None, phase: str, what: str) -> None:
+    """Say that a long step starts and how long the plan expects it to take (a batch log
+    then shows what the run is doing between its progress lines)."""
+    seconds = None if plan is None else (plan.phase_seconds or {}).get(phase)
+    if seconds is None:
+        logger.debug("%s", what)
+    elif seconds >= ANNOUNCE_SECONDS:
+        logger.info("%s: expected ~%s (the plan's estimate)", what, format_time(seconds))
 
 
 def _layout_state(layout: Layout) -> dict[str, int]:
@@ -837,6 +857,11 @@ def _plan_for_run(run: _Run, client: Client, plan: planner.ResourcePlan | None) 
     """The plan a run executes: the one given (checked against this call), else a new one."""
     if plan is None:
         plan = _make_plan(run, client, timed=False)
+        if sum(plan.flops.values()) >= TIMED_PLAN_FLOPS:
+            # worth half a second of timed kernels: the plan then knows how long each step
+            # takes, and the run announces it (timed under the run's own worker settings)
+            with worker_runtime(client):
+                plan = _make_plan(run, client, timed=True)
     else:
         _check_given_plan(run, client, plan)
     if not plan.feasible:

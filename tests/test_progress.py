@@ -77,3 +77,48 @@ def test_de_into_a_log_file__progress_lines_not_a_bar(tmp_path):
     assert len(progress_lines) >= 3, text
     assert "(100 %)" in progress_lines[-1] and "elapsed" in progress_lines[-1]
     assert any("left" in x for x in progress_lines)
+
+
+def test_de__long_steps_announce_the_plans_estimate(tmp_path, client, caplog, monkeypatch):
+    """A run worth timing plans with timed kernels, and each step the plan expects to take
+    long is announced with that estimate, in order, before its progress lines. (Both
+    thresholds are lowered here: on this small store every step is short.)"""
+    import kompot_dask as kd
+    from kompot_dask import _api
+
+    path = write_synthetic_store(tmp_path / "s.zarr", SyntheticSpec(n_obs=900, n_vars=30, n_dims=6, seed=4),
+                                 cell_chunk=256, gene_chunk=16)
+    kw = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+              gp=kd.GPSettings(n_landmarks=80), fdr=kd.FDRSettings(null_genes=40),
+              output=kd.OutputSettings(progress=True), client=client)
+    calls: list[bool] = []
+    real_make_plan = _api._make_plan
+
+    def spy(run, c, *, timed: bool):
+        calls.append(timed)
+        return real_make_plan(run, c, timed=timed)
+
+    monkeypatch.setattr(_api, "_make_plan", spy)
+    caplog.set_level(logging.INFO, logger="kompot_dask")
+    kd.de(path, **kw)  # default thresholds: a small run is not timed, nothing announced
+    assert calls == [False]
+    assert not [r for r in caplog.records if "the plan's estimate" in r.getMessage()]
+    caplog.clear()
+    calls.clear()
+    monkeypatch.setattr(_api, "TIMED_PLAN_FLOPS", 0.0)
+    monkeypatch.setattr(_api, "ANNOUNCE_SECONDS", 0.0)
+    kd.de(path, **kw, storage=kd.StorageSettings(overwrite=True))
+    assert calls == [False, True]
+    lines = [r.getMessage() for r in caplog.records]
+    steps = ["Choosing the landmarks and the length scale", "Fitting both conditions' models on the workers",
+             "Scoring the gene and null-gene blocks", "Computing the FDR and writing the results"]
+    at = []
+    for step in steps:
+        found = [i for i, line in enumerate(lines) if line.startswith(step + ": expected ~")]
+        assert len(found) == 1, (step, lines)
+        at.append(found[0])
+    assert at == sorted(at)
+    plan_line = next(line for line in lines if line.startswith("Plan: "))
+    assert ", ~" in plan_line  # a timed plan states its wall time
+    first_progress = next(i for i, line in enumerate(lines) if "tasks to run" in line)
+    assert at[2] < first_progress < at[3]
