@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test install install-test lint clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 ## make test: install the test extras (incl. the kompot 0.8.0 reference oracle) and run the suite
 test: install-test
 	$(PY) -m pytest -q -m "not slow"
+
+## make docs: render docs/tutorial.md (kompot's advanced tutorial on a zarr store) and the images of docs/plots.md
+docs: install-test
+	$(PY) docs/make_tutorial.py
+	PYTHONPATH=. $(PY) docs/make_plot_images.py
 
 lint: install-test
 	$(VENV)/bin/ruff check kompot_dask tests benchmarks

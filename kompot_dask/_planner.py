@@ -482,7 +482,8 @@ def _allocations(inp: PlanInputs, ch: Chunks, est: MemoryEstimate, prep: PrepMem
         {"what": f"per-cell std task (kernel block {m}×{kc})", "shape": [m, kc], "bytes": est.tasks.std,
          "where": "per thread"},
     ]
-    alloc += [{"what": "length scale (pynndescent) and k-means landmarks", "shape": None, "bytes": int(v),
+    method = "exact neighbours" if inp.neighbors == "exact" else "pynndescent"
+    alloc += [{"what": f"length scale ({method}) and k-means landmarks", "shape": None, "bytes": int(v),
                "where": where} for where, v in prep.placements() if v]
     alloc += [{"what": k, "shape": None, "bytes": int(v), "where": "client"} for k, v in client_parts.items() if v]
     return alloc

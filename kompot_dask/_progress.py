@@ -2,8 +2,9 @@
 
 A terminal or a notebook gets a tqdm bar. Anything else (a log file, a SLURM job's output,
 a pipe) gets a log line at most every :data:`LOG_EVERY_S` seconds or every
-:data:`LOG_EVERY_FRACTION` of the work, whichever comes first, with done/total, the elapsed
-time and an estimate of the time left. A bar written to a file is one ever-growing line of
+:data:`LOG_EVERY_FRACTION` of the work, whichever comes first (but no two 5 % lines within
+:data:`LOG_MIN_INTERVAL_S`), with done/total, the elapsed time and an estimate of the time
+left. A bar written to a file is one ever-growing line of
 carriage returns; a silent run is worse.
 """
 
@@ -21,6 +22,8 @@ logger = logging.getLogger("kompot_dask")
 
 LOG_EVERY_S = 30.0
 LOG_EVERY_FRACTION = 0.05
+LOG_MIN_INTERVAL_S = 2.0
+"""Fewer lines for short runs: a 5 % line waits until this long after the previous line."""
 
 
 def _in_notebook() -> bool:
@@ -47,10 +50,12 @@ class LogProgress:
     """The bar's interface (``update``, ``close``, a context manager) as periodic log lines."""
 
     def __init__(self, total: int, desc: str, unit: str, *, every_s: float = LOG_EVERY_S,
-                 every_fraction: float = LOG_EVERY_FRACTION, clock=time.monotonic):
+                 every_fraction: float = LOG_EVERY_FRACTION, min_interval_s: float = LOG_MIN_INTERVAL_S,
+                 clock=time.monotonic):
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n = 0
         self._every_s = every_s
+        self._min_interval = min_interval_s
         self._step = max(1, int(round(every_fraction * self.total)))
         self._clock = clock
         self._t0 = self._last_t = clock()
@@ -70,7 +75,9 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = self._clock()
-        if self.n >= self.total or self.n - self._last_n >= self._step or now - self._last_t >= self._every_s:
+        since = now - self._last_t
+        if (self.n >= self.total or since >= self._every_s
+                or (self.n - self._last_n >= self._step and since >= self._min_interval)):
             self._emit(now)
 
     def _emit(self, now: float) -> None:

@@ -34,14 +34,28 @@ def test_log_progress__a_line_every_5_percent_or_30_seconds_and_at_the_end(caplo
         bar.update()  # 30 s since the last line
         clock.t = 50.0
         for _ in range(189):
+            clock.t += 0.5  # 10 tasks, one 5 % step, every 5 s
             bar.update()
     lines = [r.getMessage() for r in caplog.records]
     assert lines[1] == "kompot_dask: 10/200 tasks (5 %), 10.00 s elapsed, about 190.00 s left"
     assert lines[2].startswith("kompot_dask: 11/200 tasks (6 %), 41.00 s elapsed, about ")
-    assert lines[-1] == "kompot_dask: 200/200 tasks (100 %), 50.00 s elapsed"
+    assert lines[-1] == "kompot_dask: 200/200 tasks (100 %), 144.50 s elapsed"
     assert "left" not in lines[-1]
     assert len(lines) == 22  # the header, the 5 % line, the 30 s line, 18 lines 10 tasks apart, the end
     assert sum("200/200" in x for x in lines) == 1
+
+
+def test_log_progress__a_short_run_is_not_a_line_per_task(caplog):
+    """5 % steps that come within 2 s of the last line are folded into later lines: a run
+    of a second logs its header and its end."""
+    clock = _Clock()
+    caplog.set_level(logging.INFO, logger="kompot_dask")
+    with _progress.LogProgress(21, "kompot_dask", "task", clock=clock) as bar:
+        for _ in range(21):
+            clock.t += 0.05
+            bar.update()
+    assert [r.getMessage() for r in caplog.records] == [
+        "kompot_dask: 21 tasks to run", "kompot_dask: 21/21 tasks (100 %), 1.05 s elapsed"]
 
 
 def test_progress__a_bar_on_a_terminal_lines_elsewhere_nothing_when_off(monkeypatch):

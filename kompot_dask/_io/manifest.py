@@ -251,6 +251,7 @@ def _chunk_ids(sel: slice | np.ndarray | tuple[int, int], n: int, c: int) -> lis
 
 
 _logged_off: set[tuple[str, str]] = set()
+_stores_told: set[str] = set()
 
 
 def _same_layout(manifest: dict[str, Any], arrays: dict[str, Any]) -> bool:
@@ -291,6 +292,11 @@ class ChunkGuard:
         if (self.store, self.elem_path) in _logged_off:
             return
         _logged_off.add((self.store, self.elem_path))
+        if level == logging.INFO:  # no manifest: said once per store (every element is alike)
+            if self.store in _stores_told:
+                logger.debug("Integrity checks are off for %s of %s: %s", self.elem_path, self.store, why)
+                return
+            _stores_told.add(self.store)
         logger.log(level, "Integrity checks are off for %s of %s: %s, so a missing chunk file would read as "
                    "zeros. Turn them on with `kompot-dask verify %s --record` (or kompot_dask.verify(store, "
                    "record=True)).", self.elem_path, self.store, why, self.store)
