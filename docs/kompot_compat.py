@@ -45,6 +45,35 @@ PLOT_NOTES = {
     "adata": "mapped: `data`, an AnnData, a store path or an opened store",
     "kwargs": "not yet: no pass-through keywords",
 }
+# Per plot function, where the same name means something else from one plot to another.
+PLOT_FUNCTION_NOTES = {
+    "volcano_de": {
+        "kwargs": "supported: further `Axes.scatter` arguments for the not-significant genes",
+        "group": "refused: kompot_dask.de computes no per-group (`groups=`) results; a value raises `ValueError`",
+        "update_de_classification": "refused: a plot never writes to the data; re-run `kd.de` with "
+                                    "`FDRSettings(threshold=...)` (`True` raises `ValueError`)",
+        "direction_column": "refused: only used with `update_de_classification`",
+    },
+    "plot_gene_expression": {
+        "kwargs": "supported: further `Axes.scatter` arguments for the cells of every panel",
+    },
+    "embedding": {
+        "kwargs": "not yet: kompot passes them to `scanpy.pl.embedding`; here only the named arguments "
+                  "(scanpy's `size` is `point_size`, `palette`, `legend_loc`, `vmin`/`vmax`, … are named)",
+    },
+    "heatmap": {
+        "var_names": "mapped: `genes` (kompot's other name for it)",
+        "cluster_rows": "supported; default `False` (kompot clusters by default): genes stay in score order",
+        "cluster_cols": "supported; default `False` (kompot clusters by default): groups stay in category order",
+        "observed": "accepted, no effect: groups without cells are always left out",
+        "dendrogram": "not yet: `True` raises `ValueError` (`cluster_rows`/`cluster_cols` order the tiles)",
+        "dendrogram_color": "not yet (with `dendrogram`)",
+        "layout_config": "not yet: a value raises `ValueError`; `figsize`, `tile_size` and the label sizes set the layout",
+        "split_dot_mode": "not yet: `True` raises `ValueError`",
+        "max_cell_count": "not yet (with `split_dot_mode`)",
+        "kwargs": "not yet: no pass-through keywords",
+    },
+}
 PLOT_DEFAULT = "not yet"
 
 
@@ -113,7 +142,8 @@ def render() -> str:
                        ours_cls.kompot_only_fields())
     for name in ("volcano_de", "heatmap", "plot_gene_expression", "embedding"):
         lines += ["", f"## `plot.{name}`", "", "| argument | kompot_dask |", "|---|---|"]
-        lines += _rows(set(_params(getattr(kdplot, name))), _params(getattr(kplot, name)), PLOT_NOTES, PLOT_DEFAULT)
+        notes = {**PLOT_NOTES, **PLOT_FUNCTION_NOTES.get(name, {})}
+        lines += _rows(set(_params(getattr(kdplot, name))), _params(getattr(kplot, name)), notes, PLOT_DEFAULT)
     return "\n".join(lines) + "\n"
 
 

@@ -613,3 +613,108 @@ def test_plots__titles_say_when_a_later_run_overwrote_the_fields(store, tmp_path
     assert "values of run" not in latest.axes[0].get_title() and latest.kompot_data["overwritten"] == {}
     gene = kd.plot.plot_gene_expression(copy, "gene_4", basis="umap", run_id=0, return_fig=True)
     assert "values of run 1" in gene._suptitle.get_text()
+
+
+def test_volcano__kompots_other_arguments(store, adata):
+    lfc, score = f"{PREFIX}_mean_lfc", f"{PREFIX}_mahalanobis"
+    fig = kd.plot.volcano_de(store, color=lfc, vcenter=0.0, n_x_ticks=3, grid=True, text_offset=(5, 8),
+                             text_kwargs={"color": "red"}, gene_labels=3, sort_key=lfc, zorder=1.5,
+                             legend_ncol=2, return_fig=True)
+    ax = fig.axes[0]
+    background = [c for c in ax.collections if c.get_label() == "_not significant"][0]
+    rest = ~fig.kompot_data["significant"] & np.isfinite(fig.kompot_data["x"])
+    np.testing.assert_allclose(np.asarray(background.get_array()), adata.var[lfc].to_numpy()[rest])
+    assert background.get_zorder() == 1.5  # **kwargs go to the background scatter
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == lfc  # the colour bar of `color`
+    norm = background.norm
+    assert norm.vmin == pytest.approx(-norm.vmax)  # symmetric around vcenter=0
+    fig.canvas.draw()
+    assert len([t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]) <= 3
+    assert all(line.get_visible() for line in ax.get_xgridlines())
+    top3 = adata.var[lfc].sort_values(ascending=False).index[:3].tolist()
+    assert sorted(fig.kompot_data["labels"]) == sorted(top3)  # ranked by sort_key, not the y-axis
+    assert {t.get_color() for t in ax.texts} == {"red"}
+    assert ax.get_legend()._ncols == 2
+
+    top = kd.plot.volcano_de(store, n_top_genes=5, return_fig=True).kompot_data
+    assert sorted(top["highlighted"]) == sorted(adata.var[score].sort_values(ascending=False).index[:5])
+    flagged = kd.plot.volcano_de(store, significance_threshold=4.0, show_thresholds=False, return_fig=True)
+    assert flagged.kompot_data["threshold_line"] == 4.0
+    assert not [ln for ln in flagged.axes[0].lines if list(ln.get_ydata()) == [4.0, 4.0]]
+    is_de = f"{PREFIX}_is_de"
+    cat = kd.plot.volcano_de(store, color=is_de, color_discrete_map={False: "#000000", True: "#FF0000"},
+                             return_fig=True)
+    back = [c for c in cat.axes[0].collections if c.get_label() == "_not significant"][0]
+    assert {tuple(c) for c in back.get_facecolors()} == {(0.0, 0.0, 0.0, 0.6)}
+    with pytest.raises(ValueError, match="n_top_genes= and significance_threshold="):
+        kd.plot.volcano_de(store, n_top_genes=5, significance_threshold=1.0)
+    with pytest.raises(ValueError, match="no per-group"):
+        kd.plot.volcano_de(store, group="Type A")
+    with pytest.raises(ValueError, match="never writes to the data"):
+        kd.plot.volcano_de(store, update_de_classification=True)
+
+
+def test_heatmap__kompots_other_arguments(store, adata):
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    genes = ["gene_1", "gene_2", "gene_3", "gene_4", "gene_5", "gene_6"]
+    base = dict(groupby="cell_type", standard_scale=None, fold_change_mode=True)
+    plain = kd.plot.heatmap(store, var_names=genes, **base, return_fig=True).kompot_data
+    assert plain["genes"] == genes
+    tiles = plain["tiles"].to_numpy()
+    rows = leaves_list(linkage(np.nan_to_num(tiles), method="average"))
+    cols = leaves_list(linkage(np.nan_to_num(tiles.T), method="average"))
+    clustered = kd.plot.heatmap(store, genes=genes, cluster_rows=True, cluster_cols=True, **base, return_fig=True)
+    data = clustered.kompot_data
+    assert data["genes"] == [genes[k] for k in rows]
+    assert data["groups"] == [plain["groups"][k] for k in cols]
+    np.testing.assert_allclose(data["tiles"].to_numpy(), tiles[np.ix_(rows, cols)])
+
+    score = adata.var[f"{PREFIX}_mahalanobis"].loc[genes]
+    by_score = kd.plot.heatmap(store, genes=genes, sort_genes=True, **base, return_fig=True).kompot_data
+    assert by_score["genes"] == score.sort_values(ascending=False).index.tolist()
+
+    fig = kd.plot.heatmap(store, genes=genes, **base, draw_values=True, show_gene_labels=False,
+                          group_labels_size=5, n_colorbar_ticks=3, tile_size=0.5, return_fig=True)
+    ax = fig.axes[0]
+    assert len(ax.texts) == int(np.isfinite(tiles).sum())
+    assert sorted(float(t.get_text()) for t in ax.texts) == pytest.approx(
+        sorted(float(f"{v:.2g}") for v in tiles[np.isfinite(tiles)]))
+    assert list(ax.get_yticks()) == []
+    assert {t.get_fontsize() for t in ax.get_xticklabels()} == {5}
+    np.testing.assert_allclose(fig.axes[1].get_yticks(), np.linspace(fig.kompot_data["vmin"],
+                                                                     fig.kompot_data["vmax"], 3))
+    assert fig.get_size_inches()[1] == pytest.approx(len(genes) * 0.5 + 2.2)
+
+    split = kd.plot.heatmap(store, genes=genes, groupby="cell_type", condition1_name="young",
+                            condition2_name="old", return_fig=True)
+    assert [t.get_text() for t in split.axes[0].get_legend().get_texts()] == ["young (lower left)",
+                                                                            "old (upper right)"]
+    returned = kd.plot.heatmap(store, genes=genes, **base, return_data=True)
+    assert isinstance(returned, dict) and returned["genes"] == genes
+    both = kd.plot.heatmap(store, genes=genes, **base, return_data=True, return_fig=True)
+    assert isinstance(both[0], matplotlib.figure.Figure) and both[1]["genes"] == genes
+    with pytest.raises(ValueError, match="not supported yet"):
+        kd.plot.heatmap(store, genes=genes, groupby="cell_type", dendrogram=True)
+    with pytest.raises(ValueError, match="name the same setting"):
+        kd.plot.heatmap(store, genes=genes, var_names=genes[:2], groupby="cell_type")
+
+
+def test_embedding__groups_and_background_scatter_arguments(store, adata):
+    fig = kd.plot.embedding(store, "umap", color="cell_type", groups=["Type A", "Type C"],
+                            matplotlib_scatter_kwargs={"zorder": 0.5}, return_fig=True)
+    ax = fig.axes[0]
+    assert set(fig.kompot_data["palette"]) == {"Type A", "Type C"}
+    selected = [c for c in ax.collections if c.get_gid() == "selected"][0]
+    shown = set(adata.obs["cell_type"].to_numpy()[selected.kompot_cells])
+    assert shown == {"Type A", "Type C"}
+    background = [c for c in ax.collections if c.get_gid() != "selected"][0]
+    assert background.get_zorder() == 0.5
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Type A", "Type C"]
+    with pytest.raises(ValueError, match="are not categories"):
+        kd.plot.embedding(store, "umap", color="cell_type", groups=["Type Z"])
+    gene = kd.plot.plot_gene_expression(store, "gene_4", basis="umap", alpha=0.4, return_fig=True)
+    assert {c.get_alpha() for a in gene.axes[:4] for c in a.collections if c.get_gid() in _PANEL_GIDS} == {0.4}
+
+
+_PANEL_GIDS = {"observed", "imputed1", "imputed2", "fold_change"}

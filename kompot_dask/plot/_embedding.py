@@ -53,6 +53,8 @@ def embedding(
     return_fig: bool = False,
     show: bool | None = None,
     dpi: float | None = None,
+    groups: Sequence[Any] | None = None,
+    matplotlib_scatter_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Cells on an embedding, coloured by an obs column or a gene's expression.
 
@@ -107,6 +109,12 @@ def embedding(
     colorbar_title
         Label of the colour bar of a numeric colour (default: the obs column, or the
         gene and the layer its values come from).
+    groups
+        scanpy's ``groups``: only these categories of a categorical colour are coloured
+        (and in the legend); the other cells are drawn in ``background_color``.
+    matplotlib_scatter_kwargs
+        Further ``Axes.scatter`` arguments for the background cells, as kompot (e.g.
+        ``alpha``, ``zorder``).
     return_fig
         Return the Figure (kompot's and scanpy's convention); by default nothing is
         returned, so that a notebook shows the figure once.
@@ -158,6 +166,16 @@ def embedding(
     if kind == "categorical" and palette is None and color in source.obs.columns:
         palette = _uns_palette(source, color, categories)
     colors = _category_colors(categories, palette) if kind == "categorical" else None
+    if groups is not None:
+        if kind != "categorical":
+            raise ValueError(f"groups= restricts the categories of a categorical colour; color={color!r} is "
+                             f"{'numeric' if kind else 'not given'}. Drop groups= or colour by a categorical column.")
+        wanted = [groups] if isinstance(groups, str) else list(groups)
+        unknown = [g for g in wanted if g not in colors]
+        if unknown:
+            raise ValueError(f"groups: {unknown[:10]} are not categories of {color!r}; its categories are "
+                             f"{list(colors)[:20]}.")
+        colors = {c: v for c, v in colors.items() if c in wanted}
 
     n = len(selections)
     own_figure = ax is None
@@ -179,7 +197,7 @@ def embedding(
     panels = []
     for sel, ax in zip(selections, axes.ravel(), strict=False):
         draw_cells(ax, xy, sel.mask, kind, values, colors=colors, cmap=cmap, lo=lo, hi=hi, size=size,
-                   background=background_color)
+                   background=background_color, background_kwargs=matplotlib_scatter_kwargs)
         panel_title = title if title is not None else " | ".join(p for p in (color or "", sel.label) if p)
         ax.set_title(panel_title, fontsize=10)
         style_axes(ax, key, frameon)
@@ -281,15 +299,20 @@ def _names_on_data(ax: Any, xy: np.ndarray, mask: np.ndarray, values: np.ndarray
 def draw_cells(ax: Any, xy: np.ndarray, mask: np.ndarray, kind: str | None, values: Any, *,
                colors: dict[Any, str] | None = None, cmap: str = "viridis", lo: Any = None,
                hi: Any = None, size: float = 2.0, background: str = "#D9D9D9",
-               order: str = "value") -> Any:
+               order: str = "value", background_kwargs: dict[str, Any] | None = None,
+               cell_kwargs: dict[str, Any] | None = None) -> Any:
     """Draw the cells outside ``mask`` in ``background``, then those inside coloured.
 
     Numeric values are drawn in increasing order (``order="abs"``: increasing magnitude)
     so the largest sit on top; NaN values in the background colour. Returns the
     collection of the selected cells (gid ``"selected"``).
     """
+    extra = {"linewidths": 0, "rasterized": True, **(cell_kwargs or {})}
+    if kind == "categorical" and colors is not None:  # cells of categories not shown: background
+        mask = mask & np.array([v in colors for v in values], dtype=bool)
     if (~mask).any():
-        ax.scatter(xy[~mask, 0], xy[~mask, 1], s=size, c=background, linewidths=0, rasterized=True)
+        ax.scatter(xy[~mask, 0], xy[~mask, 1], **{"s": size, "c": background, "linewidths": 0, "rasterized": True,
+                                                   **(background_kwargs or {})})
     idx = np.flatnonzero(mask)
     if kind == "numeric":
         v = values[idx]
@@ -299,14 +322,14 @@ def draw_cells(ax: Any, xy: np.ndarray, mask: np.ndarray, kind: str | None, valu
 
         colormap = matplotlib.colormaps[cmap].with_extremes(bad=background)
         coll = ax.scatter(xy[idx, 0], xy[idx, 1], s=size, c=values[idx], cmap=colormap, vmin=lo,
-                          vmax=hi, linewidths=0, plotnonfinite=True, rasterized=True)
+                          vmax=hi, plotnonfinite=True, **extra)
     elif kind == "categorical":
         rng = np.random.default_rng(0)  # no category hides another by drawing order
         idx = idx[rng.permutation(len(idx))]
         cell_colors = [colors.get(v, background) if v is not None else background for v in values[idx]]
-        coll = ax.scatter(xy[idx, 0], xy[idx, 1], s=size, c=cell_colors, linewidths=0, rasterized=True)
+        coll = ax.scatter(xy[idx, 0], xy[idx, 1], s=size, c=cell_colors, **extra)
     else:
-        coll = ax.scatter(xy[idx, 0], xy[idx, 1], s=size, c=_SINGLE_COLOR, linewidths=0, rasterized=True)
+        coll = ax.scatter(xy[idx, 0], xy[idx, 1], s=size, c=_SINGLE_COLOR, **extra)
     coll.set_gid("selected")
     coll.kompot_cells = idx  # obs positions, in drawing order
     return coll

@@ -50,6 +50,7 @@ def plot_gene_expression(
     return_fig: bool = False,
     show: bool | None = None,
     dpi: float | None = None,
+    **kwargs: Any,
 ) -> Any:
     """A gene on an embedding in four panels: observed expression, imputed expression in
     each condition, and the imputed fold change (condition2 − condition1).
@@ -94,6 +95,8 @@ def plot_gene_expression(
         Names of the conditions in the panel titles (default: the run's).
     cmap_expression, cmap_fold_change
         kompot's names for ``cmap`` and ``fold_change_cmap``.
+    **kwargs
+        Further ``Axes.scatter`` arguments for the cells of every panel (e.g. ``alpha``).
     return_fig
         Return the Figure (kompot's and scanpy's convention); by default nothing is
         returned, so that a notebook shows the figure once.
@@ -173,7 +176,8 @@ def plot_gene_expression(
     for (panel, values), ax in zip(panels.items(), axes.ravel(), strict=False):
         is_fc = panel == "fold_change"
         coll = draw_cells(ax, xy, everyone, "numeric", values, cmap=fold_change_cmap if is_fc else cmap,
-                          lo=limits[panel][0], hi=limits[panel][1], size=size, order="abs" if is_fc else "value")
+                          lo=limits[panel][0], hi=limits[panel][1], size=size, order="abs" if is_fc else "value",
+                          cell_kwargs=kwargs)
         coll.set_gid(panel)
         ax.set_title(titles[panel], fontsize=10)
         style_axes(ax, key, frameon)

@@ -59,6 +59,28 @@ def heatmap(
     return_fig: bool = False,
     show: bool | None = None,
     dpi: float | None = None,
+    var_names: Sequence[str] | None = None,
+    cluster_rows: bool = False,
+    cluster_cols: bool = False,
+    sort_genes: bool | None = None,
+    tile_size: float | None = None,
+    tile_aspect_ratio: float = 1.0,
+    show_gene_labels: bool = True,
+    show_group_labels: bool = True,
+    gene_labels_size: float | None = None,
+    group_labels_size: float | None = None,
+    colorbar_kwargs: dict[str, Any] | None = None,
+    n_colorbar_ticks: int | None = None,
+    draw_values: bool = False,
+    return_data: bool = False,
+    observed: bool = True,
+    condition1_name: str | None = None,
+    condition2_name: str | None = None,
+    dendrogram: bool = False,
+    dendrogram_color: str | None = None,
+    layout_config: dict[str, float] | None = None,
+    split_dot_mode: bool = False,
+    max_cell_count: int | None = None,
 ) -> Any:
     """Mean observed expression of genes per group, one tile per (gene, group).
 
@@ -118,6 +140,31 @@ def heatmap(
     legend_loc
         Legend of the split tiles' triangles: ``"top"`` (above the tiles, under the
         title), ``"right margin"``, a matplotlib location, or ``"none"``/``None``.
+    var_names
+        kompot's name for ``genes``.
+    cluster_rows, cluster_cols
+        Order the genes / groups by hierarchical clustering (average linkage) of the
+        plotted values (kompot clusters both by default; here the default keeps the
+        genes by score and the groups in category order).
+    sort_genes
+        ``True``: the genes given in ``genes`` by decreasing score; default: as given.
+    tile_size, tile_aspect_ratio
+        Without ``figsize``: inches per tile (height) and width/height of a tile.
+    show_gene_labels, show_group_labels, gene_labels_size, group_labels_size
+        The axis labels of genes and groups, and their font sizes.
+    colorbar_kwargs, n_colorbar_ticks
+        Further ``Figure.colorbar`` arguments, and this many evenly spaced colour-bar ticks.
+    draw_values
+        Write each tile's value in it (both triangles' in split mode).
+    return_data
+        Return the plotted data (``fig.kompot_data``); with ``return_fig`` too,
+        ``(fig, data)``.
+    observed
+        Accepted (kompot's pandas option): groups without cells are always left out.
+    condition1_name, condition2_name
+        Names of the conditions in the legend and the title (default: their values).
+    dendrogram, dendrogram_color, layout_config, split_dot_mode, max_cell_count
+        Not supported yet: a value other than kompot's default raises ``ValueError``.
     return_fig
         Return the Figure (kompot's and scanpy's convention); by default nothing is
         returned, so that a notebook shows the figure once.
@@ -141,6 +188,16 @@ def heatmap(
         raise ValueError(f"standard_scale={standard_scale!r} is not supported; pass one of {list(_SCALES)}.")
     check_output_options(return_fig, show, dpi)
     check_legend_loc(legend_loc, extra=("top",))
+    unsupported = {k: v for k, v in (("dendrogram", dendrogram), ("split_dot_mode", split_dot_mode),
+                                     ("layout_config", layout_config), ("max_cell_count", max_cell_count),
+                                     ("dendrogram_color", dendrogram_color)) if v not in (None, False)}
+    if unsupported:
+        raise ValueError(f"{unsupported} not supported yet by kompot_dask.plot.heatmap; drop "
+                         f"{', '.join(unsupported)} (cluster_rows=/cluster_cols= order the tiles without a dendrogram).")
+    if var_names is not None:
+        if genes is not None and list(genes) != list(var_names):
+            raise ValueError("genes= and var_names= name the same setting (kompot calls it var_names); pass one.")
+        genes = var_names
     source = PlotData(data)
     needs_run = (
         (genes is None and score_key is None) or condition_column is None or condition1 is None
@@ -157,6 +214,14 @@ def heatmap(
     layer = _inferred(layer, fields and fields.layer, "layer")
 
     gene_names = _choose_genes(source, genes, n_top_genes, score_key)
+    if sort_genes and genes is not None:
+        key = score_key or (fields.get("mahalanobis") if fields is not None else None)
+        if key is None:
+            fields = fields or run_fields(source, run_id, ["mahalanobis"])
+            key = fields["mahalanobis"]
+        score = source.var_column(key, "score_key").astype(np.float64)[source.gene_indices(gene_names)]
+        gene_names = [gene_names[k] for k in np.argsort(np.where(np.isfinite(score), -score, np.inf),
+                                                         kind="stable")]
     cols = source.gene_indices(gene_names, what="genes")
     mode = "fold change" if fold_change_mode else "split"
     logger.info("Creating %s heatmap with %d genes/features", mode, len(gene_names))
@@ -209,6 +274,20 @@ def heatmap(
         tiles = {cond: pd.DataFrame(scaled[:, k, :].T, index=gene_names, columns=group_names)
                  for k, cond in enumerate((condition1, condition2))}
         plotted = np.stack([t.to_numpy() for t in tiles.values()])
+    if cluster_rows or cluster_cols:
+        features = plotted if plotted.ndim == 2 else np.concatenate(list(plotted), axis=1)  # genes × …
+        rows = _cluster_order(features) if cluster_rows else np.arange(len(gene_names))
+        by_group = plotted.T if plotted.ndim == 2 else np.concatenate(list(plotted), axis=0).T  # groups × …
+        cols = _cluster_order(by_group) if cluster_cols else np.arange(len(group_names))
+        gene_names = [gene_names[k] for k in rows]
+        group_names = [group_names[k] for k in cols]
+        n_cells = n_cells[cols]
+        means = {c: m.loc[gene_names, group_names] for c, m in means.items()}
+        tiles = (tiles.loc[gene_names, group_names] if fold_change_mode
+                 else {c: t.loc[gene_names, group_names] for c, t in tiles.items()})
+        plotted = (tiles.to_numpy() if fold_change_mode else np.stack([t.to_numpy() for t in tiles.values()]))
+    name1 = str(condition1) if condition1_name is None else condition1_name
+    name2 = str(condition2) if condition2_name is None else condition2_name
     centred = fold_change_mode or applied_scale is not None
     lo = resolve_limit(vmin, plotted, "vmin")
     hi = resolve_limit(vmax, plotted, "vmax")
@@ -227,37 +306,83 @@ def heatmap(
 
     n_genes, n_groups = len(gene_names), len(group_names)
     own_figure = ax is None
+    if figsize is None and tile_size is not None:
+        figsize = (n_groups * tile_size * tile_aspect_ratio + 3.0, n_genes * tile_size + 2.2)
     fig, ax = new_axes(ax, figsize or (max(4.0, 0.5 * n_groups + 3.0), max(3.0, 0.32 * n_genes + 2.2)))
     if fold_change_mode:
         mappable = _draw_squares(ax, tiles.to_numpy(), cmap, _norm(lo, hi))
-        label = f"mean {condition2} − mean {condition1} ({layer_name})"
+        label = f"mean {name2} − mean {name1} ({layer_name})"
     else:
         mappable = _draw_split(ax, tiles[condition1].to_numpy(), tiles[condition2].to_numpy(), cmap,
                                _norm(lo, hi))
         label = {"var": f"z-score of the mean per gene ({layer_name})",
                  "group": f"z-score of the mean per group ({layer_name})",
                  None: f"mean expression ({layer_name})"}[applied_scale]
-        _split_legend(ax, condition1, condition2, legend_loc)
+        _split_legend(ax, name1, name2, legend_loc)
+    if draw_values:
+        _draw_values(ax, tiles, fold_change_mode, plotted, lo, hi)
     note, overwritten = run_note(fields, ("mahalanobis",) if genes is None and fields is not None else ())
     ax.set_xlim(0, n_groups)
     ax.set_ylim(n_genes, 0)
-    ax.set_xticks(np.arange(n_groups) + 0.5, [str(g) for g in group_names], rotation=90)
-    ax.set_yticks(np.arange(n_genes) + 0.5, gene_names)
+    if show_group_labels:
+        ax.set_xticks(np.arange(n_groups) + 0.5, [str(g) for g in group_names], rotation=90,
+                      fontsize=group_labels_size)
+    else:
+        ax.set_xticks([])
+    if show_gene_labels:
+        ax.set_yticks(np.arange(n_genes) + 0.5, gene_names, fontsize=gene_labels_size)
+    else:
+        ax.set_yticks([])
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    default_title = f"{condition1} vs {condition2}" + (f" by {groupby}" if groupby else "") + note
+    default_title = f"{name1} vs {name2}" + (f" by {groupby}" if groupby else "") + note
     has_top_legend = not fold_change_mode and legend_loc == "top"
     ax.set_title(title if title is not None else default_title, pad=30 if has_top_legend else 6)
-    fig.colorbar(mappable, ax=ax, label=colorbar_title if colorbar_title is not None else label, shrink=0.8)
+    bar = fig.colorbar(mappable, ax=ax, **{"label": colorbar_title if colorbar_title is not None else label,
+                                           "shrink": 0.8, **(colorbar_kwargs or {})})
+    if n_colorbar_ticks is not None and lo is not None and hi is not None:
+        bar.set_ticks(np.linspace(lo, hi, max(2, int(n_colorbar_ticks))))
 
-    return finish(fig, {
+    plotted_data = {
         "genes": gene_names, "groups": group_names, "condition1": condition1,
         "condition2": condition2, "means": means,
         "n_cells": pd.DataFrame(n_cells, index=group_names, columns=[condition1, condition2]),
         "tiles": tiles, "vmin": lo, "vmax": hi, "standard_scale": applied_scale,
         "layer": layer, "fold_change_mode": bool(fold_change_mode), "overwritten": overwritten,
-    }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
+    }
+    returned = finish(fig, plotted_data, save, return_fig=return_fig or return_data, show=show, dpi=dpi,
+                      own_figure=own_figure)
+    if return_data:
+        return (fig, plotted_data) if return_fig else plotted_data
+    return returned
+
+
+def _cluster_order(features: np.ndarray) -> np.ndarray:
+    """Leaf order of an average-linkage clustering of the rows (NaN as 0)."""
+    if len(features) < 3:
+        return np.arange(len(features))
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    return leaves_list(linkage(np.nan_to_num(features), method="average", metric="euclidean"))
+
+
+def _draw_values(ax: Any, tiles: Any, fold_change_mode: bool, plotted: np.ndarray, lo: Any, hi: Any) -> None:
+    """Each tile's value as text (split tiles: one per triangle, at its centroid), dark or
+    light against the tile's colour."""
+    middle = None if lo is None or hi is None else (lo + hi) / 2
+    frames = [(tiles, 0.5, 0.5)] if fold_change_mode else [
+        (list(tiles.values())[0], 1 / 3, 2 / 3), (list(tiles.values())[1], 2 / 3, 1 / 3)]
+    size = 7 if fold_change_mode else 5.5
+    for frame, fx, fy in frames:
+        values = frame.to_numpy()
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values[i, j]
+                if np.isfinite(v):
+                    dark = middle is None or abs(v - middle) < 0.3 * (hi - lo)
+                    ax.text(j + fx, i + fy, f"{v:.2g}", ha="center", va="center", fontsize=size,
+                            color="black" if dark else "white")
 
 
 def _inferred(value: Any, from_run: Any, name: str) -> Any:

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ._common import (
     PlotData,
@@ -16,6 +17,7 @@ from ._common import (
     finish,
     new_axes,
     place_legend,
+    resolve_limit,
     run_fields,
     run_note,
 )
@@ -56,6 +58,28 @@ def volcano_de(
     return_fig: bool = False,
     show: bool | None = None,
     dpi: float | None = None,
+    color: str | None = None,
+    background_cmap: str = "Spectral_r",
+    color_discrete_map: dict[Any, str] | None = None,
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    vcenter: float | None = None,
+    alpha_background: float = 0.6,
+    n_x_ticks: int | None = None,
+    n_y_ticks: int | None = None,
+    text_offset: tuple[float, float] = (3.0, 3.0),
+    text_kwargs: dict[str, Any] | None = None,
+    grid: bool = False,
+    grid_kwargs: dict[str, Any] | None = None,
+    legend_title_fontsize: float | None = None,
+    legend_ncol: int | None = None,
+    sort_key: str | None = None,
+    show_thresholds: bool = True,
+    group: str | None = None,
+    update_de_classification: bool = False,
+    direction_column: str | None = None,
+    n_top_genes: int | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Volcano plot of a DE run: each gene at (mean log fold change, score).
 
@@ -108,6 +132,34 @@ def volcano_de(
         Font size of the legend.
     show_legend
         Draw the legend (``False`` is ``legend_loc="none"``).
+    color
+        A var column to colour the not-significant genes by (numeric: ``background_cmap``
+        with a colour bar, limits ``vmin``/``vmax`` (numbers or ``"pNN"``) around
+        ``vcenter``; categorical: ``color_discrete_map`` or a tab10/tab20 palette).
+    alpha_background
+        Opacity of the not-significant genes.
+    n_x_ticks, n_y_ticks
+        At most this many ticks on an axis (default: matplotlib's choice).
+    text_offset, text_kwargs
+        Offset of the gene labels from their points (in points) and further
+        ``Axes.annotate`` arguments (``color``, ``fontweight``, …).
+    grid, grid_kwargs
+        Draw grid lines, with ``Axes.grid`` arguments.
+    legend_title_fontsize, legend_ncol
+        Legend title size and columns.
+    sort_key
+        var column that ranks genes for ``gene_labels=N`` and ``highlight_genes=N``
+        (largest first; default: the y-axis values).
+    show_thresholds
+        Draw the threshold line of a numeric ``significance_threshold``.
+    n_top_genes
+        Colour the top N genes by score (``sort_key``) as up/down instead of the run's
+        ``is_de`` (not together with ``significance_threshold``).
+    group, update_de_classification, direction_column
+        kompot's per-group results and its in-plot re-classification: refused (kd.de
+        computes no per-group results, and a plot never writes to the data).
+    **kwargs
+        Further ``Axes.scatter`` arguments for the not-significant genes.
     return_fig
         Return the Figure (kompot's and scanpy's convention); by default nothing is
         returned, so that a notebook shows the figure once.
@@ -129,6 +181,7 @@ def volcano_de(
         raise ValueError(f"y_axis_type={y_axis_type!r} is not supported; pass one of {list(_Y_AXIS)}.")
     check_output_options(return_fig, show, dpi)
     check_legend_loc(legend_loc)
+    _refuse_kompot_only(group, update_de_classification, direction_column)
     source = PlotData(data)
     fields = None
     explicit = lfc_key is not None and score_key is not None
@@ -153,13 +206,24 @@ def volcano_de(
         y = score
     finite = np.isfinite(x) & np.isfinite(y)
 
-    significant, threshold_line, sig_text = _significance(
-        source, fields, significance_threshold, y_axis_type, score_key
-    )
+    rank = y if sort_key is None else source.var_column(sort_key, "sort_key").astype(np.float64)
+    rank_ok = finite & np.isfinite(rank)
+    if n_top_genes is not None:
+        if significance_threshold is not None:
+            raise ValueError("n_top_genes= and significance_threshold= both choose the coloured genes; pass one.")
+        if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 0:
+            raise ValueError(f"n_top_genes={n_top_genes!r} must be a non-negative integer")
+        significant = np.zeros(len(y), dtype=bool)
+        significant[_top_by_score(rank, rank_ok, int(n_top_genes))] = True
+        threshold_line, sig_text = None, f"in the top {int(n_top_genes)} by score"
+    else:
+        significant, threshold_line, sig_text = _significance(
+            source, fields, significance_threshold, y_axis_type, score_key
+        )
     significant &= finite
     up = significant & (x > 0)
     down = significant & (x < 0)
-    groups = _highlight_groups(source, highlight_genes, y, finite)
+    groups = _highlight_groups(source, highlight_genes, rank, rank_ok)
 
     own_figure = ax is None
     fig, ax = new_axes(ax, figsize)
@@ -167,8 +231,15 @@ def volcano_de(
     c2 = condition2 if condition2 is not None else fields.condition2 if fields is not None else "condition 2"
     note, overwritten = run_note(fields, ("mean_lfc", "mahalanobis", "local_fdr", "is_de"))
     rest = finite & ~significant
-    ax.scatter(x[rest], y[rest], s=point_size, c=color_background, alpha=0.6, linewidths=0,
-               label="_not significant", rasterized=True)
+    background = _background_colors(source, rest, color, color_background, background_cmap, color_discrete_map,
+                                    vmin, vmax, vcenter)
+    scatter_kw = {"linewidths": 0, "rasterized": True, **kwargs}
+    coll = ax.scatter(x[rest], y[rest], s=point_size, c=background["c"], cmap=background.get("cmap"),
+                      norm=background.get("norm"), alpha=alpha_background, label="_not significant", **scatter_kw)
+    if background.get("norm") is not None:
+        fig.colorbar(coll, ax=ax, shrink=0.8, label=color)
+    for category, cat_color in background.get("legend", {}).items():
+        ax.scatter([], [], s=point_size * 2, c=cat_color, label=str(category))
     ax.scatter(x[up], y[up], s=point_size * 1.5, c=color_up, linewidths=0,
                label=f"Up in {c2} ({int(up.sum())})", zorder=3)
     ax.scatter(x[down], y[down], s=point_size * 1.5, c=color_down, linewidths=0,
@@ -180,19 +251,32 @@ def volcano_de(
                    label=f"{name} ({len(idx)})", zorder=4)
         logger.info("Added highlight group %r with %d genes", name, len(idx))
 
-    if threshold_line is not None:
+    if threshold_line is not None and show_thresholds:
         ax.axhline(threshold_line, color="black", linestyle="--", linewidth=0.8, alpha=0.7)
     ax.axvline(0.0, color="black", linewidth=0.5, alpha=0.4)
 
-    labels = _labels(source, gene_labels, y, finite)
+    labels = _labels(source, gene_labels, rank, rank_ok)
     label_idx = source.gene_indices(list(labels), what="gene_labels") if labels else np.zeros(0, int)
-    _place_labels(ax, x[label_idx], y[label_idx], list(labels.values()), fontsize=font_size)
+    _place_labels(ax, x[label_idx], y[label_idx], list(labels.values()), fontsize=font_size,
+                  offset=text_offset, text_kwargs=text_kwargs)
+    if n_x_ticks is not None or n_y_ticks is not None:
+        from matplotlib.ticker import MaxNLocator
+
+        if n_x_ticks is not None:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=max(1, int(n_x_ticks) - 1)))
+        if n_y_ticks is not None:
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=max(1, int(n_y_ticks) - 1)))
+    if grid:
+        ax.grid(True, **{"alpha": 0.3, "linewidth": 0.5, **(grid_kwargs or {})})
 
     ax.set_xlabel(xlabel if xlabel is not None else f"Mean log fold change ({c2} vs {c1})")
     ax.set_ylabel(ylabel if ylabel is not None else _Y_AXIS[y_axis_type])
     ax.set_title(title if title is not None else f"{c1} to {c2}" + note)
     if show_legend and ax.get_legend_handles_labels()[0]:
-        place_legend(ax, legend_loc, fontsize=legend_fontsize)
+        legend_kw: dict[str, Any] = {"title_fontsize": legend_title_fontsize}
+        if legend_ncol is not None:
+            legend_kw["ncols"] = int(legend_ncol)
+        place_legend(ax, legend_loc, fontsize=legend_fontsize, **legend_kw)
 
     return finish(fig, {
         "genes": genes, "x": x, "y": y, "significant": significant,
@@ -203,6 +287,52 @@ def volcano_de(
         "score_key": score_key, "run_id": fields.run_id if fields is not None else None,
         "overwritten": overwritten,
     }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
+
+
+def _refuse_kompot_only(group: Any, update_de_classification: Any, direction_column: Any) -> None:
+    if group is not None:
+        raise ValueError(f"group={group!r}: kompot_dask.de computes no per-group results (kompot's groups= "
+                         "varm fields), so there is nothing to plot for a group; pass group=None.")
+    if update_de_classification or direction_column is not None:
+        raise ValueError("update_de_classification=True: a kompot_dask plot never writes to the data. Colour "
+                         "genes by a threshold with significance_threshold=, or re-run kompot_dask.de with "
+                         "FDRSettings(threshold=...) to store a new is_de column.")
+
+
+def _background_colors(source: PlotData, rest: np.ndarray, color: str | None, default: str, cmap: str,
+                       discrete: dict[Any, str] | None, vmin: Any, vmax: Any, vcenter: float | None) -> dict:
+    """Colours of the not-significant genes: one colour, or by a var column."""
+    if color is None:
+        return {"c": default}
+    values = source.var[color] if color in source.var.columns else None
+    if values is None:
+        source.var_column(color, "color")  # raises, naming the columns
+    shown = values.to_numpy()[rest]
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        import matplotlib
+
+        finite = shown[np.isfinite(shown.astype(np.float64))].astype(np.float64)
+        lo = resolve_limit(vmin, finite, "vmin")
+        hi = resolve_limit(vmax, finite, "vmax")
+        if finite.size:
+            lo = float(finite.min()) if lo is None else lo
+            hi = float(finite.max()) if hi is None else hi
+        if vcenter is not None and lo is not None and hi is not None:
+            half = max(abs(lo - vcenter), abs(hi - vcenter))
+            lo, hi = vcenter - half, vcenter + half
+        return {"c": shown.astype(np.float64), "cmap": matplotlib.colormaps[cmap],
+                "norm": matplotlib.colors.Normalize(vmin=lo, vmax=hi)}
+    categories = list(pd.unique(pd.Series(shown, dtype=object).dropna()))
+    if discrete is None:
+        import matplotlib
+
+        base = matplotlib.colormaps["tab10" if len(categories) <= 10 else "tab20"].colors
+        discrete = {c: matplotlib.colors.to_hex(base[i % len(base)]) for i, c in enumerate(categories)}
+    missing = [c for c in categories if c not in discrete]
+    if missing:
+        raise KeyError(f"color_discrete_map has no colour for {missing[:10]} of var column {color!r}; add them.")
+    return {"c": [discrete[v] if v in discrete else default for v in shown],
+            "legend": {c: discrete[c] for c in categories}}
 
 
 def _significance(source: PlotData, fields: Any, threshold: Any, y_axis_type: str,
@@ -340,7 +470,8 @@ def _labels(source: PlotData, gene_labels: Any, y: np.ndarray, finite: np.ndarra
                     f"{type(gene_labels).__name__}.")
 
 
-def _place_labels(ax: Any, xs: np.ndarray, ys: np.ndarray, texts: list[str], fontsize: float = 8.0) -> None:
+def _place_labels(ax: Any, xs: np.ndarray, ys: np.ndarray, texts: list[str], fontsize: float = 8.0,
+                  offset: tuple[float, float] = (3.0, 3.0), text_kwargs: dict[str, Any] | None = None) -> None:
     """Annotate points, moving a label up (with a leader line) until its box, estimated
     from the text length, overlaps no label placed before it."""
     ax.autoscale_view()
@@ -352,11 +483,12 @@ def _place_labels(ax: Any, xs: np.ndarray, ys: np.ndarray, texts: list[str], fon
             continue
         px, py = ax.transData.transform((xs[k], ys[k])) * to_points
         width = 0.62 * fontsize * len(texts[k])
-        dy = 3.0
-        while any(px + 3 < bx1 and bx0 < px + 3 + width and py + dy < by1 and by0 < py + dy + height
+        dx, dy0 = float(offset[0]), float(offset[1])
+        dy = dy0
+        while any(px + dx < bx1 and bx0 < px + dx + width and py + dy < by1 and by0 < py + dy + height
                   for bx0, by0, bx1, by1 in placed):
             dy += height * 0.6
-        placed.append((px + 3, py + dy, px + 3 + width, py + dy + height))
-        arrow = {"arrowstyle": "-", "color": "0.4", "linewidth": 0.5} if dy > 3.0 else None
-        ax.annotate(texts[k], (xs[k], ys[k]), xytext=(3, dy), textcoords="offset points",
-                    fontsize=fontsize, arrowprops=arrow, zorder=5)
+        placed.append((px + dx, py + dy, px + dx + width, py + dy + height))
+        arrow = {"arrowstyle": "-", "color": "0.4", "linewidth": 0.5} if dy > dy0 else None
+        ax.annotate(texts[k], (xs[k], ys[k]), xytext=(dx, dy), textcoords="offset points",
+                    **{"fontsize": fontsize, "arrowprops": arrow, "zorder": 5, **(text_kwargs or {})})
