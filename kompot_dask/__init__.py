@@ -17,6 +17,7 @@ from ._io.store import StoreDiskFullError, StoreError
 from ._planner import InfeasiblePlanError, ResourcePlan
 from ._runs.cleanup import cleanup
 from ._runs.history import RunNotFoundError, get_run_fields
+from ._runs.results import results
 from ._runs.runinfo import RunInfo
 from ._runs.verify import verify
 from ._settings import (
@@ -52,6 +53,7 @@ __all__ = [
     "cleanup",
     "pin_workers",
     "get_run_fields",
+    "results",
     "plot",
     "GPSettings",
     "FDRSettings",
