@@ -34,7 +34,7 @@ from ._engine import graph as engine
 from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
-from ._io.source import copy_results, run_store
+from ._io.source import copy_results, lazy_store_path, run_store
 from ._io.store import (
     EmbeddingReader,
     LayerInfo,
@@ -210,6 +210,7 @@ def de(
     check_process_context("kompot_dask.de", client, settings.compute)
     _refuse_unsupported(sample_col=sample_col, model=model)
     out = settings.output
+    data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy)
     if (not out.inplace or out.copy) and not isinstance(data, ad.AnnData):
         field = "inplace=False" if not out.inplace else "copy=True"
         raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
@@ -271,8 +272,42 @@ def plan(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.plan", client, settings.compute)
+    data = _lazy_to_store(data, "kompot_dask.plan")
     _refuse_unsupported(sample_col=sample_col)
     return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
+
+
+def _lazy_to_store(data: Any, what: str, needs_memory: bool = False) -> Any:
+    """An AnnData read lazily from a zarr store (``anndata.experimental.read_lazy``, or
+    matrices as dask arrays over one store) becomes that store's path: the run reads it
+    out of core and writes its results there, never loading it into memory."""
+    if not isinstance(data, ad.AnnData):
+        return data
+    path = lazy_store_path(data)
+    lazy = path is not None or not isinstance(data.obs, pd.DataFrame) or _has_dask_matrix(data)
+    if not lazy:
+        return data
+    if path is None:
+        raise TypeError(
+            f"{what} got an AnnData whose matrices are lazy but not all read from one zarr store, so it can be "
+            "neither traced back to its store nor computed without loading it. Pass the store path "
+            "(kompot_dask.de('atlas.zarr', ...)), or an in-memory AnnData (adata.to_memory())."
+        )
+    if needs_memory:
+        raise SettingsError(
+            f"OutputSettings(copy=True) / inplace=False need an in-memory AnnData, but this one was read lazily "
+            f"from {path}, which a run writes in place. Copy the store and pass its path, or pass "
+            "adata.to_memory()."
+        )
+    logger.info("The AnnData was read lazily from %s: computing on that store out of core; the results are "
+                "written into it (read it again to see them).", path)
+    return path
+
+
+def _has_dask_matrix(adata: ad.AnnData) -> bool:
+    import dask.array as da
+
+    return any(isinstance(m, da.Array) for m in (adata.X, *(adata.layers[k] for k in adata.layers.keys())))
 
 
 def _plan_public(data: Any, call: _Call, settings: _Settings, client: Client | None) -> planner.ResourcePlan:
@@ -760,7 +795,10 @@ def _commit(run: _Run, computed: _Computed, results: _Results) -> None:
         if not os.path.exists(os.path.join(store.path, io_commit.JOURNAL)):
             _keep_or_discard(computed.staging, exc)  # before the commit point: the store is unchanged
         raise
-    logger.info("Results written to %s (run_id=%d)", store.path, results.record.run_id)
+    if run.in_memory:  # the temporary store is removed; the AnnData gets the results next
+        logger.info("Results written to the AnnData in memory (run_id=%d)", results.record.run_id)
+    else:
+        logger.info("Results written to %s (run_id=%d)", store.path, results.record.run_id)
 
 
 def _returned(run: _Run, computed: _Computed, results: _Results) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ so an AnnData is first written to a temporary one), the run-history readers (``R
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 import anndata as ad
 
 from .store import Store, StoreHandle
+
+logger = logging.getLogger("kompot_dask")
 
 H = TypeVar("H", bound=StoreHandle)
 
@@ -56,6 +59,28 @@ def open_data(data: Any, handle: type[H] = StoreHandle) -> ad.AnnData | H:
     )
 
 
+def lazy_store_path(adata: ad.AnnData) -> str | None:
+    """The local zarr store that a lazily read AnnData's matrices (X and layers as dask
+    arrays, as ``anndata.experimental.read_lazy`` gives them) are read from; ``None`` when
+    they come from nowhere or from more than one store."""
+    import dask.array as da
+    import zarr
+
+    roots: set[str] = set()
+    matrices = [adata.X, *(adata.layers[k] for k in adata.layers.keys())]
+    for matrix in matrices:
+        if not isinstance(matrix, da.Array):
+            continue
+        for value in matrix.dask.values():
+            array = getattr(value, "value", value)
+            if isinstance(array, zarr.Array):
+                root = getattr(array.store, "root", None)
+                if root is None:  # a remote or in-memory zarr store: no path to run on
+                    return None
+                roots.add(os.path.abspath(str(root)))
+    return roots.pop() if len(roots) == 1 else None
+
+
 @contextmanager
 def run_store(data: Any, layer: str | None) -> Iterator[Store]:
     """The store a run reads and writes.
@@ -71,6 +96,10 @@ def run_store(data: Any, layer: str | None) -> Iterator[Store]:
         return
     from .ingest import ingest
 
+    logger.info("Computing an in-memory AnnData (%s cells × %s genes): its obs, var, obsm and the expression "
+                "element go to a temporary store, and the results come back into the AnnData. For an atlas, pass "
+                "the store's path to compute out of core and write the results there.",
+                f"{source.n_obs:,}", f"{source.n_vars:,}")
     tmp = tempfile.mkdtemp(prefix="kompot_dask_")
     try:
         path = os.path.join(tmp, "data.zarr")
