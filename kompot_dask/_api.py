@@ -871,6 +871,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         neighbors=s.gp.neighbors, neighbor_sample=s.gp.neighbor_sample, landmark_sample=s.gp.landmark_sample,
         layer_dtype_is_float32_safe=null_value_dtype(info.dtype) == np.float32,
         embedding_cache_bytes=(cells.embedding.cache_nbytes if isinstance(cells.embedding, EmbeddingReader) else 0),
+        zarr_format=int(store.zarr_format),
     )
 
 

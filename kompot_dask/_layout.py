@@ -135,6 +135,7 @@ class PlanInputs:
     neighbor_sample: int | None = None
     landmark_sample: int | None = None
     embedding_cache_bytes: int = 0  # a stored embedding read in bands: the most a process caches; 0: held whole
+    zarr_format: int = 2  # the store's: format 3 stores get sharded output layers
 
     @property
     def embedding_bytes(self) -> int:
@@ -280,6 +281,34 @@ FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
 """What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
 
 
+SHARD_BYTES = 32 * 2**20
+"""Target size of one shard of an output layer in a zarr v3 store (uncompressed)."""
+INNER_CHUNK_GENES = 64
+"""Genes per inner chunk of a sharded output layer, where the gene block allows it."""
+
+
+def shard_rows(cell_chunk: int, gene_block: int, itemsize: int, n_obs: int, zarr_format: int) -> int:
+    """Rows of one shard of an output layer: whole cell chunks, ~:data:`SHARD_BYTES` per
+    (shard × gene block), never more than the cells. A gene-block task writes its shards
+    whole (no read-modify-write), so a shard is also what it buffers per layer. zarr v2
+    stores have no shards: one cell chunk."""
+    if zarr_format != 3:
+        return cell_chunk
+    k = max(1, SHARD_BYTES // max(1, cell_chunk * gene_block * itemsize))
+    return int(min(cell_chunk * k, -(-n_obs // cell_chunk) * cell_chunk))
+
+
+def output_chunks(layout: Layout, n_obs: int, itemsize: int, zarr_format: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(chunks, shards) of an output layer: zarr v2 gets (cell chunk × gene block) chunks;
+    v3 gets shards of :func:`shard_rows` × gene block, holding (cell chunk × 64-gene)
+    inner chunks, so that a reader of a few genes decodes a narrow part of each shard."""
+    C, G = layout.cell_chunk, layout.gene_block
+    if zarr_format != 3:
+        return (C, G), None
+    inner = INNER_CHUNK_GENES if G % INNER_CHUNK_GENES == 0 else G
+    return (C, inner), (shard_rows(C, G, itemsize, n_obs, zarr_format), G)
+
+
 def real_blocks(layout: Layout, n_vars: int, selected: np.ndarray) -> list[dict]:
     """Fixed column ranges of the store, only the selected genes inside; empty ones skipped."""
     sel_mask = np.zeros(n_vars, dtype=bool)
@@ -358,7 +387,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     kernel = 2 * m * kc * bt + kc * G * bt  # JAX temporaries of one projection step
     acc = 2 * m * G * bt
     scores = 4 * m * G * 8  # W1, W2 and the Mahalanobis batch temporaries
-    predict = (3 * C * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
+    S = shard_rows(C, G, lb, inp.n_obs, inp.zarr_format)  # rows of the tiles a task writes at once
+    predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     real = acc + max(tile + kernel, scores, predict)
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where

@@ -86,6 +86,11 @@ class BlockContext:
     layer_dtype: str
     staged: dict[str, str] = field(default_factory=dict)  # role -> staged array directory
     markers: str | None = None  # directory of finished-task markers (resume)
+    shard_rows: int = 0  # rows of the output layers' shards (0: one cell chunk)
+
+    def __post_init__(self) -> None:
+        if not self.shard_rows:
+            object.__setattr__(self, "shard_rows", self.layout.cell_chunk)
 
 
 # --------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     if ctx.staged:
         kc = lay.kernel_chunk
         Zd = gp_mod.as_device(Z, ctx.dtype)  # once per block, not once per kernel chunk
-        for r0, r1 in lay.row_ranges:
+        # whole shards of the output layers at a time (one cell chunk in a zarr v2 store)
+        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
             sel = np.flatnonzero(pred[r0:r1])
             tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
             for s in range(0, len(sel), kc):
@@ -242,6 +248,12 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
     return out
+
+
+def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
+    n = lay.row_ranges[-1][1] if lay.row_ranges else 0
+    rows = max(int(rows), 1)
+    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
 def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar):
@@ -566,7 +578,8 @@ def run_engine(
     staged: dict[str, str] = {}
     if layer_names:
         for role, name in layer_names.items():
-            staged[role] = staging.create_layer(name, (n_obs, n_vars), (layout.cell_chunk, layout.gene_block), layer_dtype)
+            chunks, shards = _layout.output_chunks(layout, n_obs, np.dtype(layer_dtype).itemsize, store.zarr_format)
+            staged[role] = staging.create_layer(name, (n_obs, n_vars), chunks, layer_dtype, shards=shards)
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
     pred_rows = np.flatnonzero(pred)
@@ -591,7 +604,9 @@ def run_engine(
     run_token = uuid.uuid4().hex[:12]
     block_keys = [f"kompot-real-block-{run_token}-{b['index']}" for b in real_blocks]
     try:
-        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged, markers)
+        rows = _layout.shard_rows(layout.cell_chunk, layout.gene_block, np.dtype(layer_dtype).itemsize, n_obs,
+                                  store.zarr_format)
+        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
         # A stored embedding travels as its reader (each task reads the rows it needs); an

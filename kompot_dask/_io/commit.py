@@ -282,16 +282,19 @@ class Staging:
     def sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
-    def create_layer(self, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str) -> str:
-        """An empty (NaN) dense array in anndata's encoding for layer ``name``; returns its
-        directory, which workers open with :func:`kompot_dask._io.tiles.write_tile`."""
+    def create_layer(self, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str,
+                     shards: tuple[int, int] | None = None) -> str:
+        """An empty (NaN) dense array in anndata's encoding for layer ``name`` (in the store's
+        zarr format; ``shards`` for a format 3 store); returns its directory, which workers
+        open with :func:`kompot_dask._io.tiles.write_tile`."""
         path = self.sub("layers", name)
         if os.path.isdir(path):
             return path  # resumed run: keep the tiles already written
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        fmt = zarr_format_of(self.store_path)
         zarr.create_array(
             store=path, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan,
-            attributes=dict(_ARRAY_ATTRS), zarr_format=zarr_format_of(self.store_path),
+            attributes=dict(_ARRAY_ATTRS), zarr_format=fmt, **({"shards": shards} if shards and fmt == 3 else {}),
         )
         return path
 
