@@ -88,7 +88,7 @@ def test_de_into_a_log_file__progress_lines_not_a_bar(tmp_path):
     assert rc == 0, text[-3000:]
     assert "\r" not in text
     progress_lines = [x for x in text.splitlines() if "kompot_dask: " in x and " tasks (" in x]
-    assert len(progress_lines) >= 3, text
+    assert len(progress_lines) >= 2, text  # a few seconds of work: 5 % lines at most every 2 s
     assert "(100 %)" in progress_lines[-1] and "elapsed" in progress_lines[-1]
     assert any("left" in x for x in progress_lines)
 
