@@ -69,3 +69,23 @@ def test_plan__counts_the_shard_a_task_writes(written, client):
     real = {f: next(a["bytes"] for a in p.memory_allocations if a["what"].startswith("gene-block task"))
             for f, p in plans.items()}
     assert real[3] >= real[2] + grown > real[2]  # here the layer prediction is the task's largest phase
+
+
+def test_zarr_v3__plots_results_and_cleanup_on_sharded_layers(written, client):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for path in written.values():
+        kd.de(path, **KW, client=client)
+    figs = {f: kd.plot.plot_gene_expression(p, "gene_7", basis="X_pca", return_fig=True) for f, p in written.items()}
+    for panel in ("observed", "imputed1", "imputed2", "fold_change"):
+        np.testing.assert_array_equal(figs[3].kompot_data["panels"][panel], figs[2].kompot_data["panels"][panel])
+    plt.close("all")
+    r2, r3 = kd.results(written[2]), kd.results(written[3])
+    np.testing.assert_array_equal(r3["fold_change"].sel(gene=["gene_3", "gene_140"]).values,
+                                  r2["fold_change"].sel(gene=["gene_3", "gene_140"]).values)
+    kd.cleanup(written[3], run_ids=0)
+    assert not set(LAYERS) & set(zarr.open_group(written[3], mode="r")["layers"].keys())
+    assert ad.read_zarr(written[3]).n_vars == SPEC.n_vars
