@@ -306,6 +306,26 @@ def interactive_backend() -> bool:
     return str(matplotlib.get_backend()).lower() not in _NON_INTERACTIVE_BACKENDS
 
 
+OUTPUT_OPTIONS_DOC = """\
+    return_fig
+        Return the Figure (kompot's and scanpy's convention); by default nothing is
+        returned, so that a notebook shows the figure once.
+    show
+        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
+        notebook backend, unless drawn into a given ``ax``.
+    dpi
+        Resolution of the saved file (default 300, kompot's).
+"""
+
+
+def output_options_doc(fn: Any) -> Any:
+    """Put the parameters every plot shares (:data:`OUTPUT_OPTIONS_DOC`) where its
+    docstring says ``{output_options}``."""
+    if fn.__doc__:
+        fn.__doc__ = fn.__doc__.replace("    {output_options}\n", OUTPUT_OPTIONS_DOC)
+    return fn
+
+
 def check_output_options(return_fig: Any, show: Any, dpi: Any) -> None:
     """The arguments every plot takes for its output, checked before anything is read."""
     if not isinstance(return_fig, bool | np.bool_):

@@ -18,6 +18,7 @@ from ._common import (
     check_output_options,
     default_point_size,
     finish,
+    output_options_doc,
     place_legend,
     resolve_limit,
     select_cells,
@@ -28,6 +29,7 @@ logger = logging.getLogger("kompot_dask")
 _SINGLE_COLOR = "#3B6FB6"
 
 
+@output_options_doc
 def embedding(
     data: Any,
     basis: str,
@@ -115,14 +117,7 @@ def embedding(
     matplotlib_scatter_kwargs
         Further ``Axes.scatter`` arguments for the background cells, as kompot (e.g.
         ``alpha``, ``zorder``).
-    return_fig
-        Return the Figure (kompot's and scanpy's convention); by default nothing is
-        returned, so that a notebook shows the figure once.
-    show
-        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
-        notebook backend, unless drawn into a given ``ax``.
-    dpi
-        Resolution of the saved file (default 300, kompot's).
+    {output_options}
 
     Returns
     -------

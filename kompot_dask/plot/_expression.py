@@ -14,6 +14,7 @@ from ._common import (
     default_point_size,
     describe_run,
     finish,
+    output_options_doc,
     resolve_limit,
     run_note,
 )
@@ -24,6 +25,7 @@ logger = logging.getLogger("kompot_dask")
 _LAYER_ROLES = ("imputed1", "imputed2", "fold_change")
 
 
+@output_options_doc
 def plot_gene_expression(
     data: Any,
     gene: str,
@@ -97,14 +99,7 @@ def plot_gene_expression(
         kompot's names for ``cmap`` and ``fold_change_cmap``.
     **kwargs
         Further ``Axes.scatter`` arguments for the cells of every panel (e.g. ``alpha``).
-    return_fig
-        Return the Figure (kompot's and scanpy's convention); by default nothing is
-        returned, so that a notebook shows the figure once.
-    show
-        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
-        notebook backend, unless drawn into a given ``ax``.
-    dpi
-        Resolution of the saved file (default 300, kompot's).
+    {output_options}
 
     Returns
     -------

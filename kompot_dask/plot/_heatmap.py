@@ -19,6 +19,7 @@ from ._common import (
     describe_run,
     finish,
     new_axes,
+    output_options_doc,
     place_legend,
     resolve_limit,
     run_fields,
@@ -30,6 +31,7 @@ logger = logging.getLogger("kompot_dask")
 _SCALES = ("var", "group", None)
 
 
+@output_options_doc
 def heatmap(
     data: Any,
     *,
@@ -165,14 +167,7 @@ def heatmap(
         Names of the conditions in the legend and the title (default: their values).
     dendrogram, dendrogram_color, layout_config, split_dot_mode, max_cell_count
         Not supported yet: a value other than kompot's default raises ``ValueError``.
-    return_fig
-        Return the Figure (kompot's and scanpy's convention); by default nothing is
-        returned, so that a notebook shows the figure once.
-    show
-        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
-        notebook backend, unless drawn into a given ``ax``.
-    dpi
-        Resolution of the saved file (default 300, kompot's).
+    {output_options}
 
     Returns
     -------

@@ -16,6 +16,7 @@ from ._common import (
     describe_run,
     finish,
     new_axes,
+    output_options_doc,
     place_legend,
     resolve_limit,
     run_fields,
@@ -29,6 +30,7 @@ _THRESHOLD_KEYS = ("local_fdr", "mahalanobis")
 _HIGHLIGHT_COLORS = ("#E76F51", "#2A9D8F", "#8338EC", "#F4A261", "#3A86FF", "#FF006E")
 
 
+@output_options_doc
 def volcano_de(
     data: Any,
     *,
@@ -160,14 +162,7 @@ def volcano_de(
         computes no per-group results, and a plot never writes to the data).
     **kwargs
         Further ``Axes.scatter`` arguments for the not-significant genes.
-    return_fig
-        Return the Figure (kompot's and scanpy's convention); by default nothing is
-        returned, so that a notebook shows the figure once.
-    show
-        Show the figure (``plt.show()``); ``None``: when not returning it, on a screen or
-        notebook backend, unless drawn into a given ``ax``.
-    dpi
-        Resolution of the saved file (default 300, kompot's).
+    {output_options}
 
     Returns
     -------
