@@ -323,3 +323,30 @@ def test_readme__quick_start_runs_as_a_plain_script(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "30"
+
+
+def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, client):
+    """The README's Python blocks after the quick start (plan, several comparisons,
+    resume and verify), on a small store with Young/Mid/Old cells: "atlas.zarr" and
+    `store` are that store, the embedding is its X_pca, and each `...` is the rest of the
+    call (the plan block's calls get the plan's own arguments, so that the plan fits them)."""
+    import kompot_dask as kd
+
+    spec = SyntheticSpec(n_obs=700, n_vars=30, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"))
+    store = write_synthetic_store(tmp_path / "atlas.zarr", spec, cell_chunk=256, gene_chunk=16)
+    blocks = [b for b in _readme_blocks("python") if "kd.ingest(" not in b]
+    assert len(blocks) >= 3
+    plan_args = 'groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca"'
+    ns = {"kd": kd, "client": client, "store": store}
+    for block in blocks:
+        code = block.replace('"atlas.zarr"', repr(store)).replace("X_pca_harmony", "X_pca")
+        code = code.replace('kd.de(store, ...)', f"kd.de(store, {plan_args})")
+        code = code.replace(f"kd.de({store!r}, ...,", f"kd.de({store!r}, {plan_args},")
+        code = code.replace(", ...)", ', layer="logged_counts", obsm_key="X_pca")')
+        assert "..." not in "\n".join(line.split("#")[0] for line in code.splitlines()), code
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own code
+    assert isinstance(ns["plan"], kd.ResourcePlan)
+    record = kd.RunInfo(store, -1).record
+    assert "resumed" in record and record["resumed"] is None  # that run was not interrupted
+    # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one
+    assert kd.RunInfo(store, -1).run_id == 4
