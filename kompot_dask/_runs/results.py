@@ -60,8 +60,7 @@ def results(data: Any, run_id: int = -1, *, analysis_type: str = "de", layers: b
     source = open_data(data, Store)
     fields = get_run_fields(source, run_id, analysis_type, roles=None)
     is_store = isinstance(source, Store)
-    obs, var = (source.obs, source.var) if is_store else (source.obs, source.var)
-    coords = {"cell": np.asarray(obs.index.astype(str)), "gene": np.asarray(var.index.astype(str))}
+    coords = {"cell": np.asarray(source.obs.index.astype(str)), "gene": np.asarray(source.var.index.astype(str))}
     variables: dict[str, Any] = {}
     for role in ROLES:
         name = fields.get(role)
