@@ -330,26 +330,34 @@ class TaskCounts:
     gene_blocks: int
     null_blocks: int
     std: int
+    transpose: int = 0  # row groups of a CSR element's transposition
 
     @property
     def total(self) -> int:
-        return self.fit + self.gene_blocks + self.null_blocks + self.std
+        return self.fit + self.gene_blocks + self.null_blocks + self.std + self.transpose
 
     def labelled(self) -> dict[str, int]:
         """The counts under the names the plan report and ``to_dict`` show."""
-        return {"fit tasks": self.fit, "gene blocks": self.gene_blocks,
-                "null-gene blocks": self.null_blocks, "std tasks": self.std}
+        out = {"fit tasks": self.fit, "gene blocks": self.gene_blocks,
+               "null-gene blocks": self.null_blocks, "std tasks": self.std}
+        if self.transpose:
+            out["CSR transposition tasks"] = self.transpose
+        return out
 
 
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
-                n_workers: int, n_threads: int) -> TaskCounts:
+                n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic)."""
+    n_real = len(real_blocks(layout, n_vars, selected))
+    n_nullb = math.ceil(n_null / layout.null_gene_block) if n_null else 0
+    n_obs = layout.row_ranges[-1][1] if layout.row_ranges else 0
     return TaskCounts(
+        transpose=len(transpose_groups(layout, n_obs, nnz)) if transposes(kind, n_real + n_nullb) else 0,
         # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
         # save per fit output
         fit=2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS),
-        gene_blocks=len(real_blocks(layout, n_vars, selected)),
-        null_blocks=math.ceil(n_null / layout.null_gene_block) if n_null else 0,
+        gene_blocks=n_real,
+        null_blocks=n_nullb,
         std=math.ceil(n_pred / layout.kernel_chunk),
     )
 
@@ -365,10 +373,11 @@ class TaskBytes:
     real_block: int
     null_block: int
     std: int
+    transpose: int = 0  # a CSR element's transposition task (0 for other layouts)
 
     @property
     def largest(self) -> int:
-        return max(self.real_block, self.null_block, self.std)
+        return max(self.real_block, self.null_block, self.std, self.transpose)
 
 
 def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
@@ -396,7 +405,14 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     vb = _null_value_bytes(inp)
     null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
-    return TaskBytes(int(real), int(null), int(std))
+    transpose = 0
+    if inp.layer_kind == "csr":
+        # one row group's CSR as read and its CSC copy (values, 4-byte indices), plus the
+        # conversion's int64 index arrays
+        nnz_row = (inp.layer_nnz if inp.layer_nnz is not None else inp.n_obs * inp.n_vars) / max(1, inp.n_obs)
+        group = max(TRANSPOSE_GROUP_NNZ, C * nnz_row)
+        transpose = int(group * (2 * (s + 4) + 8) + 2 * inp.n_vars * 8)
+    return TaskBytes(int(real), int(null), int(std), transpose)
 
 
 @dataclass(frozen=True)
@@ -673,13 +689,45 @@ COMMIT_RESERVE_BYTES = 4 << 20
 margin over the 1 MiB plus twice the consolidated metadata it takes on typical stores)."""
 
 
+TRANSPOSE_GROUP_NNZ = 2**23
+"""Stored values per row group of a CSR element's transposition (whole cell chunks; at
+least one): a transposition task holds the group's CSR and CSC forms, ~2 × 8 Mi × 8 bytes
+for float32 values."""
+
+
+def transposes(kind: str, n_passes: int) -> bool:
+    """Whether a CSR element is transposed before the gene blocks: when it would otherwise
+    be read whole more than once (one pass per gene block and per null-gene block)."""
+    return kind == "csr" and n_passes >= 2
+
+
+def transpose_groups(layout: Layout, n_obs: int, nnz: int | None) -> tuple[tuple[int, int], ...]:
+    """Row groups of the transposition: whole cell chunks of the layout, about
+    :data:`TRANSPOSE_GROUP_NNZ` stored values each (by the element's mean density)."""
+    chunks = max(1, len(layout.row_ranges))
+    per_chunk = (nnz if nnz is not None else 0) / chunks
+    step = layout.cell_chunk * max(1, int(TRANSPOSE_GROUP_NNZ // max(per_chunk, 1.0)))
+    return tuple((r, min(r + step, n_obs)) for r in range(0, n_obs, step))
+
+
 def staging_bytes(inp: PlanInputs) -> int:
     """Disk a run needs besides its outputs, while it runs: the model kept for a resume
     (four m × m float64 factors, the kernel mean, the landmarks), the task markers (a few
     numbers per gene, null gene and cell) and the commit's reserve."""
     model = 4 * inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
     markers = 24 * inp.n_vars + 16 * inp.n_null + 24 * inp.n_pred
-    return int(model + markers + COMMIT_RESERVE_BYTES)
+    return int(model + markers + transposed_bytes(inp) + COMMIT_RESERVE_BYTES)
+
+
+def transposed_bytes(inp: PlanInputs) -> int:
+    """Disk of a CSR element's transposition in the staging (an upper bound: it is made
+    whenever the element is CSR and read more than once): every stored value with a 4-byte
+    row index, and one column pointer per gene and row group."""
+    if inp.layer_kind != "csr":
+        return 0
+    nnz = inp.layer_nnz if inp.layer_nnz is not None else inp.n_obs * inp.n_vars
+    groups = max(1, math.ceil(nnz / TRANSPOSE_GROUP_NNZ))
+    return int(nnz * (inp.layer_itemsize + 4) + groups * (inp.n_vars + 1) * 8)
 
 
 def output_bytes(inp: PlanInputs, location: str) -> int:
@@ -753,6 +801,15 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
     return _ENGINE_EFFICIENCY * (s_t + fac_t)
 
 
+SPARSE_MAX_DENSITY = 0.12
+"""Above this fraction of stored values a sparse tile is multiplied dense: the sparse
+product's cost per stored value (a kernel row streamed per value) equals the dense GEMM's
+at ~14 % (one core, m = 5,000), and the margin keeps the choice on the side of the gain."""
+_SPARSE_EVEN_DENSITY = 0.14
+"""Fraction of stored values at which the sparse projection takes the dense GEMM's time
+(one core, m = 5,000; :meth:`kompot_dask._numerics.gp.ProjectionAccumulator.add_sparse`)."""
+
+
 def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Calibration,
                    counts: TaskCounts) -> float:
     """Gene blocks, null blocks and std tasks: parallel over all threads."""
@@ -762,13 +819,24 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
     write_rate = cal.write_bytes_s or 1e8
     lb = 4 if inp.layer_dtype == "float32" else 8
     nr, nn = counts.gene_blocks, counts.null_blocks
-    blocks = (nr * n12 * m * kern + 2 * n12 * m * G / gemm + 6 * m * m * G / gemm
-              + inp.n_obs * nr * ch.gene_block * inp.layer_itemsize / read_rate)
+    project = 2 * n12 * m * G / gemm
+    reads = inp.n_obs * nr * ch.gene_block * inp.layer_itemsize / read_rate
+    if inp.layer_kind == "csr":
+        nnz = inp.layer_nnz if inp.layer_nnz is not None else inp.n_obs * inp.n_vars
+        stored = nnz * (inp.layer_itemsize + 4)
+        density = nnz / max(1, inp.n_obs * inp.n_vars)
+        if density < SPARSE_MAX_DENSITY:  # m · nnz: as dense at ~14 % (gp.add_sparse)
+            project *= density / _SPARSE_EVEN_DENSITY
+        # read whole once per pass, or transposed once (read, written) and read once more
+        reads = ((2 * stored / read_rate + stored / write_rate) if counts.transpose
+                 else (nr + nn) * stored / read_rate)
+    blocks = (nr * n12 * m * kern + project + 6 * m * m * G / gemm + reads)
     if inp.store_layers:
         blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
                    + 3 * inp.n_obs * nr * ch.gene_block * lb / write_rate)
-    nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + 6 * m * m * inp.n_null / gemm
-             + inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
+    null_reads = (0.0 if inp.layer_kind == "csr" else  # counted with the real blocks' reads
+                  inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
+    nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + 6 * m * m * inp.n_null / gemm + null_reads)
     std = inp.n_pred * m * kern + 3 * inp.n_pred * m * m / gemm
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
 

@@ -419,7 +419,8 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                            null_gene_block=null_gene_block, prep=prep, max_task_bytes=max_task_bytes)
     layout = make_layout(inp.n_obs, inp.n_vars, res.total_threads, cell_chunk=ch.cell_chunk,
                          gene_block=ch.gene_block, null_gene_block=ch.null_gene_block, kernel_chunk=ch.kernel_chunk)
-    counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads)
+    counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads,
+                         inp.layer_kind, inp.layer_nnz)
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
     if prep.client:
         client_parts["model preparation (length scale, then k-means)"] = prep.client
@@ -482,6 +483,9 @@ def _allocations(inp: PlanInputs, ch: Chunks, est: MemoryEstimate, prep: PrepMem
         {"what": f"per-cell std task (kernel block {m}×{kc})", "shape": [m, kc], "bytes": est.tasks.std,
          "where": "per thread"},
     ]
+    if est.tasks.transpose:
+        alloc.append({"what": "CSR transposition task (one row group, CSR and CSC)", "shape": None,
+                      "bytes": est.tasks.transpose, "where": "per thread"})
     method = "exact neighbours" if inp.neighbors == "exact" else "pynndescent"
     alloc += [{"what": f"length scale ({method}) and k-means landmarks", "shape": None, "bytes": int(v),
                "where": where} for where, v in prep.placements() if v]

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="convert .h5ad / zarr AnnData into a gene-block-tiled zarr store")
     p.add_argument("src")
     p.add_argument("dest")
-    p.add_argument("--chunks", default="4096,256", help="CELLS,GENES tile shape (default 4096,256)")
+    p.add_argument("--chunks", default="4096,256", help="CELLS,GENES tile shape of dense matrices (default 4096,256)")
+    p.add_argument("--dense", action="store_true",
+                   help="write sparse matrices as dense tiles too (default: they stay sparse, CSR or CSC)")
     p.add_argument("--layers", nargs="*", default=None, help="layers to convert (default: all)")
     p.add_argument("--no-x", action="store_true", help="do not write X")
     p.add_argument("--overwrite", action="store_true")
@@ -279,7 +281,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     if not os.path.exists(args.src.removeprefix("file://")):
         raise CLIError(f"source {args.src} does not exist")
     path = ingest(args.src, args.dest, layers=args.layers, include_x=not args.no_x, cell_chunk=cells,
-                  gene_chunk=genes, overwrite=args.overwrite, progress=not args.json)
+                  gene_chunk=genes, overwrite=args.overwrite, keep_sparse=not args.dense, progress=not args.json)
     _emit(args, {"store": path, "chunks": [cells, genes]}, f"Wrote {path} (tiles {cells} × {genes})")
     return EXIT_OK
 

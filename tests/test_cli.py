@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import zarr
 
 from kompot_dask import cli
@@ -71,6 +72,13 @@ def test_cli__ingest(tmp_path, capsys):
     arr = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["layers"]["logged_counts"]
     assert arr.chunks == (128, 8)
     np.testing.assert_allclose(arr[...], adata.layers["logged_counts"], rtol=1e-6)
+    adata.layers["logged_counts"] = sp.csr_matrix(adata.layers["logged_counts"])
+    adata.write_h5ad(src)
+    rc, _, _ = run_cli(capsys, "--json", "ingest", src, tmp_path / "s.zarr")
+    assert rc == 0
+    assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["layers/logged_counts"].attrs["encoding-type"] == "csr_matrix"
+    rc, _, _ = run_cli(capsys, "--json", "ingest", src, tmp_path / "d.zarr", "--dense", "--chunks", "128,8")
+    assert rc == 0 and zarr.open_group(str(tmp_path / "d.zarr"), mode="r")["layers/logged_counts"].chunks == (128, 8)
     rc, _, err = run_cli(capsys, "ingest", src, tmp_path / "b.zarr", "--chunks", "128")
     assert rc == 2 and err.count("\n") == 1 and "--chunks" in err
 

@@ -71,16 +71,73 @@ def test_de__sparse_layer_in_existing_store(tmp_path, client, baseline, fmt):
     assert_de_results_close(got, baseline, columns=list(baseline), atol=1e-10)
 
 
-def test_ingest__h5ad_sparse_source_becomes_gene_block_tiles(tmp_path):
+def _thinned(adata: ad.AnnData, keep: float, seed: int = 0) -> ad.AnnData:
+    """``adata`` with all but a fraction ``keep`` of the layer's stored values set to 0."""
+    y = adata.layers["logged_counts"].tocsr().copy()
+    y.data[np.random.default_rng(seed).random(y.nnz) > keep] = 0
+    y.eliminate_zeros()
+    adata.layers["logged_counts"] = y
+    return adata
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format):
+    """A 5 %-dense CSR layer, as anndata writes it (v2 and v3): transposed once, multiplied
+    sparse (m·nnz), and the answer is the dense store's. Several gene blocks and null
+    blocks, cell chunks that do not divide the cells: every tile path is taken."""
+    adata = _thinned(make_synthetic_adata(SMALL, sparse=True), keep=0.05)
+    density = adata.layers["logged_counts"].nnz / np.prod(adata.shape)
+    assert 0.02 < density < 0.08
+    dense = adata.copy()
+    dense.layers["logged_counts"] = dense.layers["logged_counts"].toarray()
+    paths = {}
+    for name, a in (("csr", adata), ("dense", dense)):
+        paths[name] = str(tmp_path / f"{name}.zarr")
+        with ad.settings.override(zarr_write_format=zarr_format):
+            a.write_zarr(paths[name])
+    layer = zarr.open_group(paths["csr"], mode="r")["layers/logged_counts"]
+    assert layer.attrs["encoding-type"] == "csr_matrix" and layer.metadata.zarr_format == zarr_format
+    compute = kd.ComputeSettings(cell_chunk=300, gene_block=24, null_gene_block=50)
+    got = {}
+    for name, path in paths.items():
+        kd.de(path, client=client, compute=compute, **KW)
+        got[name] = _results(path)
+    assert len(got["csr"]) == 9
+    assert_de_results_close(got["csr"], got["dense"], columns=list(got["dense"]), atol=1e-10)
+    tasks = kd.RunInfo(paths["csr"]).run_record.task_seconds
+    assert tasks.get("sparse projection", 0) > 0, tasks
+    assert "sparse projection" not in kd.RunInfo(paths["dense"]).run_record.task_seconds
+
+
+def test_ingest__h5ad_sparse_source_stays_sparse_or_becomes_dense_tiles(tmp_path, monkeypatch):
+    """Sparse layers of an .h5ad stay sparse (CSR and CSC, streamed in blocks and appended
+    with anndata's own writer); keep_sparse=False writes dense gene-block tiles."""
+    import kompot_dask._io.ingest as ingest_mod
+
+    monkeypatch.setattr(ingest_mod, "_SPARSE_BLOCK_VALUES", 2000)  # several appended blocks
     adata = make_synthetic_adata(SyntheticSpec(n_obs=500, n_vars=70, n_dims=5, seed=2), sparse=True)
+    adata.layers["by_gene"] = adata.layers["logged_counts"].tocsc()
+    counts = adata.layers["logged_counts"].copy()
+    counts.data = np.round(counts.data * 10)
+    adata.layers["counts"] = counts.astype(np.int64)
     adata.write_h5ad(tmp_path / "a.h5ad")
-    path = kd.ingest(tmp_path / "a.h5ad", tmp_path / "a.zarr", cell_chunk=128, gene_chunk=16, progress=False)
-    arr = zarr.open_group(path, mode="r")["layers/logged_counts"]
-    assert arr.chunks == (128, 16) and arr.dtype == np.float32
+    path = kd.ingest(tmp_path / "a.h5ad", tmp_path / "a.zarr", progress=False)
+    root = zarr.open_group(path, mode="r")
     back = ad.read_zarr(path)
-    np.testing.assert_array_equal(back.layers["logged_counts"], adata.layers["logged_counts"].toarray())
+    for name, fmt, dtype in (("logged_counts", "csr", np.float32), ("by_gene", "csc", np.float32),
+                             ("counts", "csr", np.float32)):
+        assert root[f"layers/{name}"].attrs["encoding-type"] == f"{fmt}_matrix"
+        assert back.layers[name].format == fmt and back.layers[name].dtype == dtype
+        np.testing.assert_array_equal(back.layers[name].toarray(), adata.layers[name].toarray())
+    assert kd.verify(path).ok  # each element has its manifest
     assert back.obs.equals(adata.obs) and back.var.equals(adata.var)
     np.testing.assert_array_equal(back.obsm["X_pca"], adata.obsm["X_pca"])
+
+    path = kd.ingest(tmp_path / "a.h5ad", tmp_path / "d.zarr", cell_chunk=128, gene_chunk=16, keep_sparse=False,
+                     progress=False)
+    arr = zarr.open_group(path, mode="r")["layers/logged_counts"]
+    assert arr.chunks == (128, 16) and arr.dtype == np.float32
+    np.testing.assert_array_equal(ad.read_zarr(path).layers["logged_counts"], adata.layers["logged_counts"].toarray())
 
 
 def test_de__genes_subset_and_no_layers(tmp_path, client, baseline):

@@ -190,6 +190,19 @@ def test_de__undecodable_chunk_is_named_without_a_manifest(ingested, client):
     assert _snapshot(ingested) == before
 
 
+def test_de__csr_layer_deleted_chunk_is_named_by_the_transposition(tmp_path, client):
+    """A CSR layer is read once, by the transposition tasks: a chunk they need that is gone
+    is named there, and the failed run leaves the store as it was."""
+    path = _anndata_store(tmp_path / "anndata.zarr", 2)
+    verify(path, record=True)
+    os.remove(_chunk(path, "3", "layers/csr/data"))
+    clear_caches()
+    before = _snapshot(path)
+    with pytest.raises(StoreIntegrityError, match=r"chunk '3' of layer 'csr' \(array 'layers/csr/data'\).*is missing"):
+        _fast_de(path, client, layer="csr")
+    assert _snapshot(path) == before, "a failed run modified the store"
+
+
 def test_de__intact_store_with_manifest_runs_and_verifies(ingested, client, capsys):
     result = _fast_de(ingested, client)
     assert np.all(np.isfinite(result["table"]["mahalanobis"]))

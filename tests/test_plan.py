@@ -53,6 +53,43 @@ def test_plan__layout_and_task_counts_are_what_the_engine_runs(small_store, clie
     assert plan.gene_block % 32 == 0 or plan.gene_block == 90
 
 
+def test_plan__csr_store_counts_and_prices_its_transposition(tmp_path, client):
+    """A CSR layer as anndata writes it: the plan counts the transposition tasks the engine
+    runs, and reports their memory."""
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=1500, n_vars=90, n_dims=8, seed=4), sparse=True)
+    path = str(tmp_path / "csr.zarr")
+    adata.write_zarr(path)
+    compute = kd.ComputeSettings(cell_chunk=256)
+    plan = kd.plan(path, **ARGS, **FAST, compute=compute, client=client)
+    assert plan.status == "FEASIBLE", str(plan)
+    assert plan.task_counts["CSR transposition tasks"] >= 1
+    assert any(a["what"].startswith("CSR transposition task") for a in plan.memory_allocations)
+    kd.de(path, **ARGS, **FAST, compute=compute, client=client, plan=plan)
+    assert _history(path)[-1]["layout"]["n_tasks"] == plan.n_tasks
+
+
+def test_planner__csr_transposition_disk_and_sparse_projection_time():
+    from kompot_dask._layout import Calibration, _block_seconds, staging_bytes, transposed_bytes
+
+    dense = _inputs()
+    nnz = int(0.05 * dense.n_obs * dense.n_vars)
+    csr = _inputs(layer_kind="csr", layer_chunks=None, layer_nnz=nnz)
+    # the transposed values (8 bytes each: float32 and a row index) are working disk
+    assert transposed_bytes(dense) == 0 and transposed_bytes(csr) >= nnz * 8
+    assert staging_bytes(csr) - staging_bytes(dense) == transposed_bytes(csr)
+    res = _resources(8)
+    p_dense, p_csr = _plan(dense, res), _plan(csr, res)
+    assert p_csr.feasible and p_dense.tasks.transpose == 0 and p_csr.tasks.transpose >= 1
+    assert p_csr.peak_worker_bytes <= 0.6 * res.memory_limit
+    # at 5 % stored values the projection costs m·nnz: the blocks are predicted faster
+    cal = Calibration(worker_rss=400 * 2**20, kernel_s=2e-9, gemm_flops=5e10, syrk_flops=5e10, chol_flops=3e10,
+                      read_bytes_s=2e8, write_bytes_s=1e8)
+    ch = p_dense.layout.chunks
+    t_dense = _block_seconds(dense, ch, res, cal, p_dense.tasks)
+    t_csr = _block_seconds(csr, ch, res, cal, p_csr.tasks)
+    assert t_csr < t_dense
+
+
 def test_plan__user_sizes_are_kept(small_store, client):
     compute = kd.ComputeSettings(cell_chunk=300, gene_block=16, null_gene_block=24)
     plan = kd.plan(small_store, **ARGS, **FAST, compute=compute, client=client)

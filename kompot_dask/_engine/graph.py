@@ -33,6 +33,7 @@ from distributed import Client, as_completed
 from .. import _layout
 from .._io import commit as io_commit
 from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader, write_tile
+from .._io.tiles import TransposedReader, transpose_group
 from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
@@ -186,8 +187,9 @@ class _Clock:
         self._t = now
 
 
-def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar):
-    """Fit, score and (optionally) predict one block of store columns."""
+def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=()):
+    """Fit, score and (optionally) predict one block of store columns (``after``: the
+    transposition of a CSR element, which its reads need)."""
     clock = _Clock()
     lay = ctx.layout
     c0, c1 = block["c0"], block["c1"]
@@ -202,9 +204,26 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
         in2 = code == 2
         if not (in1.any() or in2.any()):
             continue
-        tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
-        used = tile[in1 | in2]
-        bad |= ~np.all(np.isfinite(used), axis=0)
+        if getattr(ctx.reader, "sparse", False):
+            piece = ctx.reader.piece(r0, r1, slice(c0, c1))
+            if len(local) < c1 - c0:
+                piece = piece[:, local]
+            used = piece[in1 | in2]
+            bad[np.unique(used.indices[~np.isfinite(used.data)])] = True
+            if piece.nnz < _layout.SPARSE_MAX_DENSITY * piece.shape[0] * piece.shape[1]:
+                clock.lap("tile read")
+                xs = X[r0:r1]
+                if in1.any():
+                    acc1.add_sparse(xs[in1], piece[in1])
+                if in2.any():
+                    acc2.add_sparse(xs[in2], piece[in2])
+                clock.lap("sparse projection")
+                continue
+            tile = piece.toarray()
+        else:
+            tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
+            used = tile[in1 | in2]
+            bad |= ~np.all(np.isfinite(used), axis=0)
         clock.lap("tile read")
         xs = X[r0:r1]
         if in1.any():
@@ -256,7 +275,7 @@ def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar):
+def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=()):
     """Score one block of null genes: permuted source columns over both conditions."""
     clock = _Clock()
     lay = ctx.layout
@@ -606,7 +625,18 @@ def run_engine(
     try:
         rows = _layout.shard_rows(layout.cell_chunk, layout.gene_block, np.dtype(layer_dtype).itemsize, n_obs,
                                   store.zarr_format)
-        ctx = BlockContext(store.tile_reader(info), layout, ls, sigma, dtype, layer_dtype, staged, markers, rows)
+        reader = store.tile_reader(info)
+        transposing: list = []
+        if _layout.transposes(info.kind, len(real_blocks) + len(null_blocks)):
+            # A CSR element is read once, into column-major row groups, instead of once
+            # per gene block (TransposedReader); every block task waits for it.
+            groups = _layout.transpose_groups(layout, n_obs, info.nnz)
+            tdir = staging.sub("transposed")
+            reader = TransposedReader(tdir, info, groups)
+            transposing = [client.submit(transpose_group, store.path, info, g, g0, g1, tdir, pure=False,
+                                         key=f"kompot-transpose-{run_token}-{g}")
+                           for g, (g0, g1) in enumerate(groups)]
+        ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, staged, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
         # A stored embedding travels as its reader (each task reads the rows it needs); an
@@ -632,18 +662,20 @@ def run_engine(
 
         for blk in real_blocks:
             futures.append(client.submit(
-                _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f,
+                _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
                 pure=False, key=f"kompot-real-block-{run_token}-{blk['index']}",
             ))
         for blk in null_blocks:
             futures.append(client.submit(
-                _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f,
+                _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing,
                 pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
         for i, r in std_parts:
             # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
             futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
                                          (markers, f"stdk-{i}"), pure=False, priority=1))
+        setup += transposing
+        del transposing
         n_tasks = len(futures) + len(setup)
         outputs = {f.key for f in futures}
         pending = as_completed(setup + futures, loop=client.loop)

@@ -8,6 +8,7 @@ manifest (:mod:`.manifest`), and a chunk that fails to decode is named; both rai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ def clear_caches() -> None:
     _open_group_cached.cache_clear()
     _csc_columns.cache_clear()
     _embedding_band.cache_clear()
+    _group_piece.cache_clear()
     from .manifest import clear_guards
 
     clear_guards()
@@ -138,6 +140,107 @@ def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: 
     indices = _checked_read(guard, "indices", ((lo, hi),), lambda: group["indices"][lo:hi])
     span = sp.csc_matrix((data, indices, indptr - lo), shape=(shape[0], c1 - c0))
     return np.asarray(span[:, idx - c0].toarray())
+
+
+# --------------------------------------------------------------------------------------
+# A CSR element, transposed once into row groups of column-major pieces
+
+
+@dataclass(frozen=True)
+class TransposedReader:
+    """Reads tiles of a CSR element from its one-pass transposition (:func:`transpose_group`).
+
+    A CSR element holds each cell's genes together, so a gene block read from it in place
+    decodes every gene of the rows it needs: the whole matrix once per gene block. The
+    transposition reads the element once and keeps, per group of rows, the same values in
+    compressed-column order (``data``, ``indices`` as rows within the group, ``indptr`` over
+    all genes) as plain ``.npy`` files. A gene block's columns are then one contiguous byte
+    range per group, read through a memory map: I/O per gene block is its own values only.
+
+    ``groups`` are ``(r0, r1)`` row ranges, whole cell chunks of the run's layout, so a
+    tile never straddles two groups.
+    """
+
+    directory: str
+    info: LayerInfo
+    groups: tuple[tuple[int, int], ...]
+
+    sparse = True
+
+    def group_of(self, r0: int) -> int:
+        starts = [g[0] for g in self.groups]
+        return int(np.searchsorted(starts, r0, side="right") - 1)
+
+    def piece(self, r0: int, r1: int, cols: slice | np.ndarray) -> sp.csr_matrix:
+        """Rows ``r0:r1`` and columns ``cols`` (a slice or sorted unique indices), sparse."""
+        g = self.group_of(r0)
+        g0, g1 = self.groups[g]
+        if r1 > g1:
+            raise ValueError(f"rows {r0}:{r1} straddle the transposed groups (group {g} is {g0}:{g1})")
+        key = (("s", cols.start, cols.stop) if isinstance(cols, slice)
+               else ("i", np.asarray(cols, dtype=np.int64).tobytes()))
+        mat = _group_piece(self.directory, g, g1 - g0, key)
+        return mat[r0 - g0 : r1 - g0]
+
+    def read(self, r0: int, r1: int, cols: slice | np.ndarray) -> np.ndarray:
+        """Dense float tile of rows ``r0:r1`` and columns ``cols``."""
+        return self.piece(r0, r1, cols).toarray()
+
+
+def _group_paths(directory: str, g: int) -> dict[str, str]:
+    return {name: os.path.join(directory, f"group-{g}", f"{name}.npy") for name in ("data", "indices", "indptr")}
+
+
+@lru_cache(maxsize=4)
+def _group_piece(directory: str, g: int, n_rows: int, key: tuple) -> sp.csr_matrix:
+    """Columns ``key`` of transposed group ``g`` as CSR (row-sliced by each tile of the
+    group). Read through memory maps: only the columns' own byte ranges are touched."""
+    paths = _group_paths(directory, g)
+    indptr = np.load(paths["indptr"], mmap_mode="r")
+    data = np.load(paths["data"], mmap_mode="r")
+    indices = np.load(paths["indices"], mmap_mode="r")
+    if key[0] == "s":
+        c0, c1 = key[1], key[2]
+        lo, hi = int(indptr[c0]), int(indptr[c1])
+        ptr = np.asarray(indptr[c0 : c1 + 1], dtype=np.int64) - lo
+        vals, rows = np.asarray(data[lo:hi]), np.asarray(indices[lo:hi])
+        n_cols = c1 - c0
+    else:
+        cols = np.frombuffer(key[1], dtype=np.int64) if len(key[1]) else np.empty(0, np.int64)
+        starts = np.asarray(indptr[cols], dtype=np.int64)
+        counts = np.asarray(indptr[cols + 1], dtype=np.int64) - starts
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        # positions of every selected column's values: one gather from the memory maps
+        take = np.repeat(starts - ptr[:-1], counts) + np.arange(int(ptr[-1]))
+        vals, rows = np.asarray(data[take]), np.asarray(indices[take])
+        n_cols = len(cols)
+    return sp.csc_matrix((vals, rows, ptr), shape=(n_rows, n_cols)).tocsr()
+
+
+def transpose_group(store_path: str, info: LayerInfo, g: int, r0: int, r1: int, directory: str) -> int:
+    """Read rows ``r0:r1`` of a CSR element once and keep them column-major as group ``g``
+    of a :class:`TransposedReader` (called on workers). Each file is written atomically,
+    indptr last: a group whose indptr exists is whole. Returns the group's stored values."""
+    from .commit import write_array_atomic  # commit imports this module
+
+    paths = _group_paths(directory, g)
+    if os.path.exists(paths["indptr"]):  # a resumed run: this group is already whole
+        return int(np.load(paths["indptr"], mmap_mode="r")[-1])
+    guard = _guard(store_path, info.elem_path, "csr")
+    group = _open_group_cached(store_path, info.elem_path)
+    indptr = _checked_read(guard, "indptr", ((r0, r1 + 1),), lambda: group["indptr"][r0 : r1 + 1])
+    lo, hi = int(indptr[0]), int(indptr[-1])
+    data = _checked_read(guard, "data", ((lo, hi),), lambda: group["data"][lo:hi])
+    indices = _checked_read(guard, "indices", ((lo, hi),), lambda: group["indices"][lo:hi])
+    mat = sp.csr_matrix((data, indices, np.asarray(indptr, dtype=np.int64) - lo), shape=(r1 - r0, info.shape[1]))
+    del data, indices
+    csc = mat.tocsc()
+    del mat
+    csc.sort_indices()
+    write_array_atomic(paths["data"], csc.data)
+    write_array_atomic(paths["indices"], csc.indices.astype(np.int32, copy=False))
+    write_array_atomic(paths["indptr"], csc.indptr.astype(np.int64, copy=False))
+    return int(csc.nnz)
 
 
 def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: int, tile: np.ndarray) -> None:
