@@ -29,10 +29,12 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_measured(code: str, *, env: dict | None = None, interval: float = 0.1, timeout: float = 7200) -> dict:
-    """Run ``code`` with ``python -c``; it must print one JSON line prefixed 'RESULT '."""
+def run_measured(code: str, *, env: dict | None = None, interval: float = 0.1, timeout: float = 7200,
+                 argv: list[str] | None = None) -> dict:
+    """Run ``code`` with ``python -c`` (and ``argv``); it must print one JSON line prefixed
+    'RESULT '."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code, *(argv or [])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
     done = threading.Event()

@@ -105,8 +105,26 @@ def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format):
     assert len(got["csr"]) == 9
     assert_de_results_close(got["csr"], got["dense"], columns=list(got["dense"]), atol=1e-10)
     tasks = kd.RunInfo(paths["csr"]).run_record.task_seconds
-    assert tasks.get("sparse projection", 0) > 0, tasks
+    assert tasks.get("sparse projection", 0) > 0 and tasks.get("null-gene sparse projection", 0) > 0, tasks
     assert "sparse projection" not in kd.RunInfo(paths["dense"]).run_record.task_seconds
+
+
+def test_de__sparse_csr_nonfinite_values_are_named(tmp_path, client):
+    """NaN / inf stored in a CSR layer are found by the sparse paths: in a gene block (the
+    genes named), and in a null gene's source column (named as such)."""
+    adata = _thinned(make_synthetic_adata(SMALL, sparse=True), keep=0.05)
+    y = adata.layers["logged_counts"].tolil()
+    y[10, 5], y[700, 20] = np.nan, np.inf
+    adata.layers["logged_counts"] = y.tocsr()
+    path = str(tmp_path / "csr.zarr")
+    adata.write_zarr(path)
+    kw = dict(KW, compute=kd.ComputeSettings(gene_block=32, cell_chunk=300))
+    with pytest.raises(kd.NonFiniteExpressionError, match=r"2 gene\(s\): \['gene_5', 'gene_20'\]"):
+        kd.de(path, client=client, **dict(kw, fdr=kd.FDRSettings(null_genes=0)))
+    genes = [g for g in adata.var_names if g not in ("gene_5", "gene_20")]
+    with pytest.raises(kd.NonFiniteExpressionError, match=r"drawn as null-gene sources") as excinfo:
+        kd.de(path, genes=genes, client=client, **dict(kw, fdr=kd.FDRSettings(null_genes=90)))
+    assert sorted(excinfo.value.columns) == [5, 20]
 
 
 def test_ingest__h5ad_sparse_source_stays_sparse_or_becomes_dense_tiles(tmp_path, monkeypatch):

@@ -288,6 +288,19 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     # in the layer's own precision where float32 holds its values exactly (the projection
     # converts each chunk to the compute dtype, so nothing changes numerically).
     vdt = _layout.null_value_dtype(ctx.reader.info.dtype)
+    if getattr(ctx.reader, "sparse", False):
+        y = _sparse_null_values(ctx.reader, uniq, inverse, seeds, rows1, rows2)
+        clock.lap("null-gene read")
+        if y.nnz < _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
+            acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
+            acc1.add_sparse(X, y[:n1], rows=rows1)
+            acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
+            acc2.add_sparse(X, y[n1:], rows=rows2)
+            del y
+            clock.lap("null-gene sparse projection")
+            return _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, len(sources))
+        y = y.toarray().astype(vdt, copy=False)
+        return _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
@@ -307,7 +320,6 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         bad = ~np.all(np.isfinite(values), axis=0)
         raise NonFiniteExpressionError(uniq[bad].tolist(), as_null_source=True)
     clock.lap("null-gene read")
-    width = lay.null_gene_block
     # Both conditions' permuted values in one array, condition 1's cells first. Each source
     # column serves one null (sources are drawn without replacement whenever there are at
     # most as many nulls as genes): it is permuted in place, and the task holds one array.
@@ -322,17 +334,73 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
-    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    return _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
+
+
+def _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources):
+    """Project dense permuted null values ``y`` (condition 1's cells first) and score them."""
+    lay, n1 = ctx.layout, len(rows1)
+    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
     acc1.add(X, y[:n1], rows=rows1)
-    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
+    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
     acc2.add(X, y[n1:], rows=rows2)
     del y
-    b1, b2 = acc1.result(), acc2.result()
     clock.lap("null-gene projection")
+    return _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources)
+
+
+def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
+    """The permuted null values of a sparse element as CSR (stacked cells × nulls, condition
+    1's cells first), without a dense array: each source column is gathered once over the
+    conditions' cells (column-major), and a null's permutation moves its stored values'
+    row indices only — the same values the dense path permutes."""
+    import scipy.sparse as sp
+
+    n12 = len(rows1) + len(rows2)
+    stacked = np.concatenate([rows1, rows2])
+    pos_of_row = np.full(int(stacked.max()) + 1 if n12 else 0, -1, dtype=np.int64)
+    pos_of_row[stacked] = np.arange(n12)
+    pos, col, val = [], [], []
+    for g0, g1 in reader.groups:
+        if g0 >= len(pos_of_row):
+            break
+        piece = reader.piece(g0, g1, uniq).tocoo()
+        rows = g0 + piece.row.astype(np.int64)
+        p = np.full(len(rows), -1, dtype=np.int64)
+        inside = rows < len(pos_of_row)
+        p[inside] = pos_of_row[rows[inside]]
+        keep = p >= 0
+        p = p[keep]
+        pos.append(p)
+        col.append(piece.col[keep])
+        val.append(piece.data[keep])
+    del pos_of_row
+    pos, col, val = (np.concatenate(a) if a else np.empty(0) for a in (pos, col, val))
+    if not np.all(np.isfinite(val)):
+        raise NonFiniteExpressionError(np.unique(uniq[col[~np.isfinite(val)]]).tolist(), as_null_source=True)
+    src = sp.csc_matrix((val, (pos.astype(np.int64), col.astype(np.int64))), shape=(n12, len(uniq)))
+    src.sum_duplicates()
+    indptr, indices, data = [0], [], []
+    for c, seed in zip(inverse, seeds, strict=True):
+        lo, hi = src.indptr[c], src.indptr[c + 1]
+        perm = fdr_mod.null_permutation(n12, int(seed))
+        new_row = np.empty(n12, dtype=np.int64)
+        new_row[perm] = np.arange(n12)  # the value at row perm[j] moves to row j
+        indices.append(new_row[src.indices[lo:hi]])
+        data.append(src.data[lo:hi])
+        indptr.append(indptr[-1] + hi - lo)
+    y = sp.csc_matrix((np.concatenate(data) if data else np.empty(0, src.dtype),
+                       np.concatenate(indices) if indices else np.empty(0, np.int64), np.asarray(indptr)),
+                      shape=(n12, len(inverse)))
+    return y.tocsr()
+
+
+def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources):
+    b1, b2 = acc1.result(), acc2.result()
     factors = {"C1": C1, "C2": C2, "R": R}
     _, _, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     clock.lap("null-gene scoring")
-    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[: len(sources)],
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
            "seconds": clock.seconds}
     del acc1, acc2, b1, b2
     _trim_heap()

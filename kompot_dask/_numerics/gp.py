@@ -179,9 +179,9 @@ class ProjectionAccumulator:
                                              jnp.asarray(self._ls, dt)))
             self._b[:, : ys.shape[1]] += k[:, : ys.shape[0]] @ ys
 
-    def add_sparse(self, X: np.ndarray, Y: sp.csr_matrix) -> None:
-        """:meth:`add` for a sparse ``Y`` (CSR, one row per row of ``X``): costs m · nnz
-        multiply-adds instead of m · rows · genes.
+    def add_sparse(self, X: np.ndarray, Y: sp.csr_matrix, rows: np.ndarray | None = None) -> None:
+        """:meth:`add` for a sparse ``Y`` (CSR, one row per row of ``X``, or per entry of
+        ``rows``): costs m · nnz multiply-adds instead of m · rows · genes.
 
         The kernel block is evaluated cells × landmarks, and each :data:`SPARSE_SUB_ROWS`
         rows of it are multiplied by the matching rows of ``Y`` (genes × cells in CSR): a
@@ -193,11 +193,12 @@ class ProjectionAccumulator:
         """
         if self._bt is None:
             self._bt = np.zeros((self.width, self._b.shape[0]), dtype=self.dtype)
-        for start in range(0, X.shape[0], self.chunk):
-            xs = X[start : start + self.chunk]
+        n = X.shape[0] if rows is None else len(rows)
+        for start in range(0, n, self.chunk):
             ys = Y[start : start + self.chunk]
-            if xs.shape[0] == 0 or ys.nnz == 0:
+            if ys.shape[0] == 0 or ys.nnz == 0:
                 continue
+            xs = X[start : start + self.chunk] if rows is None else X[rows[start : start + self.chunk]]
             with precision(self.dtype) as dt:
                 kt = np.asarray(_matern52_jit(jnp.asarray(_pad_rows(np.asarray(xs, dt), self.chunk), dt), self._z,
                                               jnp.asarray(self._ls, dt)))
