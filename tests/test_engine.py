@@ -80,11 +80,12 @@ def _thinned(adata: ad.AnnData, keep: float, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-@pytest.mark.parametrize("zarr_format", [2, 3])
-def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format):
-    """A 5 %-dense CSR layer, as anndata writes it (v2 and v3): transposed once, multiplied
-    sparse (m·nnz), and the answer is the dense store's. Several gene blocks and null
-    blocks, cell chunks that do not divide the cells: every tile path is taken."""
+@pytest.mark.parametrize(("zarr_format", "shard"), [(2, False), (3, False), (3, True)], ids=["v2", "v3", "v3-sharded"])
+def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format, shard):
+    """A 5 %-dense CSR layer, as anndata writes it (v2, v3, and v3 sharded as anndata 0.13
+    does by default): transposed once, multiplied sparse (m·nnz), and the answer is the
+    dense store's. Several gene blocks and null blocks, cell chunks that do not divide the
+    cells: every tile path is taken."""
     adata = _thinned(make_synthetic_adata(SMALL, sparse=True), keep=0.05)
     density = adata.layers["logged_counts"].nnz / np.prod(adata.shape)
     assert 0.02 < density < 0.08
@@ -93,10 +94,11 @@ def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format):
     paths = {}
     for name, a in (("csr", adata), ("dense", dense)):
         paths[name] = str(tmp_path / f"{name}.zarr")
-        with ad.settings.override(zarr_write_format=zarr_format):
+        with ad.settings.override(zarr_write_format=zarr_format, auto_shard_zarr_v3=shard):
             a.write_zarr(paths[name])
     layer = zarr.open_group(paths["csr"], mode="r")["layers/logged_counts"]
     assert layer.attrs["encoding-type"] == "csr_matrix" and layer.metadata.zarr_format == zarr_format
+    assert (layer["data"].shards is not None) == shard
     compute = kd.ComputeSettings(cell_chunk=300, gene_block=24, null_gene_block=50)
     got = {}
     for name, path in paths.items():
