@@ -17,6 +17,7 @@ largest difference of each CSR run's per-gene results and a sample of layer rows
 the dense run's.
 
     .venv/bin/python benchmarks/sparse_layers.py [--n-obs 200000] [--genes 2000] [--density 0.1] [--n-landmarks 2000]
+    .venv/bin/python benchmarks/sparse_layers.py --n-obs 50000 --genes 16000 --density 0.05 --n-landmarks 1000 --no-layers
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from _measure import run_measured  # noqa: E402
 RUN = r"""
 import json, time, sys
 import numpy as np
-def main(store, layer, mode, m, out):
+def main(store, layer, mode, m, out, layers):
     import kompot_dask as kd
     from kompot_dask import _layout
     from distributed import Client, LocalCluster
@@ -46,7 +47,7 @@ def main(store, layer, mode, m, out):
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cl, Client(cl) as c:
         t = time.perf_counter()
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer=layer, obsm_key="X_pca",
-              gp=kd.GPSettings(n_landmarks=m), storage=kd.StorageSettings(overwrite=True),
+              gp=kd.GPSettings(n_landmarks=m), storage=kd.StorageSettings(overwrite=True, store_layers=layers),
               output=kd.OutputSettings(progress=False), client=c)
         wall = time.perf_counter() - t
     import zarr
@@ -56,13 +57,13 @@ def main(store, layer, mode, m, out):
     rows = np.arange(0, g["layers"][layer].attrs["shape"][0] if "shape" in g["layers"][layer].attrs
                      else g["layers"][layer].shape[0], 997)
     lay = {k: np.asarray(g["layers"][k].oindex[rows, :], dtype=float)
-           for k in (f"{pair}_fold_change", "kompot_de_Old_imputed")}
+           for k in (f"{pair}_fold_change", "kompot_de_Old_imputed")} if layers else {}
     np.savez(out, **var, **lay)
     rec = kd.RunInfo(store).run_record
     print("RESULT " + json.dumps({"wall": wall, "tasks": rec.task_seconds, "phases": rec.phase_seconds}))
 if __name__ == "__main__":
     a = sys.argv
-    main(a[1], a[2], a[3], int(a[4]), a[5])
+    main(a[1], a[2], a[3], int(a[4]), a[5], a[6] == "1")
 """
 
 GENE_KEYS = ("mahalanobis", "mean_lfc")
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--n-landmarks", type=int, default=2000)
+    p.add_argument("--no-layers", action="store_true", help="StorageSettings(store_layers=False)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
 
@@ -120,11 +122,13 @@ def main() -> None:
     try:
         for label, layer, mode in MODES:
             out = os.path.join(work, f"{mode}.npz")
-            r = run_measured(RUN, env=env, argv=[store, layer, mode, str(args.n_landmarks), out])
+            r = run_measured(RUN, env=env, argv=[store, layer, mode, str(args.n_landmarks), out,
+                                                 "0" if args.no_layers else "1"])
             got = dict(np.load(out))
             if ref is None:
                 ref = got
-            diff = {part: max(float(np.max(np.abs(got[k] - ref[k]) / (np.abs(ref[k]).max() + 1e-300))) for k in keys)
+            diff = {part: max((float(np.max(np.abs(got[k] - ref[k]) / (np.abs(ref[k]).max() + 1e-300))) for k in keys),
+                              default=float("nan"))
                     for part, keys in (("per-gene", GENE_KEYS), ("layers", [k for k in ref if k not in GENE_KEYS]))}
             rows.append((label, r, diff))
             print(json.dumps({"mode": label, "wall": round(r["wall"], 1), "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 2),

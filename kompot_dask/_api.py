@@ -34,7 +34,7 @@ from ._engine import graph as engine
 from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
-from ._io.source import copy_results, lazy_store_path, run_store
+from ._io.source import copy_results, lazy_store_path, results_store_for, run_store
 from ._io.store import (
     EmbeddingReader,
     LayerInfo,
@@ -73,6 +73,14 @@ class _Settings:
 
     @classmethod
     def of(cls, gp, fdr, filter, storage, output, compute) -> _Settings:  # noqa: A002
+        if isinstance(output, str | os.PathLike):  # de(..., output="results.zarr")
+            storage = _check_settings(storage, StorageSettings, "storage")
+            if storage.results_store is not None and storage.results_store != os.fspath(output):
+                raise SettingsError(
+                    f"output={os.fspath(output)!r} and StorageSettings(results_store={storage.results_store!r}) name two "
+                    "results stores; pass one of them."
+                )
+            storage, output = dataclasses.replace(storage, results_store=os.fspath(output)), None
         given = dict(gp=gp, fdr=fdr, filter=filter, storage=storage, output=output, compute=compute)
         types = dict(gp=GPSettings, fdr=FDRSettings, filter=FilterSettings, storage=StorageSettings,
                      output=OutputSettings, compute=ComputeSettings)
@@ -156,7 +164,7 @@ def de(
     fdr: FDRSettings | None = None,
     filter: FilterSettings | None = None,  # noqa: A002 - kompot's name
     storage: StorageSettings | None = None,
-    output: OutputSettings | None = None,
+    output: OutputSettings | str | os.PathLike | None = None,
     compute: ComputeSettings | None = None,
     model: Any = None,
     client: Client | None = None,
@@ -187,6 +195,9 @@ def de(
         kompot's prefitted predictors (``ModelSettings``): not supported (a value raises).
     gp, fdr, filter, storage, output, compute
         Settings objects; see :mod:`kompot_dask` (``GPSettings``, ``FDRSettings``, ...).
+        ``output`` may also be the path of a separate results store
+        (``output="results.zarr"``, the same as ``StorageSettings(results_store=...)``):
+        ``data`` is then only read, and the results and the run history go there.
     client
         Dask client; by default the current one, else an embedded LocalCluster.
     plan
@@ -210,7 +221,9 @@ def de(
     check_process_context("kompot_dask.de", client, settings.compute)
     _refuse_unsupported(sample_col=sample_col, model=model)
     out = settings.output
-    data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy)
+    data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy,
+                          results_store=settings.storage.results_store)
+    data = _to_results_store(data, settings.storage.results_store, "kompot_dask.de")
     if (not out.inplace or out.copy) and not isinstance(data, ad.AnnData):
         field = "inplace=False" if not out.inplace else "copy=True"
         raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
@@ -260,7 +273,7 @@ def plan(
     fdr: FDRSettings | None = None,
     filter: FilterSettings | None = None,  # noqa: A002 - kompot's name
     storage: StorageSettings | None = None,
-    output: OutputSettings | None = None,
+    output: OutputSettings | str | os.PathLike | None = None,
     compute: ComputeSettings | None = None,
     client: Client | None = None,
 ) -> planner.ResourcePlan:
@@ -272,12 +285,30 @@ def plan(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.plan", client, settings.compute)
-    data = _lazy_to_store(data, "kompot_dask.plan")
+    data = _lazy_to_store(data, "kompot_dask.plan", results_store=settings.storage.results_store)
+    data = _to_results_store(data, settings.storage.results_store, "kompot_dask.plan")
     _refuse_unsupported(sample_col=sample_col)
     return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
 
 
-def _lazy_to_store(data: Any, what: str, needs_memory: bool = False) -> Any:
+def _to_results_store(data: Any, results_store: str | None, what: str) -> Any:
+    """With a results store, the run's store is that one (created for the input store
+    ``data`` on first use), which reads the input's expression and embedding."""
+    if results_store is None:
+        return data
+    if isinstance(data, ad.AnnData):
+        raise SettingsError(
+            f"{what}: a results store (output={results_store!r} / StorageSettings.results_store) is for an input "
+            "store that is only read; an in-memory AnnData receives its results itself. Pass the input store's "
+            "path as the data, or drop the results store."
+        )
+    path = results_store_for(data, results_store)
+    logger.info("Reading the input store %s (never written); results and run history go to %s",
+                Store(path).input.path, path)
+    return path
+
+
+def _lazy_to_store(data: Any, what: str, needs_memory: bool = False, results_store: str | None = None) -> Any:
     """An AnnData read lazily from a zarr store (``anndata.experimental.read_lazy``, or
     matrices as dask arrays over one store) becomes that store's path: the run reads it
     out of core and writes its results there, never loading it into memory."""
@@ -299,8 +330,11 @@ def _lazy_to_store(data: Any, what: str, needs_memory: bool = False) -> Any:
             f"from {path}, which a run writes in place. Copy the store and pass its path, or pass "
             "adata.to_memory()."
         )
-    logger.info("The AnnData was read lazily from %s: computing on that store out of core; the results are "
-                "written into it (read it again to see them).", path)
+    if results_store is None:
+        logger.info("The AnnData was read lazily from %s: computing on that store out of core; the results are "
+                    "written into it (read it again to see them).", path)
+    else:
+        logger.info("The AnnData was read lazily from %s: computing on that store out of core.", path)
     return path
 
 
@@ -525,8 +559,8 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
 
 def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None) -> _Earlier:
     uns_entry = store.read_uns_json(run_record.HISTORY_KEY)
-    present = {"var": set(store.var.columns), "obs": set(store.obs.columns),
-               "layers": set(store.layer_keys() if existing_layers is None else existing_layers)}
+    present = {"var": set(store.field_names("var")), "obs": set(store.field_names("obs")),
+               "layers": set(store.field_names("layers") if existing_layers is None else existing_layers)}
     where = run_fields.FIELD_LOCATIONS
     existing = [(where[r], outputs.names[r]) for r in outputs.roles if outputs.names[r] in present[where[r]]]
     return _Earlier(uns_entry, run_record.load_history(uns_entry), run_record.load_field_tracking(uns_entry),

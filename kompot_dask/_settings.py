@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -329,6 +330,11 @@ class StorageSettings(_Settings):
     layer_dtype
         Storage type of those layers: ``"float32"`` (half the disk; rounding ≤ 6e-8
         relative) or ``"float64"``.
+    results_store
+        Path of a separate zarr store for the results and the run history (also
+        ``de(..., output="results.zarr")``): the input store is only read, so it may be
+        read-only or shared. Created on first use with the input's cell and gene names;
+        later runs on the same input add to it. ``None`` writes into the input store.
     """
 
     result_key: str | None = None
@@ -336,6 +342,7 @@ class StorageSettings(_Settings):
     store_landmarks: bool = False
     store_layers: bool = True
     layer_dtype: str = "float32"
+    results_store: str | None = None
     store_posterior_covariance: bool = False
     store_additional_stats: bool = False
     store_arrays_on_disk: bool | None = None
@@ -368,6 +375,11 @@ class StorageSettings(_Settings):
             raise _fail("StorageSettings", "overwrite", self.overwrite, "None, True or False")
         if self.layer_dtype not in ("float32", "float64"):
             raise _fail("StorageSettings", "layer_dtype", self.layer_dtype, '"float32" or "float64"')
+        if self.results_store is not None:
+            if not isinstance(self.results_store, str | os.PathLike) or not os.fspath(self.results_store):
+                raise _fail("StorageSettings", "results_store", self.results_store,
+                            "None, or the path of a zarr store for the results (e.g. 'results.zarr')")
+            self.results_store = os.fspath(self.results_store)
 
 
 @dataclass

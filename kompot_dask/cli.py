@@ -67,6 +67,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-landmarks", type=int, default=None, help="GPSettings.n_landmarks")
     p.add_argument("--result-key", default=None, help="StorageSettings.result_key")
     p.add_argument("--overwrite", action="store_true", help="overwrite earlier results without warning")
+    p.add_argument("--results-store", default=None, metavar="PATH",
+                   help="write results and run history to this zarr store; STORE is only read (StorageSettings.results_store)")
     p.add_argument("--no-layers", action="store_true", help="do not write imputed / fold-change layers")
     p.add_argument("--cell-chunk", type=int, default=None)
     p.add_argument("--gene-block", type=int, default=None)
@@ -178,6 +180,8 @@ def _settings_from(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
         storage["result_key"] = args.result_key
     if args.overwrite:
         storage["overwrite"] = True
+    if args.results_store is not None:
+        storage["results_store"] = args.results_store
     if args.no_layers:
         storage["store_layers"] = False
     for flag in ("cell_chunk", "gene_block", "n_workers", "threads_per_worker", "memory_limit"):
@@ -410,6 +414,7 @@ def _one_line(exc: BaseException) -> str:
 _CLI_HINTS = {
     "kompot_dask.ingest('data.h5ad', 'data.zarr')": "`kompot-dask ingest data.h5ad data.zarr`",
     "kompot_dask.ingest(src, dest)": "`kompot-dask ingest SRC DEST`",
+    "kompot_dask.de(url, ..., output='results.zarr')": "`kompot-dask de URL ... --results-store results.zarr`",
 }
 
 

@@ -268,10 +268,18 @@ def test_cli__real_scheduler_and_workers_equal_the_embedded_cluster(tmp_path, co
     np.testing.assert_array_equal(lc, la)
 
 
-def test_cli__object_store_urls_are_refused_clearly(config, capsys):
+def test_cli__object_store_urls_are_read_not_written(config, capsys, monkeypatch):
+    """An s3:// input that cannot be opened (no credentials here) says what to check; one
+    line, exit 2. (Reading real remote stores: tests/test_remote.py.)"""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     rc, _, err = run_cli(capsys, "de", "s3://bucket/atlas.zarr", "--config", config, "--condition1", "Young",
-                         "--condition2", "Old")
-    assert rc == 2 and "s3:// stores are not supported yet" in err and err.count("\n") == 1
+                         "--condition2", "Old", "--results-store", "r.zarr")
+    assert rc == 2 and "the remote store 's3://bucket/atlas.zarr' could not be opened" in err
+    assert "credentials" in err and err.count("\n") == 1
 
 
 def test_cli__global_flags_also_after_the_subcommand():
@@ -348,6 +356,8 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     ns = {"kd": kd, "client": client, "store": store}
     for block in blocks:
         code = block.replace('"atlas.zarr"', repr(store)).replace("X_pca_harmony", "X_pca")
+        code = code.replace('"/shared/atlas.zarr"', repr(store)).replace('"X_umap"', '"X_pca"').replace('"Cd74"', '"gene_3"')
+        code = code.replace('"results.zarr"', repr(str(tmp_path / "results.zarr")))
         code = code.replace('kd.de(store, ...)', f"kd.de(store, {plan_args})")
         code = code.replace(f"kd.de({store!r}, ...,", f"kd.de({store!r}, {plan_args},")
         code = code.replace(", ...)", ', layer="logged_counts", obsm_key="X_pca")')
@@ -358,3 +368,4 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     assert "resumed" in record and record["resumed"] is None  # that run was not interrupted
     # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one
     assert kd.RunInfo(store, -1).run_id == 4
+    assert kd.RunInfo(str(tmp_path / "results.zarr")).run_id == 0  # the read-only input block's own store

@@ -53,7 +53,7 @@ NEW_PARAM_KEYS = {
     "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal"},
     "filter": {"groups", "min_percentage", "check_representation"},
     "storage": {"store_posterior_covariance", "store_additional_stats", "store_arrays_on_disk", "disk_storage_dir",
-                "max_memory_ratio"},
+                "max_memory_ratio", "results_store"},
     "output": {"copy", "inplace", "return_null_data", "compute_mahalanobis", "allow_single_condition_variance"},
 }
 """Settings fields added since the previous records (the fast path and the in-process

@@ -700,8 +700,8 @@ def run_engine(
             # per gene block (TransposedReader); every block task waits for it.
             groups = _layout.transpose_groups(layout, n_obs, info.nnz)
             tdir = staging.sub("transposed")
-            reader = TransposedReader(tdir, info, groups)
-            transposing = [client.submit(transpose_group, store.path, info, g, g0, g1, tdir, pure=False,
+            source, reader = reader, TransposedReader(tdir, info, groups)
+            transposing = [client.submit(transpose_group, source.store_path, info, g, g0, g1, tdir, pure=False,
                                          key=f"kompot-transpose-{run_token}-{g}")
                            for g, (g0, g1) in enumerate(groups)]
         ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, staged, markers, rows)

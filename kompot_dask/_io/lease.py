@@ -120,6 +120,9 @@ def store_lock(store_path: str, purpose: str, *, recover: bool = True) -> Iterat
     Raises :class:`StoreLockedError` when another live process holds it. With ``recover``,
     an interrupted commit of a dead holder is completed before the body runs.
     """
+    from .store import _local_path
+
+    _local_path(store_path)  # a remote store is never written: refused with the fix
     path = os.path.join(store_path, LOCK_NAME)
     _remove_unreadable_marker(path)
     lease = filelock.SoftFileLease(path, lease_duration=LEASE_SECONDS, timeout=0)

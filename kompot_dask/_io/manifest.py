@@ -297,6 +297,11 @@ class ChunkGuard:
                 logger.debug("Integrity checks are off for %s of %s: %s", self.elem_path, self.store, why)
                 return
             _stores_told.add(self.store)
+        if "://" in self.store and not self.store.startswith("file://"):
+            logger.log(level, "Integrity checks are off for %s of the remote store %s: %s (chunk manifests are "
+                       "checked on file-system stores only); a missing chunk object would read as zeros.",
+                       self.elem_path, self.store, why)
+            return
         logger.log(level, "Integrity checks are off for %s of %s: %s, so a missing chunk file would read as "
                    "zeros. Turn them on with `kompot-dask verify %s --record` (or kompot_dask.verify(store, "
                    "record=True)).", self.elem_path, self.store, why, self.store)

@@ -81,6 +81,80 @@ def lazy_store_path(adata: ad.AnnData) -> str | None:
     return roots.pop() if len(roots) == 1 else None
 
 
+def results_store_for(input_path: str | os.PathLike, results_path: str | os.PathLike) -> str:
+    """The results store of a run on a read-only ``input_path``: created on first use,
+    checked on the next ones; returns its path.
+
+    A results store is a zarr AnnData store of its own, in the input's zarr format: obs and
+    var hold the input's names (and then the results' columns), and
+    ``uns["kompot_dask_input"]`` says where the input is, so that every reader of the
+    results store (runs, plots, ``kd.results``, the CLI) also finds the expression and the
+    embedding. Nothing is ever written into the input. The new store appears whole or not
+    at all (written beside, then renamed).
+
+    Raises
+    ------
+    StoreError
+        ``results_path`` is the input itself, or an existing store that is not a results
+        store of this input.
+    """
+    import hashlib
+    import uuid
+    import warnings
+    from datetime import datetime
+
+    import pandas as pd
+
+    from .store import RESULTS_INPUT_KEY, StoreError, StoreHandle, _local_path
+
+    source = Store(input_path)
+    if source.input is not None:
+        raise StoreError(f"{source.path} is itself a results store (of {source.input.path}); pass its input "
+                         f"{source.input.path} as the data, or pass {source.path} alone to read its results.")
+    results = _local_path(results_path)
+    if results == source.path:
+        raise StoreError(f"the results store {results} is the input store itself: omit the results store to write "
+                         "into the input, or pass another path.")
+    digest = hashlib.sha256()
+    for index in (source.obs.index, source.var.index):
+        digest.update("\0".join(map(str, index)).encode())
+        digest.update(b"\1")
+    names = digest.hexdigest()
+    if os.path.exists(results):
+        rec = StoreHandle(results).read_uns_json(RESULTS_INPUT_KEY)
+        if not rec:
+            raise StoreError(
+                f"{results} exists and is not a kompot_dask results store (it has no uns[{RESULTS_INPUT_KEY!r}]); "
+                "pass a path that does not exist yet (it is created), or that store as the data to write into it."
+            )
+        if rec.get("path") != source.path or rec.get("names_sha256") != names:
+            what = ("holds the results of another input, " + str(rec.get("path"))) if rec.get("path") != source.path \
+                else "was made for other cell or gene names of this input"
+            raise StoreError(
+                f"the results store {results} {what}; pass that input, or a new results store for {source.path}."
+            )
+        return results
+    skeleton = ad.AnnData(
+        obs=pd.DataFrame(index=source.obs.index.astype(str)), var=pd.DataFrame(index=source.var.index.astype(str)),
+        uns={RESULTS_INPUT_KEY: {"path": source.path, "n_obs": int(source.n_obs), "n_vars": int(source.n_vars),
+                                 "names_sha256": names, "created": datetime.now().isoformat(timespec="seconds")}},
+    )
+    parent = os.path.dirname(results) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(results)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with ad.settings.override(zarr_write_format=source.zarr_format), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Writing zarr v2 data", category=UserWarning)
+            skeleton.write_zarr(tmp)
+        os.rename(tmp, results)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Created the results store %s for the input %s (read only: nothing is written into it)",
+                results, source.path)
+    return results
+
+
 @contextmanager
 def run_store(data: Any, layer: str | None) -> Iterator[Store]:
     """The store a run reads and writes.

@@ -30,6 +30,10 @@ logger = logging.getLogger("kompot_dask")
 
 
 
+RESULTS_INPUT_KEY = "kompot_dask_input"
+"""``uns`` entry of a results store: where its read-only input is (see
+:func:`kompot_dask._io.source.results_store_for`)."""
+
 READ_WAIT_SECONDS = 120.0
 """How long a reader waits for a commit in progress before it gives up."""
 
@@ -65,18 +69,39 @@ def disk_full_error(store_path: str, exc: OSError) -> StoreDiskFullError:
     return err
 
 
-def _local_path(path: str | os.PathLike) -> str:
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL of a remote store (``s3://``, ``gs://``, ``https://``, ...)."""
+    p = os.fspath(path)
+    return "://" in p and not p.startswith("file://")
+
+
+def _local_path(path: str | os.PathLike, *, remote: bool = False) -> str:
+    """An absolute local path; a remote URL is kept as it is where ``remote`` allows it
+    (stores that are only read), and refused where a store is written."""
     p = os.fspath(path)
     if p.startswith("file://"):
         p = p[len("file://") :]
     elif "://" in p:
+        if remote:
+            return p
         scheme = p.split("://", 1)[0]
         raise StoreError(
-            f"store URL {p!r}: {scheme}:// stores are not supported yet — results are committed by "
-            "renaming staged arrays, which object stores cannot do atomically. Put the store on a "
-            "shared file system (or mount the bucket with a POSIX layer) and pass its path or a file:// URL."
+            f"store URL {p!r}: kompot_dask writes only to stores on a file system (results are committed by "
+            f"renaming staged arrays, which {scheme}:// object stores cannot do atomically). Read it as an input "
+            "and write the results beside it: kompot_dask.de(url, ..., output='results.zarr')."
         )
     return os.path.abspath(p)
+
+
+def remote_info(url: str) -> dict[str, Any] | None:
+    """fsspec's ``info`` of one object of a remote store, or None when it does not exist."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        return dict(fs.info(root))
+    except FileNotFoundError:
+        return None
 
 
 
@@ -85,7 +110,7 @@ _ELEMENT_LOCATIONS = ("layers", "obsm", "varm", "obsp")
 
 
 def _open_anndata_root(path: str) -> Any:
-    if not os.path.exists(path):
+    if not is_remote(path) and not os.path.exists(path):
         raise StoreError(
             f"store path {path!r} does not exist. Create it with "
             "kompot_dask.ingest('data.h5ad', 'data.zarr') or pass an existing zarr AnnData store."
@@ -93,6 +118,12 @@ def _open_anndata_root(path: str) -> Any:
     try:
         root = zarr.open_group(store=path, mode="r")
     except Exception as exc:  # zarr raises several types for non-stores
+        if is_remote(path):
+            raise StoreError(
+                f"the remote store {path!r} could not be opened ({type(exc).__name__}: {exc}). Check the URL, and "
+                "the credentials and endpoint its fsspec backend reads (for s3:// the AWS_* variables or "
+                "~/.aws; the workers need them too)."
+            ) from None
         raise StoreError(
             f"{path!r} is not a zarr store ({type(exc).__name__}: {exc}). "
             "Convert an .h5ad with kompot_dask.ingest(src, dest)."
@@ -126,7 +157,8 @@ class StoreHandle:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = _local_path(path)
+        self.path = _local_path(path, remote=True)
+        self.remote = is_remote(self.path)
         _open_anndata_root(self.path)  # clear errors for what is not a store
         self._state = self._settled_state()
         self.root = _open_anndata_root(self.path)
@@ -241,6 +273,11 @@ class StoreHandle:
         read-write file system is writable whatever its mode; so a directory without any
         write permission bit (``chmod -R a-w``) also counts as read-only, for every user.
         """
+        if self.remote:
+            raise PermissionError(
+                f"the store {self.path!r} is remote: kompot_dask only reads remote stores. Write the results to a "
+                "store on a file system: kompot_dask.de(url, ..., output='results.zarr')."
+            )
         probe_dirs = [self.path] + [os.path.join(self.path, d) for d in ("layers", "obs", "var", "uns") if os.path.isdir(os.path.join(self.path, d))]
         for d in probe_dirs:
             no_write_bits = not os.stat(d).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
@@ -285,7 +322,12 @@ class StoreHandle:
         for sub in ("", "data", "indices", "indptr"):
             for name in (".zarray", ".zattrs", ".zgroup", "zarr.json"):
                 p = os.path.join(base, sub, name)
-                if os.path.exists(p):
+                if self.remote:  # size and the object's version tag or time
+                    info = remote_info(p)
+                    if info is not None:
+                        sig.append([sub, name, info.get("size"), str(info.get("ETag") or info.get("LastModified")
+                                                                     or info.get("mtime") or "")])
+                elif os.path.exists(p):
                     st = os.stat(p)
                     sig.append([sub, name, st.st_size, st.st_mtime_ns])
         return sig
@@ -335,14 +377,69 @@ class Store(StoreHandle):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
+        self.input: Store | None = None
+        self.input = self._open_input()
         self.obs, self.var = self.consistent(self._read_frames)
 
+    def _open_input(self) -> Store | None:
+        """The read-only input of a results store (:func:`kompot_dask._io.source.results_store_for`),
+        or ``None`` for a store that holds its own data."""
+        rec = self.read_uns_json(RESULTS_INPUT_KEY)
+        if not rec:
+            return None
+        where = rec.get("path")
+        if not isinstance(where, str) or not (is_remote(where) or os.path.exists(where)):
+            raise StoreError(
+                f"{self.path} is a results store whose input {where!r} is gone (moved or deleted): its results "
+                "are readable with anndata.read_zarr, but the expression and embedding it was computed on "
+                "are not. Put the input back at that path."
+            )
+        source = Store(where)
+        if (source.n_obs, source.n_vars) != (int(rec.get("n_obs", -1)), int(rec.get("n_vars", -1))):
+            raise StoreError(
+                f"the input {where} of the results store {self.path} now has {source.n_obs:,} cells × "
+                f"{source.n_vars:,} genes; the results store was made for {rec.get('n_obs')} × {rec.get('n_vars')}. "
+                "Use a new results store for the changed input."
+            )
+        return source
+
     def _read_frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return ad.io.read_elem(self.root["obs"]), ad.io.read_elem(self.root["var"])
+        obs, var = ad.io.read_elem(self.root["obs"]), ad.io.read_elem(self.root["var"])
+        if self.input is None:
+            return obs, var
+        # A results store: the input's columns, then this store's own (which win on a name)
+        return _overlay(self.input.obs, obs), _overlay(self.input.var, var)
 
     def _reopen(self) -> None:
         super()._reopen()
         self.obs, self.var = self._read_frames()
+
+    def _holder(self, elem_path: str) -> Store:
+        """The store that holds ``elem_path``: this one, or the input of a results store."""
+        if self.input is None or elem_path in self.root:
+            return self
+        return self.input
+
+    # ---- reading through a results store's input --------------------------------------
+
+    def has_element(self, elem_path: str) -> bool:
+        return elem_path in self.root or (self.input is not None and self.input.has_element(elem_path))
+
+    def obsm_keys(self) -> list[str]:
+        own = super().obsm_keys()
+        return own if self.input is None else sorted(set(own) | set(self.input.obsm_keys()))
+
+    def layer_keys(self) -> list[str]:
+        own = super().layer_keys()
+        return own if self.input is None else sorted(set(own) | set(self.input.layer_keys()))
+
+    def element_signature(self, elem_path: str) -> list[Any]:
+        holder = self._holder(elem_path)
+        return super().element_signature(elem_path) if holder is self else holder.element_signature(elem_path)
+
+    def read_uns_value(self, key: str) -> Any:
+        value = super().read_uns_value(key)
+        return value if value is not None or self.input is None else self.input.read_uns_value(key)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -355,6 +452,9 @@ class Store(StoreHandle):
         return len(self.var)
 
     def read_obsm(self, key: str) -> np.ndarray:
+        holder = self._holder(f"obsm/{key}")
+        if holder is not self:
+            return holder.read_obsm(key)
         if key not in self.obsm_keys():
             raise KeyError(
                 f"obsm key {key!r} not found in the store; available: {self.obsm_keys()}. "
@@ -371,6 +471,9 @@ class Store(StoreHandle):
         """A band reader of ``obsm[key]`` when it is a dense numeric array in the store;
         ``None`` for other encodings (a DataFrame, a sparse matrix), which
         :meth:`read_obsm` reads whole."""
+        holder = self._holder(f"obsm/{key}")
+        if holder is not self:
+            return holder.embedding_reader(key)
         if key not in self.obsm_keys():
             self.read_obsm(key)  # raises the KeyError that names the available keys
         node = self.root["obsm"][key]
@@ -381,6 +484,9 @@ class Store(StoreHandle):
         return EmbeddingReader.open(self.path, elem, token)
 
     def layer_info(self, layer: str | None) -> LayerInfo:
+        holder = self._holder("X" if layer is None else f"layers/{layer}")
+        if holder is not self:
+            return holder.layer_info(layer)
         if layer is None:
             if "X" not in self.root:
                 raise KeyError("the store has no X; pass layer= one of " f"{self.layer_keys()}")
@@ -412,7 +518,7 @@ class Store(StoreHandle):
         return info
 
     def tile_reader(self, info: LayerInfo) -> TileReader:
-        return TileReader(self.path, info)
+        return TileReader(self._holder(info.elem_path).path, info)
 
     # ---- writing -------------------------------------------------------------------
 
@@ -430,6 +536,14 @@ class Store(StoreHandle):
     def read_layer_dense(self, name: str) -> np.ndarray:
         """A whole layer in memory (small, in-memory AnnData path only)."""
         return np.asarray(zarr.open_array(store=self.path, path=f"layers/{name}", mode="r")[...])
+
+
+def _overlay(base: pd.DataFrame, own: pd.DataFrame) -> pd.DataFrame:
+    """``base``'s columns with ``own``'s added (``own`` wins on a shared name); rows are the
+    base's, in its order (a results store was written with the input's names)."""
+    own = own.set_axis(base.index, axis=0)
+    kept = base.drop(columns=[c for c in own.columns if c in base.columns])
+    return pd.concat([kept, own], axis=1) if len(own.columns) else base
 
 
 def _maybe_json(value: Any) -> Any:
