@@ -34,7 +34,13 @@ from ._engine import graph as engine
 from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
 from ._io import commit as io_commit
 from ._io.lease import store_lock
-from ._io.source import copy_results, lazy_store_path, results_store_for, run_store
+from ._io.source import (
+    copy_results,
+    discard_unused_results_store,
+    lazy_store_path,
+    results_store_for,
+    run_store,
+)
 from ._io.store import (
     EmbeddingReader,
     LayerInfo,
@@ -223,7 +229,16 @@ def de(
     out = settings.output
     data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy,
                           results_store=settings.storage.results_store)
-    data = _to_results_store(data, settings.storage.results_store, "kompot_dask.de")
+    with _results_target(data, settings.storage.results_store, "kompot_dask.de", keep=not dry_run) as data:
+        return _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settings, client, plan,
+                      dry_run, resume)
+
+
+def _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settings, client, plan, dry_run,
+           resume):
+    """:func:`de` once ``data`` is what the run reads and writes (a store path, the results
+    store of a read-only input, or an in-memory AnnData)."""
+    out = settings.output
     if (not out.inplace or out.copy) and not isinstance(data, ad.AnnData):
         field = "inplace=False" if not out.inplace else "copy=True"
         raise SettingsError(f"OutputSettings.{field} needs an in-memory AnnData: a store is always written in "
@@ -286,9 +301,30 @@ def plan(
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.plan", client, settings.compute)
     data = _lazy_to_store(data, "kompot_dask.plan", results_store=settings.storage.results_store)
-    data = _to_results_store(data, settings.storage.results_store, "kompot_dask.plan")
     _refuse_unsupported(sample_col=sample_col)
-    return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
+    with _results_target(data, settings.storage.results_store, "kompot_dask.plan", keep=False) as data:
+        return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
+
+
+@contextlib.contextmanager
+def _results_target(data: Any, results_store: str | None, what: str, keep: bool = True) -> Iterator[Any]:
+    """``data``, or with a results store that store's path (:func:`_to_results_store`). A
+    results store that this call creates is removed again if the call fails before a run
+    wrote anything there (or, with ``keep=False``, whenever it stays empty: a plan)."""
+    if results_store is None:
+        yield data
+        return
+    target = results_store.removeprefix("file://")
+    existed = os.path.exists(target)
+    path = _to_results_store(data, results_store, what)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            discard_unused_results_store(path)
+        raise
+    if not keep and not existed:
+        discard_unused_results_store(path)
 
 
 def _to_results_store(data: Any, results_store: str | None, what: str) -> Any:

@@ -440,8 +440,16 @@ def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
         embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
         factors=4 * m * m * 8,
-        csc_cache=2 * inp.n_obs * ch.gene_block * 8 if inp.layer_kind == "csc" else 0,
+        csc_cache=_csc_cache_bytes(inp, ch) if inp.layer_kind == "csc" else 0,
     )
+
+
+def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
+    """Two cached column spans of a CSC element (kept sparse, as CSR over all cells): one
+    gene block's stored values twice (the span read and its CSR copy) and the row pointers."""
+    nnz = inp.layer_nnz if inp.layer_nnz is not None else inp.n_obs * inp.n_vars
+    span = nnz * ch.gene_block / max(1, inp.n_vars)
+    return int(2 * (2 * span * (inp.layer_itemsize + 4) + 2 * inp.n_obs * 8))
 
 
 def factor_phase_bytes(inp: PlanInputs) -> int:

@@ -80,35 +80,64 @@ def _thinned(adata: ad.AnnData, keep: float, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-@pytest.mark.parametrize(("zarr_format", "shard"), [(2, False), (3, False), (3, True)], ids=["v2", "v3", "v3-sharded"])
-def test_de__sparse_csr_store_equals_dense_store(tmp_path, client, zarr_format, shard):
+@pytest.mark.parametrize(("fmt", "zarr_format", "shard"),
+                         [("csr", 2, False), ("csr", 3, False), ("csr", 3, True), ("csc", 2, False)],
+                         ids=["csr-v2", "csr-v3", "csr-v3-sharded", "csc-v2"])
+def test_de__sparse_store_equals_dense_store(tmp_path, client, fmt, zarr_format, shard):
     """A 5 %-dense CSR layer, as anndata writes it (v2, v3, and v3 sharded as anndata 0.13
-    does by default): transposed once, multiplied sparse (m·nnz), and the answer is the
-    dense store's. Several gene blocks and null blocks, cell chunks that do not divide the
+    does by default), transposed once, or a CSC layer read by column spans: multiplied
+    sparse (m·nnz), and the answer is the dense store's. Several gene blocks and null blocks, cell chunks that do not divide the
     cells: every tile path is taken."""
     adata = _thinned(make_synthetic_adata(SMALL, sparse=True), keep=0.05)
     density = adata.layers["logged_counts"].nnz / np.prod(adata.shape)
     assert 0.02 < density < 0.08
+    if fmt == "csc":  # read by column spans, kept sparse; no transposition
+        adata.layers["logged_counts"] = adata.layers["logged_counts"].tocsc()
     dense = adata.copy()
     dense.layers["logged_counts"] = dense.layers["logged_counts"].toarray()
     paths = {}
-    for name, a in (("csr", adata), ("dense", dense)):
+    for name, a in (("sparse", adata), ("dense", dense)):
         paths[name] = str(tmp_path / f"{name}.zarr")
         with ad.settings.override(zarr_write_format=zarr_format, auto_shard_zarr_v3=shard):
             a.write_zarr(paths[name])
-    layer = zarr.open_group(paths["csr"], mode="r")["layers/logged_counts"]
-    assert layer.attrs["encoding-type"] == "csr_matrix" and layer.metadata.zarr_format == zarr_format
+    layer = zarr.open_group(paths["sparse"], mode="r")["layers/logged_counts"]
+    assert layer.attrs["encoding-type"] == f"{fmt}_matrix" and layer.metadata.zarr_format == zarr_format
     assert (layer["data"].shards is not None) == shard
     compute = kd.ComputeSettings(cell_chunk=300, gene_block=24, null_gene_block=50)
     got = {}
     for name, path in paths.items():
         kd.de(path, client=client, compute=compute, **KW)
         got[name] = _results(path)
-    assert len(got["csr"]) == 9
-    assert_de_results_close(got["csr"], got["dense"], columns=list(got["dense"]), atol=1e-10)
-    tasks = kd.RunInfo(paths["csr"]).run_record.task_seconds
+    assert len(got["sparse"]) == 9
+    assert_de_results_close(got["sparse"], got["dense"], columns=list(got["dense"]), atol=1e-10)
+    tasks = kd.RunInfo(paths["sparse"]).run_record.task_seconds
     assert tasks.get("sparse projection", 0) > 0 and tasks.get("null-gene sparse projection", 0) > 0, tasks
     assert "sparse projection" not in kd.RunInfo(paths["dense"]).run_record.task_seconds
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_tile_reader__sparse_pieces_equal_the_dense_values(tmp_path, fmt, monkeypatch):
+    """Pieces of a sparse element in place: slices, scattered columns (a CSC element reads
+    runs of nearby columns, not the span from the first to the last), row bands."""
+    from kompot_dask._io import tiles
+    from kompot_dask._io.store import Store
+
+    monkeypatch.setattr(tiles, "CSC_COLUMN_GAP", 4)
+    adata = _thinned(make_synthetic_adata(SMALL, sparse=True), keep=0.2)
+    dense = adata.layers["logged_counts"].toarray()
+    adata.layers["logged_counts"] = adata.layers["logged_counts"].asformat(fmt)
+    path = str(tmp_path / "s.zarr")
+    adata.write_zarr(path)
+    tiles.clear_caches()
+    store = Store(path)
+    reader = store.tile_reader(store.layer_info("logged_counts"))
+    assert reader.sparse
+    cols = np.array([0, 1, 2, 30, 33, 70, 89])
+    for r0, r1 in ((0, 300), (250, 1200), (1199, 1200)):
+        np.testing.assert_array_equal(reader.piece(r0, r1, cols).toarray(), dense[r0:r1][:, cols])
+        np.testing.assert_array_equal(reader.read(r0, r1, slice(10, 40)), dense[r0:r1, 10:40])
+    bands = reader.groups
+    assert bands[0][0] == 0 and bands[-1][1] == 1200 and all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
 
 
 def test_de__sparse_csr_nonfinite_values_are_named(tmp_path, client):

@@ -130,6 +130,13 @@ def test_de__results_store_refusals(tmp_path, client):
     with pytest.raises(kd.SettingsError, match="in-memory AnnData receives its results itself"):
         kd.de(make_synthetic_adata(SPEC), output=str(tmp_path / "y.zarr"), client=client, **kw)
     assert not os.path.exists(tmp_path / "x.zarr") and not os.path.exists(tmp_path / "y.zarr")
+    # a failed call, a plan and a dry run leave no results store behind
+    fresh = str(tmp_path / "fresh.zarr")
+    with pytest.raises(KeyError, match="groupby"):
+        kd.de(src, output=fresh, client=client, **dict(kw, groupby="no_such_column"))
+    plan = kd.plan(src, output=fresh, client=client, **kw)
+    assert plan.feasible and kd.de(src, output=fresh, client=client, dry_run=True, **kw).feasible
+    assert not os.path.exists(fresh)
 
 
 def test_cli__de_with_a_results_store(tmp_path, capsys):

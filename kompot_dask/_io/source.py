@@ -155,6 +155,28 @@ def results_store_for(input_path: str | os.PathLike, results_path: str | os.Path
     return results
 
 
+def discard_unused_results_store(path: str) -> bool:
+    """Remove a results store that holds nothing yet (no run, no work kept for a resume):
+    what a call that created it and then failed, or only planned, leaves behind. Returns
+    whether it was removed."""
+    from .commit import staged_bytes
+    from .store import RESULTS_INPUT_KEY, StoreHandle
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        handle = StoreHandle(path)
+        uns = set(handle.root["uns"].keys()) if "uns" in handle.root else set()
+        empty = (uns <= {RESULTS_INPUT_KEY} and not handle.field_names("layers")
+                 and not handle.field_names("obs") and not handle.field_names("var"))
+    except Exception:  # not readable as a results store: leave it alone
+        return False
+    if not empty or staged_bytes(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 @contextmanager
 def run_store(data: Any, layer: str | None) -> Iterator[Store]:
     """The store a run reads and writes.

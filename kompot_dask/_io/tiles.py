@@ -107,39 +107,78 @@ class TileReader:
             records, or cannot be decoded.
         """
         kind = self.info.kind
-        guard = _guard(self.store_path, self.info.elem_path, kind)
         if kind == "dense":
+            guard = _guard(self.store_path, self.info.elem_path, kind)
             arr = _open_array_cached(self.store_path, self.info.elem_path, "r")
             if isinstance(cols, slice):
                 return _checked_read(guard, "", (slice(r0, r1), cols), lambda: arr[r0:r1, cols])
             idx = np.asarray(cols)
             return _checked_read(guard, "", (slice(r0, r1), idx), lambda: arr.oindex[slice(r0, r1), idx])
+        return self.piece(r0, r1, cols).toarray()
+
+    @property
+    def sparse(self) -> bool:
+        return self.info.kind in ("csr", "csc")
+
+    @property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        """Row ranges a caller that gathers columns over every cell reads at a time: the
+        whole element for CSC (its column span is read once anyway), row bands for CSR."""
+        n = self.info.shape[0]
+        step = n if self.info.kind == "csc" else SPARSE_ROW_BAND
+        return tuple((r, min(r + step, n)) for r in range(0, n, max(step, 1))) or ((0, 0),)
+
+    def piece(self, r0: int, r1: int, cols: slice | np.ndarray) -> sp.csr_matrix:
+        """Rows ``r0:r1`` and columns ``cols`` (a slice or sorted unique indices) of a
+        sparse element, as CSR: a CSR element reads the rows' stored values; a CSC element
+        reads the columns over every cell once (cached per process, kept sparse) and cuts
+        the rows from that."""
+        guard = _guard(self.store_path, self.info.elem_path, self.info.kind)
         group = _open_group_cached(self.store_path, self.info.elem_path)
-        if kind == "csr":
+        if self.info.kind == "csr":
             indptr = _checked_read(guard, "indptr", ((r0, r1 + 1),), lambda: group["indptr"][r0 : r1 + 1])
             lo, hi = int(indptr[0]), int(indptr[-1])
             data = _checked_read(guard, "data", ((lo, hi),), lambda: group["data"][lo:hi])
             indices = _checked_read(guard, "indices", ((lo, hi),), lambda: group["indices"][lo:hi])
-            mat = sp.csr_matrix((data, indices, indptr - lo), shape=(r1 - r0, self.info.shape[1]))
-            return np.asarray(mat[:, cols].toarray())
-        # csc: read the needed columns over all rows, then cut the rows.
+            mat = sp.csr_matrix((data, indices, np.asarray(indptr, dtype=np.int64) - lo),
+                                shape=(r1 - r0, self.info.shape[1]))
+            return mat[:, cols]
         col_idx = np.arange(self.info.shape[1])[cols] if isinstance(cols, slice) else np.asarray(cols)
         return _csc_columns(self.store_path, self.info.elem_path, self.info.shape, tuple(col_idx.tolist()))[r0:r1]
 
 
+SPARSE_ROW_BAND = 8192
+"""Rows of a CSR element read at a time by a caller that gathers some columns over every
+cell (a null-gene block when the element is read in place)."""
+
+
 @lru_cache(maxsize=2)
-def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> np.ndarray:
-    """Dense (all cells × cols) from a CSC element: one contiguous read of the column span."""
+def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> sp.csr_matrix:
+    """All cells × ``cols`` of a CSC element, as CSR (row slices are then cheap): one
+    contiguous read of the column span, kept sparse (its stored values, not cells × genes)."""
     group = _open_group_cached(store_path, elem_path)
     guard = _guard(store_path, elem_path, "csc")
     idx = np.asarray(cols, dtype=np.int64)
-    c0, c1 = int(idx.min()), int(idx.max()) + 1
-    indptr = _checked_read(guard, "indptr", ((c0, c1 + 1),), lambda: group["indptr"][c0 : c1 + 1]).astype(np.int64)
-    lo, hi = int(indptr[0]), int(indptr[-1])
-    data = _checked_read(guard, "data", ((lo, hi),), lambda: group["data"][lo:hi])
-    indices = _checked_read(guard, "indices", ((lo, hi),), lambda: group["indices"][lo:hi])
-    span = sp.csc_matrix((data, indices, indptr - lo), shape=(shape[0], c1 - c0))
-    return np.asarray(span[:, idx - c0].toarray())
+    if not len(idx):
+        return sp.csr_matrix((shape[0], 0))
+    parts = []
+    # scattered columns (null-gene sources) are read as runs of nearby columns, not as
+    # one span from the first to the last: that span can be the whole element
+    for run in np.split(idx, np.flatnonzero(np.diff(idx) > CSC_COLUMN_GAP) + 1):
+        c0, c1 = int(run[0]), int(run[-1]) + 1
+        indptr = _checked_read(guard, "indptr", ((c0, c1 + 1),), lambda c0=c0, c1=c1: group["indptr"][c0 : c1 + 1])
+        indptr = indptr.astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = _checked_read(guard, "data", ((lo, hi),), lambda lo=lo, hi=hi: group["data"][lo:hi])
+        indices = _checked_read(guard, "indices", ((lo, hi),), lambda lo=lo, hi=hi: group["indices"][lo:hi])
+        span = sp.csc_matrix((data, indices, indptr - lo), shape=(shape[0], c1 - c0))
+        parts.append(span[:, run - c0])
+    return (parts[0] if len(parts) == 1 else sp.hstack(parts, format="csc")).tocsr()
+
+
+CSC_COLUMN_GAP = 32
+"""Columns of a CSC element closer than this are read in one range (the gap's values are
+read and dropped); farther ones start a new read."""
 
 
 # --------------------------------------------------------------------------------------
