@@ -137,7 +137,7 @@ def test_tile_reader__sparse_pieces_equal_the_dense_values(tmp_path, fmt, monkey
         np.testing.assert_array_equal(reader.piece(r0, r1, cols).toarray(), dense[r0:r1][:, cols])
         np.testing.assert_array_equal(reader.read(r0, r1, slice(10, 40)), dense[r0:r1, 10:40])
     bands = reader.groups
-    assert bands[0][0] == 0 and bands[-1][1] == 1200 and all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert bands[0][0] == 0 and bands[-1][1] == 1200 and all(a[1] == b[0] for a, b in zip(bands[:-1], bands[1:], strict=True))
 
 
 def test_de__sparse_csr_nonfinite_values_are_named(tmp_path, client):
