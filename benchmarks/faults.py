@@ -209,7 +209,7 @@ def main():
         fdr=kd.FDRSettings(null_genes=s["null_genes"]),
         compute=kd.ComputeSettings(gene_block=s["gene_block"], null_gene_block=s["null_gene_block"],
                                    cell_chunk=s["cell_chunk"], memory_limit=s["memory_limit"]),
-        storage=kd.StorageSettings(overwrite=True),
+        storage=kd.StorageSettings(overwrite=True, results_store=s.get("results_store")),
         output=kd.OutputSettings(progress=False),
     )
     print("START", os.getpid(), flush=True)
@@ -857,6 +857,70 @@ class Bench:
                        f"{t_rerun:.1f} s vs {t_clean:.1f} s clean ({100 * (1 - t_rerun / t_clean):.0f} % saved)")
         return [row]
 
+    # ---- 9. a read-only input and a results store: client killed, rerun ---------------
+
+    def fault_results_store(self) -> list[Row]:
+        import kompot_dask as kd
+        from kompot_dask._io import commit
+
+        row = Row("9", "read-only input, results store: client SIGKILL at ~80 % of the gene blocks; rerun")
+        s = self.sizes
+        src = self.path("blocks_src.zarr")
+        if not os.path.exists(src):
+            self.remember(src, write_atlas(src, s.n_obs, s.f2_n_vars, s.n_dims, seed=7))
+        gene_block = s.f2_n_vars // 10
+        settings = s.settings(gene_block=gene_block, null_gene_block=gene_block)
+        n_blocks = math.ceil(s.f2_n_vars / gene_block)
+        clean = self.copy(src, "f9_clean.zarr")  # the same run, in place
+        drv = Driver(self, clean, settings=settings, name="9-clean")
+        if drv.wait() != 0:
+            row.problems.append(f"clean run failed: {drv.tail(8)}")
+            return [row]
+        ref = self._fields(clean)
+        inp = self.copy(src, "f9_input.zarr")
+        subprocess.run(["chmod", "-R", "a-w", inp], check=True)
+        before = tree_digest(inp)
+        results = self.path("f9_results.zarr")
+        settings = dict(settings, results_store=results)
+        preload = self.path("preload_slow9.py")
+        with open(preload, "w") as fh:
+            fh.write(PRELOAD_SLOW.format(delay=self.args.block_delay_s))
+        drv = Driver(self, inp, kill=f"blocks:{math.ceil(0.8 * n_blocks)}", preload=preload, settings=settings,
+                     name="9-killed")
+        rc = drv.wait()
+        killed = drv.value("KILL")
+        if rc != -signal.SIGKILL or not killed:
+            row.problems.append(f"not killed (rc {rc}): {drv.tail(5)}")
+            subprocess.run(["chmod", "-R", "u+w", inp], check=False)
+            return [row]
+        self.leftover_check(drv, row)
+        if tree_digest(inp) != before:
+            self._lost(row, "the read-only input changed at the kill")
+        import anndata as ad
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.nothing_visible(ad.read_zarr(results), row)
+        staged = commit.staged_bytes(results)
+        rerun = Driver(self, inp, settings=settings, name="9-rerun")
+        if rerun.wait() != 0:
+            row.problems.append(f"rerun failed: {rerun.tail(8)}")
+            subprocess.run(["chmod", "-R", "u+w", inp], check=False)
+            return [row]
+        if tree_digest(inp) != before:
+            self._lost(row, "the read-only input changed in the rerun")
+        subprocess.run(["chmod", "-R", "u+w", inp], check=False)
+        resumed = kd.RunInfo(results, -1).record.get("resumed") or {}
+        if not resumed.get("tasks_reused"):
+            row.problems.append("the rerun did not reuse any task")
+        self.identical(results, row, ref)
+        if commit.list_staging(results):
+            row.problems.append("staging left in the results store after the rerun")
+        row.outcome = (f"input chmod a-w, byte-identical throughout; killed at {killed.split()[-1]}/{n_blocks} gene "
+                       f"blocks: nothing visible in the results store ({staged / 2**20:.1f} MiB staging kept there); "
+                       f"rerun reused {resumed.get('tasks_reused', 0)} tasks")
+        return [row]
+
     # ---- 3. client killed inside the commit of an overwriting run ----------------------
 
     KILL_POINTS = [
@@ -1429,6 +1493,7 @@ FAULTS: dict[str, tuple[str, Callable[[Bench], list[Row]]]] = {
     "6": ("disk full", Bench.fault_disk_full),
     "7": ("chunks", Bench.fault_chunks),
     "8": ("second writer", Bench.fault_second_writer),
+    "9": ("results store", Bench.fault_results_store),
 }
 
 

@@ -90,12 +90,17 @@ def test_de__read_only_input_results_store_equals_in_place(tmp_path, client, zar
 
 def test_de__output_path_shorthand_second_run_and_readers(tmp_path, client, capsys):
     src = _input(tmp_path)
+    before_runs = tree_digest(src)
     results = str(tmp_path / "results.zarr")
     kd.de(src, output=results, client=client, **{k: v for k, v in KW.items() if k != "output"})
     # a second comparison adds to the same results store
     kd.de(src, client=client, **dict(KW, condition1="Old", condition2="Young",
                                     storage=kd.StorageSettings(results_store=results)))
     assert kd.RunInfo(results).run_id == 1 and kd.RunInfo(results, run_id=0).call_args()["condition1"] == "Young"
+    # a run reproduced from the results store alone (its recorded results_store is itself)
+    kd.de(results, client=client, **dict(kd.RunInfo(results, run_id=0).call_args(), output=None))
+    assert kd.RunInfo(results).run_id == 2 and kd.RunInfo(results).params["storage"]["results_store"] == results
+    assert tree_digest(src) == before_runs
     # readers of the results store alone: the overlay finds the input's expression, embedding
     # and colours
     ds = kd.results(results, run_id=0)
@@ -107,7 +112,7 @@ def test_de__output_path_shorthand_second_run_and_readers(tmp_path, client, caps
     assert kd.plot.embedding(results, "X_pca", color="Age", return_fig=True, show=False) is not None
     # cleanup removes the results store's fields, never the input's
     before = tree_digest(src)
-    kd.cleanup(results, run_ids=1)
+    kd.cleanup(results, run_ids=1)  # the run that wrote the Old_to_Young fields
     assert "kompot_de_Old_to_Young_fold_change" not in ad.read_zarr(results).layers
     assert tree_digest(src) == before
 

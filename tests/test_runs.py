@@ -193,7 +193,7 @@ _NON_DEFAULT = {
     kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5, check_representation=True),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,
                              layer_dtype="float64", store_arrays_on_disk=True, disk_storage_dir="/scratch",
-                             max_memory_ratio=0.5),
+                             max_memory_ratio=0.5, results_store="/scratch/results.zarr"),
     kd.OutputSettings: dict(return_full_results=True, progress=False, copy=True, inplace=False,
                             return_null_data=True),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,

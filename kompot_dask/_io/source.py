@@ -108,10 +108,12 @@ def results_store_for(input_path: str | os.PathLike, results_path: str | os.Path
     from .store import RESULTS_INPUT_KEY, StoreError, StoreHandle, _local_path
 
     source = Store(input_path)
+    results = _local_path(results_path)
+    if source.input is not None and results == source.path:  # the results store itself (a rerun)
+        return results
     if source.input is not None:
         raise StoreError(f"{source.path} is itself a results store (of {source.input.path}); pass its input "
                          f"{source.input.path} as the data, or pass {source.path} alone to read its results.")
-    results = _local_path(results_path)
     if results == source.path:
         raise StoreError(f"the results store {results} is the input store itself: omit the results store to write "
                          "into the input, or pass another path.")
