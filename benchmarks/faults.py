@@ -160,9 +160,11 @@ def main():
     elif kind == "blocks":       # once this many gene-block tasks have finished
         n = int(arg)
 
+        staging_of = cfg["settings"].get("results_store") or store  # where the run stages its work
+
         def watch():
             while True:
-                for st in commit.list_staging(store):
+                for st in commit.list_staging(staging_of) if os.path.isdir(staging_of) else []:
                     markers = st.sub("markers")
                     done = len([f for f in (os.listdir(markers) if os.path.isdir(markers) else [])
                                 if f.startswith("real-") and f.endswith(".npz")])
