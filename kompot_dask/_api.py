@@ -580,8 +580,9 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
             f"{run_fields.sanitize_name(c1)!r} in field names (' ', '-', '.', '/' are written as '_'), "
             f"so their results would overwrite each other. Rename one of the two labels in obs[{call.groupby!r}]."
         )
-    n_null = settings.fdr.resolved_null_genes()
-    roles = ["mahalanobis", "mean_lfc", "std1", "std2"]
+    scored = settings.output.compute_mahalanobis
+    n_null = settings.fdr.resolved_null_genes() if scored else 0  # kompot: no distance, no FDR
+    roles = (["mahalanobis"] if scored else []) + ["mean_lfc", "std1", "std2"]
     if n_null > 0:
         roles += ["local_fdr", "is_de"]
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
@@ -830,7 +831,7 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
         out[res.columns] = values
         return out
 
-    var_cols = {names["mahalanobis"]: per_gene(res.mahalanobis), names["mean_lfc"]: per_gene(res.mean_lfc)}
+    var_cols = {names[r]: per_gene(getattr(res, r)) for r in ("mahalanobis", "mean_lfc") if r in run.outputs.roles}
     fdr_result = None
     if run.outputs.use_fdr:
         fdr_result = fdr_mod.compute_fdr(res.mahalanobis, res.null_mahalanobis, threshold)
@@ -878,6 +879,8 @@ def _returned(run: _Run, computed: _Computed, results: _Results) -> dict[str, An
     res, fdr_result = computed.result, results.fdr
     table = pd.DataFrame({"mean_lfc": res.mean_lfc, "mahalanobis": res.mahalanobis},
                          index=run.store.var.index[res.columns])
+    if "mahalanobis" not in run.outputs.roles:  # OutputSettings(compute_mahalanobis=False)
+        table = table[["mean_lfc"]]
     if fdr_result is not None:
         table["pvalue"] = fdr_result.pvalue
         table["local_fdr"] = fdr_result.local_fdr

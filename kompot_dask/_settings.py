@@ -398,7 +398,11 @@ class OutputSettings(_Settings):
     inplace
         ``False`` with an in-memory AnnData: leave it unchanged and return the full
         results (the dict of ``return_full_results``).
-    return_null_data, compute_mahalanobis, allow_single_condition_variance
+    compute_mahalanobis
+        ``False``: compute the imputed and fold-change layers, the mean log fold change and
+        the per-cell std only, as kompot does: no Mahalanobis distance, so no null genes and
+        no FDR (``FDRSettings.null_genes`` is then ignored).
+    return_null_data, allow_single_condition_variance
         kompot's; see ``docs/kompot_compat.md``.
     """
 
@@ -411,7 +415,6 @@ class OutputSettings(_Settings):
     allow_single_condition_variance: bool = False
 
     _REFUSED: ClassVar[dict[str, str]] = {
-        "compute_mahalanobis": "the Mahalanobis distance is the test statistic and the FDR's input",
         "allow_single_condition_variance": "it belongs to replicate-aware variance (sample_col), "
                                            "which is not implemented",
     }

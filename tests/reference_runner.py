@@ -26,18 +26,19 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
         gp["landmarks"] = np.load(gp.pop("landmarks_npy"))
     fdr = spec.pop("fdr", {})
     storage = spec.pop("storage", {})
+    output = dict(spec.pop("output", {}), return_full_results=True, progress=False)
     t0 = time.perf_counter()
     res = kompot.de(
         adata,
         gp=kompot.GPSettings(**gp),
         fdr=kompot.FDRSettings(**fdr),
         storage=kompot.StorageSettings(**storage),
-        output=kompot.OutputSettings(return_full_results=True, progress=False),
+        output=kompot.OutputSettings(**output),
         **spec,
     )
     wall = time.perf_counter() - t0
     model = res["model"]
-    payload = {"wall": np.float64(wall)}
+    payload = {"wall": np.float64(wall), "table_columns": np.asarray(list(res["table"].columns))}
     for k in adata.var.columns:
         if k.startswith("kompot"):
             payload[f"var/{k}"] = adata.var[k].to_numpy()

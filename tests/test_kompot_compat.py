@@ -34,7 +34,7 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
     (kd.FDRSettings, "combine_with_internal", True, "combines user-supplied nulls"),
     (kd.FilterSettings, "groups", {"Age": "Young"}, "restrict the cells with cell_filter"),
     (kd.StorageSettings, "store_additional_stats", True, "extra per-gene statistics"),
-    (kd.OutputSettings, "compute_mahalanobis", False, "the test statistic"),
+    (kd.OutputSettings, "allow_single_condition_variance", True, "replicate-aware variance"),
     (kd.GPSettings, "use_empirical_variance", True, "empirical variance"),
 ])
 def test_kompot_fields__a_refused_value_names_the_field_and_the_reason(cls, field, value, reason):

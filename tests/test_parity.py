@@ -94,6 +94,42 @@ def test_parity__synthetic_explicit_landmarks_and_length_scale(tmp_path, client)
     assert stats["n_de"] > 10  # the comparison is not vacuous
 
 
+def test_parity__compute_mahalanobis_false(tmp_path, client):
+    """OutputSettings(compute_mahalanobis=False): kompot writes the mean log fold change,
+    the per-cell std and the layers, and no distance or FDR even with null genes asked for."""
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=13))
+    from sklearn.cluster import k_means
+
+    landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 120, n_init=1, random_state=0)[0]
+    np.save(tmp_path / "landmarks.npy", landmarks)
+    ref = run_reference(tmp_path, adata, {
+        "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts",
+        "obsm_key": "X_pca", "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy")},
+        "fdr": {"null_genes": 30}, "output": {"compute_mahalanobis": False},
+    })
+    store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
+    out = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+                gp=kd.GPSettings(ls=200.0, landmarks=landmarks), fdr=kd.FDRSettings(null_genes=30),
+                output=kd.OutputSettings(progress=False, compute_mahalanobis=False, return_full_results=True),
+                client=client)
+    got = ad.read_zarr(store)
+    pair = "kompot_de_Young_to_Old"
+    ref_var = sorted(k[4:] for k in ref if k.startswith("var/"))
+    assert ref_var == [f"{pair}_mean_lfc"] and sorted(c for c in got.var if c.startswith("kompot")) == ref_var
+    assert sorted(c for c in got.obs if c.startswith("kompot")) == sorted(k[4:] for k in ref if k.startswith("obs/"))
+    assert np.max(np.abs(got.var[f"{pair}_mean_lfc"].to_numpy(float) - ref[f"var/{pair}_mean_lfc"])) <= 1e-10
+    for c in ("Young", "Old"):
+        assert np.max(np.abs(got.obs[f"kompot_de_{c}_std"].to_numpy(float) - ref[f"obs/kompot_de_{c}_std"])) <= 1e-10
+        assert np.max(np.abs(np.asarray(got.layers[f"kompot_de_{c}_imputed"], float)
+                             - ref[f"layers/kompot_de_{c}_smoothed"])) <= 5e-7
+    assert np.max(np.abs(np.asarray(got.layers[f"{pair}_fold_change"], float) - ref[f"layers/{pair}_fold_change"])) <= 5e-7
+    assert list(out["table"].columns) == list(ref["table_columns"]) == ["mean_lfc"] and out["fdr_summary"] is None
+    info = kd.RunInfo(store)
+    assert info.run_record.mahalanobis_key is None and not info.run_record.fdr_keys and not info.missing_fields
+    with pytest.raises(KeyError, match=r"compute_mahalanobis=False"):
+        kd.plot.volcano_de(store, show=False)
+
+
 def test_parity__pbmc68k_reduced_defaults(tmp_path, client):
     sc = pytest.importorskip("scanpy")
     pbmc = sc.datasets.pbmc68k_reduced()

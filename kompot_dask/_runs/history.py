@@ -320,7 +320,9 @@ def get_run_fields(
     wanted = list(names) if roles is None else list(roles)
     unknown = [r for r in wanted if r not in names]
     if unknown:
-        raise KeyError(f"run {rid} wrote no field for role(s) {unknown}; its roles are {sorted(names)}")
+        why = (" (it ran with OutputSettings(compute_mahalanobis=False): no distance, no FDR)"
+               if {"mahalanobis", "local_fdr", "is_de"} & set(unknown) and "mahalanobis" not in names else "")
+        raise KeyError(f"run {rid} wrote no field for role(s) {unknown}; its roles are {sorted(names)}{why}")
     for role in wanted:
         _check_role(history, rid, role, names[role], locations[role])
     writers = {role: history.last_writer(locations[role], names[role]) for role in wanted}

@@ -334,7 +334,7 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
     return RunRecord(
         run_id=run_id, timestamp=datetime.now().isoformat(), function="kompot_dask.de",
         analysis_type="de", result_key=rk, lfc_key=names["mean_lfc"],
-        mahalanobis_key=names["mahalanobis"], fdr_keys=fdr_keys, fdr_results=fdr_results,
+        mahalanobis_key=names.get("mahalanobis"), fdr_keys=fdr_keys, fdr_results=fdr_results,
         imputed_layer_keys=layer_keys, std_keys={"condition1": names["std1"], "condition2": names["std2"]},
         field_names=dict(names), field_mapping=mapping, fields_written=list(fields_written),
         uses_sample_variance=False, params=params, model=model, layout=layout, plan=plan,
