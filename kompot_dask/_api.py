@@ -582,10 +582,13 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
         )
     scored = settings.output.compute_mahalanobis
     n_null = settings.fdr.resolved_null_genes() if scored else 0  # kompot: no distance, no FDR
-    roles = (["mahalanobis"] if scored else []) + ["mean_lfc", "std1", "std2"]
+    extra = settings.storage.store_additional_stats
+    roles = (["mahalanobis"] if scored else []) + (["neg_log10_ptp"] if scored and extra else [])
+    roles += ["mean_lfc", "std1", "std2"]
     if n_null > 0:
-        roles += ["local_fdr", "is_de"]
+        roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
+    layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
     roles += layer_roles
     store.check_new_field_names(
         [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
@@ -837,11 +840,16 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
         fdr_result = fdr_mod.compute_fdr(res.mahalanobis, res.null_mahalanobis, threshold)
         var_cols[names["local_fdr"]] = per_gene(fdr_result.local_fdr)
         var_cols[names["is_de"]] = per_gene(fdr_result.is_de, False, bool)
+        for role in ("pvalue", "tail_fdr"):
+            if role in run.outputs.roles:
+                var_cols[names[role]] = per_gene(getattr(fdr_result, role))
         summary = fdr_result.summary
         logger.info("FDR analysis complete: %d/%d genes significantly DE at FDR < %s",
                     summary["n_significant"], summary["n_total"], threshold)
         logger.info("Mahalanobis distance threshold for FDR < %s: %.4f", threshold,
                     summary["min_significant_mahalanobis"])
+    if "neg_log10_ptp" in run.outputs.roles:
+        var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
     obs_cols = {names["std1"]: res.std1, names["std2"]: res.std2}
     layers = {names[r]: p for r, p in res.staged.items()}
     return _Results(var_cols, obs_cols, layers, fdr_result)

@@ -331,10 +331,11 @@ class TaskCounts:
     null_blocks: int
     std: int
     transpose: int = 0  # row groups of a CSR element's transposition
+    zscore: int = 0  # the fold-change z-score layer's pass (store_additional_stats)
 
     @property
     def total(self) -> int:
-        return self.fit + self.gene_blocks + self.null_blocks + self.std + self.transpose
+        return self.fit + self.gene_blocks + self.null_blocks + self.std + self.transpose + self.zscore
 
     def labelled(self) -> dict[str, int]:
         """The counts under the names the plan report and ``to_dict`` show."""
@@ -342,12 +343,16 @@ class TaskCounts:
                "null-gene blocks": self.null_blocks, "std tasks": self.std}
         if self.transpose:
             out["CSR transposition tasks"] = self.transpose
+        if self.zscore:
+            out["z-score tasks"] = self.zscore
         return out
 
 
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
-                n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None) -> TaskCounts:
-    """How many tasks the engine submits for this layout (the engine's own arithmetic)."""
+                n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None,
+                zscores: bool = False) -> TaskCounts:
+    """How many tasks the engine submits for this layout (the engine's own arithmetic;
+    ``zscores``: the fold-change z-score layer's pass, one task per gene block)."""
     n_real = len(real_blocks(layout, n_vars, selected))
     n_nullb = math.ceil(n_null / layout.null_gene_block) if n_null else 0
     n_obs = layout.row_ranges[-1][1] if layout.row_ranges else 0
@@ -359,6 +364,7 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         gene_blocks=n_real,
         null_blocks=n_nullb,
         std=math.ceil(n_pred / layout.kernel_chunk),
+        zscore=n_real if zscores else 0,
     )
 
 

@@ -420,7 +420,8 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
     layout = make_layout(inp.n_obs, inp.n_vars, res.total_threads, cell_chunk=ch.cell_chunk,
                          gene_block=ch.gene_block, null_gene_block=ch.null_gene_block, kernel_chunk=ch.kernel_chunk)
     counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads,
-                         inp.layer_kind, inp.layer_nnz)
+                         inp.layer_kind, inp.layer_nnz,
+                         zscores=any(role == "fold_change_zscores" for role, _, _ in inp.fields))
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
     if prep.client:
         client_parts["model preparation (length scale, then k-means)"] = prep.client

@@ -330,6 +330,12 @@ class StorageSettings(_Settings):
     layer_dtype
         Storage type of those layers: ``"float32"`` (half the disk; rounding ≤ 6e-8
         relative) or ``"float64"``.
+    store_additional_stats
+        Also write kompot's additional statistics: var ``{pair}_neg_log10_ptp`` (−log10 of
+        the chi-squared tail probability of D², with the embedding's dimensions as degrees
+        of freedom), ``{pair}_mahalanobis_pvalue`` and ``{pair}_mahalanobis_tail_fdr`` (with
+        null genes), and the layer ``{pair}_fold_change_zscores`` (the fold change over
+        sqrt(var₁ + var₂ + eps) per cell; with ``store_layers``).
     results_store
         Path of a separate zarr store for the results and the run history (also
         ``de(..., output="results.zarr")``): the input store is only read, so it may be
@@ -351,7 +357,6 @@ class StorageSettings(_Settings):
 
     _REFUSED: ClassVar[dict[str, str]] = {
         "store_posterior_covariance": "an m × m covariance per gene does not fit an atlas-sized store",
-        "store_additional_stats": "kompot's extra per-gene statistics are not computed",
     }
     _IGNORED: ClassVar[dict[str, str]] = {
         "store_arrays_on_disk": "every cells × genes array is streamed to the store in tiles anyway",

@@ -33,7 +33,7 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
     (kd.FDRSettings, "null_mahalanobis", np.ones(5), "user-supplied null distances"),
     (kd.FDRSettings, "combine_with_internal", True, "combines user-supplied nulls"),
     (kd.FilterSettings, "groups", {"Age": "Young"}, "restrict the cells with cell_filter"),
-    (kd.StorageSettings, "store_additional_stats", True, "extra per-gene statistics"),
+    (kd.StorageSettings, "store_posterior_covariance", True, "covariance per gene"),
     (kd.OutputSettings, "allow_single_condition_variance", True, "replicate-aware variance"),
     (kd.GPSettings, "use_empirical_variance", True, "empirical variance"),
 ])

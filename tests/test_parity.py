@@ -130,6 +130,41 @@ def test_parity__compute_mahalanobis_false(tmp_path, client):
         kd.plot.volcano_de(store, show=False)
 
 
+def test_parity__store_additional_stats(tmp_path, client):
+    """StorageSettings(store_additional_stats=True): −log10 PTP, empirical p-values, tail FDR
+    and the fold-change z-score layer, as kompot writes them."""
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=17, de_fraction=0.2))
+    from sklearn.cluster import k_means
+
+    landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 120, n_init=1, random_state=0)[0]
+    np.save(tmp_path / "landmarks.npy", landmarks)
+    ref = run_reference(tmp_path, adata, {
+        "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts",
+        "obsm_key": "X_pca", "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy")},
+        "fdr": {"null_genes": 60}, "storage": {"store_additional_stats": True},
+    })
+    store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
+    kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          gp=kd.GPSettings(ls=200.0, landmarks=landmarks), fdr=kd.FDRSettings(null_genes=60),
+          storage=kd.StorageSettings(store_additional_stats=True, layer_dtype="float64"),
+          output=kd.OutputSettings(progress=False), client=client)
+    got = ad.read_zarr(store)
+    pair = "kompot_de_Young_to_Old"
+    assert sorted(c for c in got.var if c.startswith("kompot")) == sorted(k[4:] for k in ref if k.startswith("var/"))
+    for suffix, tol in (("neg_log10_ptp", 1e-8), ("mahalanobis_pvalue", 0.0), ("mahalanobis_tail_fdr", 1e-8)):
+        want = ref[f"var/{pair}_{suffix}"].astype(float)
+        have = got.var[f"{pair}_{suffix}"].to_numpy(float)
+        np.testing.assert_allclose(have, want, rtol=tol, atol=tol, err_msg=suffix)
+    z_ref = ref[f"layers/{pair}_fold_change_zscores"]
+    z = np.asarray(got.layers[f"{pair}_fold_change_zscores"], dtype=float)
+    assert np.isfinite(z).all() and np.abs(z).max() > 0.5
+    np.testing.assert_allclose(z, z_ref, rtol=1e-7, atol=1e-8)
+    info = kd.RunInfo(store)
+    assert info.run_record.fdr_keys["pvalue_key"] == f"{pair}_mahalanobis_pvalue" and not info.missing_fields
+    kd.cleanup(store, run_ids=0, keep_layers=["imputed", "fold_change"])  # the z-score layer goes
+    assert f"{pair}_fold_change_zscores" not in ad.read_zarr(store).layers
+
+
 def test_parity__pbmc68k_reduced_defaults(tmp_path, client):
     sc = pytest.importorskip("scanpy")
     pbmc = sc.datasets.pbmc68k_reduced()

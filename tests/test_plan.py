@@ -68,6 +68,15 @@ def test_plan__csr_store_counts_and_prices_its_transposition(tmp_path, client):
     assert _history(path)[-1]["layout"]["n_tasks"] == plan.n_tasks
 
 
+def test_plan__additional_stats_count_the_zscore_pass(small_store, client):
+    storage = kd.StorageSettings(store_additional_stats=True, overwrite=True)
+    plan = kd.plan(small_store, **ARGS, **FAST, storage=storage, client=client)
+    assert plan.task_counts["z-score tasks"] == plan.task_counts["gene blocks"]
+    kd.de(small_store, **ARGS, **FAST, storage=storage, client=client, plan=plan)
+    assert _history(small_store)[-1]["layout"]["n_tasks"] == plan.n_tasks
+    assert "kompot_de_Young_to_Old_fold_change_zscores" in ad.read_zarr(small_store).layers
+
+
 def test_planner__csr_transposition_disk_and_sparse_projection_time():
     from kompot_dask._layout import Calibration, _block_seconds, staging_bytes, transposed_bytes
 

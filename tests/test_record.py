@@ -99,10 +99,16 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "std1": "kompot_de_Young_adult_std", "std2": "kompot_de_Old_std",
         "imputed1": "kompot_de_Young_adult_imputed", "imputed2": "kompot_de_Old_imputed",
         "fold_change": "kompot_de_Young_adult_to_Old_fold_change",
+        # StorageSettings(store_additional_stats=True), named as kompot names them
+        "neg_log10_ptp": "kompot_de_Young_adult_to_Old_neg_log10_ptp",
+        "pvalue": "kompot_de_Young_adult_to_Old_mahalanobis_pvalue",
+        "tail_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_tail_fdr",
+        "fold_change_zscores": "kompot_de_Young_adult_to_Old_fold_change_zscores",
     }
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
         "std2": "obs", "imputed1": "layers", "imputed2": "layers", "fold_change": "layers",
+        "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
     }
     names = fields.output_field_names("rk", "A", "B")
     mapping = fields.field_mapping(fields.ROLES, names, "A", "B", 0.01)
@@ -117,7 +123,7 @@ def test_registry__views_are_what_the_parallel_dicts_held():
     assert set(fields.KNOWN_FIELD_TYPES) == {
         "imputed", "fold_change", "std", "mahalanobis", "mean_log_fold_change", "mahalanobis_local_fdr", "is_de",
         "smoothed", "fold_change_zscores", "std_with_sample_var", "neg_log10_ptp", "mahalanobis_pvalue",
-        "mahalanobis_tail_fdr", "posterior_covariance",
+        "mahalanobis_tail_fdr", "posterior_covariance", "ptp",
     }
     assert fields.ROLES == tuple(fields.FIELD_LOCATIONS)
     with pytest.raises(KeyError, match="not a field role"):

@@ -193,7 +193,7 @@ _NON_DEFAULT = {
     kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5, check_representation=True),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,
                              layer_dtype="float64", store_arrays_on_disk=True, disk_storage_dir="/scratch",
-                             max_memory_ratio=0.5, results_store="/scratch/results.zarr"),
+                             max_memory_ratio=0.5, results_store="/scratch/results.zarr", store_additional_stats=True),
     kd.OutputSettings: dict(return_full_results=True, progress=False, copy=True, inplace=False,
                             return_null_data=True, compute_mahalanobis=False),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,
@@ -300,15 +300,15 @@ def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default
     settings = {"gp": kd.GPSettings(), "fdr": kd.FDRSettings(), "filter": kd.FilterSettings(),
                 "storage": kd.StorageSettings(), "output": kd.OutputSettings(), "compute": kd.ComputeSettings()}
     record = _settings_record(settings)
-    record["params"]["storage"]["store_additional_stats"] = True
+    record["params"]["storage"]["store_posterior_covariance"] = True
     record["params"]["output"]["allow_single_condition_variance"] = True
     record["params"]["sample_col"] = "donor"
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
         kwargs = RunInfo(_adata_with_history([record]), 0).call_args()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "storage.store_additional_stats=True, which kompot_dask does not support; using the default" in messages
+    assert "storage.store_posterior_covariance=True, which kompot_dask does not support; using the default" in messages
     assert "output.allow_single_condition_variance=True" in messages and "sample_col='donor'" in messages
-    assert kwargs["storage"].store_additional_stats is False and "sample_col" not in kwargs
+    assert kwargs["storage"].store_posterior_covariance is False and "sample_col" not in kwargs
 
 
 # ---------------------------------------------------------------------------

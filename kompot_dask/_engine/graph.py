@@ -33,7 +33,7 @@ from distributed import Client, as_completed
 from .. import _layout
 from .._io import commit as io_commit
 from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader, write_tile
-from .._io.tiles import TransposedReader, transpose_group
+from .._io.tiles import TransposedReader, read_staged_tile, transpose_group
 from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
@@ -266,6 +266,28 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
+    return out
+
+
+def _zscore_task(ctx: BlockContext, block: dict, fc_path: str, z_path: str, eps: float, std_done, std_new,
+                 after=None) -> dict:
+    """The fold-change z-score tiles of one gene block: the staged fold change over its
+    posterior std, sqrt(var₁ + var₂ + eps) per cell (kompot's ``fold_change_zscores``),
+    written shard by shard like the block's other layers."""
+    t0 = time.perf_counter()
+    n = ctx.layout.row_ranges[-1][1] if ctx.layout.row_ranges else 0
+    total = np.full(n, np.nan)
+    for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
+        # std = sqrt(var + eps), so var₁ + var₂ + eps = std₁² + std₂² − eps
+        total[rows] = np.asarray(s1) ** 2 + np.asarray(s2) ** 2 - eps
+    scale = 1.0 / np.sqrt(total)
+    c0, c1 = block["c0"], block["c1"]
+    for r0, r1 in _shard_ranges(ctx.layout, ctx.shard_rows):
+        tile = read_staged_tile(fc_path, r0, r1, c0, c1).astype(np.float64) * scale[r0:r1, None]
+        write_tile(z_path, "", r0, r1, c0, c1, tile.astype(ctx.layer_dtype, copy=False))
+    out = {"zscore": block["index"], "seconds": {"fold-change z-scores": time.perf_counter() - t0}}
+    if ctx.markers:
+        io_commit.write_marker(ctx.markers, f"z-{block['index']}", {"index": np.asarray(block["index"])})
     return out
 
 
@@ -675,11 +697,14 @@ def run_engine(
     null_out = [done[f"null-{b['index']}"] for b in null_blocks if f"null-{b['index']}" in done]
     std_out = [tuple(done[f"stdk-{i}"][k] for k in ("rows", "std1", "std2")) + (0.0,)
                for i, _ in std_parts if f"stdk-{i}" in done]
-    n_all = len(real_blocks) + len(null_blocks) + len(std_parts)
+    z_blocks = list(real_blocks) if "fold_change_zscores" in staged else []
+    n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks)
+    z_blocks = [b for b in z_blocks if f"z-{b['index']}" not in done]
     real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
     null_blocks = [b for b in null_blocks if f"null-{b['index']}" not in done]
     std_parts = [(i, r) for i, r in std_parts if f"stdk-{i}" not in done]
-    n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts)
+    std_done = list(std_out)  # before this run's std results join them
+    n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts) - len(z_blocks)
     if n_reused:
         logger.info("Resuming: %d of %d tasks finished before the interruption are reused "
                     "(%d gene blocks, %d null-gene blocks, %d std tasks)", n_reused, n_all,
@@ -704,7 +729,8 @@ def run_engine(
             transposing = [client.submit(transpose_group, source.store_path, info, g, g0, g1, tdir, pure=False,
                                          key=f"kompot-transpose-{run_token}-{g}")
                            for g, (g0, g1) in enumerate(groups)]
-        ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, staged, markers, rows)
+        block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores"}  # z: its own pass
+        ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, block_layers, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
         # A stored embedding travels as its reader (each task reads the rows it needs); an
@@ -728,20 +754,32 @@ def run_engine(
             setup += _save_fit(client, fit, fit_dir)
         Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f = (fit[k] for k in FIT_OUTPUTS)
 
+        real_futures = {}
         for blk in real_blocks:
-            futures.append(client.submit(
+            real_futures[blk["index"]] = client.submit(
                 _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
                 pure=False, key=f"kompot-real-block-{run_token}-{blk['index']}",
-            ))
+            )
+            futures.append(real_futures[blk["index"]])
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing,
                 pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
+        std_futures = []
         for i, r in std_parts:
             # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
-            futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
-                                         (markers, f"stdk-{i}"), pure=False, priority=1))
+            std_futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
+                                             (markers, f"stdk-{i}"), pure=False, priority=1))
+        futures += std_futures
+        for blk in z_blocks:
+            # fold change / its posterior std, once the block's tiles and every cell's std exist
+            futures.append(client.submit(
+                _zscore_task, ctx, blk, staged["fold_change"], staged["fold_change_zscores"], eps,
+                [t[:3] for t in std_done], std_futures, real_futures.get(blk["index"]),
+                pure=False, key=f"kompot-zscore-{run_token}-{blk['index']}",
+            ))
+        del real_futures, std_futures
         setup += transposing
         del transposing
         n_tasks = len(futures) + len(setup)
@@ -765,6 +803,8 @@ def run_engine(
                 elif fut.key in outputs:
                     if isinstance(res, tuple):
                         std_out.append(res)
+                    elif "zscore" in res:
+                        pass  # its tiles are in the staged layer
                     elif "null_ids" in res:
                         null_out.append(res)
                     else:

@@ -282,6 +282,11 @@ def transpose_group(store_path: str, info: LayerInfo, g: int, r0: int, r1: int, 
     return int(csc.nnz)
 
 
+def read_staged_tile(store_path: str, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """A region of a staged array (one the run wrote itself: no manifest to check)."""
+    return np.asarray(_open_array_cached(store_path, "", "r")[r0:r1, c0:c1])
+
+
 def write_tile(store_path: str, elem_path: str, r0: int, r1: int, c0: int, c1: int, tile: np.ndarray) -> None:
     """Region write of one tile into a staged array (called on workers)."""
     arr = _open_array_cached(store_path, elem_path, "r+")

@@ -60,6 +60,7 @@ __all__ = [
     "compute_fdr",
     "empirical_pvalues",
     "monotone_density",
+    "neg_log10_ptp",
     "null_permutation",
     "pava_nonincreasing",
 ]
@@ -283,6 +284,16 @@ def _as_distances(values: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
+
+
+def neg_log10_ptp(mahalanobis: np.ndarray, df: int) -> np.ndarray:
+    """−log10 P(χ²_df ≥ D²) per gene, from the log survival function so that distances far
+    in the tail keep their resolution (kompot's ``neg_log10_ptp``: ``df`` is the embedding's
+    dimension count). NaN distances stay NaN."""
+    from scipy.stats import chi2
+
+    d = np.asarray(mahalanobis, dtype=np.float64)
+    return -chi2.logsf(d * d, int(df)) / np.log(10.0)
 
 
 def empirical_pvalues(real: np.ndarray, null: np.ndarray) -> np.ndarray:

@@ -61,13 +61,20 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("imputed", "imputed1", "layers", "{result_key}_{c1}_imputed", "Imputed expression for {condition1}"),
     FieldSpec("imputed", "imputed2", "layers", "{result_key}_{c2}_imputed", "Imputed expression for {condition2}"),
     FieldSpec("fold_change", "fold_change", "layers", "{pair}_fold_change", "Log fold change for each cell and gene"),
+    # StorageSettings(store_additional_stats=True)
+    FieldSpec("ptp", "neg_log10_ptp", "var", "{pair}_neg_log10_ptp",
+              "-log10 of the chi-squared tail probability of the squared Mahalanobis distance "
+              "(degrees of freedom: the embedding's dimensions), computed in log space"),
+    FieldSpec("mahalanobis_pvalue", "pvalue", "var", "{pair}_mahalanobis_pvalue",
+              "Empirical p-values: the share of null genes at least as far"),
+    FieldSpec("mahalanobis_tail_fdr", "tail_fdr", "var", "{pair}_mahalanobis_tail_fdr",
+              "Tail FDR: null over mixture survival of the monotone densities, fdrtool-style"),
+    FieldSpec("fold_change_zscores", "fold_change_zscores", "layers", "{pair}_fold_change_zscores",
+              "Log fold change over its posterior standard deviation, for each cell and gene"),
     # written by kompot only; known so that its run histories can be cleaned too
     FieldSpec("smoothed"),
-    FieldSpec("fold_change_zscores"),
     FieldSpec("std_with_sample_var"),
     FieldSpec("neg_log10_ptp"),
-    FieldSpec("mahalanobis_pvalue"),
-    FieldSpec("mahalanobis_tail_fdr"),
     FieldSpec("posterior_covariance"),
 )
 """Every output field type, kompot_dask's (with a role) first."""

@@ -329,6 +329,7 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
     mapping = field_mapping(list(names), names, params["condition1"], params["condition2"],
                             params["fdr"]["threshold"])
     fdr_keys = {"local_fdr_key": names["local_fdr"], "is_de_key": names["is_de"]} if "local_fdr" in names else {}
+    fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr") if role in names})
     layer_keys = ({"condition1": names["imputed1"], "condition2": names["imputed2"],
                    "fold_change": names["fold_change"]} if "imputed1" in names else {})
     return RunRecord(
