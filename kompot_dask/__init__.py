@@ -16,6 +16,7 @@ from ._io.manifest import StoreIntegrityError, VerifyReport
 from ._io.store import StoreDiskFullError, StoreError
 from ._planner import InfeasiblePlanError, ResourcePlan
 from ._runs.cleanup import cleanup
+from ._runs.fdr_tools import extract_null_distribution, recompute_fdr
 from ._runs.history import RunNotFoundError, get_run_fields
 from ._runs.results import results
 from ._runs.runinfo import RunInfo
@@ -51,6 +52,8 @@ __all__ = [
     "RunNotFoundError",
     "RunInfo",
     "cleanup",
+    "extract_null_distribution",
+    "recompute_fdr",
     "pin_workers",
     "get_run_fields",
     "results",
