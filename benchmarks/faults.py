@@ -808,7 +808,6 @@ class Bench:
     # ---- 2. client killed at ~80 % of the gene blocks, rerun resumes -------------------
 
     def fault_blocks(self) -> list[Row]:
-        import kompot_dask as kd
         from kompot_dask._io import commit
 
         row = Row("2", "client SIGKILL at ~80 % of the gene-block tasks; rerun resumes")
@@ -847,22 +846,30 @@ class Bench:
             return [row]
         t_rerun = rerun.wall or float("nan")
         self.check_user_data(path, row, "after the rerun", src)
-        resumed = kd.RunInfo(path, -1).record.get("resumed") or {}
-        if not resumed.get("tasks_reused"):
-            row.problems.append("the rerun did not reuse any task")
-        self.identical(path, row, ref)
-        if commit.list_staging(path):
-            row.problems.append("staging left after the rerun")
+        resumed = self.check_resumed(path, row, ref)
         row.outcome = (f"{s.f2_n_vars} genes: killed at {done}/{n_blocks} gene blocks; nothing visible to anndata "
                        f"({staged / 2**20:.1f} MiB hidden staging kept); rerun reused "
                        f"{resumed.get('tasks_reused', 0)} finished tasks (ran {resumed.get('tasks_run', '?')}): kd.de "
                        f"{t_rerun:.1f} s vs {t_clean:.1f} s clean ({100 * (1 - t_rerun / t_clean):.0f} % saved)")
         return [row]
 
+    def check_resumed(self, path: str, row: Row, ref: dict[str, np.ndarray]) -> dict:
+        """After a rerun of a killed run: it reused finished tasks, its results equal the
+        clean run's, and no staging is left in ``path``. Returns the run's ``resumed``."""
+        import kompot_dask as kd
+        from kompot_dask._io import commit
+
+        resumed = kd.RunInfo(path, -1).record.get("resumed") or {}
+        if not resumed.get("tasks_reused"):
+            row.problems.append("the rerun did not reuse any task")
+        self.identical(path, row, ref)
+        if commit.list_staging(path):
+            row.problems.append(f"staging left in {os.path.basename(path)} after the rerun")
+        return resumed
+
     # ---- 9. a read-only input and a results store: client killed, rerun ---------------
 
     def fault_results_store(self) -> list[Row]:
-        import kompot_dask as kd
         from kompot_dask._io import commit
 
         row = Row("9", "read-only input, results store: client SIGKILL at ~80 % of the gene blocks; rerun")
@@ -912,12 +919,7 @@ class Bench:
         if tree_digest(inp) != before:
             self._lost(row, "the read-only input changed in the rerun")
         subprocess.run(["chmod", "-R", "u+w", inp], check=False)
-        resumed = kd.RunInfo(results, -1).record.get("resumed") or {}
-        if not resumed.get("tasks_reused"):
-            row.problems.append("the rerun did not reuse any task")
-        self.identical(results, row, ref)
-        if commit.list_staging(results):
-            row.problems.append("staging left in the results store after the rerun")
+        resumed = self.check_resumed(results, row, ref)
         row.outcome = (f"input chmod a-w, byte-identical throughout; killed at {killed.split()[-1]}/{n_blocks} gene "
                        f"blocks: nothing visible in the results store ({staged / 2**20:.1f} MiB staging kept there); "
                        f"rerun reused {resumed.get('tasks_reused', 0)} tasks")

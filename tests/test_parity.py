@@ -94,19 +94,26 @@ def test_parity__synthetic_explicit_landmarks_and_length_scale(tmp_path, client)
     assert stats["n_de"] > 10  # the comparison is not vacuous
 
 
-def test_parity__compute_mahalanobis_false(tmp_path, client):
-    """OutputSettings(compute_mahalanobis=False): kompot writes the mean log fold change,
-    the per-cell std and the layers, and no distance or FDR even with null genes asked for."""
-    adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=13))
+def _small_reference(tmp_path, seed: int, extra: dict) -> tuple[ad.AnnData, np.ndarray, dict]:
+    """900 cells × 40 genes with 20 % DE genes, k-means landmarks and ls = 200, and kompot's
+    run on them with the settings sections in ``extra``."""
+    adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=seed, de_fraction=0.2))
     from sklearn.cluster import k_means
 
     landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 120, n_init=1, random_state=0)[0]
     np.save(tmp_path / "landmarks.npy", landmarks)
     ref = run_reference(tmp_path, adata, {
         "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts",
-        "obsm_key": "X_pca", "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy")},
-        "fdr": {"null_genes": 30}, "output": {"compute_mahalanobis": False},
+        "obsm_key": "X_pca", "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy")}, **extra,
     })
+    return adata, landmarks, ref
+
+
+def test_parity__compute_mahalanobis_false(tmp_path, client):
+    """OutputSettings(compute_mahalanobis=False): kompot writes the mean log fold change,
+    the per-cell std and the layers, and no distance or FDR even with null genes asked for."""
+    adata, landmarks, ref = _small_reference(tmp_path, 13, {"fdr": {"null_genes": 30},
+                                                            "output": {"compute_mahalanobis": False}})
     store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
     out = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
                 gp=kd.GPSettings(ls=200.0, landmarks=landmarks), fdr=kd.FDRSettings(null_genes=30),
@@ -133,16 +140,8 @@ def test_parity__compute_mahalanobis_false(tmp_path, client):
 def test_parity__store_additional_stats(tmp_path, client):
     """StorageSettings(store_additional_stats=True): −log10 PTP, empirical p-values, tail FDR
     and the fold-change z-score layer, as kompot writes them."""
-    adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=17, de_fraction=0.2))
-    from sklearn.cluster import k_means
-
-    landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 120, n_init=1, random_state=0)[0]
-    np.save(tmp_path / "landmarks.npy", landmarks)
-    ref = run_reference(tmp_path, adata, {
-        "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts",
-        "obsm_key": "X_pca", "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy")},
-        "fdr": {"null_genes": 60}, "storage": {"store_additional_stats": True},
-    })
+    adata, landmarks, ref = _small_reference(tmp_path, 17, {"fdr": {"null_genes": 60},
+                                                            "storage": {"store_additional_stats": True}})
     store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
     kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
           gp=kd.GPSettings(ls=200.0, landmarks=landmarks), fdr=kd.FDRSettings(null_genes=60),

@@ -313,16 +313,9 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     if getattr(ctx.reader, "sparse", False):
         y = _sparse_null_values(ctx.reader, uniq, inverse, seeds, rows1, rows2)
         clock.lap("null-gene read")
-        if y.nnz < _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
-            acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
-            acc1.add_sparse(X, y[:n1], rows=rows1)
-            acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
-            acc2.add_sparse(X, y[n1:], rows=rows2)
-            del y
-            clock.lap("null-gene sparse projection")
-            return _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, len(sources))
-        y = y.toarray().astype(vdt, copy=False)
-        return _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
+        if y.nnz >= _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
+            y = y.toarray().astype(vdt, copy=False)
+        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
@@ -356,19 +349,22 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
-    return _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
+    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
 
 
-def _null_dense(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources):
-    """Project dense permuted null values ``y`` (condition 1's cells first) and score them."""
+def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources):
+    """Project the permuted null values ``y`` (condition 1's cells first; dense, or CSR
+    multiplied sparse) and score them."""
     lay, n1 = ctx.layout, len(rows1)
-    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
-    acc1.add(X, y[:n1], rows=rows1)
-    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
-    acc2.add(X, y[n1:], rows=rows2)
+    sparse = not isinstance(y, np.ndarray)
+    accs = []
+    for part, rows in ((y[:n1], rows1), (y[n1:], rows2)):
+        acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
+        (acc.add_sparse if sparse else acc.add)(X, part, rows=rows)
+        accs.append(acc)
     del y
-    clock.lap("null-gene projection")
-    return _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources)
+    clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
+    return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources)
 
 
 def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
@@ -816,11 +812,16 @@ def run_engine(
         if diagonal:
             logger.info("Mahalanobis distances used the diagonal covariance shortcut")
     except BaseException as exc:
+        # every task of the run that may still write into the staging (tiles, markers, the
+        # transposition, the saved fit), not only the gene blocks: a late marker would
+        # recreate a staging directory the caller removes
+        writers = set(block_keys) | {f.key for f in futures}
         if pending is not None:
+            writers |= {f.key for f in pending.futures}
             client.cancel(list(pending.futures), force=True)
         for f in futures:
             f.cancel()
-        _drain_writers(client, block_keys)
+        _drain_writers(client, sorted(writers, key=str))
         lost = _as_worker_lost(exc)
         if lost is not None:
             raise lost from exc
