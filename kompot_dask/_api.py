@@ -340,7 +340,7 @@ def _to_results_store(data: Any, results_store: str | None, what: str) -> Any:
         )
     path = results_store_for(data, results_store)
     logger.info("Reading the input store %s (never written); results and run history go to %s",
-                Store(path).input.path, path)
+                os.fspath(data), path)
     return path
 
 
