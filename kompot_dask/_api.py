@@ -421,11 +421,18 @@ class _Outputs:
     names: dict[str, str]
     roles: list[str]
     layer_roles: list[str]
-    n_null: int  # null genes for the FDR (0: no FDR)
+    n_null: int  # null genes drawn and scored (0: none)
+    external_null: np.ndarray | None = None  # FDRSettings.null_mahalanobis
 
     @property
     def use_fdr(self) -> bool:
-        return self.n_null > 0
+        return self.n_null > 0 or self.external_null is not None
+
+    def null_distances(self, internal: np.ndarray) -> np.ndarray:
+        """What the FDR tests against: the null genes' distances, the given ones, or both."""
+        if self.external_null is None:
+            return internal
+        return np.concatenate([internal, self.external_null]) if self.n_null else self.external_null
 
     def by_role(self) -> dict[str, str]:
         return {r: self.names[r] for r in self.roles}
@@ -580,12 +587,14 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
             f"{run_fields.sanitize_name(c1)!r} in field names (' ', '-', '.', '/' are written as '_'), "
             f"so their results would overwrite each other. Rename one of the two labels in obs[{call.groupby!r}]."
         )
-    scored = settings.output.compute_mahalanobis
-    n_null = settings.fdr.resolved_null_genes() if scored else 0  # kompot: no distance, no FDR
+    scored, fdr = settings.output.compute_mahalanobis, settings.fdr
+    external = fdr.null_mahalanobis if scored else None
+    # kompot: no distance, no FDR; given null distances replace the null genes unless combined
+    n_null = fdr.resolved_null_genes() if scored and (external is None or fdr.combine_with_internal) else 0
     extra = settings.storage.store_additional_stats
     roles = (["mahalanobis"] if scored else []) + (["neg_log10_ptp"] if scored and extra else [])
     roles += ["mean_lfc", "std1", "std2"]
-    if n_null > 0:
+    if n_null > 0 or external is not None:
         roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
@@ -594,7 +603,7 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
         [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
         "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
     )
-    return _Outputs(names, roles, layer_roles, n_null)
+    return _Outputs(names, roles, layer_roles, n_null, external)
 
 
 def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None) -> _Earlier:
@@ -837,7 +846,7 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
     var_cols = {names[r]: per_gene(getattr(res, r)) for r in ("mahalanobis", "mean_lfc") if r in run.outputs.roles}
     fdr_result = None
     if run.outputs.use_fdr:
-        fdr_result = fdr_mod.compute_fdr(res.mahalanobis, res.null_mahalanobis, threshold)
+        fdr_result = fdr_mod.compute_fdr(res.mahalanobis, run.outputs.null_distances(res.null_mahalanobis), threshold)
         var_cols[names["local_fdr"]] = per_gene(fdr_result.local_fdr)
         var_cols[names["is_de"]] = per_gene(fdr_result.is_de, False, bool)
         for role in ("pvalue", "tail_fdr"):

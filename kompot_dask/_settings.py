@@ -227,8 +227,14 @@ class FDRSettings(_Settings):
         Seed of the null-gene draw and permutations (numpy ``RandomState`` semantics).
     threshold
         Local-FDR threshold for ``is_de`` (strictly less than).
-    null_mahalanobis, null_expression, combine_with_internal
-        kompot's user-supplied nulls: accepted at their defaults only (see
+    null_mahalanobis
+        Null Mahalanobis distances of your own (e.g. :func:`kompot_dask.extract_null_distribution`
+        of a control comparison): the FDR tests the real genes against them instead of
+        against the null genes, which are then not drawn (kompot's behaviour).
+    combine_with_internal
+        With ``null_mahalanobis``: test against the null genes' distances and these together.
+    null_expression
+        kompot's user-supplied null expression: accepted at its default only (see
         ``docs/kompot_compat.md``).
     """
 
@@ -240,10 +246,7 @@ class FDRSettings(_Settings):
     combine_with_internal: bool = False
 
     _REFUSED: ClassVar[dict[str, str]] = {
-        "null_mahalanobis": "user-supplied null distances are not implemented; the null genes are drawn "
-                            "and permuted from the data (FDRSettings.null_genes)",
         "null_expression": "user-supplied null expression would be cells × nulls in memory",
-        "combine_with_internal": "it combines user-supplied nulls, which are not implemented",
     }
 
     def __post_init__(self) -> None:
@@ -257,6 +260,21 @@ class FDRSettings(_Settings):
         _positive_int(c, "null_seed", self.null_seed, allow_zero=True)
         if not isinstance(self.threshold, int | float) or not 0 < self.threshold < 1:
             raise _fail(c, "threshold", self.threshold, "a number strictly between 0 and 1")
+        if self.null_mahalanobis is not None:
+            try:
+                null = np.asarray(self.null_mahalanobis, dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                null = np.array([np.nan])
+            if null.size < 2 or not np.all(np.isfinite(null)) or np.any(null < 0):
+                raise _fail(c, "null_mahalanobis", f"<{null.size} value(s)>",
+                            "at least 2 finite, non-negative distances (e.g. "
+                            "kompot_dask.extract_null_distribution(data, run_id=<a control run>))")
+            self.null_mahalanobis = null
+        if self.combine_with_internal not in (True, False):
+            raise _fail(c, "combine_with_internal", self.combine_with_internal, "True or False")
+        if self.combine_with_internal and self.null_mahalanobis is None:
+            raise _fail(c, "combine_with_internal", True, "False unless null_mahalanobis is given (it combines "
+                        "those distances with the null genes')")
 
     def resolved_null_genes(self) -> int:
         """Number of null genes actually drawn ("auto" → 2000, None → 0)."""

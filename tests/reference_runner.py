@@ -24,7 +24,9 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
     gp = dict(spec.pop("gp", {}))
     if "landmarks_npy" in gp:
         gp["landmarks"] = np.load(gp.pop("landmarks_npy"))
-    fdr = spec.pop("fdr", {})
+    fdr = dict(spec.pop("fdr", {}))
+    if "null_mahalanobis_npy" in fdr:
+        fdr["null_mahalanobis"] = np.load(fdr.pop("null_mahalanobis_npy"))
     storage = spec.pop("storage", {})
     output = dict(spec.pop("output", {}), return_full_results=True, progress=False)
     t0 = time.perf_counter()

@@ -30,8 +30,7 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
 
 
 @pytest.mark.parametrize("cls, field, value, reason", [
-    (kd.FDRSettings, "null_mahalanobis", np.ones(5), "user-supplied null distances"),
-    (kd.FDRSettings, "combine_with_internal", True, "combines user-supplied nulls"),
+    (kd.FDRSettings, "null_expression", ("expr1", "expr2"), "cells × nulls in memory"),
     (kd.FilterSettings, "groups", {"Age": "Young"}, "restrict the cells with cell_filter"),
     (kd.StorageSettings, "store_posterior_covariance", True, "covariance per gene"),
     (kd.OutputSettings, "allow_single_condition_variance", True, "replicate-aware variance"),

@@ -164,6 +164,33 @@ def test_parity__store_additional_stats(tmp_path, client):
     assert f"{pair}_fold_change_zscores" not in ad.read_zarr(store).layers
 
 
+@pytest.mark.parametrize("combine", [False, True])
+def test_parity__given_null_distances(tmp_path, client, combine):
+    """FDRSettings(null_mahalanobis=..., combine_with_internal=...): the FDR against given
+    distances, alone (no null genes drawn) or with the null genes'."""
+    rng = np.random.default_rng(5)
+    null = rng.gamma(4.0, 2.0, size=150)
+    np.save(tmp_path / "null.npy", null)
+    adata, landmarks, ref = _small_reference(tmp_path, 19, {"fdr": {
+        "null_genes": 40, "null_mahalanobis_npy": str(tmp_path / "null.npy"), "combine_with_internal": combine}})
+    store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
+    out = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+                gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+                fdr=kd.FDRSettings(null_genes=40, null_mahalanobis=null, combine_with_internal=combine),
+                output=kd.OutputSettings(progress=False, return_full_results=True), client=client)
+    got = ad.read_zarr(store)
+    pair = "kompot_de_Young_to_Old"
+    np.testing.assert_allclose(got.var[f"{pair}_mahalanobis"].to_numpy(float),
+                               ref[f"var/{pair}_mahalanobis"].astype(float), rtol=1e-8)
+    lf, lf_ref = got.var[f"{pair}_mahalanobis_local_fdr"].to_numpy(float), ref[f"var/{pair}_mahalanobis_local_fdr"]
+    assert np.max(np.abs(lf - lf_ref.astype(float))) <= 1e-8
+    np.testing.assert_array_equal(got.var[f"{pair}_is_de"].to_numpy(bool), ref[f"var/{pair}_is_de"].astype(bool))
+    assert len(out["null_mahalanobis"]) == (40 if combine else 0)  # null genes scored only when combined
+    info = kd.RunInfo(store)
+    assert info.params["fdr"]["null_mahalanobis"] == 150
+    assert info.call_args()["fdr"].null_mahalanobis is None  # the record holds the count, not the array
+
+
 def test_parity__pbmc68k_reduced_defaults(tmp_path, client):
     sc = pytest.importorskip("scanpy")
     pbmc = sc.datasets.pbmc68k_reduced()

@@ -202,6 +202,9 @@ _NON_DEFAULT = {
 # kompot's fields that kompot_dask refuses at anything but their default
 _CANNOT_DIFFER = {(cls, name) for cls in (kd.GPSettings, kd.FDRSettings, kd.FilterSettings, kd.StorageSettings,
                                           kd.OutputSettings) for name in cls._REFUSED}
+# given null distances are recorded by their count, not rebuilt (tests/test_parity.py checks
+# that call_args() leaves them out)
+_CANNOT_DIFFER |= {(kd.FDRSettings, "null_mahalanobis"), (kd.FDRSettings, "combine_with_internal")}
 
 
 def _settings_record(settings: dict, *, landmark_source: str = "user") -> dict:

@@ -411,7 +411,10 @@ def record_params(groupby: Any, condition1: Any, condition2: Any, obsm_key: Any,
         "groupby": groupby, "condition1": condition1, "condition2": condition2,
         "obsm_key": obsm_key, "layer": layer, "genes": genes,
         "gp": gp.to_dict() | {"landmarks": gp.landmarks is not None},
-        "fdr": fdr.to_dict() | {"null_genes": fdr.resolved_null_genes()},
+        # user-given null distances are recorded by their count (not the array)
+        "fdr": fdr.to_dict() | {"null_genes": fdr.resolved_null_genes(),
+                                "null_mahalanobis": None if fdr.null_mahalanobis is None
+                                else int(np.asarray(fdr.null_mahalanobis).size)},
         "filter": filter.to_dict(), "storage": storage.to_dict(), "output": output.to_dict(),
         "compute": compute.to_dict(),
     }

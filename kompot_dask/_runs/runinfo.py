@@ -112,6 +112,14 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
                     "Run %d placed its landmarks by k-means with GPSettings.random_state=None, so a "
                     "re-run places them differently; set gp.random_state to make runs repeatable.", run_id,
                 )
+        if section == "fdr" and isinstance(kwargs.get("null_mahalanobis"), int | float):
+            logger.warning(
+                "Run %d tested against %d null distances given in FDRSettings.null_mahalanobis, which the run "
+                "record does not hold; call_args() leaves them out (the null genes alone). Pass the same "
+                "distances as kwargs['fdr'].null_mahalanobis to reproduce the run.", run_id,
+                int(kwargs["null_mahalanobis"]),
+            )
+            kwargs["null_mahalanobis"], kwargs["combine_with_internal"] = None, False
         if section == "filter" and isinstance(kwargs.get("cell_filter"), str) and kwargs["cell_filter"].startswith("<array"):
             logger.warning(
                 "Run %d filtered cells with a boolean array (%s), which the run record does not hold; "
