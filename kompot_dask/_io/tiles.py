@@ -154,8 +154,9 @@ cell (a null-gene block when the element is read in place)."""
 
 @lru_cache(maxsize=2)
 def _csc_columns(store_path: str, elem_path: str, shape: tuple[int, int], cols: tuple[int, ...]) -> sp.csr_matrix:
-    """All cells × ``cols`` of a CSC element, as CSR (row slices are then cheap): one
-    contiguous read of the column span, kept sparse (its stored values, not cells × genes)."""
+    """All cells × ``cols`` of a CSC element, as CSR (row slices are then cheap): one read
+    per run of nearby columns (:data:`CSC_COLUMN_GAP`), kept sparse (its stored values,
+    not cells × genes)."""
     group = _open_group_cached(store_path, elem_path)
     guard = _guard(store_path, elem_path, "csc")
     idx = np.asarray(cols, dtype=np.int64)
