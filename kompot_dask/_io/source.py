@@ -107,18 +107,20 @@ def results_store_for(input_path: str | os.PathLike, results_path: str | os.Path
 
     from .store import RESULTS_INPUT_KEY, StoreError, StoreHandle, _local_path
 
-    source = Store(input_path)
+    source = StoreHandle(input_path)  # the names are enough here: the run opens the input itself
     results = _local_path(results_path)
-    if source.input is not None and results == source.path:  # the results store itself (a rerun)
+    rec_input = source.read_uns_json(RESULTS_INPUT_KEY).get("path")
+    if rec_input is not None and results == source.path:  # the results store itself (a rerun)
         return results
-    if source.input is not None:
-        raise StoreError(f"{source.path} is itself a results store (of {source.input.path}); pass its input "
-                         f"{source.input.path} as the data, or pass {source.path} alone to read its results.")
+    if rec_input is not None:
+        raise StoreError(f"{source.path} is itself a results store (of {rec_input}); pass its input "
+                         f"{rec_input} as the data, or pass {source.path} alone to read its results.")
     if results == source.path:
         raise StoreError(f"the results store {results} is the input store itself: omit the results store to write "
                          "into the input, or pass another path.")
     digest = hashlib.sha256()
-    for index in (source.obs.index, source.var.index):
+    obs_names, var_names = source.names("obs"), source.names("var")
+    for index in (obs_names, var_names):
         digest.update("\0".join(map(str, index)).encode())
         digest.update(b"\1")
     names = digest.hexdigest()
@@ -137,8 +139,8 @@ def results_store_for(input_path: str | os.PathLike, results_path: str | os.Path
             )
         return results
     skeleton = ad.AnnData(
-        obs=pd.DataFrame(index=source.obs.index.astype(str)), var=pd.DataFrame(index=source.var.index.astype(str)),
-        uns={RESULTS_INPUT_KEY: {"path": source.path, "n_obs": int(source.n_obs), "n_vars": int(source.n_vars),
+        obs=pd.DataFrame(index=obs_names), var=pd.DataFrame(index=var_names),
+        uns={RESULTS_INPUT_KEY: {"path": source.path, "n_obs": len(obs_names), "n_vars": len(var_names),
                                  "names_sha256": names, "created": datetime.now().isoformat(timespec="seconds")}},
     )
     parent = os.path.dirname(results) or "."

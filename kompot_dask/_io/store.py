@@ -210,6 +210,11 @@ class StoreHandle:
                     raise error
                 return result
 
+    def names(self, location: str) -> pd.Index:
+        """The obs or var names alone (the index array, not the other columns)."""
+        group = self.root[location]
+        return pd.Index(ad.io.read_elem(group[group.attrs.get("_index", "_index")])).astype(str)
+
     def has_element(self, elem_path: str) -> bool:
         """Whether the store holds ``elem_path`` (e.g. ``"X"``)."""
         return elem_path in self.root
