@@ -923,7 +923,50 @@ class Bench:
         row.outcome = (f"input chmod a-w, byte-identical throughout; killed at {killed.split()[-1]}/{n_blocks} gene "
                        f"blocks: nothing visible in the results store ({staged / 2**20:.1f} MiB staging kept there); "
                        f"rerun reused {resumed.get('tasks_reused', 0)} tasks")
-        return [row]
+        return [row] + [self._results_store_commit_kill(f"9{'bc'[i]}", point, label, inp, settings, ref)
+                        for i, (point, label) in enumerate((("journal", "right after the journal"),
+                                                            ("move:1", "after the 1st rename")))]
+
+    def _results_store_commit_kill(self, num: str, point: str, label: str, inp: str, settings: dict,
+                                   ref: dict[str, np.ndarray]) -> Row:
+        """Client SIGKILLed inside the commit of a first run into a new results store: the
+        input stays byte-identical; anndata reads the results store at once; the next
+        opener completes the run (the journal was written before both points)."""
+        import anndata as ad
+
+        import kompot_dask as kd
+
+        row = Row(num, f"read-only input, new results store: client SIGKILL inside the commit, {label}")
+        results = self.path(f"f{num}_results.zarr")
+        subprocess.run(["chmod", "-R", "a-w", inp], check=True)
+        before = tree_digest(inp)
+        try:
+            drv = Driver(self, inp, kill=point, settings=dict(settings, results_store=results), name=f"{num}-commit")
+            rc = drv.wait()
+            if rc != -signal.SIGKILL or not drv.has(f"KILL {point}"):
+                row.problems.append(f"not killed at {point} (rc {rc}): {drv.tail(5)}")
+                return row
+            self.leftover_check(drv, row)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    seen = sorted(kompot_fields(ad.read_zarr(results)))
+                except Exception as exc:
+                    self._lost(row, f"anndata cannot read the results store before recovery: {exc}")
+                    seen = []
+            n_runs = self.run_count(results)  # the opener completes the journaled change
+            if n_runs != 1:
+                row.problems.append(f"{n_runs} runs recorded after the opener, expected 1")
+            self.identical(results, row, ref)
+            if tree_digest(inp) != before:
+                self._lost(row, "the read-only input changed")
+            if kd.RunInfo(results).missing_fields:
+                row.problems.append("the run record names missing fields")
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", inp], check=False)
+        row.outcome = (f"input byte-identical; anndata read the results store before recovery ({len(seen)} result "
+                       f"fields visible); after the opener: {n_runs} run(s) recorded")
+        return row
 
     # ---- 3. client killed inside the commit of an overwriting run ----------------------
 
