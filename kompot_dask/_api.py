@@ -111,12 +111,13 @@ class _Call:
     layer: str | None
     obsm_key: str
     genes: list[str] | None
+    sample_col: str | None = None
 
     def params(self, s: _Settings) -> dict[str, Any]:
         """The run record's ``params`` for this call and these settings."""
         return run_record.record_params(self.groupby, self.condition1, self.condition2, self.obsm_key,
                                         self.layer, self.genes, s.gp, s.fdr, s.filter, s.storage, s.output,
-                                        s.compute)
+                                        s.compute, self.sample_col)
 
 
 def _cell_filter_mask(obs: pd.DataFrame, cell_filter: Any) -> np.ndarray:
@@ -147,8 +148,6 @@ def _cell_filter_mask(obs: pd.DataFrame, cell_filter: Any) -> np.ndarray:
 def _refuse_unsupported(**given: Any) -> None:
     """kompot's ``de`` arguments that kompot_dask does not implement: refused by name."""
     reasons = {
-        "sample_col": "replicate-aware variance is not implemented in kompot_dask yet; run without it "
-                      "(the pooled-cell variance, kompot's default) or use kompot for this comparison",
         "model": "prefitted kompot predictors cannot be distributed; kompot_dask fits its own model",
     }
     for name, value in given.items():
@@ -196,7 +195,12 @@ def de(
     genes
         Optional subset of var_names to test (store order is kept).
     sample_col
-        kompot's replicate-aware variance: not implemented yet (a value raises).
+        obs column naming each cell's sample (donor, replicate): kompot's sample variance.
+        Each condition's samples (of at least two cells) get their own model on the same
+        landmarks; the spread of their predictions is added to the Mahalanobis covariance
+        (per gene, as a low-rank term) and to the per-cell std, which is then written as
+        layers. Field names get kompot's ``_sample_var`` suffix, and ``null_genes="auto"``
+        means no null genes (as in kompot).
     model
         kompot's prefitted predictors (``ModelSettings``): not supported (a value raises).
     gp, fdr, filter, storage, output, compute
@@ -225,17 +229,16 @@ def de(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.de", client, settings.compute)
-    _refuse_unsupported(sample_col=sample_col, model=model)
+    _refuse_unsupported(model=model)
     out = settings.output
     data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy,
                           results_store=settings.storage.results_store)
     with _results_target(data, settings.storage.results_store, "kompot_dask.de", keep=not dry_run) as data:
-        return _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settings, client, plan,
-                      dry_run, resume)
+        return _de_on(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes, sample_col), settings,
+                      client, plan, dry_run, resume)
 
 
-def _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settings, client, plan, dry_run,
-           resume):
+def _de_on(data, call, settings, client, plan, dry_run, resume):
     """:func:`de` once ``data`` is what the run reads and writes (a store path, the results
     store of a read-only input, or an in-memory AnnData)."""
     out = settings.output
@@ -245,7 +248,6 @@ def _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settin
                             "place. Copy the store directory first, or use another StorageSettings.result_key.")
     if plan is not None and not isinstance(plan, planner.ResourcePlan):
         raise TypeError(f"plan= expects a ResourcePlan from kompot_dask.plan(...), got {type(plan).__name__}")
-    call = _Call(groupby, condition1, condition2, layer, obsm_key, genes)
     if dry_run:
         return plan if plan is not None else _plan_public(data, call, settings, client)
     if not out.inplace or out.copy:  # the AnnData passed stays as it is
@@ -253,7 +255,7 @@ def _de_on(data, groupby, condition1, condition2, obsm_key, layer, genes, settin
         if not out.inplace and not out.return_full_results:  # the results are what is returned
             settings = dataclasses.replace(settings, output=dataclasses.replace(out, return_full_results=True))
     in_memory = isinstance(data, ad.AnnData)
-    with run_store(data, layer) as store:
+    with run_store(data, call.layer) as store:
         run = _validate(store, call, settings, in_memory=in_memory,
                         existing_layers=list(data.layers.keys()) if in_memory else None)
         # A temporary store of an AnnData is this call's alone: no lease, nothing to resume.
@@ -301,9 +303,9 @@ def plan(
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.plan", client, settings.compute)
     data = _lazy_to_store(data, "kompot_dask.plan", results_store=settings.storage.results_store)
-    _refuse_unsupported(sample_col=sample_col)
     with _results_target(data, settings.storage.results_store, "kompot_dask.plan", keep=False) as data:
-        return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes), settings, client)
+        return _plan_public(data, _Call(groupby, condition1, condition2, layer, obsm_key, genes, sample_col), settings,
+                            client)
 
 
 @contextlib.contextmanager
@@ -404,6 +406,7 @@ class _Cells:
     mask1: np.ndarray  # condition 1, within the filter
     mask2: np.ndarray  # condition 2, within the filter
     selected: np.ndarray  # store columns of the genes tested
+    samples: engine.SampleSpec | None = None  # sample_col: the samples fitted for the sample variance
 
     @property
     def n1(self) -> int:
@@ -487,8 +490,7 @@ def _validate(store: Store, call: _Call, settings: _Settings, *, existing_layers
     _check_conditions(store.obs, call)
     info = store.layer_info(call.layer)
     embedding = _read_embedding(store, call.obsm_key)
-    call = _Call(call.groupby, call.condition1, call.condition2, call.layer, call.obsm_key,
-                 _genes_list(call.genes))
+    call = dataclasses.replace(call, genes=_genes_list(call.genes))
     cells = _cells(store, call, settings, embedding)
     gp = settings.gp
     if gp.landmarks is not None and gp.landmarks.shape[1] != embedding.shape[1]:
@@ -573,14 +575,77 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
                 f"condition{i}={cond!r} has {int(mask.sum())} cell(s) after filtering; at least "
                 f"{filt.min_cells} are needed (FilterSettings.min_cells). Relax the cell filter or pick another condition."
             )
-    return _Cells(embedding, filter_mask, mask1, mask2, selected)
+    samples = None
+    if call.sample_col is not None:
+        samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
+    return _Cells(embedding, filter_mask, mask1, mask2, selected, samples)
+
+
+MIN_SAMPLE_CELLS = 2
+"""Cells a sample needs in a condition to get its own model (kompot's ``min_cells``)."""
+
+
+def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.ndarray,
+                 allow_single: bool) -> engine.SampleSpec:
+    """kompot's sample variance: within each condition, one model per sample with at least
+    two cells; a condition needs two such samples, or (allow_single_condition_variance) the
+    other condition's samples stand in for its variance."""
+    col = call.sample_col
+    if not isinstance(col, str) or col not in obs.columns:
+        raise KeyError(f"sample_col={col!r}: obs column not found; available columns: {list(obs.columns)}; "
+                       "pass the obs column that names each cell's sample (donor, replicate)")
+    values = obs[col]
+    group = np.full(len(obs), -1, dtype=np.int32)
+    labels: list[str] = []
+    condition: list[int] = []
+    used: dict[int, list[int]] = {1: [], 2: []}
+    for c, (cond, mask) in enumerate(((call.condition1, mask1), (call.condition2, mask2)), start=1):
+        missing = mask & values.isna().to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"obs[{col!r}] (sample_col) is missing for {int(missing.sum())} cell(s) of condition{c}={cond!r} "
+                f"(first: {list(obs.index[missing][:5])}); fill it in, or leave these cells out with "
+                "FilterSettings(cell_filter=...)"
+            )
+        group[mask] = c - 1
+        names, codes, counts = np.unique(values[mask].astype(str).to_numpy(), return_inverse=True,
+                                         return_counts=True)
+        rows = np.flatnonzero(mask)
+        logger.info("Found %d unique sample(s) in condition %d", len(names), c)
+        for j, (name, count) in enumerate(zip(names, counts, strict=True)):
+            if count < MIN_SAMPLE_CELLS:
+                logger.warning("Skipping sample %s of condition %d (only %d cells < %d)", name, c, count,
+                               MIN_SAMPLE_CELLS)
+                continue
+            group[rows[codes == j]] = 2 + len(labels)
+            used[c].append(len(labels))
+            labels.append(f"{cond}: {name}")
+            condition.append(c)
+    for c, other in ((1, 2), (2, 1)):
+        if len(used[c]) >= 2:
+            continue
+        cond = call.condition1 if c == 1 else call.condition2
+        if allow_single and len(used[other]) >= 2:
+            logger.info("Using condition %d's sample variance for both conditions", other)
+            continue
+        raise ValueError(
+            f"sample_col={col!r}: condition{c}={cond!r} has {len(used[c])} sample(s) with at least "
+            f"{MIN_SAMPLE_CELLS} cells; the sample variance needs 2. Pass "
+            "OutputSettings(allow_single_condition_variance=True) to use the other condition's sample variance for "
+            "it, or run without sample_col."
+        )
+    use1 = tuple(used[1]) if len(used[1]) >= 2 else tuple(used[2])
+    use2 = tuple(used[2]) if len(used[2]) >= 2 else tuple(used[1])
+    logger.info("Using sample column '%s' for sample variance estimation", col)
+    return engine.SampleSpec(group, tuple(labels), tuple(condition), use1, use2)
 
 
 def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     """The output fields, checked for collisions between the two labels and for names the
     store cannot hold."""
     rk, c1, c2 = settings.storage.result_key, call.condition1, call.condition2
-    names = run_fields.output_field_names(rk, c1, c2)
+    sampled = call.sample_col is not None
+    names = run_fields.output_field_names(rk, c1, c2, sample_variance=sampled)
     if run_fields.sanitize_name(c1) == run_fields.sanitize_name(c2):
         raise ValueError(
             f"condition1={c1!r} and condition2={c2!r} both become "
@@ -590,14 +655,23 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     scored, fdr = settings.output.compute_mahalanobis, settings.fdr
     external = fdr.null_mahalanobis if scored else None
     # kompot: no distance, no FDR; given null distances replace the null genes unless combined
-    n_null = fdr.resolved_null_genes() if scored and (external is None or fdr.combine_with_internal) else 0
+    n_null = (fdr.resolved_null_genes(sampled) if scored and (external is None or fdr.combine_with_internal)
+              else 0)
+    if sampled and n_null:
+        raise SettingsError(
+            f"FDRSettings(null_genes={fdr.null_genes!r}) with sample_col={call.sample_col!r}: null genes with the "
+            "sample variance are not implemented yet. kompot's default with sample_col is null_genes=0 (no FDR; "
+            "leave null_genes='auto'), or give FDRSettings(null_mahalanobis=...) (e.g. from a control run, "
+            "kompot_dask.extract_null_distribution)."
+        )
     extra = settings.storage.store_additional_stats
     roles = (["mahalanobis"] if scored else []) + (["neg_log10_ptp"] if scored and extra else [])
-    roles += ["mean_lfc", "std1", "std2"]
+    roles += ["mean_lfc"] + ([] if sampled else ["std1", "std2"])
     if n_null > 0 or external is not None:
         roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
+    layer_roles += ["sample_std1", "sample_std2"] if layer_roles and sampled else []
     roles += layer_roles
     store.check_new_field_names(
         [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
@@ -765,6 +839,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             ls=ls, sigma=s.gp.sigma, eps=s.gp.eps, null_sources=null_sources, null_seeds=null_seeds,
             layer_names={r: outputs.names[r] for r in outputs.layer_roles}, layer_dtype=s.storage.layer_dtype,
             dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
+            samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
         )
 
 
@@ -777,7 +852,8 @@ def _fingerprint(run: _Run) -> str:
     digest.update(json.dumps([params, store.path, store.n_obs, store.n_vars,
                               store.element_signature(run.info.elem_path),
                               store.element_signature(f"obsm/{run.call.obsm_key}"),
-                              store.element_signature(f"obs/{run.call.groupby}")],
+                              store.element_signature(f"obs/{run.call.groupby}"),
+                              store.element_signature(f"obs/{run.call.sample_col}") if run.call.sample_col else None],
                              sort_keys=True, default=str).encode())
     for arr in (run.settings.gp.landmarks, run.cells.filter_mask):
         if arr is not None:
@@ -859,7 +935,7 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
                     summary["min_significant_mahalanobis"])
     if "neg_log10_ptp" in run.outputs.roles:
         var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
-    obs_cols = {names["std1"]: res.std1, names["std2"]: res.std2}
+    obs_cols = {names[r]: getattr(res, r) for r in ("std1", "std2") if r in run.outputs.roles}
     layers = {names[r]: p for r, p in res.staged.items()}
     return _Results(var_cols, obs_cols, layers, fdr_result)
 

@@ -276,10 +276,11 @@ class FDRSettings(_Settings):
             raise _fail(c, "combine_with_internal", True, "False unless null_mahalanobis is given (it combines "
                         "those distances with the null genes')")
 
-    def resolved_null_genes(self) -> int:
-        """Number of null genes actually drawn ("auto" → 2000, None → 0)."""
+    def resolved_null_genes(self, sample_variance: bool = False) -> int:
+        """Number of null genes actually drawn ("auto" → 2000, or 0 with sample variance
+        as in kompot; None → 0)."""
         if self.null_genes == "auto":
-            return 2000
+            return 0 if sample_variance else 2000
         return int(self.null_genes or 0)
 
 
@@ -425,7 +426,10 @@ class OutputSettings(_Settings):
         ``False``: compute the imputed and fold-change layers, the mean log fold change and
         the per-cell std only, as kompot does: no Mahalanobis distance, so no null genes and
         no FDR (``FDRSettings.null_genes`` is then ignored).
-    return_null_data, allow_single_condition_variance
+    allow_single_condition_variance
+        With ``sample_col``: a condition with fewer than two samples (of at least two
+        cells) uses the other condition's sample variance instead of failing (kompot's).
+    return_null_data
         kompot's; see ``docs/kompot_compat.md``.
     """
 
@@ -437,10 +441,6 @@ class OutputSettings(_Settings):
     compute_mahalanobis: bool = True
     allow_single_condition_variance: bool = False
 
-    _REFUSED: ClassVar[dict[str, str]] = {
-        "allow_single_condition_variance": "it belongs to replicate-aware variance (sample_col), "
-                                           "which is not implemented",
-    }
     _IGNORED: ClassVar[dict[str, str]] = {
         "return_null_data": "with return_full_results=True the result always holds 'null_mahalanobis'",
     }

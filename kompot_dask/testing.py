@@ -47,6 +47,12 @@ class SyntheticSpec:
     ``cell_types[k % len(cell_types)]``); ``None`` writes no such column."""
     umap: bool = False
     """Also write obsm["X_umap"]: the first two embedding coordinates (for plots)."""
+    samples_per_condition: int = 0
+    """Donors per condition, written as obs["sample"] ("<condition>_d<k>", drawn per cell);
+    each donor shifts every gene's expression by its own smooth effect (a donor-to-donor
+    spread for the sample variance to find). 0: no samples, no donor effect."""
+    donor_effect: float = 0.3
+    """Scale of the donor effects (samples_per_condition > 0)."""
 
 
 def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,6 +62,25 @@ def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     X = centers[cluster] + rng.normal(scale=1.0, size=(spec.n_obs, spec.n_dims))
     cond = rng.integers(0, len(spec.conditions), size=spec.n_obs)
     return X.astype(np.float32), cond, cluster
+
+
+def _donors(spec: SyntheticSpec) -> np.ndarray:
+    """Each cell's donor within its condition (0 … samples_per_condition − 1)."""
+    rng = np.random.default_rng([spec.seed, 4])
+    return rng.integers(0, max(spec.samples_per_condition, 1), size=spec.n_obs)
+
+
+def _donor_shift(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, donor: np.ndarray) -> np.ndarray:
+    """Per-cell, per-gene donor effect: a constant plus a smooth term along one direction."""
+    k = spec.samples_per_condition
+    if k == 0:
+        return 0.0
+    rng = np.random.default_rng([spec.seed, 5])
+    n_donors = len(spec.conditions) * k
+    offset = rng.normal(scale=spec.donor_effect, size=(n_donors, spec.n_vars))
+    slope = rng.normal(scale=spec.donor_effect / np.sqrt(spec.n_dims), size=(n_donors, spec.n_dims))
+    idx = cond * k + donor
+    return offset[idx] + np.tanh(np.einsum("nd,nd->n", X, slope[idx]))[:, None]
 
 
 def _obsm(spec: SyntheticSpec, X: np.ndarray) -> dict[str, np.ndarray]:
@@ -93,8 +118,11 @@ def _noise(spec: SyntheticSpec, r0: int, r1: int) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(gauss)[off : off + r1 - r0], np.concatenate(drop)[off : off + r1 - r0]
 
 
-def _expression_rows(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, params: dict, r0: int) -> np.ndarray:
+def _expression_rows(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, params: dict, r0: int,
+                     donor: np.ndarray | None = None) -> np.ndarray:
     eta = params["baseline"] + X @ params["loadings"]
+    if donor is not None:
+        eta = eta + _donor_shift(spec, X, cond, donor)
     shifted = cond == len(spec.conditions) - 1
     gate = 1.0 / (1.0 + np.exp(-(X @ params["de_direction"])))
     eta = eta + shifted[:, None] * params["de_effect"] * gate
@@ -111,6 +139,9 @@ def _frames(spec: SyntheticSpec, cond: np.ndarray, cluster: np.ndarray,
         {spec.groupby: pd.Categorical(np.asarray(spec.conditions)[cond], categories=list(spec.conditions))},
         index=[f"cell_{i}" for i in range(spec.n_obs)],
     )
+    if spec.samples_per_condition:
+        donor = _donors(spec)
+        obs["sample"] = pd.Categorical([f"{spec.conditions[c]}_d{d}" for c, d in zip(cond, donor, strict=True)])
     if spec.cell_types:
         names = list(dict.fromkeys(spec.cell_types))
         labels = np.asarray(spec.cell_types)[cluster % len(spec.cell_types)]
@@ -124,7 +155,8 @@ def make_synthetic_adata(spec: SyntheticSpec | None = None, *, sparse: bool = Fa
     spec = spec or SyntheticSpec(**kwargs)
     X, cond, cluster = _states(spec)
     params = _gene_params(spec)
-    Y = _expression_rows(spec, X, cond, params, 0)
+    donor = _donors(spec) if spec.samples_per_condition else None
+    Y = _expression_rows(spec, X, cond, params, 0, donor)
     obs, var = _frames(spec, cond, cluster, params)
     layer = sp.csr_matrix(Y) if sparse else Y
     return ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X), layers={spec.layer: layer})
@@ -152,9 +184,11 @@ def write_synthetic_store(
     from ._io.ingest import write_generated_store
 
     chunks = (min(cell_chunk, spec.n_obs), min(gene_chunk, spec.n_vars))
+    donor = _donors(spec) if spec.samples_per_condition else None
     return write_generated_store(
         path, ad.AnnData(obs=obs, var=var, obsm=_obsm(spec, X)), spec.layer, (spec.n_obs, spec.n_vars), chunks,
-        lambda r0, r1: _expression_rows(spec, X[r0:r1], cond[r0:r1], params, r0),
+        lambda r0, r1: _expression_rows(spec, X[r0:r1], cond[r0:r1], params, r0,
+                                        None if donor is None else donor[r0:r1]),
     )
 
 

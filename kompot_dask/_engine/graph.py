@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -187,56 +188,69 @@ class _Clock:
         self._t = now
 
 
+def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """``B_i = Σ K(Z, X_k) Y_k`` over the cells of each group ``i`` (``group``: one entry per
+    store row, −1 for cells outside every group) for one block of store columns, reading
+    each tile once. Groups are the two conditions, or with sample variance the samples
+    and each condition's cells outside every fitted sample."""
+    lay = ctx.layout
+    c0, c1 = block["c0"], block["c1"]
+    local = block["local"]  # selected columns, relative to c0
+    accs: list = [None] * n_groups
+
+    def acc(i: int):
+        if accs[i] is None:
+            accs[i] = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.gene_block, lay.kernel_chunk, ctx.dtype)
+        return accs[i]
+
+    bad = np.zeros(len(local), dtype=bool)
+    for r0, r1 in lay.row_ranges:
+        gr = group[r0:r1]
+        used = gr >= 0
+        if not used.any():
+            continue
+        present = np.unique(gr[used])
+        if getattr(ctx.reader, "sparse", False):
+            piece = ctx.reader.piece(r0, r1, slice(c0, c1))
+            if len(local) < c1 - c0:
+                piece = piece[:, local]
+            picked = piece[used]
+            bad[np.unique(picked.indices[~np.isfinite(picked.data)])] = True
+            if piece.nnz < _layout.SPARSE_MAX_DENSITY * piece.shape[0] * piece.shape[1]:
+                clock.lap("tile read")
+                xs = X[r0:r1]
+                for i in present:
+                    sel = gr == i
+                    acc(int(i)).add_sparse(xs[sel], piece[sel])
+                clock.lap("sparse projection")
+                continue
+            tile = piece.toarray()
+        else:
+            tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
+            bad |= ~np.all(np.isfinite(tile[used]), axis=0)
+        clock.lap("tile read")
+        xs = X[r0:r1]
+        for i in present:
+            sel = gr == i
+            acc(int(i)).add(xs[sel], tile[sel].astype(ctx.dtype, copy=False))
+        clock.lap("projection")
+    if bad.any():
+        raise NonFiniteExpressionError((c0 + local[bad]).tolist())
+    out = [a.result() if a is not None else np.zeros((Z.shape[0], lay.gene_block), dtype=ctx.dtype) for a in accs]
+    clock.lap("projection")
+    return out
+
+
 def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=()):
     """Fit, score and (optionally) predict one block of store columns (``after``: the
     transposition of a CSR element, which its reads need)."""
     clock = _Clock()
     lay = ctx.layout
     c0, c1 = block["c0"], block["c1"]
-    local = block["local"]  # selected columns, relative to c0
-    width = lay.gene_block
-    acc1 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
-    acc2 = gp_mod.ProjectionAccumulator(Z, ctx.ls, width, lay.kernel_chunk, ctx.dtype)
-    bad = np.zeros(len(local), dtype=bool)
-    for r0, r1 in lay.row_ranges:
-        code = codes[r0:r1]
-        in1 = code == 1
-        in2 = code == 2
-        if not (in1.any() or in2.any()):
-            continue
-        if getattr(ctx.reader, "sparse", False):
-            piece = ctx.reader.piece(r0, r1, slice(c0, c1))
-            if len(local) < c1 - c0:
-                piece = piece[:, local]
-            used = piece[in1 | in2]
-            bad[np.unique(used.indices[~np.isfinite(used.data)])] = True
-            if piece.nnz < _layout.SPARSE_MAX_DENSITY * piece.shape[0] * piece.shape[1]:
-                clock.lap("tile read")
-                xs = X[r0:r1]
-                if in1.any():
-                    acc1.add_sparse(xs[in1], piece[in1])
-                if in2.any():
-                    acc2.add_sparse(xs[in2], piece[in2])
-                clock.lap("sparse projection")
-                continue
-            tile = piece.toarray()
-        else:
-            tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
-            used = tile[in1 | in2]
-            bad |= ~np.all(np.isfinite(used), axis=0)
-        clock.lap("tile read")
-        xs = X[r0:r1]
-        if in1.any():
-            acc1.add(xs[in1], tile[in1].astype(ctx.dtype, copy=False))
-        if in2.any():
-            acc2.add(xs[in2], tile[in2].astype(ctx.dtype, copy=False))
-        clock.lap("projection")
-    if bad.any():
-        raise NonFiniteExpressionError((c0 + local[bad]).tolist())
+    local = block["local"]
+    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
-    b1, b2 = acc1.result(), acc2.result()
-    clock.lap("projection")
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
     clock.lap("scoring")
@@ -261,9 +275,114 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
             clock.lap("layer write")
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "seconds": clock.seconds}
-    del acc1, acc2, w1, w2
+    del w1, w2
     _trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
+        io_commit.write_marker(ctx.markers, f"real-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
+    return out
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Replicate-aware variance (``sample_col``): the samples whose models are fitted and
+    which of them make each condition's sample variance.
+
+    A cell's group (``cell_group``, one entry per store row) is 0 / 1 for the cells of
+    condition 1 / 2 outside every fitted sample, ``2 + k`` for the cells of sample ``k``,
+    −1 for cells in neither condition: the condition's own model is then the sum over its
+    samples' projections and its other cells, so every tile is projected once.
+    """
+
+    cell_group: np.ndarray
+    labels: tuple[str, ...]  # one per fitted sample, "condition: sample"
+    condition: tuple[int, ...]  # 1 or 2, per fitted sample
+    use1: tuple[int, ...]  # the samples that make condition 1's variance
+    use2: tuple[int, ...]  # condition 2's (condition 1's own under allow_single_condition_variance)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.labels)
+
+    def rows(self, k: int) -> np.ndarray:
+        return np.flatnonzero(self.cell_group == 2 + k)
+
+
+def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
+    """One sample's model factor, kept on disk (``path``): a gene block loads the factors
+    one at a time, so no worker holds every sample's m × m factor at once."""
+    factor = _condition_factor_task(name, Z, ls, s_parts, sigma, dtype)
+    io_commit.write_array_atomic(path, np.asarray(factor))
+    return path
+
+
+def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
+                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=()):
+    """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
+    this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
+    (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
+    sample variance (and the z-scores) as layers."""
+    clock = _Clock()
+    lay = ctx.layout
+    c0, c1 = block["c0"], block["c1"]
+    local = block["local"]
+    n_sel = len(local)
+    groups = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples)
+    b = [groups[0].copy(), groups[1].copy()]
+    for k, cond in enumerate(spec.condition):
+        b[cond - 1] += groups[2 + k]
+    factors = {"C1": C1, "C2": C2, "R": R}
+    w1, w2, _, lfc = gp_mod.block_scores(factors, kbar, b[0], b[1], ctx.sigma, FACTOR_DTYPE)
+    del b
+    ws = []
+    for k, path in enumerate(factor_paths):
+        ws.append(gp_mod.condition_weights(io_commit.read_array(path), groups[2 + k], ctx.sigma, FACTOR_DTYPE))
+        groups[2 + k] = None
+    del groups
+    clock.lap("sample models")
+    dev = np.concatenate([gp_mod.sample_deviations([ws[k] for k in spec.use1]),
+                          gp_mod.sample_deviations([ws[k] for k in spec.use2])], axis=2)
+    d = gp_mod.lowrank_mahalanobis(np.asarray(R).T, w2 - w1, dev)
+    del dev
+    clock.lap("scoring")
+    if ctx.staged:
+        n = lay.row_ranges[-1][1] if lay.row_ranges else 0
+        var = np.full((2, n), np.nan)
+        for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
+            var[0, rows] = np.asarray(s1) ** 2 - eps  # std = sqrt(var + eps)
+            var[1, rows] = np.asarray(s2) ** 2 - eps
+        kc = lay.kernel_chunk
+        Zd = gp_mod.as_device(Z, ctx.dtype)
+        g = w1.shape[1]
+        wcat = np.concatenate([w1, w2, *ws], axis=1).astype(ctx.dtype, copy=False)
+        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
+            sel = np.flatnonzero(pred[r0:r1])
+            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
+            for s in range(0, len(sel), kc):
+                rows = sel[s : s + kc]
+                nr = len(rows)
+                k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[:nr]
+                p = (k @ wcat).reshape(nr, -1, g)  # cells × (2 + samples) × genes
+                mu1, mu2 = p[:, 0], p[:, 1]
+                sv1 = p[:, [2 + i for i in spec.use1]].var(axis=1, ddof=1)
+                sv2 = p[:, [2 + i for i in spec.use2]].var(axis=1, ddof=1)
+                tv1 = var[0, r0 + rows][:, None] + sv1
+                tv2 = var[1, r0 + rows][:, None] + sv2
+                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1,
+                          "sample_std1": np.sqrt(tv1 + eps), "sample_std2": np.sqrt(tv2 + eps)}
+                if "fold_change_zscores" in tiles:
+                    values["fold_change_zscores"] = (mu2 - mu1) / np.sqrt(tv1 + tv2 + eps)
+                for role, t in tiles.items():
+                    t[np.ix_(rows, local)] = values[role][:, :n_sel]
+            clock.lap("layer prediction")
+            for role, path in ctx.staged.items():
+                write_tile(path, "", r0, r1, c0, c1, tiles[role])
+            clock.lap("layer write")
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
+           "seconds": clock.seconds}
+    del w1, w2, ws
+    _trim_heap()
+    if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
     return out
@@ -567,7 +686,7 @@ _FIT_PRIORITY = 10
 
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
-                kernel_chunk: int, n_workers: int, n_threads: int) -> tuple[dict, list]:
+                kernel_chunk: int, n_workers: int, n_threads: int, allow_diagonal: bool = True) -> tuple[dict, list]:
     """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
     run waits on."""
     kc = kernel_chunk
@@ -593,11 +712,40 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, **hi)
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
-    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, **hi)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
+                             **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     diag_f = client.submit(operator.getitem, metric_f, 1, **hi)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
     return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f]
+
+
+def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str, *, ls: float, sigma: float,
+                        kernel_chunk: int) -> tuple[list, list]:
+    """Each fitted sample's factor, saved in ``fit_dir`` (reused as it is by a resumed run):
+    its paths (futures for the factors still to fit) and the tasks that fit them."""
+    paths, tasks = [], []
+    for k, label in enumerate(spec.labels):
+        path = os.path.join(fit_dir, f"sample-{k}.npy")
+        if os.path.isfile(path):
+            paths.append(path)
+            continue
+        rows = spec.rows(k)
+        parts = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False,
+                               priority=_FIT_PRIORITY - 1)
+                 for r in np.array_split(rows, max(1, -(-len(rows) // _SAMPLE_GRAM_ROWS)))]
+        fut = client.submit(_sample_factor_task, f"sample {label}", Z_f, ls, parts, sigma, FACTOR_DTYPE, path,
+                            pure=False, priority=_FIT_PRIORITY - 1)
+        paths.append(fut)
+        tasks += [*parts, fut]
+    n_new = sum(not isinstance(p, str) for p in paths)
+    if n_new:
+        logger.info("Fitting %d sample model(s) for the sample variance...", n_new)
+    return paths, tasks
+
+
+_SAMPLE_GRAM_ROWS = 65_536
+"""Cells per task of a sample's cross gram (a large sample's sum is split over workers)."""
 
 
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
@@ -659,6 +807,8 @@ def run_engine(
     layout: Layout,
     progress: bool,
     staging: io_commit.Staging,
+    samples: SampleSpec | None = None,
+    need_std: bool = True,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -688,12 +838,13 @@ def run_engine(
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
     pred_rows = np.flatnonzero(pred)
-    std_parts = list(enumerate(_layout.std_parts(layout, pred_rows)))
+    std_parts = list(enumerate(_layout.std_parts(layout, pred_rows))) if need_std else []
     real_out = [done[f"real-{b['index']}"] for b in real_blocks if f"real-{b['index']}" in done]
     null_out = [done[f"null-{b['index']}"] for b in null_blocks if f"null-{b['index']}" in done]
     std_out = [tuple(done[f"stdk-{i}"][k] for k in ("rows", "std1", "std2")) + (0.0,)
                for i, _ in std_parts if f"stdk-{i}" in done]
-    z_blocks = list(real_blocks) if "fold_change_zscores" in staged else []
+    # with sample variance the block tasks write the z-scores themselves
+    z_blocks = list(real_blocks) if "fold_change_zscores" in staged and samples is None else []
     n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks)
     z_blocks = [b for b in z_blocks if f"z-{b['index']}" not in done]
     real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
@@ -725,7 +876,7 @@ def run_engine(
             transposing = [client.submit(transpose_group, source.store_path, info, g, g0, g1, tdir, pure=False,
                                          key=f"kompot-transpose-{run_token}-{g}")
                            for g, (g0, g1) in enumerate(groups)]
-        block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores"}  # z: its own pass
+        block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores" or samples is not None}
         ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, block_layers, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
@@ -746,27 +897,42 @@ def run_engine(
             fit, setup = _load_fit(client, saved)
         else:
             fit, setup = _submit_fit(client, Z_f, X_f, rows1, rows2, pred_rows, ls=ls, sigma=sigma, eps=eps,
-                                     kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads)
+                                     kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads,
+                                     allow_diagonal=samples is None)
             setup += _save_fit(client, fit, fit_dir)
         Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f = (fit[k] for k in FIT_OUTPUTS)
+        if samples is not None:
+            sample_paths, sample_setup = _submit_sample_fits(client, samples, Z_f, X_f, fit_dir, ls=ls, sigma=sigma,
+                                                             kernel_chunk=kc)
+            setup += sample_setup
+            group_f = _input_futures(client, run_token, cell_group=samples.cell_group)[0]
 
+        std_futures = []
+        for i, r in std_parts:
+            # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
+            std_futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
+                                             (markers, f"stdk-{i}"), pure=False, priority=1))
         real_futures = {}
         for blk in real_blocks:
-            real_futures[blk["index"]] = client.submit(
-                _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
-                pure=False, key=f"kompot-real-block-{run_token}-{blk['index']}",
-            )
+            key = f"kompot-real-block-{run_token}-{blk['index']}"
+            if samples is None:
+                real_futures[blk["index"]] = client.submit(
+                    _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
+                    pure=False, key=key,
+                )
+            else:
+                with_std = bool(block_layers)  # the std layers need every cell's posterior variance
+                real_futures[blk["index"]] = client.submit(
+                    _sample_block_task, ctx, blk, Z_f, X_f, group_f, pred_f, C1_f, C2_f, R_f, kbar_f, samples,
+                    sample_paths, eps, [t[:3] for t in std_done] if with_std else [],
+                    std_futures if with_std else [], transposing, pure=False, key=key,
+                )
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing,
                 pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
-        std_futures = []
-        for i, r in std_parts:
-            # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
-            std_futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
-                                             (markers, f"stdk-{i}"), pure=False, priority=1))
         futures += std_futures
         for blk in z_blocks:
             # fold change / its posterior std, once the block's tiles and every cell's std exist
@@ -785,6 +951,8 @@ def run_engine(
         # input arrays) is freed on the workers as soon as its last dependent finishes.
         del fit, Lp_f, C1_f, C2_f, R_f, kbar_f, setup
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f, futs
+        if samples is not None:
+            del group_f, sample_paths, sample_setup
         futures = []
         diagonal = False
         t_tasks = time.perf_counter()

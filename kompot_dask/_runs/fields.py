@@ -27,7 +27,8 @@ class FieldSpec:
     """One kind of output field.
 
     Name templates know ``{result_key}``, ``{c1}``, ``{c2}`` (condition labels as written
-    in names, see :func:`sanitize_name`) and ``{pair}`` (``{result_key}_{c1}_to_{c2}``).
+    in names, see :func:`sanitize_name`), ``{pair}`` (``{result_key}_{c1}_to_{c2}``) and
+    ``{sfx}`` (kompot's ``_sample_var`` with sample variance, else empty).
     Description templates know ``{condition1}``, ``{condition2}`` and ``{threshold}``.
     """
 
@@ -39,9 +40,10 @@ class FieldSpec:
     name: str = ""
     description: str = ""
 
-    def field_name(self, result_key: str, condition1: Any, condition2: Any) -> str:
+    def field_name(self, result_key: str, condition1: Any, condition2: Any, sample_suffix: str = "") -> str:
         c1, c2 = sanitize_name(condition1), sanitize_name(condition2)
-        return self.name.format(result_key=result_key, c1=c1, c2=c2, pair=f"{result_key}_{c1}_to_{c2}")
+        return self.name.format(result_key=result_key, c1=c1, c2=c2, pair=f"{result_key}_{c1}_to_{c2}",
+                                sfx=sample_suffix)
 
     def describe(self, condition1: Any, condition2: Any, threshold: float) -> str:
         return self.description.format(condition1=condition1, condition2=condition2, threshold=threshold)
@@ -50,30 +52,34 @@ class FieldSpec:
 _STD = "Posterior standard deviation of imputed expression for {condition} (same for all genes)"
 
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("mahalanobis", "mahalanobis", "var", "{pair}_mahalanobis", "Mahalanobis distances"),
+    FieldSpec("mahalanobis", "mahalanobis", "var", "{pair}_mahalanobis{sfx}", "Mahalanobis distances"),
     FieldSpec("mean_log_fold_change", "mean_lfc", "var", "{pair}_mean_lfc", "Mean log fold change values"),
-    FieldSpec("mahalanobis_local_fdr", "local_fdr", "var", "{pair}_mahalanobis_local_fdr",
+    FieldSpec("mahalanobis_local_fdr", "local_fdr", "var", "{pair}_mahalanobis_local_fdr{sfx}",
               "Local FDR values using empirical null estimation similar to R's fdrtool"),
-    FieldSpec("is_de", "is_de", "var", "{pair}_is_de",
+    FieldSpec("is_de", "is_de", "var", "{pair}_is_de{sfx}",
               "Boolean indicator of differential expression at local FDR < {threshold}"),
     FieldSpec("std", "std1", "obs", "{result_key}_{c1}_std", _STD.replace("{condition}", "{condition1}")),
     FieldSpec("std", "std2", "obs", "{result_key}_{c2}_std", _STD.replace("{condition}", "{condition2}")),
     FieldSpec("imputed", "imputed1", "layers", "{result_key}_{c1}_imputed", "Imputed expression for {condition1}"),
     FieldSpec("imputed", "imputed2", "layers", "{result_key}_{c2}_imputed", "Imputed expression for {condition2}"),
     FieldSpec("fold_change", "fold_change", "layers", "{pair}_fold_change", "Log fold change for each cell and gene"),
+    # sample_col: the std per cell and gene, with the sample variance (instead of obs std1/std2)
+    FieldSpec("std_with_sample_var", "sample_std1", "layers", "{result_key}_{c1}_std",
+              "Posterior standard deviation of imputed expression for {condition1} (with sample variance)"),
+    FieldSpec("std_with_sample_var", "sample_std2", "layers", "{result_key}_{c2}_std",
+              "Posterior standard deviation of imputed expression for {condition2} (with sample variance)"),
     # StorageSettings(store_additional_stats=True)
-    FieldSpec("ptp", "neg_log10_ptp", "var", "{pair}_neg_log10_ptp",
+    FieldSpec("ptp", "neg_log10_ptp", "var", "{pair}_neg_log10_ptp{sfx}",
               "-log10 of the chi-squared tail probability of the squared Mahalanobis distance "
               "(degrees of freedom: the embedding's dimensions), computed in log space"),
-    FieldSpec("mahalanobis_pvalue", "pvalue", "var", "{pair}_mahalanobis_pvalue",
+    FieldSpec("mahalanobis_pvalue", "pvalue", "var", "{pair}_mahalanobis_pvalue{sfx}",
               "Empirical p-values: the share of null genes at least as far"),
-    FieldSpec("mahalanobis_tail_fdr", "tail_fdr", "var", "{pair}_mahalanobis_tail_fdr",
+    FieldSpec("mahalanobis_tail_fdr", "tail_fdr", "var", "{pair}_mahalanobis_tail_fdr{sfx}",
               "Tail FDR: null over mixture survival of the monotone densities, fdrtool-style"),
-    FieldSpec("fold_change_zscores", "fold_change_zscores", "layers", "{pair}_fold_change_zscores",
+    FieldSpec("fold_change_zscores", "fold_change_zscores", "layers", "{pair}_fold_change_zscores{sfx}",
               "Log fold change over its posterior standard deviation, for each cell and gene"),
     # written by kompot only; known so that its run histories can be cleaned too
     FieldSpec("smoothed"),
-    FieldSpec("std_with_sample_var"),
     FieldSpec("neg_log10_ptp"),
     FieldSpec("posterior_covariance"),
 )
@@ -107,9 +113,16 @@ def sanitize_name(name: Any) -> str:
     return out
 
 
-def output_field_names(result_key: str, condition1: Any, condition2: Any) -> dict[str, str]:
-    """Every field a DE run may write, keyed by role."""
-    return {role: s.field_name(result_key, condition1, condition2) for role, s in _BY_ROLE.items()}
+SAMPLE_SUFFIX = "_sample_var"
+"""kompot's suffix of the per-gene statistics (and z-scores) of a run with sample variance."""
+
+
+def output_field_names(result_key: str, condition1: Any, condition2: Any,
+                       sample_variance: bool = False) -> dict[str, str]:
+    """Every field a DE run may write, keyed by role (``sample_variance``: a ``sample_col``
+    run's names, with kompot's ``_sample_var`` suffix where kompot puts it)."""
+    sfx = SAMPLE_SUFFIX if sample_variance else ""
+    return {role: s.field_name(result_key, condition1, condition2, sfx) for role, s in _BY_ROLE.items()}
 
 
 def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: Any, condition2: Any,

@@ -332,13 +332,16 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
     fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr") if role in names})
     layer_keys = ({"condition1": names["imputed1"], "condition2": names["imputed2"],
                    "fold_change": names["fold_change"]} if "imputed1" in names else {})
+    # obs columns, or with sample variance layers (not written when no layers are stored)
+    std_keys = {f"condition{i}": names.get(f"std{i}", names.get(f"sample_std{i}")) for i in (1, 2)}
+    std_keys = {k: v for k, v in std_keys.items() if v is not None}
     return RunRecord(
         run_id=run_id, timestamp=datetime.now().isoformat(), function="kompot_dask.de",
         analysis_type="de", result_key=rk, lfc_key=names["mean_lfc"],
         mahalanobis_key=names.get("mahalanobis"), fdr_keys=fdr_keys, fdr_results=fdr_results,
-        imputed_layer_keys=layer_keys, std_keys={"condition1": names["std1"], "condition2": names["std2"]},
+        imputed_layer_keys=layer_keys, std_keys=std_keys,
         field_names=dict(names), field_mapping=mapping, fields_written=list(fields_written),
-        uses_sample_variance=False, params=params, model=model, layout=layout, plan=plan,
+        uses_sample_variance=params.get("sample_col") is not None, params=params, model=model, layout=layout, plan=plan,
         environment=environment, wall_seconds=wall_seconds, phase_seconds=dict(phase_seconds or {}),
         task_seconds=dict(task_seconds or {}), resumed=resumed,
     )
@@ -400,7 +403,7 @@ def uns_updates(previous: Mapping[str, Any], record: RunRecord, previous_result:
 
 def record_params(groupby: Any, condition1: Any, condition2: Any, obsm_key: Any, layer: Any,
                   genes: Any, gp: Any, fdr: Any, filter: Any, storage: Any, output: Any,  # noqa: A002
-                  compute: Any) -> dict[str, Any]:
+                  compute: Any, sample_col: Any = None) -> dict[str, Any]:
     """The ``params`` entry of a run record: top-level arguments plus one dict per Settings.
 
     ``gp.landmarks`` becomes ``True``/``False`` (the array is in ``uns[result_key]`` only
@@ -409,10 +412,10 @@ def record_params(groupby: Any, condition1: Any, condition2: Any, obsm_key: Any,
     """
     return {
         "groupby": groupby, "condition1": condition1, "condition2": condition2,
-        "obsm_key": obsm_key, "layer": layer, "genes": genes,
+        "obsm_key": obsm_key, "layer": layer, "genes": genes, "sample_col": sample_col,
         "gp": gp.to_dict() | {"landmarks": gp.landmarks is not None},
         # user-given null distances are recorded by their count (not the array)
-        "fdr": fdr.to_dict() | {"null_genes": fdr.resolved_null_genes(),
+        "fdr": fdr.to_dict() | {"null_genes": fdr.resolved_null_genes(sample_col is not None),
                                 "null_mahalanobis": None if fdr.null_mahalanobis is None
                                 else int(np.asarray(fdr.null_mahalanobis).size)},
         "filter": filter.to_dict(), "storage": storage.to_dict(), "output": output.to_dict(),

@@ -42,7 +42,7 @@ SETTINGS_CLASSES: dict[str, type] = {
 }
 """``params`` section → Settings class that :func:`kompot_dask.de` takes for it."""
 
-CALL_ARGUMENTS = ("groupby", "condition1", "condition2", "layer", "obsm_key", "genes")
+CALL_ARGUMENTS = ("groupby", "condition1", "condition2", "layer", "obsm_key", "genes", "sample_col")
 """Top-level arguments of :func:`kompot_dask.de` recorded in ``params``."""
 
 KEY_PARAMETERS = ("groupby", "condition1", "condition2", "obsm_key", "layer", "genes", "storage.result_key")
@@ -321,9 +321,7 @@ class RunInfo(Reportable):
         set ``kwargs["storage"].overwrite = True`` to silence the notice (or change
         ``result_key``).
         """
-        # kompot records sample_col; kompot_dask does not implement it (a value would raise)
-        unknown = sorted(k for k in self.params if k not in CALL_ARGUMENTS and k not in SETTINGS_CLASSES
-                         and not (k == "sample_col" and self.params[k] is None))
+        unknown = sorted(k for k in self.params if k not in CALL_ARGUMENTS and k not in SETTINGS_CLASSES)
         if unknown:
             logger.warning(
                 "Run %d recorded argument(s) %s, which this kompot_dask version's de() does not take; ignored.",
