@@ -1038,6 +1038,8 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         layer_dtype_is_float32_safe=null_value_dtype(info.dtype) == np.float32,
         embedding_cache_bytes=(cells.embedding.cache_nbytes if isinstance(cells.embedding, EmbeddingReader) else 0),
         zarr_format=int(store.zarr_format),
+        n_samples=0 if cells.samples is None else cells.samples.n_samples,
+        sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2),
     )
 
 

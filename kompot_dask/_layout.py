@@ -136,6 +136,8 @@ class PlanInputs:
     landmark_sample: int | None = None
     embedding_cache_bytes: int = 0  # a stored embedding read in bands: the most a process caches; 0: held whole
     zarr_format: int = 2  # the store's: format 3 stores get sharded output layers
+    n_samples: int = 0  # sample_col: the samples fitted (each its own m × m factor); 0 without
+    sample_rank: int = 0  # columns of the per-gene low-rank sample covariance (both conditions' samples)
 
     @property
     def embedding_bytes(self) -> int:
@@ -164,7 +166,7 @@ class PlanInputs:
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
-                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype")
+                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -350,9 +352,12 @@ class TaskCounts:
 
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
                 n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None,
-                zscores: bool = False) -> TaskCounts:
+                zscores: bool = False, n_samples: int = 0, sample_cells: int = 0,
+                std: bool = True) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic;
-    ``zscores``: the fold-change z-score layer's pass, one task per gene block)."""
+    ``zscores``: the fold-change z-score layer's pass, one task per gene block; with
+    ``n_samples`` fitted samples of ``sample_cells`` cells, their grams and factors, and
+    the z-scores written by the gene blocks themselves; ``std=False``: no per-cell std)."""
     n_real = len(real_blocks(layout, n_vars, selected))
     n_nullb = math.ceil(n_null / layout.null_gene_block) if n_null else 0
     n_obs = layout.row_ranges[-1][1] if layout.row_ranges else 0
@@ -360,11 +365,12 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         transpose=len(transpose_groups(layout, n_obs, nnz)) if transposes(kind, n_real + n_nullb) else 0,
         # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
         # save per fit output
-        fit=2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS),
+        fit=(2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS)
+             + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)),
         gene_blocks=n_real,
         null_blocks=n_nullb,
-        std=math.ceil(n_pred / layout.kernel_chunk),
-        zscore=n_real if zscores else 0,
+        std=math.ceil(n_pred / layout.kernel_chunk) if std else 0,
+        zscore=n_real if zscores and not n_samples else 0,
     )
 
 
@@ -405,6 +411,18 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     S = shard_rows(C, G, lb, inp.n_obs, inp.zarr_format)  # rows of the tiles a task writes at once
     predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     real = acc + max(tile + kernel, scores, predict)
+    if inp.n_samples:
+        # a projection per sample; then every sample's weights, one sample factor loaded at
+        # a time, the deviations and their QR (× 3); the layers: every model's predictions
+        # of a kernel chunk, and every cell's posterior variance
+        rows_w, S, r = S, inp.n_samples, inp.sample_rank
+        n_tiles = sum(1 for _, loc, _ in inp.fields if loc == "layers")
+        acc = (2 + S) * m * G * bt
+        weights = (2 + S) * m * G * 8
+        scores = weights + m * m * 8 + 3 * r * m * G * 8
+        predict = ((weights + n_tiles * rows_w * G * lb + 2 * kc * (2 + S) * G * bt
+                    + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
+        real = acc + max(tile + kernel, scores, predict)
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where
     # float32 holds it), a permutation and one permuted column, one tile, projections
@@ -459,8 +477,13 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
 
 
 def factor_phase_bytes(inp: PlanInputs) -> int:
-    """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays."""
-    return 5 * inp.m * inp.m * 8
+    """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays (and
+    with samples, a sample's gram and factor on its other thread)."""
+    return (5 + (2 if inp.n_samples else 0)) * inp.m * inp.m * 8
+
+
+SAMPLE_GRAM_ROWS = 65_536
+"""Cells per task of a sample's cross gram (a large sample's sum is split over workers)."""
 
 
 class PrepPlacement(Enum):
@@ -727,8 +750,9 @@ def transpose_groups(layout: Layout, n_obs: int, nnz: int | None) -> tuple[tuple
 def staging_bytes(inp: PlanInputs) -> int:
     """Disk a run needs besides its outputs, while it runs: the model kept for a resume
     (four m × m float64 factors, the kernel mean, the landmarks), the task markers (a few
-    numbers per gene, null gene and cell) and the commit's reserve."""
-    model = 4 * inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
+    numbers per gene, null gene and cell) and the commit's reserve. With sample variance,
+    each sample's factor is kept there too (the gene blocks load them one at a time)."""
+    model = (4 + inp.n_samples) * inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
     markers = 24 * inp.n_vars + 16 * inp.n_null + 24 * inp.n_pred
     return int(model + markers + transposed_bytes(inp) + COMMIT_RESERVE_BYTES)
 
@@ -785,7 +809,22 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         "genes (fit, scores, predictions)": float(
             2 * n12 * m * G + 6 * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
         "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
-        "per-cell std": float(3 * inp.n_pred * m * m),
+        "per-cell std": float(3 * inp.n_pred * m * m) if (inp.store_layers or not inp.n_samples) else 0.0,
+        **_sample_flops(inp),
+    }
+
+
+def _sample_flops(inp: PlanInputs) -> dict[str, float]:
+    """sample_col: each sample's gram and factor; per gene, its weights (two triangular
+    solves per sample) and the low-rank distance (R times the deviations); per cell and
+    gene, every sample's prediction for the std layers."""
+    if not inp.n_samples:
+        return {}
+    m, G, S, r = inp.m, inp.n_selected, inp.n_samples, inp.sample_rank
+    return {
+        "sample models (S, factors)": float(inp.n12 * m * m + S * m**3 / 3),
+        "sample variance (weights, distances, layers)": float(
+            2 * S * m * m * G + 2 * r * m * m * G + (2 * inp.n_pred * m * G * S if inp.store_layers else 0)),
     }
 
 
@@ -812,6 +851,9 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
                                                                        2 * max(1, res.n_workers // 2)))
     chol = (m**3 / 3) / cal.chol_flops
     fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
+    if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
+        s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
+                / max(1, res.total_threads))
     return _ENGINE_EFFICIENCY * (s_t + fac_t)
 
 
@@ -852,6 +894,13 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
                   inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
     nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + 6 * m * m * inp.n_null / gemm + null_reads)
     std = inp.n_pred * m * kern + 3 * inp.n_pred * m * m / gemm
+    if inp.n_samples:
+        sample = _sample_flops(inp)["sample variance (weights, distances, layers)"] / gemm
+        if inp.store_layers:  # two more layers (the stds) and the z-scores written by the blocks
+            sample += 2 * inp.n_obs * nr * ch.gene_block * lb / write_rate
+        else:
+            std = 0.0
+        blocks += sample
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
 
 

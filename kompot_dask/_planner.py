@@ -421,7 +421,9 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                          gene_block=ch.gene_block, null_gene_block=ch.null_gene_block, kernel_chunk=ch.kernel_chunk)
     counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads,
                          inp.layer_kind, inp.layer_nnz,
-                         zscores=any(role == "fold_change_zscores" for role, _, _ in inp.fields))
+                         zscores=any(role == "fold_change_zscores" for role, _, _ in inp.fields),
+                         n_samples=inp.n_samples, sample_cells=inp.n12 if inp.n_samples else 0,
+                         std=inp.store_layers or not inp.n_samples)
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
     if prep.client:
         client_parts["model preparation (length scale, then k-means)"] = prep.client

@@ -77,10 +77,12 @@ def test_worker_runtime__heap_thresholds_for_the_run_then_the_workers_own():
             Client(cl, set_as_default=False) as c:
         assert c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).popitem()[1] is not None
 
-        def mmapped() -> int:
-            return c.submit(_mmapped_by_a_4mib_array, pure=False).result()
+        def mmapped() -> list[int]:
+            # mallinfo2 is process-wide: a worker thread that frees or maps memory at the same
+            # moment shifts one reading, so each check takes five
+            return [c.submit(_mmapped_by_a_4mib_array, pure=False).result() for _ in range(5)]
 
-        assert mmapped() >= 2**22
+        assert max(mmapped()) >= 2**22
         with worker_runtime(c):
-            assert mmapped() == 0
-        assert mmapped() >= 2**22
+            assert min(mmapped()) == 0
+        assert max(mmapped()) >= 2**22

@@ -16,12 +16,11 @@ import logging
 import anndata as ad
 import numpy as np
 import pytest
+from test_parity import run_reference
 
 import kompot_dask as kd
 from kompot_dask._numerics import gp as gp_mod
 from kompot_dask.testing import SyntheticSpec, make_synthetic_adata
-
-from test_parity import run_reference
 
 needs_kompot = pytest.mark.skipif(
     importlib.util.find_spec("kompot") is None, reason="the reference oracle kompot==0.8.0 is a test extra"

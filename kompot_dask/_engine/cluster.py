@@ -318,11 +318,17 @@ def _tune_heap() -> bool:
 
 
 def _restore_heap() -> bool:
-    """Back to the thresholds this process was started with (see :func:`_tune_heap`)."""
+    """Back to the thresholds this process was started with (see :func:`_tune_heap`), and
+    the free heap the run's thresholds kept handed back to the OS: the worker idles at its
+    own size, and its next large arrays come from fresh mmaps again, as before the run."""
     trim, mmap = _started_thresholds()
     if trim is None and mmap is None:
         return False
-    return _mallopt(int(trim or _GLIBC_DEFAULT_THRESHOLD), int(mmap or _GLIBC_DEFAULT_THRESHOLD))
+    done = _mallopt(int(trim or _GLIBC_DEFAULT_THRESHOLD), int(mmap or _GLIBC_DEFAULT_THRESHOLD))
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    return done
 
 
 def _run_everywhere(client: Client, fn) -> None:

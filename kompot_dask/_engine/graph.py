@@ -733,7 +733,7 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
         rows = spec.rows(k)
         parts = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False,
                                priority=_FIT_PRIORITY - 1)
-                 for r in np.array_split(rows, max(1, -(-len(rows) // _SAMPLE_GRAM_ROWS)))]
+                 for r in np.array_split(rows, max(1, -(-len(rows) // _layout.SAMPLE_GRAM_ROWS)))]
         fut = client.submit(_sample_factor_task, f"sample {label}", Z_f, ls, parts, sigma, FACTOR_DTYPE, path,
                             pure=False, priority=_FIT_PRIORITY - 1)
         paths.append(fut)
@@ -742,10 +742,6 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
     if n_new:
         logger.info("Fitting %d sample model(s) for the sample variance...", n_new)
     return paths, tasks
-
-
-_SAMPLE_GRAM_ROWS = 65_536
-"""Cells per task of a sample's cross gram (a large sample's sum is split over workers)."""
 
 
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
