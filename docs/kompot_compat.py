@@ -22,7 +22,9 @@ OUT = os.path.join(HERE, "kompot_compat.md")
 # de() arguments kompot has and kompot_dask maps or refuses (the rest are supported as is).
 DE_NOTES = {
     "adata": "mapped: `data`, an in-memory AnnData (as kompot) or the path of a zarr AnnData store",
-    "sample_col": "refused: replicate-aware variance is not implemented yet (a value raises `SettingsError`)",
+    "sample_col": "supported: per-sample models on the shared landmarks, the gene-specific covariance as a "
+                  "low-rank term (no m × m × genes tensor), std layers; FDR only from given null distances "
+                  "(`null_genes` > 0 with it is refused: null genes with the sample variance are not built)",
     "model": "refused: kompot's prefitted predictors cannot be distributed (a value raises `SettingsError`)",
     "function_kwargs": "refused: no pass-through keywords; an unknown keyword is a `TypeError` naming it",
 }
@@ -32,8 +34,8 @@ MISSING_CLASSES = {
     "DAThresholdSettings": "not applicable: differential abundance is not part of kompot_dask",
 }
 SETTINGS_NOTES = {
-    ("FDRSettings", "null_genes"): "supported: `\"auto\"` (2,000), an integer, or `None`; kompot's list of gene "
-                                   "indices is refused",
+    ("FDRSettings", "null_genes"): "supported: `\"auto\"` (2,000; 0 with `sample_col`, as kompot), an integer, "
+                                   "or `None`; kompot's list of gene indices is refused",
     ("GPSettings", "random_state"): "supported; the default is 0 (kompot's is `None`, not reproducible)",
     ("GPSettings", "n_landmarks"): "supported (kompot's default, 5,000)",
     ("OutputSettings", "copy"): "supported for an in-memory AnnData (the copy with the results is returned); "

@@ -63,6 +63,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="expression layer (default: X)")
     p.add_argument("--obsm-key", default=None, help="cell-state embedding in obsm (default: DM_EigenVectors)")
     p.add_argument("--genes", nargs="+", default=None, help="test only these genes")
+    p.add_argument("--sample-col", default=None, metavar="COLUMN",
+                   help="obs column naming each cell's sample (donor): kompot's sample variance")
     p.add_argument("--null-genes", type=int, default=None, help="FDRSettings.null_genes (0 disables the FDR)")
     p.add_argument("--n-landmarks", type=int, default=None, help="GPSettings.n_landmarks")
     p.add_argument("--result-key", default=None, help="StorageSettings.result_key")
@@ -152,7 +154,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
             raise CLIError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
         raise CLIError(f"--config {path}: expected a mapping of de() arguments, got {type(cfg).__name__}")
-    allowed = {"groupby", "condition1", "condition2", "layer", "obsm_key", "genes",
+    allowed = {"groupby", "condition1", "condition2", "layer", "obsm_key", "genes", "sample_col",
                "gp", "fdr", "filter", "storage", "output", "compute"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
@@ -196,7 +198,7 @@ def _settings_from(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
     except TypeError as exc:  # unknown settings field in the config
         raise CLIError(f"--config: {exc}") from None
     kwargs: dict[str, Any] = {}
-    for key in ("groupby", "condition1", "condition2", "layer", "obsm_key", "genes"):
+    for key in ("groupby", "condition1", "condition2", "layer", "obsm_key", "genes", "sample_col"):
         flag = getattr(args, key)
         value = flag if flag is not None else cfg.get(key)
         if value is not None:

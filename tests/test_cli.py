@@ -348,7 +348,8 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     call (the plan block's calls get the plan's own arguments, so that the plan fits them)."""
     import kompot_dask as kd
 
-    spec = SyntheticSpec(n_obs=700, n_vars=30, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"))
+    spec = SyntheticSpec(n_obs=700, n_vars=30, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"),
+                         samples_per_condition=3)
     store = write_synthetic_store(tmp_path / "atlas.zarr", spec, cell_chunk=256, gene_chunk=16)
     blocks = [b for b in _readme_blocks("python") if "kd.ingest(" not in b]
     assert len(blocks) >= 3
@@ -358,6 +359,7 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
         code = block.replace('"atlas.zarr"', repr(store)).replace("X_pca_harmony", "X_pca")
         code = code.replace('"/shared/atlas.zarr"', repr(store)).replace('"X_umap"', '"X_pca"').replace('"Cd74"', '"gene_3"')
         code = code.replace('"results.zarr"', repr(str(tmp_path / "results.zarr")))
+        code = code.replace('sample_col="donor"', 'sample_col="sample"')
         code = code.replace('kd.de(store, ...)', f"kd.de(store, {plan_args})")
         code = code.replace(f"kd.de({store!r}, ...,", f"kd.de({store!r}, {plan_args},")
         code = code.replace(", ...)", ', layer="logged_counts", obsm_key="X_pca")')
@@ -366,6 +368,7 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     assert isinstance(ns["plan"], kd.ResourcePlan)
     record = kd.RunInfo(store, -1).record
     assert "resumed" in record and record["resumed"] is None  # that run was not interrupted
-    # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one
-    assert kd.RunInfo(store, -1).run_id == 4
+    # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one,
+    # the sample-variance block one
+    assert kd.RunInfo(store, -1).run_id == 5 and kd.RunInfo(store, -1).record["uses_sample_variance"]
     assert kd.RunInfo(str(tmp_path / "results.zarr")).run_id == 0  # the read-only input block's own store

@@ -33,7 +33,6 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
     (kd.FDRSettings, "null_expression", ("expr1", "expr2"), "cells × nulls in memory"),
     (kd.FilterSettings, "groups", {"Age": "Young"}, "restrict the cells with cell_filter"),
     (kd.StorageSettings, "store_posterior_covariance", True, "covariance per gene"),
-    (kd.OutputSettings, "allow_single_condition_variance", True, "replicate-aware variance"),
     (kd.GPSettings, "use_empirical_variance", True, "empirical variance"),
 ])
 def test_kompot_fields__a_refused_value_names_the_field_and_the_reason(cls, field, value, reason):
@@ -68,8 +67,6 @@ def test_de__kompot_positional_order_copy_and_inplace_on_an_anndata():
 
 
 def test_de__arguments_kompot_has_and_kompot_dask_refuses(tmp_path):
-    with pytest.raises(kd.SettingsError, match="sample_col='donor' is not supported: replicate-aware"):
-        kd.de(str(tmp_path / "none.zarr"), "Age", "Young", "Old", sample_col="donor")
     with pytest.raises(kd.SettingsError, match="model=.* is not supported: prefitted"):
         kd.de(str(tmp_path / "none.zarr"), "Age", "Young", "Old", model=object())
     with pytest.raises(kd.SettingsError, match="OutputSettings.copy=True needs an in-memory AnnData"):

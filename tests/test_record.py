@@ -99,6 +99,8 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "std1": "kompot_de_Young_adult_std", "std2": "kompot_de_Old_std",
         "imputed1": "kompot_de_Young_adult_imputed", "imputed2": "kompot_de_Old_imputed",
         "fold_change": "kompot_de_Young_adult_to_Old_fold_change",
+        # sample_col: the std per cell and gene, as layers under the obs columns' names
+        "sample_std1": "kompot_de_Young_adult_std", "sample_std2": "kompot_de_Old_std",
         # StorageSettings(store_additional_stats=True), named as kompot names them
         "neg_log10_ptp": "kompot_de_Young_adult_to_Old_neg_log10_ptp",
         "pvalue": "kompot_de_Young_adult_to_Old_mahalanobis_pvalue",
@@ -108,10 +110,19 @@ def test_registry__views_are_what_the_parallel_dicts_held():
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
         "std2": "obs", "imputed1": "layers", "imputed2": "layers", "fold_change": "layers",
-        "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
+        "sample_std1": "layers", "sample_std2": "layers", "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
     }
+    # with sample_col, kompot's "_sample_var" suffix on the distances, their statistics and z-scores
+    sampled = fields.output_field_names("rk", "A", "B", sample_variance=True)
+    assert {r: n for r, n in sampled.items() if n.endswith("_sample_var")} == {
+        "mahalanobis": "rk_A_to_B_mahalanobis_sample_var", "local_fdr": "rk_A_to_B_mahalanobis_local_fdr_sample_var",
+        "is_de": "rk_A_to_B_is_de_sample_var", "neg_log10_ptp": "rk_A_to_B_neg_log10_ptp_sample_var",
+        "pvalue": "rk_A_to_B_mahalanobis_pvalue_sample_var", "tail_fdr": "rk_A_to_B_mahalanobis_tail_fdr_sample_var",
+        "fold_change_zscores": "rk_A_to_B_fold_change_zscores_sample_var"}
     names = fields.output_field_names("rk", "A", "B")
-    mapping = fields.field_mapping(fields.ROLES, names, "A", "B", 0.01)
+    # a run writes the obs std or the sample-variance std layers (same names), never both
+    mapping = fields.field_mapping([r for r in fields.ROLES if not r.startswith("sample_std")], names, "A", "B",
+                                   0.01)
     assert mapping["rk_A_to_B_is_de"] == {
         "location": "var", "type": "is_de",
         "description": "Boolean indicator of differential expression at local FDR < 0.01"}
@@ -231,6 +242,7 @@ def test_de__writes_what_the_previous_code_wrote(tmp_path, client, old_uns):
                     "std_keys"):
             assert n[key] == o[key], key
         params = dict(n["params"])
+        assert params.pop("sample_col") is None  # recorded since issue 15 (sample variance)
         for section, added in NEW_PARAM_KEYS.items():
             assert set(params[section]) - set(o["params"][section]) == added
             params[section] = {k: v for k, v in params[section].items() if k not in added}
@@ -238,7 +250,7 @@ def test_de__writes_what_the_previous_code_wrote(tmp_path, client, old_uns):
         assert isinstance(n["phase_seconds"], dict) and n["phase_seconds"]["engine: all tasks"] > 0
         assert {"projection", "posterior std"} <= set(n["task_seconds"])
         shape = _shape(n)
-        del shape["phase_seconds"], shape["task_seconds"]
+        del shape["phase_seconds"], shape["task_seconds"], shape["params"]["sample_col"]
         assert shape == _shape(o)
 
 

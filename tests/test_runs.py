@@ -159,8 +159,9 @@ def test_runinfo__compare_with(history):
 def test_call_args__rerun_reproduces_run_0(history, store_copy, client):
     path, run0 = history
     kwargs = RunInfo(store_copy, 0).call_args()
-    assert set(kwargs) == {"groupby", "condition1", "condition2", "layer", "obsm_key", "genes",
+    assert set(kwargs) == {"groupby", "condition1", "condition2", "layer", "obsm_key", "genes", "sample_col",
                            "gp", "fdr", "filter", "storage", "output", "compute"}
+    assert kwargs["sample_col"] is None
     assert (kwargs["condition1"], kwargs["condition2"]) == ("Young", "Old")
     assert isinstance(kwargs["gp"], kd.GPSettings) and kwargs["gp"].n_landmarks == 100
     assert isinstance(kwargs["fdr"], kd.FDRSettings) and kwargs["fdr"].null_genes == 4000
@@ -195,7 +196,7 @@ _NON_DEFAULT = {
                              layer_dtype="float64", store_arrays_on_disk=True, disk_storage_dir="/scratch",
                              max_memory_ratio=0.5, results_store="/scratch/results.zarr", store_additional_stats=True),
     kd.OutputSettings: dict(return_full_results=True, progress=False, copy=True, inplace=False,
-                            return_null_data=True, compute_mahalanobis=False),
+                            return_null_data=True, compute_mahalanobis=False, allow_single_condition_variance=True),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,
                              memory_limit="2GiB", dtype="float32", max_task_bytes=10**8, processes=True),
 }
@@ -294,7 +295,7 @@ def test_to_settings__unknown_fields_are_ignored_with_a_warning(caplog):
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "gp.from_the_future=3" in messages and "output.from_the_future=False" in messages
     assert "boolean array" in messages and kwargs["filter"].cell_filter is None
-    assert "sample_col" not in kwargs and isinstance(kwargs["gp"], kd.GPSettings)
+    assert kwargs["sample_col"] is None and isinstance(kwargs["gp"], kd.GPSettings)
 
 
 def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default(caplog):
@@ -310,8 +311,10 @@ def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default
         kwargs = RunInfo(_adata_with_history([record]), 0).call_args()
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "storage.store_posterior_covariance=True, which kompot_dask does not support; using the default" in messages
-    assert "output.allow_single_condition_variance=True" in messages and "sample_col='donor'" in messages
-    assert kwargs["storage"].store_posterior_covariance is False and "sample_col" not in kwargs
+    assert kwargs["storage"].store_posterior_covariance is False
+    # sample variance is supported (issue 15): kept as recorded
+    assert kwargs["sample_col"] == "donor" and kwargs["output"].allow_single_condition_variance is True
+    assert "sample_col" not in messages and "allow_single_condition_variance" not in messages
 
 
 # ---------------------------------------------------------------------------

@@ -100,6 +100,17 @@ def test_sample_col_parity(tmp_path, client):
     mapping = info.record["field_mapping"]
     assert mapping["kompot_de_Old_std"] == {"location": "layers", "type": "std_with_sample_var",
                                             "description": mapping["kompot_de_Old_std"]["description"]}
+    # the xarray view and the plots find the suffixed fields through the run record
+    ds = kd.results(store)
+    assert ds["mahalanobis"].attrs["field"] == f"{PAIR}_mahalanobis_sample_var"
+    assert ds["sample_std1"].dims == ("cell", "gene") and "std1" not in ds
+    np.testing.assert_array_equal(ds["sample_std2"].values, np.asarray(got.layers["kompot_de_Old_std"]))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = kd.plot.volcano_de(store, return_fig=True)
+    assert fig is not None
+    matplotlib.pyplot.close(fig)
 
 
 @needs_kompot
@@ -230,3 +241,19 @@ def test_sample_spec_json_safe_params(tmp_path, client):
     args["storage"].overwrite = True
     kd.de(store, **args, client=client)
     np.testing.assert_array_equal(ad.read_zarr(store).var[f"{PAIR}_mahalanobis_sample_var"].to_numpy(float), first)
+
+
+def test_sample_col_cli(tmp_path, capsys):
+    """``kompot-dask de --sample-col``: the CLI passes the column through."""
+    from kompot_dask import cli
+
+    adata, _ = _data(tmp_path, seed=13)
+    store = kd.ingest(adata, tmp_path / "c.zarr", progress=False)
+    rc = cli.main(["--json", "de", store, "--groupby", "Age", "--condition1", "Young", "--condition2", "Old",
+                   "--layer", "logged_counts", "--obsm-key", "X_pca", "--sample-col", "sample", "--no-layers",
+                   "--n-landmarks", "150", "--n-workers", "1", "--threads-per-worker", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["n_de"] is None
+    var = ad.read_zarr(store).var
+    assert np.isfinite(var[f"{PAIR}_mahalanobis_sample_var"]).all()
+    assert kd.RunInfo(store, run_id=-1).params["sample_col"] == "sample"
