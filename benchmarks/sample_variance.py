@@ -46,7 +46,8 @@ print("RESULT " + json.dumps({{"de_wall_s": wall}}))
 KOMPOT_DASK = """
 if __name__ == "__main__":
     import time, json, numpy as np, anndata as ad, kompot_dask as kd
-    gp = kd.GPSettings() if {landmarks!r} is None else kd.GPSettings(landmarks=np.load({landmarks!r}))
+    # with kompot's own length-scale search for the side-by-side run (the same ls, so the same answers)
+    gp = kd.GPSettings() if {landmarks!r} is None else kd.GPSettings.kompot(landmarks=np.load({landmarks!r}))
     t = time.perf_counter()
     kd.de({store!r}, groupby={groupby!r}, condition1={c1!r}, condition2={c2!r}, layer={layer!r}, obsm_key="X_pca",
           sample_col={sample_col!r}, gp=gp, fdr=kd.FDRSettings(null_genes=0),

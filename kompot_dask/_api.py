@@ -576,6 +576,11 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
                 f"{filt.min_cells} are needed (FilterSettings.min_cells). Relax the cell filter or pick another condition."
             )
     samples = None
+    if call.sample_col is not None and settings.gp.use_empirical_variance:
+        raise SettingsError(
+            f"GPSettings(use_empirical_variance=True) with sample_col={call.sample_col!r}: kompot's per-sample "
+            "leave-one-out residuals are not implemented yet. Use one of the two variances."
+        )
     if call.sample_col is not None:
         samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
     return _Cells(embedding, filter_mask, mask1, mask2, selected, samples)
@@ -840,6 +845,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             layer_names={r: outputs.names[r] for r in outputs.layer_roles}, layer_dtype=s.storage.layer_dtype,
             dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
             samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
+            empirical=s.gp.use_empirical_variance,
         )
 
 
@@ -1040,6 +1046,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         zarr_format=int(store.zarr_format),
         n_samples=0 if cells.samples is None else cells.samples.n_samples,
         sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2),
+        empirical=s.gp.use_empirical_variance,
     )
 
 

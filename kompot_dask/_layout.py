@@ -138,6 +138,7 @@ class PlanInputs:
     zarr_format: int = 2  # the store's: format 3 stores get sharded output layers
     n_samples: int = 0  # sample_col: the samples fitted (each its own m × m factor); 0 without
     sample_rank: int = 0  # columns of the per-gene low-rank sample covariance (both conditions' samples)
+    empirical: bool = False  # GPSettings(use_empirical_variance=True)
 
     @property
     def embedding_bytes(self) -> int:
@@ -166,7 +167,7 @@ class PlanInputs:
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
-                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples")
+                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples", "empirical")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -281,6 +282,9 @@ def fit_parts(n_workers: int) -> int:
 
 FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
 """What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
+EMPIRICAL_OUTPUTS = ("Wsq", "M1", "M2")
+"""With empirical variance, also: (L⁻¹)∘(L⁻¹) for the factor trick, and each condition's
+leverage factor."""
 
 
 SHARD_BYTES = 32 * 2**20
@@ -353,11 +357,13 @@ class TaskCounts:
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
                 n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None,
                 zscores: bool = False, n_samples: int = 0, sample_cells: int = 0,
-                std: bool = True) -> TaskCounts:
+                std: bool = True, leverage_cells: int = 0) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic;
     ``zscores``: the fold-change z-score layer's pass, one task per gene block; with
     ``n_samples`` fitted samples of ``sample_cells`` cells, their grams and factors, and
-    the z-scores written by the gene blocks themselves; ``std=False``: no per-cell std)."""
+    the z-scores written by the gene blocks themselves; ``std=False``: no per-cell std;
+    ``leverage_cells``: the empirical variance's leverage tasks over the training cells, its
+    two leverage factors and (L⁻¹)², and the z-scores in the gene blocks)."""
     n_real = len(real_blocks(layout, n_vars, selected))
     n_nullb = math.ceil(n_null / layout.null_gene_block) if n_null else 0
     n_obs = layout.row_ranges[-1][1] if layout.row_ranges else 0
@@ -366,11 +372,12 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
         # save per fit output
         fit=(2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS)
-             + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)),
+             + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)
+             + (6 + 2 + math.ceil(leverage_cells / layout.kernel_chunk) if leverage_cells else 0)),
         gene_blocks=n_real,
         null_blocks=n_nullb,
         std=math.ceil(n_pred / layout.kernel_chunk) if std else 0,
-        zscore=n_real if zscores and not n_samples else 0,
+        zscore=n_real if zscores and not n_samples and not leverage_cells else 0,
     )
 
 
@@ -423,11 +430,16 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         predict = ((weights + n_tiles * rows_w * G * lb + 2 * kc * (2 + S) * G * bt
                     + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
         real = acc + max(tile + kernel, scores, predict)
+    if inp.empirical:
+        # the second read: a tile, a kernel block, the residuals; then Kzz and both variances
+        real += max(tile + kernel + m * G * bt, m * m * 8 + 3 * m * G * 8)
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where
     # float32 holds it), a permutation and one permuted column, one tile, projections
     vb = _null_value_bytes(inp)
     null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
+    if inp.empirical:  # the values stay for the residual pass, then Kzz and the variances
+        null += m * m * 8 + 3 * m * nb * 8 + kernel
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     transpose = 0
     if inp.layer_kind == "csr":
@@ -463,7 +475,7 @@ def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
     return SharedBytes(
         embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
-        factors=4 * m * m * 8,
+        factors=(5 if inp.empirical else 4) * m * m * 8,  # and (L⁻¹)² with empirical variance
         csc_cache=_csc_cache_bytes(inp, ch) if inp.layer_kind == "csc" else 0,
     )
 
@@ -479,7 +491,7 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
 def factor_phase_bytes(inp: PlanInputs) -> int:
     """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays (and
     with samples, a sample's gram and factor on its other thread)."""
-    return (5 + (2 if inp.n_samples else 0)) * inp.m * inp.m * 8
+    return (5 + (2 if inp.n_samples else 0) + (2 if inp.empirical else 0)) * inp.m * inp.m * 8
 
 
 SAMPLE_GRAM_ROWS = 65_536
@@ -811,6 +823,20 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
         "per-cell std": float(3 * inp.n_pred * m * m) if (inp.store_layers or not inp.n_samples) else 0.0,
         **_sample_flops(inp),
+        **_empirical_flops(inp),
+    }
+
+
+def _empirical_flops(inp: PlanInputs) -> dict[str, float]:
+    """Empirical variance: two leverage factors and (L⁻¹)²; each training cell's leverage;
+    per gene (and null gene) the residual pass (predictions and the variance projection)
+    and the variance at the landmarks."""
+    if not inp.empirical:
+        return {}
+    m, G = inp.m, inp.n_selected + inp.n_null
+    return {
+        "empirical variance (factors, leverages)": float(3 * m**3 + inp.n12 * m * m),
+        "empirical variance (residuals, variance GP)": float(4 * inp.n12 * m * G + 6 * m * m * G),
     }
 
 
@@ -851,6 +877,8 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
                                                                        2 * max(1, res.n_workers // 2)))
     chol = (m**3 / 3) / cal.chol_flops
     fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
+    if inp.empirical:  # the leverage factors after C1, C2 (syrk and potrf each), then (L⁻¹)²
+        fac_t += (2 * (m**3 + m**3 / 3) / 2 + m**3 / 3) / cal.chol_flops
     if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
         s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
                 / max(1, res.total_threads))
@@ -901,6 +929,10 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         else:
             std = 0.0
         blocks += sample
+    if inp.empirical:  # the second read and kernel pass of every block, and the leverages
+        blocks += (reads + nr * n12 * m * kern + nn * n12 * m * kern
+                   + _empirical_flops(inp)["empirical variance (residuals, variance GP)"] / gemm
+                   + n12 * m * kern + n12 * m * m / gemm)
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
 
 

@@ -126,7 +126,11 @@ class GPSettings(_Settings):
     landmarks
         Explicit landmark coordinates (m × d); overrides ``n_landmarks``.
     use_empirical_variance
-        Not supported yet; must stay ``False``.
+        kompot's empirical variance: a second GP per condition, fitted to the cells'
+        leave-one-out corrected squared residuals, gives each gene its own observation
+        variance. It enters the Mahalanobis distance as a diagonal term (kompot's "factor
+        trick" approximation), the fold-change z-scores, and the obs std (of the first
+        tested gene, as kompot stores it). Each gene block reads its tiles twice.
     batch_size
         Kept for compatibility with kompot (cells per prediction batch there); the Dask
         engine's chunking is set by :class:`ComputeSettings` instead.
@@ -170,9 +174,6 @@ class GPSettings(_Settings):
     neighbor_sample: int | None = 20_000
     landmark_sample: int | None = 100_000
 
-    _REFUSED: ClassVar[dict[str, str]] = {
-        "use_empirical_variance": "empirical variance is not implemented in kompot_dask yet",
-    }
     _IGNORED: ClassVar[dict[str, str]] = {
         "batch_size": "the Dask engine's chunking is set by ComputeSettings",
         "jit_compile": "kompot_dask always compiles its kernels",

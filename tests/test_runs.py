@@ -189,7 +189,7 @@ def test_call_args__settings_are_editable(history):
 _NON_DEFAULT = {
     kd.GPSettings: dict(sigma=0.5, ls=3.0, ls_factor=5.0, n_landmarks=7, landmarks=np.arange(15.0).reshape(5, 3),
                         batch_size=0, eps=1e-6, jit_compile=True, random_state=None, neighbors="pynndescent",
-                        neighbor_sample=None, landmark_sample=None),
+                        neighbor_sample=None, landmark_sample=None, use_empirical_variance=True),
     kd.FDRSettings: dict(null_genes=123, null_seed=7, threshold=0.01),
     kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5, check_representation=True),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,

@@ -1,4 +1,5 @@
-"""sample_col: kompot 0.8.0's sample variance (per-sample models on the shared landmarks).
+"""sample_col: kompot 0.8.0's sample variance (per-sample models on the shared landmarks),
+and GPSettings(use_empirical_variance=True), its empirical variance.
 
 Parity with kompot (run in a subprocess on the same input, like tests/test_parity.py):
 Mahalanobis distances with the gene-specific covariance ≤ 1e-8 relative (measured 8e-11),
@@ -257,3 +258,51 @@ def test_sample_col_cli(tmp_path, capsys):
     var = ad.read_zarr(store).var
     assert np.isfinite(var[f"{PAIR}_mahalanobis_sample_var"]).all()
     assert kd.RunInfo(store, run_id=-1).params["sample_col"] == "sample"
+
+
+# ---- GPSettings(use_empirical_variance=True) ------------------------------------------------
+
+
+@needs_kompot
+def test_empirical_variance_parity(tmp_path, client):
+    """kompot's empirical variance, null genes and additional statistics included: the
+    Mahalanobis distances (factor trick), the local FDR (the null genes get their own
+    variance GP), the obs std (the first tested gene's) and the z-score layer."""
+    adata, landmarks = _data(tmp_path, seed=17, samples=0)
+    ref = run_reference(tmp_path, adata, {
+        "groupby": "Age", "condition1": "Young", "condition2": "Old", "layer": "logged_counts", "obsm_key": "X_pca",
+        "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy"), "use_empirical_variance": True},
+        "fdr": {"null_genes": 30}, "storage": {"store_additional_stats": True},
+    })
+    store = kd.ingest(adata, tmp_path / "emp.zarr", progress=False)
+    kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          gp=kd.GPSettings(ls=200.0, landmarks=landmarks, use_empirical_variance=True),
+          fdr=kd.FDRSettings(null_genes=30), storage=kd.StorageSettings(store_additional_stats=True),
+          output=kd.OutputSettings(progress=False), client=client)
+    got = ad.read_zarr(store)
+    assert _our_fields(got) == _kompot_fields(ref)
+    d, d_ref = got.var[f"{PAIR}_mahalanobis"].to_numpy(float), ref[f"var/{PAIR}_mahalanobis"].astype(float)
+    assert np.max(np.abs(d - d_ref) / d_ref) <= 1e-8  # measured 6.5e-10
+    fdr, fdr_ref = (got.var[f"{PAIR}_mahalanobis_local_fdr"].to_numpy(float),
+                    ref[f"var/{PAIR}_mahalanobis_local_fdr"].astype(float))
+    assert np.max(np.abs(fdr - fdr_ref)) <= 1e-8  # measured 3.0e-10
+    np.testing.assert_array_equal(got.var[f"{PAIR}_is_de"].to_numpy(bool), ref[f"var/{PAIR}_is_de"].astype(bool))
+    for c in ("Young", "Old"):
+        std, std_ref = got.obs[f"kompot_de_{c}_std"].to_numpy(float), ref[f"obs/kompot_de_{c}_std"]
+        assert np.max(np.abs(std - std_ref)) <= 1e-8  # measured 3.1e-9
+    z = np.asarray(got.layers[f"{PAIR}_fold_change_zscores"], float)
+    assert np.max(np.abs(z - ref[f"layers/{PAIR}_fold_change_zscores"])) <= 5e-7  # float32 layer; 3.0e-8
+    # the variance is not negligible here: without it the distances differ
+    plain = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
+                  obsm_key="X_pca", gp=kd.GPSettings(ls=200.0, landmarks=landmarks), fdr=kd.FDRSettings(null_genes=0),
+                  storage=kd.StorageSettings(store_layers=False, result_key="plain"),
+                  output=kd.OutputSettings(progress=False, return_full_results=True), client=client)
+    assert np.max(np.abs(plain["table"]["mahalanobis"].to_numpy() - d) / d) > 1e-2
+
+
+def test_empirical_variance_with_sample_col_is_refused(tmp_path, client):
+    adata, landmarks = _data(tmp_path, seed=19)
+    store = kd.ingest(adata, tmp_path / "r.zarr", progress=False)
+    with pytest.raises(kd.SettingsError, match=r"use_empirical_variance=True\) with sample_col='sample'"):
+        kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+              sample_col="sample", gp=kd.GPSettings(landmarks=landmarks, use_empirical_variance=True), client=client)

@@ -35,7 +35,7 @@ from .. import _layout
 from .._io import commit as io_commit
 from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader, write_tile
 from .._io.tiles import TransposedReader, read_staged_tile, transpose_group
-from .._layout import FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
+from .._layout import EMPIRICAL_OUTPUTS, FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 from .._progress import progress as progress_bar
@@ -388,6 +388,129 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     return out
 
 
+def _leverage_task(rows, Z, X, M, ls, kernel_chunk, dtype, marker=None):
+    """mellon's leverage h(x) = k_xᵀ M⁻¹ k_x of the training cells ``rows`` of one condition
+    (empirical variance), for the leave-one-out correction of their squared residuals."""
+    h = np.empty(len(rows))
+    for s in range(0, len(rows), kernel_chunk):
+        r = rows[s : s + kernel_chunk]
+        h[s : s + len(r)] = gp_mod.leverages(gp_mod._pad_rows(X[r], kernel_chunk), Z, M, ls, dtype)[: len(r)]
+    _trim_heap()
+    out = {"leverage_rows": rows, "h": h}
+    if marker is not None:
+        io_commit.write_marker(marker[0], marker[1], out)
+    return out
+
+
+def _per_cell(n: int, done, new, value: str) -> np.ndarray:
+    """One value per store row (NaN where none) from finished tasks' ``(rows, …)`` results."""
+    out = np.full(n, np.nan)
+    for r in [*done, *new]:
+        out[r["leverage_rows"]] = r[value]
+    return out
+
+
+def _dense_tile(ctx: BlockContext, r0: int, r1: int, c0: int, c1: int, local: np.ndarray) -> np.ndarray:
+    if getattr(ctx.reader, "sparse", False):
+        piece = ctx.reader.piece(r0, r1, slice(c0, c1))
+        return (piece[:, local] if len(local) < c1 - c0 else piece).toarray()
+    return ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
+
+
+def _variance_weights(ctx, Z, X, pieces, h, w, C, eps):
+    """Each condition's empirical variance weights V_c — the variance GP fitted to the
+    leave-one-out corrected squared residuals of its cells (``pieces`` yields (condition
+    0/1, rows, values)) — and their summed variance at the landmarks, Σ_c max(Kzz V_c, eps)
+    (m × g)."""
+    accs = [gp_mod.ResidualAccumulator(Z, ctx.ls, w[c], ctx.layout.kernel_chunk, ctx.dtype) for c in (0, 1)]
+    for c, rows, values in pieces:
+        accs[c].add(X, values, h[rows], rows=rows)
+    V = [gp_mod.condition_weights(C[c], accs[c].result(), ctx.sigma, FACTOR_DTYPE) for c in (0, 1)]
+    del accs
+    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
+    return V, np.maximum(kzz @ V[0], eps) + np.maximum(kzz @ V[1], eps)
+
+
+def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, Wsq, diagonal,
+                          eps: float, lev_done, lev_new, std_done, std_new, gene0: bool, after=()):
+    """:func:`_real_block_task` with kompot's empirical variance
+    (``GPSettings(use_empirical_variance=True)``): a second read of the block's tiles gives
+    each condition's leave-one-out corrected squared residuals, the variance GP fitted to them
+    adds a per-gene diagonal term to the Mahalanobis covariance (kompot's factor trick), and
+    its prediction enters the z-scores and (for the first tested gene) the obs std."""
+    clock = _Clock()
+    lay = ctx.layout
+    c0, c1 = block["c0"], block["c1"]
+    local = block["local"]
+    n_sel = len(local)
+    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
+    factors = {"C1": C1, "C2": C2, "R": R}
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    del b1, b2
+    clock.lap("scoring")
+    n = lay.row_ranges[-1][1] if lay.row_ranges else 0
+    h = _per_cell(n, lev_done, lev_new, "h")
+
+    def pieces():  # every tile read once more, both conditions' cells from it
+        for r0, r1 in lay.row_ranges:
+            code = codes[r0:r1]
+            if not ((code == 1) | (code == 2)).any():
+                continue
+            tile = _dense_tile(ctx, r0, r1, c0, c1, local)
+            for c in (0, 1):
+                sel = np.flatnonzero(code == c + 1)
+                if len(sel):
+                    yield c, r0 + sel, tile[sel]
+
+    V, v = _variance_weights(ctx, Z, X, pieces(), h, (w1, w2), (C1, C2), eps)
+    if not bool(diagonal):  # kompot's diagonal shortcut ignores the empirical variance
+        d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
+    clock.lap("empirical variance")
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    kc = lay.kernel_chunk
+    Zd = gp_mod.as_device(Z, ctx.dtype)
+    if ctx.staged:
+        var = np.full((2, n), np.nan)
+        for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
+            var[0, rows] = np.asarray(s1) ** 2 - eps  # std = sqrt(var + eps)
+            var[1, rows] = np.asarray(s2) ** 2 - eps
+        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
+            sel = np.flatnonzero(pred[r0:r1])
+            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
+            for s in range(0, len(sel), kc):
+                rows = sel[s : s + kc]
+                k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[: len(rows)]
+                mu1, mu2 = k @ w1, k @ w2
+                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1}
+                if "fold_change_zscores" in tiles:
+                    total = (var[0, r0 + rows] + var[1, r0 + rows])[:, None] + np.maximum(k @ V[0], eps) \
+                        + np.maximum(k @ V[1], eps)
+                    values["fold_change_zscores"] = (mu2 - mu1) / np.sqrt(total + eps)
+                for role, t in tiles.items():
+                    t[np.ix_(rows, local)] = values[role][:, :n_sel]
+            clock.lap("layer prediction")
+            for role, path in ctx.staged.items():
+                write_tile(path, "", r0, r1, c0, c1, tiles[role])
+            clock.lap("layer write")
+    if gene0:  # kompot's obs std holds the first tested gene's (gene-independent without this variance)
+        rows = np.flatnonzero(pred)
+        ov = np.empty((2, len(rows)))
+        for s in range(0, len(rows), kc):
+            r = rows[s : s + kc]
+            k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r], kc), Zd, ctx.ls, ctx.dtype)[: len(r)]
+            ov[0, s : s + len(r)] = np.maximum(k @ V[0][:, 0], eps)
+            ov[1, s : s + len(r)] = np.maximum(k @ V[1][:, 0], eps)
+        out["gene0_rows"], out["gene0_obs_var"] = rows, ov
+        clock.lap("empirical variance")
+    out["seconds"] = clock.seconds
+    del w1, w2, V
+    _trim_heap()
+    if ctx.markers:
+        io_commit.write_marker(ctx.markers, f"real-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
+    return out
+
+
 def _zscore_task(ctx: BlockContext, block: dict, fc_path: str, z_path: str, eps: float, std_done, std_new,
                  after=None) -> dict:
     """The fold-change z-score tiles of one gene block: the staged fold change over its
@@ -416,8 +539,9 @@ def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=()):
-    """Score one block of null genes: permuted source columns over both conditions."""
+def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=(), emp=None):
+    """Score one block of null genes: permuted source columns over both conditions (``emp``:
+    the empirical variance's inputs, :func:`_null_empirical`)."""
     clock = _Clock()
     lay = ctx.layout
     sources = block["sources"]  # sorted store column of each null
@@ -434,7 +558,7 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         clock.lap("null-gene read")
         if y.nnz >= _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
             y = y.toarray().astype(vdt, copy=False)
-        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
+        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp)
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
@@ -468,10 +592,10 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
-    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources))
+    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp)
 
 
-def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources):
+def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, emp=None):
     """Project the permuted null values ``y`` (condition 1's cells first; dense, or CSR
     multiplied sparse) and score them."""
     lay, n1 = ctx.layout, len(rows1)
@@ -481,9 +605,36 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
         acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
         (acc.add_sparse if sparse else acc.add)(X, part, rows=rows)
         accs.append(acc)
-    del y
     clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
-    return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources)
+    if emp is None:
+        del y
+        return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources)
+    return _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, **emp)
+
+
+def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, *, Wsq, diagonal,
+                    eps, lev_done, lev_new):
+    """:func:`_null_scores` with the empirical variance: the null genes' own variance GP, as
+    kompot fits it for the null genes it appends to the expression."""
+    b1, b2 = accs[0].result(), accs[1].result()
+    del accs
+    w1, w2, d, _ = gp_mod.block_scores({"C1": C1, "C2": C2, "R": R}, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    del b1, b2
+    n1 = len(rows1)
+    n = ctx.layout.row_ranges[-1][1] if ctx.layout.row_ranges else 0
+    h = _per_cell(n, lev_done, lev_new, "h")
+    _, v = _variance_weights(ctx, Z, X, [(0, rows1, y[:n1]), (1, rows2, y[n1:])], h, (w1, w2), (C1, C2), eps)
+    del y
+    if not bool(diagonal):
+        d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
+    clock.lap("null-gene empirical variance")
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
+           "seconds": clock.seconds}
+    _trim_heap()
+    if ctx.markers:
+        io_commit.write_marker(ctx.markers, f"null-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
+    return out
 
 
 def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
@@ -686,7 +837,8 @@ _FIT_PRIORITY = 10
 
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
-                kernel_chunk: int, n_workers: int, n_threads: int, allow_diagonal: bool = True) -> tuple[dict, list]:
+                kernel_chunk: int, n_workers: int, n_threads: int, allow_diagonal: bool = True,
+                empirical: bool = False) -> tuple[dict, list]:
     """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
     run waits on."""
     kc = kernel_chunk
@@ -713,11 +865,17 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
     metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
-                             **hi)
+                             empirical, **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     diag_f = client.submit(operator.getitem, metric_f, 1, **hi)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
-    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f]
+    extra = []
+    if empirical:
+        fit["Wsq"] = client.submit(operator.getitem, metric_f, 2, **hi)
+        fit["M1"] = client.submit(gp_mod.leverage_factor, C1_f, sigma, FACTOR_DTYPE, **hi)
+        fit["M2"] = client.submit(gp_mod.leverage_factor, C2_f, sigma, FACTOR_DTYPE, **hi)
+        extra = [fit[k] for k in EMPIRICAL_OUTPUTS]
+    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
 
 
 def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str, *, ls: float, sigma: float,
@@ -747,16 +905,18 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
     """Side-effect tasks that keep each fit output in ``fit_dir``, each on the worker that
     holds it. Ahead of the blocks: a run interrupted after them resumes without fitting."""
-    paths = io_commit.array_paths(fit_dir, FIT_OUTPUTS)
-    return [client.submit(_save_fit_task, paths[name], fit[name], pure=False, priority=2)
-            for name in FIT_OUTPUTS]
+    paths = io_commit.array_paths(fit_dir, tuple(fit))
+    return [client.submit(_save_fit_task, paths[name], fit[name], pure=False, priority=2) for name in fit]
 
 
 def _load_fit(client: Client, paths: dict[str, str]) -> tuple[dict, list]:
     """The saved fit as tasks that read it on the workers: tasks, not scattered data, so
     that the scheduler can load a factor again when the worker holding it dies."""
-    fit = {name: client.submit(_load_factor_task, paths[name], pure=False) for name in ("Lp", "C1", "C2", "R")}
-    fit["kbar"] = client.submit(_load_array_task, paths["kbar"], pure=False)
+    factors = [n for n in ("Lp", "C1", "C2", "R", "M1", "M2") if n in paths]
+    fit = {name: client.submit(_load_factor_task, paths[name], pure=False) for name in factors}
+    for name in ("kbar", "Wsq"):
+        if name in paths:
+            fit[name] = client.submit(_load_array_task, paths[name], pure=False)
     setup = list(fit.values())
     fit["diagonal"] = client.submit(_load_array_task, paths["diagonal"], pure=False)
     return fit, setup
@@ -805,6 +965,7 @@ def run_engine(
     staging: io_commit.Staging,
     samples: SampleSpec | None = None,
     need_std: bool = True,
+    empirical: bool = False,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -839,8 +1000,13 @@ def run_engine(
     null_out = [done[f"null-{b['index']}"] for b in null_blocks if f"null-{b['index']}" in done]
     std_out = [tuple(done[f"stdk-{i}"][k] for k in ("rows", "std1", "std2")) + (0.0,)
                for i, _ in std_parts if f"stdk-{i}" in done]
-    # with sample variance the block tasks write the z-scores themselves
-    z_blocks = list(real_blocks) if "fold_change_zscores" in staged and samples is None else []
+    # with sample or empirical variance the block tasks write the z-scores themselves
+    own_z = samples is not None or empirical
+    z_blocks = list(real_blocks) if "fold_change_zscores" in staged and not own_z else []
+    lev_parts = ([(c, i, r) for c, rows in ((1, rows1), (2, rows2))
+                  for i, r in enumerate(_layout.std_parts(layout, rows))] if empirical else [])
+    lev_done = [done[f"lev{c}-{i}"] for c, i, _ in lev_parts if f"lev{c}-{i}" in done]
+    lev_parts = [(c, i, r) for c, i, r in lev_parts if f"lev{c}-{i}" not in done]
     n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks)
     z_blocks = [b for b in z_blocks if f"z-{b['index']}" not in done]
     real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
@@ -872,7 +1038,7 @@ def run_engine(
             transposing = [client.submit(transpose_group, source.store_path, info, g, g0, g1, tdir, pure=False,
                                          key=f"kompot-transpose-{run_token}-{g}")
                            for g, (g0, g1) in enumerate(groups)]
-        block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores" or samples is not None}
+        block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores" or own_z}
         ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, block_layers, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
         # again on a restarted worker, while scattered data dies with its workers.
@@ -887,14 +1053,14 @@ def run_engine(
         kc = layout.kernel_chunk
 
         fit_dir = staging.sub("fit")
-        saved = io_commit.saved_arrays(fit_dir, FIT_OUTPUTS)
+        saved = io_commit.saved_arrays(fit_dir, FIT_OUTPUTS + (EMPIRICAL_OUTPUTS if empirical else ()))
         if saved is not None:
             logger.info("Resuming: the fit of the interrupted run is reused")
             fit, setup = _load_fit(client, saved)
         else:
             fit, setup = _submit_fit(client, Z_f, X_f, rows1, rows2, pred_rows, ls=ls, sigma=sigma, eps=eps,
                                      kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads,
-                                     allow_diagonal=samples is None)
+                                     allow_diagonal=samples is None, empirical=empirical)
             setup += _save_fit(client, fit, fit_dir)
         Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f = (fit[k] for k in FIT_OUTPUTS)
         if samples is not None:
@@ -908,10 +1074,22 @@ def run_engine(
             # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
             std_futures.append(client.submit(_std_task, r, Z_f, X_f, Lp_f, C1_f, C2_f, ls, kc, eps, FACTOR_DTYPE,
                                              (markers, f"stdk-{i}"), pure=False, priority=1))
+        lev_futures = [client.submit(_leverage_task, r, Z_f, X_f, fit[f"M{c}"], ls, kc, FACTOR_DTYPE,
+                                     (markers, f"lev{c}-{i}"), pure=False, priority=1) for c, i, r in lev_parts]
+        first_block = min((b["index"] for b in _layout.real_blocks(layout, n_vars, selected)), default=-1)
+        emp = (dict(Wsq=fit["Wsq"], diagonal=diag_f, eps=eps, lev_done=lev_done, lev_new=lev_futures)
+               if empirical else None)
         real_futures = {}
         for blk in real_blocks:
             key = f"kompot-real-block-{run_token}-{blk['index']}"
-            if samples is None:
+            if empirical:
+                with_std = bool(block_layers) and "fold_change_zscores" in block_layers
+                real_futures[blk["index"]] = client.submit(
+                    _empirical_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, fit["Wsq"],
+                    diag_f, eps, lev_done, lev_futures, [t[:3] for t in std_done] if with_std else [],
+                    std_futures if with_std else [], blk["index"] == first_block, transposing, pure=False, key=key,
+                )
+            elif samples is None:
                 real_futures[blk["index"]] = client.submit(
                     _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
                     pure=False, key=key,
@@ -926,9 +1104,11 @@ def run_engine(
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:
             futures.append(client.submit(
-                _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing,
+                _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing, emp,
                 pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
+        futures += lev_futures
+        del lev_futures, emp
         futures += std_futures
         for blk in z_blocks:
             # fold change / its posterior std, once the block's tiles and every cell's std exist
@@ -963,6 +1143,8 @@ def run_engine(
                 elif fut.key in outputs:
                     if isinstance(res, tuple):
                         std_out.append(res)
+                    elif "leverage_rows" in res:
+                        pass  # used by the block tasks only
                     elif "zscore" in res:
                         pass  # its tiles are in the staged layer
                     elif "null_ids" in res:
@@ -1011,6 +1193,11 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
         std1[rows] = a
         std2[rows] = b
         seconds["posterior std"] = seconds.get("posterior std", 0.0) + float(t)
+    for r in real_out:  # empirical variance: kompot's obs std includes the first tested gene's
+        if "gene0_obs_var" in r:
+            rows, ov = r["gene0_rows"], r["gene0_obs_var"]
+            std1[rows] = np.sqrt(std1[rows] ** 2 + ov[0])  # std² = var + eps
+            std2[rows] = np.sqrt(std2[rows] ** 2 + ov[1])
     for r in (*real_out, *null_out):
         for phase, t in r.get("seconds", {}).items():
             seconds[phase] = seconds.get(phase, 0.0) + float(t)

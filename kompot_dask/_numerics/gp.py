@@ -343,7 +343,8 @@ def _lower_abs_sum(a: np.ndarray, block: int = 512) -> float:
 
 def landmark_metric(
     Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64", allow_diagonal: bool = True,
-) -> tuple[DeviceMatrix, bool]:
+    with_inverse_squares: bool = False,
+) -> tuple:
     """``Rᵀ`` (stored C-contiguous) such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖,
     and whether the reference's diagonal shortcut applies.
 
@@ -371,6 +372,7 @@ def landmark_metric(
         logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
         del cov
         work /= np.sqrt(np.maximum(diag, eps))[:, None]
+        wsq = np.zeros((1, 1), dtype=dt)  # the shortcut ignores the empirical variance, as kompot's
     else:
         cov[np.diag_indices(m)] += eps
         chol = _potrf_lower_inplace(cov)
@@ -378,9 +380,18 @@ def landmark_metric(
             blas.trsm_left_lower(chol, work)
         else:
             work[...] = np.nan
+        if with_inverse_squares:  # L⁻¹ squared elementwise, for the empirical variance's factor trick
+            wsq = np.asfortranarray(np.eye(m, dtype=dt))
+            if np.all(np.isfinite(chol)):
+                blas.trsm_left_lower(chol, wsq)
+                np.square(wsq, out=wsq)
+            else:
+                wsq[...] = np.nan
         del chol, cov
     if not np.all(np.isfinite(work)):
         logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
+    if with_inverse_squares:
+        return DeviceMatrix(work.T, dtype), diagonal, wsq
     return DeviceMatrix(work.T, dtype), diagonal
 
 
@@ -427,6 +438,73 @@ def block_scores(
         d, lfc = _mahalanobis_batch(_to_jax(factors["R"], jdt), jnp.asarray(kbar_mean, jdt),
                                     jnp.asarray(w[0], jdt), jnp.asarray(w[1], jdt))
         return w[0], w[1], np.asarray(d), np.asarray(lfc)
+
+
+def leverage_factor(C, sigma: float, dtype: str = "float64") -> DeviceMatrix:
+    """Upper factor of mellon's leverage matrix M = σ² K̃uu + S + jitter·I for one
+    condition, from its factor C (C Cᵀ = K̃uu + S/σ², so M = σ² C Cᵀ + jitter·I)."""
+    lower = np.asfortranarray(_lower_view(C), dtype=np.dtype(dtype))
+    m = lower.shape[0]
+    M = np.zeros((m, m), dtype=np.dtype(dtype), order="F")
+    blas.syrk_lower(M, lower, sigma**2, 0.0, trans=False)
+    M[np.diag_indices(m)] += JITTER
+    return _upper_factor(_potrf_lower_inplace(M), dtype)
+
+
+def leverages(X: np.ndarray, Z: np.ndarray, M, ls: float, dtype: str = "float64") -> np.ndarray:
+    """h(x) = k_xᵀ M⁻¹ k_x at cells ``X`` (mellon's leverage of a training cell, for the
+    leave-one-out correction of its squared residuals)."""
+    work = np.asfortranarray(matern52(Z, X, ls, dtype))
+    blas.trsm_left_lower(_lower_view(M), work)
+    return np.einsum("ij,ij->j", work, work)
+
+
+class ResidualAccumulator:
+    """Accumulates ``Σ_k K(Z, X_k) R2_k`` for one block of genes, where R2 are the
+    leave-one-out corrected squared residuals (y − k_xᵀW)² / (1 − h)² of the training cells
+    (mellon's empirical variance): the right-hand side of the variance GP, whose weights
+    come from the same condition factor as the mean's."""
+
+    def __init__(self, Z: np.ndarray, ls: float, W: np.ndarray, chunk: int, dtype: str = "float64"):
+        self.dtype = np.dtype(dtype)
+        self.chunk = chunk
+        self._ls = ls
+        with precision(dtype) as dt:
+            self._z = jnp.asarray(Z, dt)
+        self._w = np.asarray(W, dtype=self.dtype)
+        self._b = np.zeros_like(self._w)
+
+    def add(self, X: np.ndarray, Y, h: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Cells ``X`` (n × d), their expression ``Y`` (n × genes, dense or CSR) and
+        leverages ``h`` (n); with ``rows``, of the cells ``X[rows]`` (``Y`` and ``h`` then
+        have one entry per entry of ``rows``)."""
+        g = Y.shape[1]
+        n_all = X.shape[0] if rows is None else len(rows)
+        for start in range(0, n_all, self.chunk):
+            xs = X[start : start + self.chunk] if rows is None else X[rows[start : start + self.chunk]]
+            n = xs.shape[0]
+            if n == 0:
+                continue
+            with precision(self.dtype) as dt:
+                k = np.asarray(_matern52_jit(jnp.asarray(_pad_rows(np.asarray(xs, dt), self.chunk), dt), self._z,
+                                             jnp.asarray(self._ls, dt)))[:n]
+            ys = Y[start : start + n]
+            ys = ys.toarray() if sp.issparse(ys) else ys
+            r = np.asarray(ys, dtype=self.dtype) - k @ self._w[:, :g]
+            r *= 1.0 / (1.0 - h[start : start + n])[:, None]
+            self._b[:, :g] += k.T @ (r * r)
+
+    def result(self) -> np.ndarray:
+        return self._b
+
+
+def empirical_mahalanobis(R: np.ndarray, Wsq: np.ndarray, dw: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """kompot's "factor trick" for a per-gene diagonal term (empirical variance): with
+    z = R dw = L⁻¹ δ and v_g the summed observation variances at the landmarks (m × g),
+    D_g = sqrt(Σᵢ zᵢ² / (1 + Σⱼ (L⁻¹)ᵢⱼ² v_gⱼ)) — an approximation of δᵀ(Σ + diag v_g)⁻¹δ that
+    kompot 0.8.0 uses, kept for parity. ``Wsq`` = (L⁻¹)∘(L⁻¹) (m × m)."""
+    z = R @ dw
+    return np.sqrt(np.einsum("mg,mg->g", z * z, 1.0 / (1.0 + Wsq @ v)))
 
 
 def condition_weights(factor, B: np.ndarray, sigma: float, dtype: str = "float64") -> np.ndarray:
