@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 
 import anndata as ad
 import numpy as np
@@ -306,3 +307,66 @@ def test_empirical_variance_with_sample_col_is_refused(tmp_path, client):
     with pytest.raises(kd.SettingsError, match=r"use_empirical_variance=True\) with sample_col='sample'"):
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
               sample_col="sample", gp=kd.GPSettings(landmarks=landmarks, use_empirical_variance=True), client=client)
+
+
+KILL_DRIVER = """
+import os, signal, sys, threading, time
+import numpy as np
+import kompot_dask as kd
+import kompot_dask._engine.graph as eng
+from kompot_dask._io import commit
+from distributed import Client, LocalCluster
+
+store, landmarks = sys.argv[1], np.load(sys.argv[2])
+real = eng._sample_block_task
+def slow(*a, **k):
+    time.sleep(0.3)
+    return real(*a, **k)
+eng._sample_block_task = slow
+
+def watch():
+    while True:
+        for st in commit.list_staging(store):
+            done = [k for k in commit.read_markers(st.sub("markers")) if k.startswith("real-")]
+            if len(done) >= 2:
+                print("KILL", len(done), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.02)
+
+threading.Thread(target=watch, daemon=True).start()
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
+    kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+          compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=c)
+print("FINISHED", flush=True)
+"""
+
+
+def test_sample_col_resumes_after_sigkill(tmp_path, client):
+    """The client SIGKILLed after two of five gene blocks: the store is as it was, and the
+    rerun reuses the saved fit (the samples' factors included) and the finished blocks,
+    with results identical to an uninterrupted run."""
+    import subprocess
+    import sys
+
+    adata, landmarks = _data(tmp_path, seed=23)
+    store = kd.ingest(adata, tmp_path / "k.zarr", progress=False)
+    clean = kd.ingest(adata, tmp_path / "clean.zarr", progress=False)
+    proc = subprocess.run([sys.executable, "-c", KILL_DRIVER, store, str(tmp_path / "landmarks.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9 and "KILL" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert not any(c.startswith("kompot") for c in ad.read_zarr(store).var)  # nothing half-written
+    from kompot_dask._io import commit
+
+    (staged,) = commit.list_staging(store)
+    assert len([f for f in os.listdir(staged.sub("fit")) if f.startswith("sample-")]) == 6
+    kw = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+              sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+              compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=client)
+    kd.de(store, **kw)
+    kd.de(clean, **kw)
+    info = kd.RunInfo(store, -1).record
+    assert info["resumed"]["tasks_reused"] >= 2
+    a, b = ad.read_zarr(store), ad.read_zarr(clean)
+    np.testing.assert_array_equal(a.var[f"{PAIR}_mahalanobis_sample_var"], b.var[f"{PAIR}_mahalanobis_sample_var"])
+    np.testing.assert_array_equal(np.asarray(a.layers["kompot_de_Old_std"]), np.asarray(b.layers["kompot_de_Old_std"]))
