@@ -241,13 +241,44 @@ def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndar
     return out
 
 
+def _write_layers(ctx: BlockContext, block: dict, clock: _Clock, Z, X, pred, values) -> None:
+    """Predict and write a gene block's staged layers, whole shards at a time (one cell chunk
+    in a zarr v2 store): ``values(rows, k)`` gives each layer role's values (cells × block
+    genes) at the store rows ``rows`` from their kernel block ``k`` (cells × landmarks)."""
+    lay = ctx.layout
+    c0, c1, local = block["c0"], block["c1"], block["local"]
+    kc = lay.kernel_chunk
+    Zd = gp_mod.as_device(Z, ctx.dtype)  # once per block, not once per kernel chunk
+    for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
+        sel = np.flatnonzero(pred[r0:r1])
+        tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
+        for s in range(0, len(sel), kc):
+            rows = sel[s : s + kc]
+            k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[: len(rows)]
+            got = values(r0 + rows, k)
+            for role, t in tiles.items():
+                t[np.ix_(rows, local)] = got[role][:, : len(local)]
+        clock.lap("layer prediction")
+        for role, path in ctx.staged.items():
+            write_tile(path, "", r0, r1, c0, c1, tiles[role])
+        clock.lap("layer write")
+
+
+def _posterior_var(n: int, std_done, std_new, eps: float) -> np.ndarray:
+    """Both conditions' posterior variance per store row (2 × n, NaN where not predicted)
+    from the std tasks' results (std = sqrt(var + eps))."""
+    var = np.full((2, n), np.nan)
+    for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
+        var[0, rows] = np.asarray(s1) ** 2 - eps
+        var[1, rows] = np.asarray(s2) ** 2 - eps
+    return var
+
+
 def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=()):
     """Fit, score and (optionally) predict one block of store columns (``after``: the
     transposition of a CSR element, which its reads need)."""
     clock = _Clock()
-    lay = ctx.layout
-    c0, c1 = block["c0"], block["c1"]
-    local = block["local"]
+    c0, local = block["c0"], block["local"]
     b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
@@ -255,27 +286,13 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     del b1, b2
     clock.lap("scoring")
     if ctx.staged:
-        kc = lay.kernel_chunk
-        Zd = gp_mod.as_device(Z, ctx.dtype)  # once per block, not once per kernel chunk
-        # whole shards of the output layers at a time (one cell chunk in a zarr v2 store)
-        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
-            sel = np.flatnonzero(pred[r0:r1])
-            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
-            for s in range(0, len(sel), kc):
-                rows = sel[s : s + kc]
-                xs = gp_mod._pad_rows(X[r0 + rows], kc)
-                mu1, mu2, fc = gp_mod.predict_pair(xs, Zd, w1, w2, ctx.ls, ctx.dtype)
-                n = len(rows)
-                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": fc}
-                for role, t in tiles.items():
-                    t[np.ix_(rows, local)] = values[role][:n, :n_sel]
-            clock.lap("layer prediction")
-            for role, path in ctx.staged.items():
-                write_tile(path, "", r0, r1, c0, c1, tiles[role])
-            clock.lap("layer write")
+        def values(rows, k):
+            mu1, mu2 = k @ w1, k @ w2
+            return {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1}
+
+        _write_layers(ctx, block, clock, Z, X, pred, values)
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "seconds": clock.seconds}
-    del w1, w2
     _trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
@@ -324,8 +341,7 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     sample variance (and the z-scores) as layers."""
     clock = _Clock()
     lay = ctx.layout
-    c0, c1 = block["c0"], block["c1"]
-    local = block["local"]
+    c0, local = block["c0"], block["local"]
     n_sel = len(local)
     groups = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples)
     b = [groups[0].copy(), groups[1].copy()]
@@ -346,38 +362,19 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     del dev
     clock.lap("scoring")
     if ctx.staged:
-        n = lay.row_ranges[-1][1] if lay.row_ranges else 0
-        var = np.full((2, n), np.nan)
-        for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
-            var[0, rows] = np.asarray(s1) ** 2 - eps  # std = sqrt(var + eps)
-            var[1, rows] = np.asarray(s2) ** 2 - eps
-        kc = lay.kernel_chunk
-        Zd = gp_mod.as_device(Z, ctx.dtype)
-        g = w1.shape[1]
-        wcat = np.concatenate([w1, w2, *ws], axis=1).astype(ctx.dtype, copy=False)
-        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
-            sel = np.flatnonzero(pred[r0:r1])
-            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
-            for s in range(0, len(sel), kc):
-                rows = sel[s : s + kc]
-                nr = len(rows)
-                k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[:nr]
-                p = (k @ wcat).reshape(nr, -1, g)  # cells × (2 + samples) × genes
-                mu1, mu2 = p[:, 0], p[:, 1]
-                sv1 = p[:, [2 + i for i in spec.use1]].var(axis=1, ddof=1)
-                sv2 = p[:, [2 + i for i in spec.use2]].var(axis=1, ddof=1)
-                tv1 = var[0, r0 + rows][:, None] + sv1
-                tv2 = var[1, r0 + rows][:, None] + sv2
-                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1,
-                          "sample_std1": np.sqrt(tv1 + eps), "sample_std2": np.sqrt(tv2 + eps)}
-                if "fold_change_zscores" in tiles:
-                    values["fold_change_zscores"] = (mu2 - mu1) / np.sqrt(tv1 + tv2 + eps)
-                for role, t in tiles.items():
-                    t[np.ix_(rows, local)] = values[role][:, :n_sel]
-            clock.lap("layer prediction")
-            for role, path in ctx.staged.items():
-                write_tile(path, "", r0, r1, c0, c1, tiles[role])
-            clock.lap("layer write")
+        var = _posterior_var(lay.row_ranges[-1][1] if lay.row_ranges else 0, std_done, std_new, eps)
+        models = [w1, w2, *ws]
+
+        def values(rows, k):
+            p = np.stack([k @ w for w in models], axis=1)  # cells × (2 + samples) × genes
+            mu1, mu2 = p[:, 0], p[:, 1]
+            tv1 = var[0, rows][:, None] + p[:, [2 + i for i in spec.use1]].var(axis=1, ddof=1)
+            tv2 = var[1, rows][:, None] + p[:, [2 + i for i in spec.use2]].var(axis=1, ddof=1)
+            return {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1,
+                    "sample_std1": np.sqrt(tv1 + eps), "sample_std2": np.sqrt(tv2 + eps),
+                    "fold_change_zscores": (mu2 - mu1) / np.sqrt(tv1 + tv2 + eps)}
+
+        _write_layers(ctx, block, clock, Z, X, pred, values)
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "seconds": clock.seconds}
     del w1, w2, ws
@@ -467,31 +464,21 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
         d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
     clock.lap("empirical variance")
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    if ctx.staged:
+        var = _posterior_var(n, std_done, std_new, eps)
+
+        def values(rows, k):
+            mu1, mu2 = k @ w1, k @ w2
+            got = {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1}
+            if "fold_change_zscores" in ctx.staged:
+                total = ((var[0, rows] + var[1, rows])[:, None] + np.maximum(k @ V[0], eps)
+                         + np.maximum(k @ V[1], eps))
+                got["fold_change_zscores"] = (mu2 - mu1) / np.sqrt(total + eps)
+            return got
+
+        _write_layers(ctx, block, clock, Z, X, pred, values)
     kc = lay.kernel_chunk
     Zd = gp_mod.as_device(Z, ctx.dtype)
-    if ctx.staged:
-        var = np.full((2, n), np.nan)
-        for rows, s1, s2 in [*std_done, *(t[:3] for t in std_new)]:
-            var[0, rows] = np.asarray(s1) ** 2 - eps  # std = sqrt(var + eps)
-            var[1, rows] = np.asarray(s2) ** 2 - eps
-        for r0, r1 in _shard_ranges(lay, ctx.shard_rows):
-            sel = np.flatnonzero(pred[r0:r1])
-            tiles = {role: np.full((r1 - r0, c1 - c0), np.nan, dtype=ctx.layer_dtype) for role in ctx.staged}
-            for s in range(0, len(sel), kc):
-                rows = sel[s : s + kc]
-                k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[: len(rows)]
-                mu1, mu2 = k @ w1, k @ w2
-                values = {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1}
-                if "fold_change_zscores" in tiles:
-                    total = (var[0, r0 + rows] + var[1, r0 + rows])[:, None] + np.maximum(k @ V[0], eps) \
-                        + np.maximum(k @ V[1], eps)
-                    values["fold_change_zscores"] = (mu2 - mu1) / np.sqrt(total + eps)
-                for role, t in tiles.items():
-                    t[np.ix_(rows, local)] = values[role][:, :n_sel]
-            clock.lap("layer prediction")
-            for role, path in ctx.staged.items():
-                write_tile(path, "", r0, r1, c0, c1, tiles[role])
-            clock.lap("layer write")
     if gene0:  # kompot's obs std holds the first tested gene's (gene-independent without this variance)
         rows = np.flatnonzero(pred)
         ov = np.empty((2, len(rows)))
@@ -503,7 +490,6 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
         out["gene0_rows"], out["gene0_obs_var"] = rows, ov
         clock.lap("empirical variance")
     out["seconds"] = clock.seconds
-    del w1, w2, V
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
