@@ -151,9 +151,12 @@ def scale(args, work: str) -> None:
         r = runs["sample_col, layers"]
         t = r["task_seconds"].get("layer prediction", 0.0)
         S = 2 * args.donors
-        flops = 2.0 * n * m * g * (S + 2)  # every model's prediction at every cell (both means + each donor)
+        # both means and each condition's Helmert contrasts (S − 2 in all) at every cell;
+        # predicting every donor's model as well as both means would be S + 2
+        flops = 2.0 * n * m * g * S
         print(f"\nlayers with the sample variance: 'layer prediction' {t:.0f} thread-seconds for "
-              f"{flops / 1e12:.1f} TFLOP (n·m·G·(S+2) multiply-adds): {flops / t / 1e9:.1f} GFLOP/s per thread")
+              f"{flops / 1e12:.1f} TFLOP (n·m·G·S multiply-adds; each donor's own prediction as well would be "
+              f"S + 2): {flops / t / 1e9:.1f} GFLOP/s per thread")
         print("task thread-seconds:", json.dumps({k: round(v) for k, v in r["task_seconds"].items()}))
     print(f"\nkompot 0.8.0's own memory estimate for this run (sample variance, m = {m}): "
           f"{gib(est['memory_bytes'])}")

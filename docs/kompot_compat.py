@@ -42,6 +42,13 @@ SETTINGS_NOTES = {
                                 "refused for a store, which is written in place",
     ("OutputSettings", "inplace"): "supported for an in-memory AnnData (`False`: it stays unchanged, the full "
                                    "results are returned); refused for a store",
+    ("FilterSettings", "groups"): "supported: kompot's varm tables (`..._groups`, genes × subsets) from the run's own "
+                                  "models, with each subset's own landmarks or cells, null-gene FDR and sample "
+                                  "variance; kompot's forms and subset names (not its test-shaped list-of-arrays "
+                                  "special cases); subsets of fewer than 2 cells are left out of the tables (kompot "
+                                  "keeps them as columns of zeros); refused with the empirical variance",
+    ("FilterSettings", "check_representation"): "supported: `True` leaves each underrepresented (subset, condition) "
+                                                "pair's cells out of the run (kompot's documented behaviour)",
 }
 PLOT_NOTES = {
     "adata": "mapped: `data`, an AnnData, a store path or an opened store",
@@ -51,7 +58,7 @@ PLOT_NOTES = {
 PLOT_FUNCTION_NOTES = {
     "volcano_de": {
         "kwargs": "supported: further `Axes.scatter` arguments for the not-significant genes",
-        "group": "refused: kompot_dask.de computes no per-group (`groups=`) results; a value raises `ValueError`",
+        "group": "not yet: the per-group tables are in varm (`FilterSettings(groups=...)`); a value raises `ValueError`",
         "update_de_classification": "refused: a plot never writes to the data; re-run `kd.de` with "
                                     "`FDRSettings(threshold=...)` (`True` raises `ValueError`)",
         "direction_column": "refused: only used with `update_de_classification`",

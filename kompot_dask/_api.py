@@ -29,6 +29,7 @@ import pandas as pd
 from dask.utils import format_bytes, format_time
 from distributed import Client, KilledWorker
 
+from . import _groups
 from . import _planner as planner
 from ._engine import graph as engine
 from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
@@ -51,6 +52,7 @@ from ._io.store import (
 )
 from ._layout import Landmarks, Layout, landmarks_for, make_layout, null_value_dtype
 from ._numerics import fdr as fdr_mod
+from ._numerics import gp as gp_numerics
 from ._runs import fields as run_fields
 from ._runs import record as run_record
 from ._settings import (
@@ -407,6 +409,9 @@ class _Cells:
     mask2: np.ndarray  # condition 2, within the filter
     selected: np.ndarray  # store columns of the genes tested
     samples: engine.SampleSpec | None = None  # sample_col: the samples fitted for the sample variance
+    subsets: _groups.Subsets | None = None  # FilterSettings.groups, within the filter (≥ 2 cells each)
+    underrepresentation: dict[str, list[Any]] = field(default_factory=dict)
+    auto_filtered: bool = False  # check_representation=True left underrepresented cells out
 
     @property
     def n1(self) -> int:
@@ -559,6 +564,9 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
     else:
         selected = np.arange(store.n_vars)
     filter_mask = _cell_filter_mask(obs, filt.cell_filter)
+    subsets, underrep, auto = _subsets(obs, call, filt)
+    if auto is not None:
+        filter_mask = filter_mask & auto
     # Only the filtered cells enter the model (fits, predictions, stds), so only they must be finite.
     bad_rows = filter_mask & ~_finite_rows(embedding)
     if bad_rows.any():
@@ -583,7 +591,64 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
         )
     if call.sample_col is not None:
         samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
-    return _Cells(embedding, filter_mask, mask1, mask2, selected, samples)
+    if subsets is not None:
+        if settings.gp.use_empirical_variance:
+            raise SettingsError(
+                "FilterSettings(groups=...) with GPSettings(use_empirical_variance=True): per-group distances with the "
+                "empirical variance are not implemented yet. Run the groups without the empirical variance."
+            )
+        subsets = _in_filter(subsets, filter_mask)
+    return _Cells(embedding, filter_mask, mask1, mask2, selected, samples, subsets, underrep, auto is not None)
+
+
+def _subsets(obs: pd.DataFrame, call: _Call, filt: FilterSettings
+             ) -> tuple[_groups.Subsets | None, dict[str, list[Any]], np.ndarray | None]:
+    """``FilterSettings.groups`` as named subsets, the conditions underrepresented in each
+    (checked, as kompot does, only when no cell_filter is given), and with
+    ``check_representation=True`` the cells that stay (the underrepresented (subset,
+    condition) pairs' cells left out), else None."""
+    if filt.groups is None:
+        return None, {}, None
+    subsets = _groups.parse_groups(obs, filt.groups)
+    if filt.check_representation is False or filt.cell_filter is not None:
+        return subsets, {}, None
+    logger.info("Checking for underrepresentation on the full dataset")
+    labels = obs[call.groupby]
+    low = _groups.underrepresented(subsets, labels, (call.condition1, call.condition2), filt.min_cells,
+                                   filt.min_percentage, warn=filt.check_representation is None)
+    if not low:
+        return subsets, {}, None
+    if filt.check_representation is None:
+        logger.warning("Please pass `check_representation=True` to enable filtering out these underrepresented groups.")
+        return subsets, low, None
+    keep = np.ones(len(obs), dtype=bool)
+    values = labels.to_numpy()
+    for name, conds in low.items():
+        mask = subsets.masks[subsets.names.index(name)]
+        for cond in conds:
+            keep &= ~(mask & (values == cond))
+        logger.info("  - Group '%s': underrepresented conditions %s: their cells are left out", name, conds)
+    logger.info("Automatically applying the underrepresentation filter (%s cells left out)", f"{int((~keep).sum()):,}")
+    return subsets, low, keep
+
+
+def _in_filter(subsets: _groups.Subsets, filter_mask: np.ndarray) -> _groups.Subsets:
+    """Each subset within the cells the run predicts at; subsets of fewer than 2 cells are skipped (kompot)."""
+    masks = subsets.masks & filter_mask[None, :]
+    counts = masks.sum(axis=1)
+    for name, n in zip(subsets.names, counts, strict=True):
+        if n < 2:
+            logger.warning("Subset '%s' has fewer than 2 cells (%d). Skipping analysis.", name, n)
+    keep = counts >= 2
+    if not keep.any():
+        raise ValueError(
+            f"FilterSettings.groups: none of the subsets {list(subsets.names)} has 2 or more cells within the cell "
+            "filter, so there is nothing to report per group. Check the groups and the cell filter."
+        )
+    logger.info("Identified %s subset(s): %s", f"{int(keep.sum()):,}",
+                ", ".join(n for n, k in zip(subsets.names, keep, strict=True) if k))
+    return _groups.Subsets(tuple(n for n, k in zip(subsets.names, keep, strict=True) if k), masks[keep],
+                           subsets.description)
 
 
 MIN_SAMPLE_CELLS = 2
@@ -678,6 +743,10 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
     layer_roles += ["sample_std1", "sample_std2"] if layer_roles and sampled else []
     roles += layer_roles
+    if settings.filter.groups is not None:  # kompot's varm tables: FDR only from null genes
+        roles += ["group_mean_lfc"] + (["group_mahalanobis"] if scored else [])
+        roles += ["group_local_fdr", "group_is_de"] if n_null > 0 else []
+        roles += ["group_neg_log10_ptp"] if scored and extra else []
     store.check_new_field_names(
         [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
         "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
@@ -688,7 +757,8 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
 def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None) -> _Earlier:
     uns_entry = store.read_uns_json(run_record.HISTORY_KEY)
     present = {"var": set(store.field_names("var")), "obs": set(store.field_names("obs")),
-               "layers": set(store.field_names("layers") if existing_layers is None else existing_layers)}
+               "layers": set(store.field_names("layers") if existing_layers is None else existing_layers),
+               "varm": set(store.field_names("varm"))}
     where = run_fields.FIELD_LOCATIONS
     existing = [(where[r], outputs.names[r]) for r in outputs.roles if outputs.names[r] in present[where[r]]]
     return _Earlier(uns_entry, run_record.load_history(uns_entry), run_record.load_field_tracking(uns_entry),
@@ -721,6 +791,7 @@ class _Results:
     layers: dict[str, str]  # field name -> staged array
     fdr: fdr_mod.FDRResult | None
     record: run_record.RunRecord | None = None  # set by the record step
+    varm: dict[str, pd.DataFrame] = field(default_factory=dict)  # per-subset tables (groups)
 
 
 @dataclass
@@ -828,6 +899,29 @@ def _layout_state(layout: Layout) -> dict[str, int]:
             "null_gene_block": layout.null_gene_block, "kernel_chunk": layout.kernel_chunk}
 
 
+def _group_spec(run: _Run, X: np.ndarray | EmbeddingReader, Z: np.ndarray) -> engine.GroupSpec | None:
+    """Each subset's cells and the points of its Mahalanobis covariance: k-means landmarks
+    of the subset (as many as the run's, with its seed) when it has more cells than that,
+    else the subset's cells (kompot's rule)."""
+    subsets = run.cells.subsets
+    if subsets is None:
+        return None
+    gp, m = run.settings.gp, Z.shape[0]
+    rows, points = [], []
+    for name, mask in zip(subsets.names, subsets.masks, strict=True):
+        r = np.flatnonzero(mask)
+        cells = RowSubset(X, r) if isinstance(X, EmbeddingReader) else X[r]
+        if len(r) > m:
+            logger.info("Subset '%s' has %s cells, more than the %s landmarks. Computing new landmarks.", name,
+                        f"{len(r):,}", f"{m:,}")
+            pts = gp_numerics.compute_landmarks(cells, m, gp.random_state, gp.landmark_sample)
+        else:
+            pts = np.asarray(cells, dtype=np.float64)
+        rows.append(r)
+        points.append(np.ascontiguousarray(pts, dtype=np.float64))
+    return engine.GroupSpec(subsets.names, tuple(rows), tuple(points))
+
+
 def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: float, layout: Layout,
                 staging: io_commit.Staging) -> engine.EngineResult:
     cells, s, outputs = run.cells, run.settings, run.outputs
@@ -845,7 +939,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             layer_names={r: outputs.names[r] for r in outputs.layer_roles}, layer_dtype=s.storage.layer_dtype,
             dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
             samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
-            empirical=s.gp.use_empirical_variance,
+            empirical=s.gp.use_empirical_variance, groups=_group_spec(run, X, Z),
         )
 
 
@@ -861,7 +955,8 @@ def _fingerprint(run: _Run) -> str:
                               store.element_signature(f"obs/{run.call.groupby}"),
                               store.element_signature(f"obs/{run.call.sample_col}") if run.call.sample_col else None],
                              sort_keys=True, default=str).encode())
-    for arr in (run.settings.gp.landmarks, run.cells.filter_mask):
+    subsets = run.cells.subsets
+    for arr in (run.settings.gp.landmarks, run.cells.filter_mask, None if subsets is None else subsets.masks):
         if arr is not None:
             digest.update(np.ascontiguousarray(arr).tobytes())
     return digest.hexdigest()
@@ -896,7 +991,7 @@ def _record(run: _Run, computed: _Computed, plan: planner.ResourcePlan, environm
     logger.info("This run will have `run_id=%d`.", run_id)
     res, cells, o = computed.result, run.cells, run.outputs
     fields_written = ([f"var/{k}" for k in results.var_columns] + [f"obs/{k}" for k in results.obs_columns]
-                      + [f"layers/{k}" for k in results.layers])
+                      + [f"layers/{k}" for k in results.layers] + [f"varm/{k}" for k in results.varm])
     results.record = run_record.build_record(
         run_id, names=o.by_role(), fields_written=fields_written,
         fdr_results=None if results.fdr is None else results.fdr.summary, params=run.call.params(run.settings),
@@ -911,8 +1006,33 @@ def _record(run: _Run, computed: _Computed, plan: planner.ResourcePlan, environm
         wall_seconds=round(time.perf_counter() - t_start, 3),
         phase_seconds=dict(run.phase_seconds), task_seconds=dict(res.thread_seconds),
         resumed=run_record.ResumeInfo(tasks_reused=res.n_reused, tasks_run=res.n_tasks) if res.n_reused else None,
+        groups=_groups_record(run),
     )
     return results
+
+
+def _groups_record(run: _Run) -> dict[str, Any]:
+    """kompot's record entries of a run with groups: the subsets, their cells (per
+    condition) and the representation check's findings."""
+    cells, call = run.cells, run.call
+    out: dict[str, Any] = {"underrepresentation": {k: [str(c) for c in v] for k, v in cells.underrepresentation.items()},
+                           "auto_filtered": cells.auto_filtered}
+    subsets = cells.subsets
+    if subsets is None:
+        return out
+    labels = run.store.obs[call.groupby].to_numpy()
+    per_group = {}
+    for name, mask in zip(subsets.names, subsets.masks, strict=True):
+        n = int(mask.sum())
+        conds = {}
+        for cond in (call.condition1, call.condition2):
+            cc = int((mask & (labels == cond)).sum())
+            conds[str(cond)] = {"count": cc, "percentage": 100.0 * cc / n if n else 0.0}
+        per_group[name] = {"count": n, "percentage": 100.0 * n / run.store.n_obs, "conditions": conds}
+    out["subset_names"] = list(subsets.names)
+    out["groups_summary"] = {"count": len(subsets), "names": list(subsets.names), "description": subsets.description,
+                             "cells_per_group": per_group}
+    return out
 
 
 def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
@@ -943,7 +1063,33 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
         var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
     obs_cols = {names[r]: getattr(res, r) for r in ("std1", "std2") if r in run.outputs.roles}
     layers = {names[r]: p for r, p in res.staged.items()}
-    return _Results(var_cols, obs_cols, layers, fdr_result)
+    return _Results(var_cols, obs_cols, layers, fdr_result, varm=_group_tables(run, res, per_gene))
+
+
+def _group_tables(run: _Run, res: engine.EngineResult, per_gene) -> dict[str, pd.DataFrame]:
+    """kompot's varm tables of a run with groups: genes × subsets, NaN (is_de: False) at the
+    genes not tested; the local FDR of each subset from its own null-gene distances."""
+    subsets, roles, names = run.cells.subsets, run.outputs.roles, run.outputs.names
+    if subsets is None:
+        return {}
+    threshold, dims = run.settings.fdr.threshold, run.cells.embedding.shape[1]
+    index = run.store.var.index
+    cols: dict[str, dict[str, np.ndarray]] = {r: {} for r in roles if r in run_fields.GROUP_ROLES}
+    for i, name in enumerate(subsets.names):
+        d = res.group_mahalanobis[i]
+        cols["group_mean_lfc"][name] = per_gene(res.group_mean_lfc[i])
+        if "group_mahalanobis" in cols:
+            cols["group_mahalanobis"][name] = per_gene(d)
+        if "group_local_fdr" in cols:
+            fdr = fdr_mod.compute_fdr(d, res.group_null_mahalanobis[i], threshold)
+            cols["group_local_fdr"][name] = per_gene(fdr.local_fdr)
+            cols["group_is_de"][name] = per_gene(fdr.is_de, False, bool)
+            logger.info("Group '%s': %d/%d genes significantly DE at FDR < %s", name, int(fdr.is_de.sum()), len(d),
+                        threshold)
+        if "group_neg_log10_ptp" in cols:
+            cols["group_neg_log10_ptp"][name] = per_gene(fdr_mod.neg_log10_ptp(d, dims))
+    logger.info("Group-specific data stored in varm")
+    return {names[r]: pd.DataFrame(c, index=index.astype(str)) for r, c in cols.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -960,7 +1106,7 @@ def _commit(run: _Run, computed: _Computed, results: _Results) -> None:
                                          computed.landmarks, computed.landmark_source, storage.store_landmarks)
     try:
         store.commit(computed.staging, layers=results.layers, obs_columns=results.obs_columns,
-                     var_columns=results.var_columns, uns_updates=uns_updates)
+                     var_columns=results.var_columns, uns_updates=uns_updates, varm=results.varm)
     except BaseException as exc:
         if not os.path.exists(os.path.join(store.path, io_commit.JOURNAL)):
             _keep_or_discard(computed.staging, exc)  # before the commit point: the store is unchanged
@@ -1045,9 +1191,21 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         embedding_cache_bytes=(cells.embedding.cache_nbytes if isinstance(cells.embedding, EmbeddingReader) else 0),
         zarr_format=int(store.zarr_format),
         n_samples=0 if cells.samples is None else cells.samples.n_samples,
-        sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2),
+        sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2) - 2,
         empirical=s.gp.use_empirical_variance,
+        **_group_sizes(cells.subsets, run.landmarks.count),
     )
+
+
+def _group_sizes(subsets: _groups.Subsets | None, m: int) -> dict[str, int]:
+    """The planner's view of the subsets: their points (min(cells, m) each, as
+    :func:`_group_spec` chooses them) and cells."""
+    if subsets is None:
+        return {}
+    counts = subsets.masks.sum(axis=1)
+    points = np.minimum(counts, m)
+    return {"n_groups": len(subsets), "group_points": int(points.sum()), "group_max_points": int(points.max()),
+            "group_cells": int(counts.sum())}
 
 
 def _make_plan(run: _Run, client: Client, *, timed: bool) -> planner.ResourcePlan:

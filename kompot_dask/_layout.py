@@ -139,6 +139,10 @@ class PlanInputs:
     n_samples: int = 0  # sample_col: the samples fitted (each its own m × m factor); 0 without
     sample_rank: int = 0  # columns of the per-gene low-rank sample covariance (both conditions' samples)
     empirical: bool = False  # GPSettings(use_empirical_variance=True)
+    n_groups: int = 0  # FilterSettings(groups=...): the subsets reported
+    group_points: int = 0  # their Mahalanobis points, all subsets together
+    group_max_points: int = 0  # the most points of one subset (its factor is m × that)
+    group_cells: int = 0  # their cells, all subsets together (mean kernel rows)
 
     @property
     def embedding_bytes(self) -> int:
@@ -167,7 +171,8 @@ class PlanInputs:
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
-                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples", "empirical")
+                "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples", "empirical",
+                "n_groups")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -419,20 +424,29 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     real = acc + max(tile + kernel, scores, predict)
     if inp.n_samples:
-        # a projection per sample; then every sample's weights, one sample factor loaded at
-        # a time, the deviations and their QR (× 3); the layers: every model's predictions
-        # of a kernel chunk, and every cell's posterior variance
+        # a projection per sample and per condition's other cells; then, one sample at a
+        # time, its factor, its weights and its Helmert contrast (which reuses them), beside
+        # the remaining projections, both conditions' weights, the running sum and one
+        # temporary; the distances in batches (whitened contrasts, their QR: × 3); the
+        # layers: both weights and the contrasts, every cell's posterior variance, and per
+        # kernel chunk the predictions and both conditions' sample variances
         rows_w, S, r = S, inp.n_samples, inp.sample_rank
         n_tiles = sum(1 for _, loc, _ in inp.fields if loc == "layers")
         acc = (2 + S) * m * G * bt
-        weights = (2 + S) * m * G * 8
-        scores = weights + m * m * 8 + 3 * r * m * G * 8
-        predict = ((weights + n_tiles * rows_w * G * lb + 2 * kc * (2 + S) * G * bt
+        models = (2 + r) * m * G * 8
+        weights = max(acc, S * m * G * 8 + 6 * m * G * 8) + m * m * 8
+        scores = models + 3 * r * m * min(G, SAMPLE_SCORE_GENES) * 8
+        predict = ((models + n_tiles * rows_w * G * lb + 6 * kc * G * 8
                     + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
-        real = acc + max(tile + kernel, scores, predict)
+        real = max(acc + tile + kernel, weights, scores, predict)
     if inp.empirical:
         # the second read: a tile, a kernel block, the residuals; then Kzz and both variances
         real += max(tile + kernel + m * G * bt, m * m * 8 + 3 * m * G * 8)
+    # groups: one subset's factor (m × its points) loaded at a time beside the weights, and
+    # its whitened differences
+    p = inp.group_max_points
+    group_scores = (p * m * 8 + p * G * 8 + 2 * m * G * 8) if inp.n_groups else 0
+    real = max(real, group_scores + (2 * m * G * 8 if not inp.n_samples else (2 + inp.sample_rank) * m * G * 8))
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where
     # float32 holds it), a permutation and one permuted column, one tile, projections
@@ -440,6 +454,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
     if inp.empirical:  # the values stay for the residual pass, then Kzz and the variances
         null += m * m * 8 + 3 * m * nb * 8 + kernel
+    if inp.n_groups:
+        null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8)
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     transpose = 0
     if inp.layer_kind == "csr":
@@ -496,6 +512,15 @@ def factor_phase_bytes(inp: PlanInputs) -> int:
 
 SAMPLE_GRAM_ROWS = 65_536
 """Cells per task of a sample's cross gram (a large sample's sum is split over workers)."""
+
+SAMPLE_SCORE_GENES = 32
+"""Genes per batch of the low-rank sample-variance distances (their whitened deviations and
+QR, 3 × m × rank numbers per gene, stay small beside the block's weights)."""
+
+SAMPLE_TASK_BYTES = 640 << 20
+"""Most bytes of one sample-variance block's per-sample projections ((2 + samples) × m ×
+genes): the gene block narrows as samples are added, so the task's peak stays bounded
+whatever the donor count."""
 
 
 class PrepPlacement(Enum):
@@ -640,6 +665,10 @@ def _gene_options(inp: PlanInputs, given: int | None, cbase: int, total_threads:
     widths = (MAX_GENE_BLOCK, 512, 256, 128, 64)
     options = sorted({min(inp.n_vars, cbase * max(1, w // cbase)) for w in widths} | {min(inp.n_vars, cbase)},
                      reverse=True)
+    if inp.n_samples:  # every sample's projection of the block is held at once
+        per_gene = (2 + inp.n_samples) * inp.m * 8
+        fit = [g for g in options if g * per_gene <= SAMPLE_TASK_BYTES]
+        options = fit or [min(options[-1], max(1, SAMPLE_TASK_BYTES // per_gene))]
     busy = [g for g in options if math.ceil(max(1, inp.n_selected) / g) >= total_threads]
     return busy or options[-1:]
 
@@ -783,7 +812,8 @@ def transposed_bytes(inp: PlanInputs) -> int:
 def output_bytes(inp: PlanInputs, location: str) -> int:
     """Bytes of one output field at ``location`` (uncompressed)."""
     lb = 4 if inp.layer_dtype == "float32" else 8
-    return int({"layers": inp.n_obs * inp.n_vars * lb, "obs": inp.n_obs * 8, "var": inp.n_vars * 8}[location])
+    return int({"layers": inp.n_obs * inp.n_vars * lb, "obs": inp.n_obs * 8, "var": inp.n_vars * 8,
+                "varm": inp.n_vars * max(1, inp.n_groups) * 8}[location])
 
 
 # --------------------------------------------------------------------------------------
@@ -824,6 +854,21 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         "per-cell std": float(3 * inp.n_pred * m * m) if (inp.store_layers or not inp.n_samples) else 0.0,
         **_sample_flops(inp),
         **_empirical_flops(inp),
+        **_group_flops(inp),
+    }
+
+
+def _group_flops(inp: PlanInputs) -> dict[str, float]:
+    """groups: each subset's mean kernel row over its cells and its factor at its points
+    (kernels, three triangular solves and rank-k updates of m × points, a Cholesky and the
+    final solve); per gene and null gene, every subset's whitened difference."""
+    if not inp.n_groups:
+        return {}
+    m, P, pmax = inp.m, inp.group_points, inp.group_max_points
+    return {
+        # Σ over subsets of p² terms is at most pmax · P
+        "groups (factors)": float(2 * inp.group_cells * m + 3 * m * m * P + 4 * m * pmax * P + pmax * pmax * P / 3),
+        "groups (per gene)": float(2 * P * m * (inp.n_selected + inp.n_null)),
     }
 
 
@@ -842,15 +887,16 @@ def _empirical_flops(inp: PlanInputs) -> dict[str, float]:
 
 def _sample_flops(inp: PlanInputs) -> dict[str, float]:
     """sample_col: each sample's gram and factor; per gene, its weights (two triangular
-    solves per sample) and the low-rank distance (R times the deviations); per cell and
-    gene, every sample's prediction for the std layers."""
+    solves per sample) and the low-rank distance (R times the contrasts); per cell and
+    gene, the prediction of each condition's Helmert contrasts (one fewer than its samples)
+    for the std layers."""
     if not inp.n_samples:
         return {}
     m, G, S, r = inp.m, inp.n_selected, inp.n_samples, inp.sample_rank
     return {
         "sample models (S, factors)": float(inp.n12 * m * m + S * m**3 / 3),
         "sample variance (weights, distances, layers)": float(
-            2 * S * m * m * G + 2 * r * m * m * G + (2 * inp.n_pred * m * G * S if inp.store_layers else 0)),
+            2 * S * m * m * G + 2 * r * m * m * G + (2 * inp.n_pred * m * G * r if inp.store_layers else 0)),
     }
 
 
@@ -882,6 +928,10 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
     if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
         s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
                 / max(1, res.total_threads))
+    if inp.n_groups:  # each subset's factor after the conditions' (kernels, solves, Cholesky)
+        P = inp.group_points
+        s_t += ((inp.group_cells * m + 4 * m * P) * kern
+                + (3 * m * m * P + 4 * m * inp.group_max_points * P) / cal.chol_flops) / max(1, res.total_threads)
     return _ENGINE_EFFICIENCY * (s_t + fac_t)
 
 
@@ -933,6 +983,8 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         blocks += (reads + nr * n12 * m * kern + nn * n12 * m * kern
                    + _empirical_flops(inp)["empirical variance (residuals, variance GP)"] / gemm
                    + n12 * m * kern + n12 * m * m / gemm)
+    if inp.n_groups:
+        blocks += _group_flops(inp)["groups (per gene)"] / gemm
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
 
 

@@ -327,7 +327,7 @@ def _allocation_lines(allocations: list[dict[str, Any]]) -> list[str]:
 
 def _output_lines(output_fields: list[dict[str, Any]], in_memory: bool) -> list[tuple[str, list[str]]]:
     out = []
-    for loc in ("layers", "obs", "var"):
+    for loc in ("layers", "obs", "var", "varm"):
         fields = [f for f in output_fields if f["location"] == loc]
         if fields:
             out.append((f"{'adata.' if in_memory else ''}{loc}:", [

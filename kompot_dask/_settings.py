@@ -287,7 +287,7 @@ class FDRSettings(_Settings):
 
 @dataclass
 class FilterSettings(_Settings):
-    """Cell filtering (kompot's ``FilterSettings``, the ``cell_filter`` and ``min_cells`` parts).
+    """Cell filtering and per-group results (kompot's ``FilterSettings``).
 
     Attributes
     ----------
@@ -295,7 +295,21 @@ class FilterSettings(_Settings):
         Cells to keep: an obs boolean column name, a ``{column: value(s)}`` dict, or a
         boolean array over all cells. ``None`` keeps every cell.
     min_cells
-        Minimum cells per condition after filtering (at least 2).
+        Minimum cells per condition after filtering (at least 2); with ``groups``, also the
+        minimum per condition in each subset for the representation check.
+    groups
+        Subsets of cells to report separately (varm ``..._groups`` tables, one column per
+        subset): an obs column name (one subset per label), a dict of named
+        ``{column: value(s)}`` filters, a list of such filters, a categorical or boolean
+        Series, or boolean masks. Each subset's mean log fold change, Mahalanobis distance
+        and (with null genes) local FDR come from the run's own two models.
+    min_percentage
+        With ``groups``: a condition holding less than this percentage of a subset's cells
+        is underrepresented there.
+    check_representation
+        With ``groups`` and no ``cell_filter``: ``None`` warns about underrepresented
+        (subset, condition) pairs, ``True`` leaves their cells out of the run, ``False``
+        does not check.
     """
 
     cell_filter: Any = None
@@ -303,14 +317,6 @@ class FilterSettings(_Settings):
     groups: Any = None
     min_percentage: float | None = None
     check_representation: bool | None = None
-
-    _REFUSED: ClassVar[dict[str, str]] = {
-        "groups": "kompot's per-group DE subsets are not implemented; restrict the cells with cell_filter",
-        "min_percentage": "only an absolute minimum is checked (min_cells)",
-    }
-    _IGNORED: ClassVar[dict[str, str]] = {
-        "check_representation": "it checks the representation of groups, which are not implemented",
-    }
 
     def __post_init__(self) -> None:
         self._check_kompot_fields()
@@ -320,12 +326,39 @@ class FilterSettings(_Settings):
         cf = self.cell_filter
         if cf is not None and not isinstance(cf, str | dict | np.ndarray | list | tuple):
             raise _fail("FilterSettings", "cell_filter", type(cf).__name__, "an obs column name, a dict or a boolean array")
+        mp = self.min_percentage
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int | float) or not 0 <= mp <= 100):
+            raise _fail("FilterSettings", "min_percentage", mp, "a percentage between 0 and 100, or None")
+        if self.check_representation not in (None, True, False):
+            raise _fail("FilterSettings", "check_representation", self.check_representation, "None, True or False")
+        if self.check_representation is True and self.groups is None:
+            raise _fail("FilterSettings", "check_representation", True,
+                        "False or None without groups (the check is per subset: pass groups=...)")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         if isinstance(self.cell_filter, list | tuple):
             out["cell_filter"] = f"<array len={len(self.cell_filter)}>"
+        out["groups"] = _groups_summary(self.groups)
         return out
+
+
+def _groups_summary(groups: Any) -> Any:
+    """``groups`` as the run record keeps it: names and filters as given, arrays by shape."""
+    if groups is None or isinstance(groups, str):
+        return groups
+    if isinstance(groups, np.ndarray):
+        return f"<array shape={groups.shape}>"
+    if hasattr(groups, "dtype") and hasattr(groups, "__len__"):  # a pandas Series
+        return f"<{type(groups).__name__} len={len(groups)}>"
+    if isinstance(groups, dict):
+        return {str(k): _groups_summary(v) if not isinstance(v, str | bool | int | float) else v
+                for k, v in groups.items()}
+    if isinstance(groups, list | tuple):
+        if all(isinstance(g, str | bool | int | float) for g in groups):
+            return list(groups) if len(groups) <= 20 else f"<list len={len(groups)}>"
+        return [_groups_summary(g) for g in groups]
+    return f"<{type(groups).__name__}>"
 
 
 _FORBIDDEN_KEY_PARTS = ("/", "\\", "..")

@@ -28,6 +28,7 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
     if "null_mahalanobis_npy" in fdr:
         fdr["null_mahalanobis"] = np.load(fdr.pop("null_mahalanobis_npy"))
     storage = spec.pop("storage", {})
+    filt = spec.pop("filter", {})
     output = dict(spec.pop("output", {}), return_full_results=True, progress=False)
     t0 = time.perf_counter()
     res = kompot.de(
@@ -36,6 +37,7 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
         fdr=kompot.FDRSettings(**fdr),
         storage=kompot.StorageSettings(**storage),
         output=kompot.OutputSettings(**output),
+        filter=kompot.FilterSettings(**filt),
         **spec,
     )
     wall = time.perf_counter() - t0
@@ -50,6 +52,10 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
     for k in adata.layers.keys():
         if k.startswith("kompot"):
             payload[f"layers/{k}"] = np.asarray(adata.layers[k])
+    for k in adata.varm.keys():
+        if k.startswith("kompot"):  # per-group tables: values and their column names
+            payload[f"varm/{k}"] = adata.varm[k].to_numpy(dtype=float)
+            payload[f"varm_columns/{k}"] = np.asarray([str(c) for c in adata.varm[k].columns])
     ls = getattr(model.model1, "ls", None)
     if ls is not None:
         payload["ls"] = np.float64(ls)

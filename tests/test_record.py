@@ -106,11 +106,19 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "pvalue": "kompot_de_Young_adult_to_Old_mahalanobis_pvalue",
         "tail_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_tail_fdr",
         "fold_change_zscores": "kompot_de_Young_adult_to_Old_fold_change_zscores",
+        # FilterSettings(groups=...): kompot's varm tables
+        "group_mean_lfc": "kompot_de_Young_adult_to_Old_mean_lfc_groups",
+        "group_mahalanobis": "kompot_de_Young_adult_to_Old_mahalanobis_groups",
+        "group_local_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_local_fdr_groups",
+        "group_is_de": "kompot_de_Young_adult_to_Old_is_de_groups",
+        "group_neg_log10_ptp": "kompot_de_Young_adult_to_Old_neg_log10_ptp_groups",
     }
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
         "std2": "obs", "imputed1": "layers", "imputed2": "layers", "fold_change": "layers",
         "sample_std1": "layers", "sample_std2": "layers", "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
+        "group_mean_lfc": "varm", "group_mahalanobis": "varm", "group_local_fdr": "varm", "group_is_de": "varm",
+        "group_neg_log10_ptp": "varm",
     }
     # with sample_col, kompot's "_sample_var" suffix on the distances, their statistics and z-scores
     sampled = fields.output_field_names("rk", "A", "B", sample_variance=True)
@@ -119,6 +127,10 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "is_de": "rk_A_to_B_is_de_sample_var", "neg_log10_ptp": "rk_A_to_B_neg_log10_ptp_sample_var",
         "pvalue": "rk_A_to_B_mahalanobis_pvalue_sample_var", "tail_fdr": "rk_A_to_B_mahalanobis_tail_fdr_sample_var",
         "fold_change_zscores": "rk_A_to_B_fold_change_zscores_sample_var"}
+    assert {r: n for r, n in sampled.items() if "_sample_var_" in n} == {
+        "group_mahalanobis": "rk_A_to_B_mahalanobis_sample_var_groups",
+        "group_local_fdr": "rk_A_to_B_mahalanobis_local_fdr_sample_var_groups",
+        "group_is_de": "rk_A_to_B_is_de_sample_var_groups", "group_neg_log10_ptp": "rk_A_to_B_neg_log10_ptp_sample_var_groups"}
     names = fields.output_field_names("rk", "A", "B")
     # a run writes the obs std or the sample-variance std layers (same names), never both
     mapping = fields.field_mapping([r for r in fields.ROLES if not r.startswith("sample_std")], names, "A", "B",
@@ -134,7 +146,7 @@ def test_registry__views_are_what_the_parallel_dicts_held():
     assert set(fields.KNOWN_FIELD_TYPES) == {
         "imputed", "fold_change", "std", "mahalanobis", "mean_log_fold_change", "mahalanobis_local_fdr", "is_de",
         "smoothed", "fold_change_zscores", "std_with_sample_var", "neg_log10_ptp", "mahalanobis_pvalue",
-        "mahalanobis_tail_fdr", "posterior_covariance", "ptp",
+        "mahalanobis_tail_fdr", "posterior_covariance", "ptp", "local_fdr",
     }
     assert fields.ROLES == tuple(fields.FIELD_LOCATIONS)
     with pytest.raises(KeyError, match="not a field role"):
@@ -172,7 +184,10 @@ def test_record__previous_code_history_reads_back_unchanged(old_uns):
         assert list(raw) == OLD_KEYS
         record = RunRecord.from_dict(raw)
         assert record.to_dict() == raw and list(record.to_dict()) == OLD_KEYS
-        assert not record.extra and record.absent == {"phase_seconds", "task_seconds"}
+        # older runs had neither the time split nor groups (their keys are written only with groups)
+        assert not record.extra and record.absent == {"phase_seconds", "task_seconds", "has_groups", "subset_names",
+                                                      "groups_summary", "varm_keys", "underrepresentation",
+                                                      "auto_filtered"}
         assert record.phase_seconds == {} and record.task_seconds == {}
     run1 = RunRecord.from_dict(load_history(old_uns[HISTORY_KEY])[1])
     assert run1.result_key == "rk2" and run1.fdr_keys == {} and run1.imputed_layer_keys == {}

@@ -274,9 +274,10 @@ def _posterior_var(n: int, std_done, std_new, eps: float) -> np.ndarray:
     return var
 
 
-def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=()):
+def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=(), groups=()):
     """Fit, score and (optionally) predict one block of store columns (``after``: the
-    transposition of a CSR element, which its reads need)."""
+    transposition of a CSR element, which its reads need; ``groups``: each subset's factor,
+    :func:`_group_metric_task`)."""
     clock = _Clock()
     c0, local = block["c0"], block["local"]
     b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
@@ -285,14 +286,18 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
     clock.lap("scoring")
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    if groups:
+        gd, glfc = _group_scores(groups, w1, w2)
+        out["group_mahalanobis"], out["group_mean_lfc"] = gd[:, :n_sel], glfc[:, :n_sel]
+        clock.lap("group scoring")
     if ctx.staged:
         def values(rows, k):
             mu1, mu2 = k @ w1, k @ w2
             return {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1}
 
         _write_layers(ctx, block, clock, Z, X, pred, values)
-    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
-           "seconds": clock.seconds}
+    out["seconds"] = clock.seconds
     _trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
@@ -325,6 +330,69 @@ class SampleSpec:
         return np.flatnonzero(self.cell_group == 2 + k)
 
 
+@dataclass(frozen=True)
+class GroupSpec:
+    """Per-group results (``FilterSettings(groups=...)``): each subset's cells (store rows,
+    within the cell filter) and the points its Mahalanobis covariance is taken at — new
+    landmarks of the subset when it has more cells than the run has landmarks, else its
+    cells (kompot's choice). Each subset gets its own ``Rᵀ`` (m × points) and mean kernel
+    row; every gene and null-gene block scores its genes with each of them."""
+
+    names: tuple[str, ...]
+    rows: tuple[np.ndarray, ...]
+    points: tuple[np.ndarray, ...]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.names)
+
+
+_GROUP_FILES = ("R", "kbar", "diagonal")
+
+
+def _group_paths(fit_dir: str, i: int) -> dict[str, str]:
+    """Where subset ``i``'s factor, mean kernel row and diagonal flag are kept."""
+    return {name: os.path.join(fit_dir, f"group-{i}-{name}.npy") for name in _GROUP_FILES}
+
+
+def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel_sums, n_cells, fit_dir):
+    """One subset's Mahalanobis factor ``Rᵀ`` at its points and its mean kernel row, kept in
+    ``fit_dir`` (a block loads one subset's at a time; a resumed run reuses them)."""
+    Rt, diagonal = gp_mod.landmark_metric(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE, allow_diagonal, points=points)
+    kbar = np.sum(kernel_sums, axis=0) / n_cells
+    paths = _group_paths(fit_dir, i)
+    # R last: its file vouches for the other two
+    io_commit.write_array_atomic(paths["kbar"], kbar)
+    io_commit.write_array_atomic(paths["diagonal"], np.asarray(bool(diagonal)))
+    io_commit.write_array_atomic(paths["R"], np.asarray(Rt))
+    del Rt
+    _trim_heap()
+    return {"R": paths["R"], "kbar": paths["kbar"], "diagonal": bool(diagonal)}
+
+
+def _group_scores(groups, w1, w2, devs=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each subset's Mahalanobis distances and mean log fold changes of one block's genes
+    (``groups``: :func:`_group_metric_task`'s results; ``devs``: with sample variance, both
+    conditions' Helmert contrasts, for the gene-specific low-rank term at the subset's points)."""
+    g = w1.shape[1]
+    d = np.empty((len(groups), g))
+    lfc = np.empty((len(groups), g))
+    dw = w2 - w1
+    for i, grp in enumerate(groups):
+        lfc[i] = io_commit.read_array(grp["kbar"]) @ dw
+        R = io_commit.read_array(grp["R"]).T  # points × m
+        if devs is None:
+            z = R @ dw
+            d[i] = np.sqrt(np.einsum("pg,pg->g", z, z))
+            continue
+        for g0 in range(0, g, _layout.SAMPLE_SCORE_GENES):
+            sl = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+            U = np.stack([u[:, sl] for u in (*devs[0], *devs[1])], axis=2)
+            d[i, sl] = gp_mod.lowrank_mahalanobis(R, dw[:, sl], U)
+        del R
+    return d, lfc
+
+
 def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
     """One sample's model factor, kept on disk (``path``): a gene block loads the factors
     one at a time, so no worker holds every sample's m × m factor at once."""
@@ -334,7 +402,7 @@ def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
 
 
 def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
-                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=()):
+                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=()):
     """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
     this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
     (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
@@ -343,41 +411,65 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     lay = ctx.layout
     c0, local = block["c0"], block["local"]
     n_sel = len(local)
-    groups = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples)
-    b = [groups[0].copy(), groups[1].copy()]
-    for k, cond in enumerate(spec.condition):
-        b[cond - 1] += groups[2 + k]
+    proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples)
+    for k, cond in enumerate(spec.condition):  # each condition's model: all its cells
+        proj[cond - 1] += proj[2 + k]
     factors = {"C1": C1, "C2": C2, "R": R}
-    w1, w2, _, lfc = gp_mod.block_scores(factors, kbar, b[0], b[1], ctx.sigma, FACTOR_DTYPE)
-    del b
-    ws = []
+    w1, w2, _, lfc = gp_mod.block_scores(factors, kbar, proj[0], proj[1], ctx.sigma, FACTOR_DTYPE)
+    proj[0] = proj[1] = None
+    # each condition's samples as Helmert contrasts, one sample's factor and weights at a
+    # time, each sample's projection dropped once its weights are solved
+    uses = [tuple(spec.use1), tuple(spec.use2)]
+    contrasts = [gp_mod.SampleContrasts(len(u)) for u in uses]
+    if uses[1] == uses[0]:  # allow_single_condition_variance: condition 1's samples for both
+        contrasts[1] = contrasts[0]
     for k, path in enumerate(factor_paths):
-        ws.append(gp_mod.condition_weights(io_commit.read_array(path), groups[2 + k], ctx.sigma, FACTOR_DTYPE))
-        groups[2 + k] = None
-    del groups
+        w = gp_mod.condition_weights(io_commit.read_array(path), proj[2 + k], ctx.sigma, FACTOR_DTYPE)
+        proj[2 + k] = None
+        c = 0 if k in uses[0] else 1
+        if k in uses[c]:
+            contrasts[c].add(w)
+        del w
+    del proj
+    devs = [contrasts[0].contrasts, contrasts[1].contrasts]
     clock.lap("sample models")
-    dev = np.concatenate([gp_mod.sample_deviations([ws[k] for k in spec.use1]),
-                          gp_mod.sample_deviations([ws[k] for k in spec.use2])], axis=2)
-    d = gp_mod.lowrank_mahalanobis(np.asarray(R).T, w2 - w1, dev)
-    del dev
+    d = np.empty(w1.shape[1])
+    Rt = np.asarray(R).T
+    for g0 in range(0, len(d), _layout.SAMPLE_SCORE_GENES):
+        g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+        U = np.stack([u[:, g] for u in (*devs[0], *devs[1])], axis=2)
+        d[g] = gp_mod.lowrank_mahalanobis(Rt, w2[:, g] - w1[:, g], U)
     clock.lap("scoring")
+    extra = {}
+    if groups:
+        gd, glfc = _group_scores(groups, w1, w2, devs)
+        extra = {"group_mahalanobis": gd[:, :n_sel], "group_mean_lfc": glfc[:, :n_sel]}
+        clock.lap("group scoring")
     if ctx.staged:
         var = _posterior_var(lay.row_ranges[-1][1] if lay.row_ranges else 0, std_done, std_new, eps)
-        models = [w1, w2, *ws]
 
         def values(rows, k):
-            p = np.stack([k @ w for w in models], axis=1)  # cells × (2 + samples) × genes
-            mu1, mu2 = p[:, 0], p[:, 1]
-            tv1 = var[0, rows][:, None] + p[:, [2 + i for i in spec.use1]].var(axis=1, ddof=1)
-            tv2 = var[1, rows][:, None] + p[:, [2 + i for i in spec.use2]].var(axis=1, ddof=1)
+            mu1, mu2 = k @ w1, k @ w2
+            sv = []  # each condition's sample variance: the squared contrasts' predictions
+            for c in (0, 1):
+                if c == 1 and devs[1] is devs[0]:
+                    sv.append(sv[0])
+                    continue
+                t = np.zeros_like(mu1)
+                for dj in devs[c]:
+                    p = k @ dj
+                    p *= p
+                    t += p
+                sv.append(t)
+            tv = [sv[c] + var[c, rows][:, None] for c in (0, 1)]
             return {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1,
-                    "sample_std1": np.sqrt(tv1 + eps), "sample_std2": np.sqrt(tv2 + eps),
-                    "fold_change_zscores": (mu2 - mu1) / np.sqrt(tv1 + tv2 + eps)}
+                    "sample_std1": np.sqrt(tv[0] + eps), "sample_std2": np.sqrt(tv[1] + eps),
+                    "fold_change_zscores": (mu2 - mu1) / np.sqrt(tv[0] + tv[1] + eps)}
 
         _write_layers(ctx, block, clock, Z, X, pred, values)
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
-           "seconds": clock.seconds}
-    del w1, w2, ws
+           **extra, "seconds": clock.seconds}
+    w1 = w2 = devs = None  # freed before the heap is trimmed
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
@@ -525,9 +617,11 @@ def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=(), emp=None):
+def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=(), emp=None,
+                     groups=()):
     """Score one block of null genes: permuted source columns over both conditions (``emp``:
-    the empirical variance's inputs, :func:`_null_empirical`)."""
+    the empirical variance's inputs, :func:`_null_empirical`; ``groups``: each subset's
+    factor, for its own null distances)."""
     clock = _Clock()
     lay = ctx.layout
     sources = block["sources"]  # sorted store column of each null
@@ -544,7 +638,7 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         clock.lap("null-gene read")
         if y.nnz >= _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
             y = y.toarray().astype(vdt, copy=False)
-        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp)
+        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups)
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
@@ -578,10 +672,10 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
-    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp)
+    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups)
 
 
-def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, emp=None):
+def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, emp=None, groups=()):
     """Project the permuted null values ``y`` (condition 1's cells first; dense, or CSR
     multiplied sparse) and score them."""
     lay, n1 = ctx.layout, len(rows1)
@@ -594,7 +688,7 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
     clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
     if emp is None:
         del y
-        return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources)
+        return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources, groups)
     return _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, **emp)
 
 
@@ -669,14 +763,16 @@ def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
     return y.tocsr()
 
 
-def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources):
+def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, groups=()):
     b1, b2 = acc1.result(), acc2.result()
     factors = {"C1": C1, "C2": C2, "R": R}
-    _, _, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    w1, w2, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources]}
+    if groups:
+        out["group_mahalanobis"] = _group_scores(groups, w1, w2)[0][:, :n_sources]
     clock.lap("null-gene scoring")
-    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
-           "seconds": clock.seconds}
-    del acc1, acc2, b1, b2
+    out["seconds"] = clock.seconds
+    del acc1, acc2, b1, b2, w1, w2
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"null-{block['index']}",
@@ -888,6 +984,30 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
     return paths, tasks
 
 
+def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit_dir: str, *, ls: float,
+                       eps: float, kernel_chunk: int, allow_diagonal: bool, n_threads: int) -> tuple[list, list]:
+    """Each subset's factor and mean kernel row (:func:`_group_metric_task`), or what a
+    resumed run finds of them in ``fit_dir``: their results (futures for those still to
+    compute) and the tasks that compute them."""
+    refs, tasks = [], []
+    for i, rows in enumerate(spec.rows):
+        paths = _group_paths(fit_dir, i)
+        if all(os.path.isfile(p) for p in paths.values()):
+            refs.append({"R": paths["R"], "kbar": paths["kbar"],
+                         "diagonal": bool(io_commit.read_array(paths["diagonal"]))})
+            continue
+        ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False, priority=2)
+              for r in np.array_split(rows, max(1, min(n_threads, len(rows))))]
+        fut = client.submit(_group_metric_task, i, Z_f, ls, fit["Lp"], fit["C1"], fit["C2"], eps, allow_diagonal,
+                            spec.points[i], ks, len(rows), fit_dir, pure=False, priority=_FIT_PRIORITY - 1)
+        refs.append(fut)
+        tasks += [*ks, fut]
+    n_new = sum(not isinstance(r, dict) for r in refs)
+    if n_new:
+        logger.info("Preparing the Mahalanobis covariance of %d group(s)...", n_new)
+    return refs, tasks
+
+
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
     """Side-effect tasks that keep each fit output in ``fit_dir``, each on the worker that
     holds it. Ahead of the blocks: a run interrupted after them resumes without fitting."""
@@ -926,6 +1046,11 @@ class EngineResult:
     """Thread-seconds the tasks spent per phase (tile read, projection, scoring, ...)."""
     wall_seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of the engine's stages seen from the client (the fit, all tasks)."""
+    group_mahalanobis: np.ndarray | None = None
+    """Per subset (``FilterSettings(groups=...)``): distances, subsets × tested genes."""
+    group_mean_lfc: np.ndarray | None = None
+    group_null_mahalanobis: np.ndarray | None = None
+    """Per subset: the null genes' distances, subsets × null genes."""
 
 
 def run_engine(
@@ -952,6 +1077,7 @@ def run_engine(
     samples: SampleSpec | None = None,
     need_std: bool = True,
     empirical: bool = False,
+    groups: GroupSpec | None = None,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -1004,8 +1130,9 @@ def run_engine(
         logger.info("Resuming: %d of %d tasks finished before the interruption are reused "
                     "(%d gene blocks, %d null-gene blocks, %d std tasks)", n_reused, n_all,
                     len(real_out), len(null_out), len(std_out))
+    n_groups = 0 if groups is None else groups.n_groups
     if n_reused == n_all:
-        return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused)
+        return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused, n_groups)
     futures: list = []
     pending = None
     run_token = uuid.uuid4().hex[:12]
@@ -1018,12 +1145,12 @@ def run_engine(
         if _layout.transposes(info.kind, len(real_blocks) + len(null_blocks)):
             # A CSR element is read once, into column-major row groups, instead of once
             # per gene block (TransposedReader); every block task waits for it.
-            groups = _layout.transpose_groups(layout, n_obs, info.nnz)
+            row_groups = _layout.transpose_groups(layout, n_obs, info.nnz)
             tdir = staging.sub("transposed")
-            source, reader = reader, TransposedReader(tdir, info, groups)
+            source, reader = reader, TransposedReader(tdir, info, row_groups)
             transposing = [client.submit(transpose_group, source.store_path, info, g, g0, g1, tdir, pure=False,
                                          key=f"kompot-transpose-{run_token}-{g}")
-                           for g, (g0, g1) in enumerate(groups)]
+                           for g, (g0, g1) in enumerate(row_groups)]
         block_layers = {r: p for r, p in staged.items() if r != "fold_change_zscores" or own_z}
         ctx = BlockContext(reader, layout, ls, sigma, dtype, layer_dtype, block_layers, markers, rows)
         # Tasks that hold their data rather than scattered data: the scheduler can run them
@@ -1054,6 +1181,12 @@ def run_engine(
                                                              kernel_chunk=kc)
             setup += sample_setup
             group_f = _input_futures(client, run_token, cell_group=samples.cell_group)[0]
+        group_refs: list = []
+        if groups is not None:
+            group_refs, group_setup = _submit_group_fits(
+                client, groups, Z_f, X_f, fit, fit_dir, ls=ls, eps=eps, kernel_chunk=kc,
+                allow_diagonal=samples is None, n_threads=n_threads)
+            setup += group_setup
 
         std_futures = []
         for i, r in std_parts:
@@ -1078,20 +1211,20 @@ def run_engine(
             elif samples is None:
                 real_futures[blk["index"]] = client.submit(
                     _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
-                    pure=False, key=key,
+                    groups=group_refs, pure=False, key=key,
                 )
             else:
                 with_std = bool(block_layers)  # the std layers need every cell's posterior variance
                 real_futures[blk["index"]] = client.submit(
                     _sample_block_task, ctx, blk, Z_f, X_f, group_f, pred_f, C1_f, C2_f, R_f, kbar_f, samples,
                     sample_paths, eps, [t[:3] for t in std_done] if with_std else [],
-                    std_futures if with_std else [], transposing, pure=False, key=key,
+                    std_futures if with_std else [], transposing, groups=group_refs, pure=False, key=key,
                 )
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing, emp,
-                pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
+                groups=group_refs, pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
         futures += lev_futures
         del lev_futures, emp
@@ -1115,6 +1248,7 @@ def run_engine(
         del X_f, Z_f, codes_f, pred_f, rows1_f, rows2_f, futs
         if samples is not None:
             del group_f, sample_paths, sample_setup
+        del group_refs
         futures = []
         diagonal = False
         t_tasks = time.perf_counter()
@@ -1158,12 +1292,14 @@ def run_engine(
         if lost is not None:
             raise lost from exc
         raise
-    result = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused)
+    result = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused,
+                     n_groups)
     result.wall_seconds = walls
     return result
 
 
-def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks, n_reused) -> EngineResult:
+def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks, n_reused,
+            n_groups: int = 0) -> EngineResult:
     """The per-task results (computed now or reused from markers) as whole arrays."""
     real_out.sort(key=lambda r: r["index"])
     columns = np.concatenate([r["columns"] for r in real_out]) if real_out else np.array([], dtype=int)
@@ -1172,6 +1308,15 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
     null_d = np.full(n_null, np.nan)
     for r in null_out:
         null_d[r["null_ids"]] = r["mahalanobis"]
+    group_d = group_lfc = group_null = None
+    if n_groups:
+        group_d = (np.concatenate([r["group_mahalanobis"] for r in real_out], axis=1) if real_out
+                   else np.empty((n_groups, 0)))
+        group_lfc = (np.concatenate([r["group_mean_lfc"] for r in real_out], axis=1) if real_out
+                     else np.empty((n_groups, 0)))
+        group_null = np.full((n_groups, n_null), np.nan)
+        for r in null_out:
+            group_null[:, r["null_ids"]] = r["group_mahalanobis"]
     std1 = np.full(n_obs, np.nan)
     std2 = np.full(n_obs, np.nan)
     seconds: dict[str, float] = {}
@@ -1188,7 +1333,8 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
         for phase, t in r.get("seconds", {}).items():
             seconds[phase] = seconds.get(phase, 0.0) + float(t)
     return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused,
-                        thread_seconds={k: round(v, 3) for k, v in seconds.items()})
+                        thread_seconds={k: round(v, 3) for k, v in seconds.items()},
+                        group_mahalanobis=group_d, group_mean_lfc=group_lfc, group_null_mahalanobis=group_null)
 
 
 # --------------------------------------------------------------------------------------

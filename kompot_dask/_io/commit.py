@@ -379,9 +379,13 @@ def commit_state(store_path: str) -> tuple[bool, str]:
 
 
 def _stage_elements(staging: Staging, obs: dict[str, np.ndarray], var: dict[str, np.ndarray],
-                    uns: dict[str, Any], zarr_format: int) -> None:
-    """obs/var columns and uns entries written with anndata into the staging directory."""
+                    uns: dict[str, Any], zarr_format: int, varm: dict[str, Any] | None = None) -> None:
+    """obs/var columns, varm tables and uns entries written with anndata into the staging directory."""
     g = zarr.open_group(staging.sub("elements"), mode="w", zarr_format=zarr_format)
+    if varm:
+        sub = g.require_group("varm")
+        for name, table in varm.items():
+            ad.io.write_elem(sub, name, table)
     for loc, cols in (("obs", obs), ("var", var)):
         if cols:
             sub = g.require_group(loc)
@@ -401,21 +405,25 @@ def _move(store_path: str, src: str, dst: str, trash: str | None = None) -> dict
 def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] | None = None,
                    obs: dict[str, np.ndarray] | None = None, var: dict[str, np.ndarray] | None = None,
                    uns: dict[str, Any] | None = None,
-                   remove: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+                   remove: list[tuple[str, str]] | None = None,
+                   varm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage obs/var/uns and describe one whole change; nothing in the store changes yet.
 
     ``layers`` maps a final layer name to its staged directory (from
     :meth:`Staging.create_layer`); ``obs``/``var`` columns and ``uns`` entries are written
-    into the staging here; ``remove`` lists ``(location, name)`` fields to delete. Fields
+    into the staging here, and so are ``varm`` tables (genes × columns DataFrames);
+    ``remove`` lists ``(location, name)`` fields to delete. Fields
     that already exist are replaced; their previous version goes to the trash and is
     deleted when the change is done.
     """
-    layers, obs, var, uns, remove = layers or {}, obs or {}, var or {}, uns or {}, remove or []
-    _stage_elements(staging, obs, var, uns, zarr_format_of(store_path))
+    layers, obs, var, uns, remove, varm = layers or {}, obs or {}, var or {}, uns or {}, remove or [], varm or {}
+    _stage_elements(staging, obs, var, uns, zarr_format_of(store_path), varm)
     trash = f"{KOMPOT_DIR}/trash/{staging.token}"
     removals = [_move(store_path, f"{loc}/{name}", f"{trash}/r{i}") for i, (loc, name) in enumerate(remove)]
     moves = [_move(store_path, _rel(store_path, src), f"layers/{name}", f"{trash}/L{i}")
              for i, (name, src) in enumerate(layers.items())]
+    moves += [_move(store_path, _rel(store_path, staging.sub("elements", "varm", name)), f"varm/{name}",
+                    f"{trash}/M{i}") for i, name in enumerate(varm)]
     attrs_removed: dict[str, Any] = {}
     attrs_final: dict[str, Any] = {}
     for loc, cols in (("obs", obs), ("var", var)):
@@ -433,7 +441,7 @@ def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] 
                for i, key in enumerate(uns)]
     return {"token": staging.token, "removals": removals, "moves": moves, "records": records,
             "attrs_removed": attrs_removed, "attrs_final": attrs_final,
-            "needs_groups": {"layers": bool(layers), "uns": bool(uns)},
+            "needs_groups": {"layers": bool(layers), "uns": bool(uns), "varm": bool(varm)},
             "cleanup": [_rel(store_path, staging.path), trash]}
 
 

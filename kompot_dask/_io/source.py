@@ -215,7 +215,7 @@ def copy_results(store: Store, adata: ad.AnnData, fields: list[str], uns_keys: l
     Parameters
     ----------
     fields
-        ``"location/name"`` of each field the run wrote (var and obs columns, layers).
+        ``"location/name"`` of each field the run wrote (var and obs columns, layers, varm tables).
     uns_keys
         ``uns`` entries to copy (the run history, the result key), where present.
     """
@@ -227,6 +227,9 @@ def copy_results(store: Store, adata: ad.AnnData, fields: list[str], uns_keys: l
             adata.obs[name] = store.obs[name].to_numpy()
         elif loc == "layers":
             adata.layers[name] = store.read_layer_dense(name)
+        elif loc == "varm":
+            table = ad.io.read_elem(store.root["varm"][name])
+            adata.varm[name] = table.set_axis(adata.var_names, axis=0) if hasattr(table, "set_axis") else table
     for key in uns_keys:
         if "uns" in store.root and key in store.root["uns"]:
             adata.uns[key] = ad.io.read_elem(store.root["uns"][key])

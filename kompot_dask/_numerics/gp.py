@@ -280,9 +280,12 @@ def _add_kernel_blockwise(target: np.ndarray, Z: np.ndarray, ls: float, dtype: s
         target[:, j : j + block] += scale * matern52(Z, Z[j : j + block], ls, dtype)
 
 
-def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block: int = 1024) -> np.ndarray:
-    for j in range(0, Z.shape[0], block):
-        target[:, j : j + block] = matern52(Z, Z[j : j + block], ls, dtype)
+def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block: int = 1024,
+                 cols: np.ndarray | None = None) -> np.ndarray:
+    """k(Z, cols) (``cols`` defaults to ``Z``) into ``target``, a block of columns at a time."""
+    cols = Z if cols is None else cols
+    for j in range(0, cols.shape[0], block):
+        target[:, j : j + block] = matern52(Z, cols[j : j + block], ls, dtype)
     return target
 
 
@@ -343,7 +346,7 @@ def _lower_abs_sum(a: np.ndarray, block: int = 512) -> float:
 
 def landmark_metric(
     Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64", allow_diagonal: bool = True,
-    with_inverse_squares: bool = False,
+    with_inverse_squares: bool = False, points: np.ndarray | None = None,
 ) -> tuple:
     """``Rᵀ`` (stored C-contiguous) such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖,
     and whether the reference's diagonal shortcut applies.
@@ -353,35 +356,45 @@ def landmark_metric(
     With L = chol(Σ + eps·I), R = L⁻¹ Kzz; on the diagonal path (trace(Σ)/Σ|Σᵢⱼ| > 0.95 and
     m > 10), R = diag(1/√max(Σᵢᵢ, eps)) Kzz.
 
+    ``points`` (p × d): the same at other points than the landmarks — a group's own
+    landmarks or cells (``FilterSettings(groups=...)``): Σ at those points (Kzz becomes
+    k(Z, points) in P and Q_c, and k(points, points) in the first term), δ = k(points, Z)
+    (W₂ − W₁), and ``Rᵀ`` is m × p.
+
     Runs in place with LAPACK/BLAS — triangular solves into one work matrix, rank-k updates
     into the covariance — so its working set is two m × m matrices besides the factors.
     """
     dt = np.dtype(dtype)
     m = Z.shape[0]
-    cov = _kernel_into(np.empty((m, m), dtype=dt, order="F"), Z, ls, dtype)
-    work = np.empty((m, m), dtype=dt, order="F")
+    P = Z if points is None else np.asarray(points, dtype=np.float64)
+    p = P.shape[0]
+    cov = _kernel_into(np.empty((p, p), dtype=dt, order="F"), P, ls, dtype)
+    work = np.empty((m, p), dtype=dt, order="F")
     for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
-        _kernel_into(work, Z, ls, dtype)
+        _kernel_into(work, Z, ls, dtype, cols=P)
         blas.trsm_left_lower(_lower_view(factor), work)
         blas.syrk_lower(cov, work, alpha, beta, trans=True)
     diag = np.diag(cov).copy()
-    ratio = float(diag.sum() / _lower_abs_sum(cov)) if m > 10 else 0.0
-    diagonal = bool(allow_diagonal and m > 10 and ratio > 0.95)
-    _kernel_into(work, Z, ls, dtype)
+    ratio = float(diag.sum() / _lower_abs_sum(cov)) if p > 10 else 0.0
+    diagonal = bool(allow_diagonal and p > 10 and ratio > 0.95)
+    if p != m:
+        del work
+        work = np.empty((p, m), dtype=dt, order="F")
+    _kernel_into(work, P, ls, dtype, cols=Z)
     if diagonal:
         logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
         del cov
         work /= np.sqrt(np.maximum(diag, eps))[:, None]
         wsq = np.zeros((1, 1), dtype=dt)  # the shortcut ignores the empirical variance, as kompot's
     else:
-        cov[np.diag_indices(m)] += eps
+        cov[np.diag_indices(p)] += eps
         chol = _potrf_lower_inplace(cov)
         if np.all(np.isfinite(chol)):
             blas.trsm_left_lower(chol, work)
         else:
             work[...] = np.nan
         if with_inverse_squares:  # L⁻¹ squared elementwise, for the empirical variance's factor trick
-            wsq = np.asfortranarray(np.eye(m, dtype=dt))
+            wsq = np.asfortranarray(np.eye(p, dtype=dt))
             if np.all(np.isfinite(chol)):
                 blas.trsm_left_lower(chol, wsq)
                 np.square(wsq, out=wsq)
@@ -517,14 +530,36 @@ def condition_weights(factor, B: np.ndarray, sigma: float, dtype: str = "float64
     return w
 
 
-def sample_deviations(weights: list[np.ndarray]) -> np.ndarray:
-    """The per-sample weights of one condition as deviations from their mean over samples,
-    scaled by 1/√(S − 1): ``U`` (m × g × S) with ``Σ_s U[:, g, s] U[:, g, s]ᵀ`` the sample
-    covariance of the per-sample means (ddof = 1), in weight space."""
-    stack = np.stack(weights, axis=-1)
-    stack -= stack.mean(axis=-1, keepdims=True)
-    stack /= math.sqrt(len(weights) - 1)
-    return stack
+class SampleContrasts:
+    """One condition's per-sample weights as deviations from their mean, in Helmert
+    contrasts: S samples give S − 1 arrays u_j (m × genes each) with ``Σ_j u_j u_jᵀ`` the
+    sample covariance (ddof = 1) of the weights, one array fewer than the samples and no
+    information lost. Filled one sample at a time, each sample's weights overwritten by its
+    contrast, u_j = (Σ_{i<j} w_i − j·w_j) / √(j(j + 1)) / √(S − 1), so besides the contrasts only
+    the running sum and one temporary are held."""
+
+    def __init__(self, n_samples: int):
+        self.n_samples = int(n_samples)
+        self._sum: np.ndarray | None = None
+        self.contrasts: list[np.ndarray] = []
+
+    def add(self, w: np.ndarray) -> None:
+        """Take one sample's weights (the array is reused for its contrast)."""
+        j = len(self.contrasts) + (self._sum is not None)
+        if self._sum is None:
+            self._sum = w
+            return
+        total = self._sum + w
+        w *= -float(j)
+        w += self._sum
+        w /= math.sqrt(j * (j + 1)) * math.sqrt(self.n_samples - 1)
+        self.contrasts.append(w)
+        self._sum = total
+        if j == self.n_samples - 1:
+            self._sum = None
+
+    def __len__(self) -> int:
+        return len(self.contrasts)
 
 
 def lowrank_mahalanobis(R: np.ndarray, dw: np.ndarray, U: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "FieldSpec", "FIELDS", "ROLES", "FIELD_LOCATIONS", "KNOWN_FIELD_TYPES", "sanitize_name",
+    "FieldSpec", "FIELDS", "ROLES", "FIELD_LOCATIONS", "GROUP_ROLES", "KNOWN_FIELD_TYPES", "sanitize_name",
     "output_field_names", "field_mapping", "spec_of",
 ]
 
@@ -78,6 +78,17 @@ FIELDS: tuple[FieldSpec, ...] = (
               "Tail FDR: null over mixture survival of the monotone densities, fdrtool-style"),
     FieldSpec("fold_change_zscores", "fold_change_zscores", "layers", "{pair}_fold_change_zscores{sfx}",
               "Log fold change over its posterior standard deviation, for each cell and gene"),
+    # FilterSettings(groups=...): genes × subsets DataFrames in varm, one column per subset
+    FieldSpec("mean_log_fold_change", "group_mean_lfc", "varm", "{pair}_mean_lfc_groups",
+              "Mean log fold change values for all subsets"),
+    FieldSpec("mahalanobis", "group_mahalanobis", "varm", "{pair}_mahalanobis{sfx}_groups",
+              "Mahalanobis distances for all subsets"),
+    FieldSpec("local_fdr", "group_local_fdr", "varm", "{pair}_mahalanobis_local_fdr{sfx}_groups",
+              "Local FDR values for all subsets"),
+    FieldSpec("is_de", "group_is_de", "varm", "{pair}_is_de{sfx}_groups",
+              "Differential expression significance for all subsets"),
+    FieldSpec("ptp", "group_neg_log10_ptp", "varm", "{pair}_neg_log10_ptp{sfx}_groups",
+              "Negative log10 posterior tail probability (-log10 PTP) for all subsets"),
     # written by kompot only; known so that its run histories can be cleaned too
     FieldSpec("smoothed"),
     FieldSpec("neg_log10_ptp"),
@@ -91,7 +102,10 @@ ROLES: tuple[str, ...] = tuple(_BY_ROLE)
 """The roles of a kompot_dask DE run's fields, in registry order."""
 
 FIELD_LOCATIONS: Mapping[str, str] = {role: str(s.location) for role, s in _BY_ROLE.items()}
-"""Role → location (``var``, ``obs`` or ``layers``)."""
+"""Role → location (``var``, ``obs``, ``layers`` or ``varm``)."""
+
+GROUP_ROLES: tuple[str, ...] = tuple(r for r, loc in FIELD_LOCATIONS.items() if loc == "varm")
+"""The per-subset roles (``FilterSettings(groups=...)``), genes × subsets in varm."""
 
 KNOWN_FIELD_TYPES: tuple[str, ...] = tuple(dict.fromkeys(s.type for s in FIELDS))
 """Every field type label (kompot_dask's and kompot's), as cleanup's keep lists accept them."""

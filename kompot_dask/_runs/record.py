@@ -220,6 +220,16 @@ class RunRecord(_Stored):
     task_seconds: dict[str, float] = field(default_factory=dict)
     """Thread-seconds the workers' tasks spent per phase (tile read, projection, ...)."""
     resumed: ResumeInfo | None = None
+    has_groups: bool = False
+    """FilterSettings(groups=...): per-subset tables in varm (kompot's keys below)."""
+    subset_names: list[str] | None = None
+    groups_summary: dict[str, Any] | None = None
+    """Subsets: count, names, the form given, and per subset its cells (and per condition)."""
+    varm_keys: dict[str, str] | None = None
+    underrepresentation: dict[str, list[Any]] = field(default_factory=dict)
+    """Subset → conditions with too few cells there (the representation check)."""
+    auto_filtered: bool = False
+    """Whether check_representation=True left underrepresented cells out of the run."""
 
     _SECTIONS: ClassVar[dict[str, type[_Stored]]] = {
         "model": ModelInfo, "layout": LayoutInfo, "plan": PlanSummary, "resumed": ResumeInfo,
@@ -305,7 +315,8 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
                  layout: LayoutInfo, plan: PlanSummary, environment: dict[str, Any],
                  wall_seconds: float, resumed: ResumeInfo | None,
                  phase_seconds: dict[str, float] | None = None,
-                 task_seconds: dict[str, float] | None = None) -> RunRecord:
+                 task_seconds: dict[str, float] | None = None,
+                 groups: dict[str, Any] | None = None) -> RunRecord:
     """The record of a finished run.
 
     Parameters
@@ -324,10 +335,17 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
         The record's sections (``resumed`` is ``None`` for a run that reused nothing).
     phase_seconds, task_seconds
         Where the time went: wall seconds per step, thread-seconds per task phase.
+    groups
+        With per-group results: ``subset_names``, ``groups_summary``,
+        ``underrepresentation`` and ``auto_filtered`` (kompot's record entries).
     """
     rk = params["storage"]["result_key"]
     mapping = field_mapping(list(names), names, params["condition1"], params["condition2"],
                             params["fdr"]["threshold"])
+    groups = groups or {}
+    for spec in mapping.values():
+        if spec["location"] == "varm" and groups.get("subset_names"):
+            spec["contains_subsets"] = list(groups["subset_names"])
     fdr_keys = {"local_fdr_key": names["local_fdr"], "is_de_key": names["is_de"]} if "local_fdr" in names else {}
     fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr") if role in names})
     layer_keys = ({"condition1": names["imputed1"], "condition2": names["imputed2"],
@@ -344,7 +362,19 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
         uses_sample_variance=params.get("sample_col") is not None, params=params, model=model, layout=layout, plan=plan,
         environment=environment, wall_seconds=wall_seconds, phase_seconds=dict(phase_seconds or {}),
         task_seconds=dict(task_seconds or {}), resumed=resumed,
+        has_groups=bool(groups.get("subset_names")), subset_names=groups.get("subset_names"),
+        groups_summary=groups.get("groups_summary"),
+        varm_keys=({"mean_lfc": names["group_mean_lfc"], "mahalanobis": names.get("group_mahalanobis")}
+                   if "group_mean_lfc" in names else None),
+        underrepresentation=dict(groups.get("underrepresentation") or {}),
+        auto_filtered=bool(groups.get("auto_filtered")),
+        # a run without groups stores none of their keys (as before groups existed)
+        absent=frozenset() if groups.get("subset_names") else _GROUP_KEYS,
     )
+
+
+_GROUP_KEYS = frozenset({"has_groups", "subset_names", "groups_summary", "varm_keys", "underrepresentation",
+                         "auto_filtered"})
 
 
 def landmarks_info(landmarks: np.ndarray, source: str) -> dict[str, Any]:

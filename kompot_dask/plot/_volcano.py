@@ -158,8 +158,8 @@ def volcano_de(
         Colour the top N genes by score (``sort_key``) as up/down instead of the run's
         ``is_de`` (not together with ``significance_threshold``).
     group, update_de_classification, direction_column
-        kompot's per-group results and its in-plot re-classification: refused (kd.de
-        computes no per-group results, and a plot never writes to the data).
+        kompot's per-subset volcano (not yet: the subsets' tables are in varm) and its
+        in-plot re-classification (refused: a plot never writes to the data).
     **kwargs
         Further ``Axes.scatter`` arguments for the not-significant genes.
     {output_options}
@@ -286,8 +286,10 @@ def volcano_de(
 
 def _refuse_kompot_only(group: Any, update_de_classification: Any, direction_column: Any) -> None:
     if group is not None:
-        raise ValueError(f"group={group!r}: kompot_dask.de computes no per-group results (kompot's groups= "
-                         "varm fields), so there is nothing to plot for a group; pass group=None.")
+        raise ValueError(f"group={group!r}: a volcano of one subset is not implemented yet. kd.de with "
+                         "FilterSettings(groups=...) writes the subsets' tables to varm ('..._mean_lfc_groups', "
+                         "'..._mahalanobis_groups'): copy a subset's columns into var and pass them as lfc_key= "
+                         "and score_key=, or pass group=None.")
     if update_de_classification or direction_column is not None:
         raise ValueError("update_de_classification=True: a kompot_dask plot never writes to the data. Colour "
                          "genes by a threshold with significance_threshold=, or re-run kompot_dask.de with "
