@@ -47,6 +47,10 @@ SETTINGS_NOTES = {
                                   "variance; kompot's forms and subset names (not its test-shaped list-of-arrays "
                                   "special cases); subsets of fewer than 2 cells are left out of the tables (kompot "
                                   "keeps them as columns of zeros); refused with the empirical variance",
+    ("StorageSettings", "store_posterior_covariance"): "supported: obsp cells × cells (zero outside the cell "
+                                                       "filter), written by one task; the plan refuses it above the "
+                                                       "cell count one worker holds and names that count; refused "
+                                                       "with `sample_col` (the covariance is then per gene)",
     ("FilterSettings", "check_representation"): "supported: `True` leaves each underrepresented (subset, condition) "
                                                 "pair's cells out of the run (kompot's documented behaviour)",
 }

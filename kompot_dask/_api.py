@@ -743,6 +743,14 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
     layer_roles += ["sample_std1", "sample_std2"] if layer_roles and sampled else []
     roles += layer_roles
+    if settings.storage.store_posterior_covariance:
+        if sampled:
+            raise SettingsError(
+                f"StorageSettings(store_posterior_covariance=True) with sample_col={call.sample_col!r}: with the "
+                "sample variance the covariance is per gene (a cells × cells matrix per gene), which kompot cannot "
+                "store either. Drop one of the two."
+            )
+        roles += ["posterior_covariance"]
     if settings.filter.groups is not None:  # kompot's varm tables: FDR only from null genes
         roles += ["group_mean_lfc"] + (["group_mahalanobis"] if scored else [])
         roles += ["group_local_fdr", "group_is_de"] if n_null > 0 else []
@@ -758,7 +766,7 @@ def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None)
     uns_entry = store.read_uns_json(run_record.HISTORY_KEY)
     present = {"var": set(store.field_names("var")), "obs": set(store.field_names("obs")),
                "layers": set(store.field_names("layers") if existing_layers is None else existing_layers),
-               "varm": set(store.field_names("varm"))}
+               "varm": set(store.field_names("varm")), "obsp": set(store.field_names("obsp"))}
     where = run_fields.FIELD_LOCATIONS
     existing = [(where[r], outputs.names[r]) for r in outputs.roles if outputs.names[r] in present[where[r]]]
     return _Earlier(uns_entry, run_record.load_history(uns_entry), run_record.load_field_tracking(uns_entry),
@@ -792,6 +800,7 @@ class _Results:
     fdr: fdr_mod.FDRResult | None
     record: run_record.RunRecord | None = None  # set by the record step
     varm: dict[str, pd.DataFrame] = field(default_factory=dict)  # per-subset tables (groups)
+    obsp: dict[str, str] = field(default_factory=dict)  # field name -> staged matrix (posterior covariance)
 
 
 @dataclass
@@ -940,6 +949,8 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             dtype=s.compute.dtype, layout=layout, progress=s.output.progress, staging=staging,
             samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
             empirical=s.gp.use_empirical_variance, groups=_group_spec(run, X, Z),
+            posterior_covariance=outputs.names["posterior_covariance"] if "posterior_covariance" in outputs.roles
+            else None,
         )
 
 
@@ -991,7 +1002,8 @@ def _record(run: _Run, computed: _Computed, plan: planner.ResourcePlan, environm
     logger.info("This run will have `run_id=%d`.", run_id)
     res, cells, o = computed.result, run.cells, run.outputs
     fields_written = ([f"var/{k}" for k in results.var_columns] + [f"obs/{k}" for k in results.obs_columns]
-                      + [f"layers/{k}" for k in results.layers] + [f"varm/{k}" for k in results.varm])
+                      + [f"layers/{k}" for k in results.layers] + [f"varm/{k}" for k in results.varm]
+                      + [f"obsp/{k}" for k in results.obsp])
     results.record = run_record.build_record(
         run_id, names=o.by_role(), fields_written=fields_written,
         fdr_results=None if results.fdr is None else results.fdr.summary, params=run.call.params(run.settings),
@@ -1063,7 +1075,8 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
         var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
     obs_cols = {names[r]: getattr(res, r) for r in ("std1", "std2") if r in run.outputs.roles}
     layers = {names[r]: p for r, p in res.staged.items()}
-    return _Results(var_cols, obs_cols, layers, fdr_result, varm=_group_tables(run, res, per_gene))
+    return _Results(var_cols, obs_cols, layers, fdr_result, varm=_group_tables(run, res, per_gene),
+                    obsp=dict(res.staged_obsp))
 
 
 def _group_tables(run: _Run, res: engine.EngineResult, per_gene) -> dict[str, pd.DataFrame]:
@@ -1106,7 +1119,8 @@ def _commit(run: _Run, computed: _Computed, results: _Results) -> None:
                                          computed.landmarks, computed.landmark_source, storage.store_landmarks)
     try:
         store.commit(computed.staging, layers=results.layers, obs_columns=results.obs_columns,
-                     var_columns=results.var_columns, uns_updates=uns_updates, varm=results.varm)
+                     var_columns=results.var_columns, uns_updates=uns_updates, varm=results.varm,
+                     obsp=results.obsp)
     except BaseException as exc:
         if not os.path.exists(os.path.join(store.path, io_commit.JOURNAL)):
             _keep_or_discard(computed.staging, exc)  # before the commit point: the store is unchanged

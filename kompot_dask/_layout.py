@@ -813,7 +813,7 @@ def output_bytes(inp: PlanInputs, location: str) -> int:
     """Bytes of one output field at ``location`` (uncompressed)."""
     lb = 4 if inp.layer_dtype == "float32" else 8
     return int({"layers": inp.n_obs * inp.n_vars * lb, "obs": inp.n_obs * 8, "var": inp.n_vars * 8,
-                "varm": inp.n_vars * max(1, inp.n_groups) * 8}[location])
+                "varm": inp.n_vars * max(1, inp.n_groups) * 8, "obsp": inp.n_obs * inp.n_obs * 8}[location])
 
 
 # --------------------------------------------------------------------------------------
@@ -855,6 +855,8 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         **_sample_flops(inp),
         **_empirical_flops(inp),
         **_group_flops(inp),
+        **({"posterior covariance": float(3 * m * m * inp.n_pred + 3 * m * inp.n_pred**2)}
+           if any(role == "posterior_covariance" for role, _, _ in inp.fields) else {}),
     }
 
 

@@ -327,7 +327,7 @@ def _allocation_lines(allocations: list[dict[str, Any]]) -> list[str]:
 
 def _output_lines(output_fields: list[dict[str, Any]], in_memory: bool) -> list[tuple[str, list[str]]]:
     out = []
-    for loc in ("layers", "obs", "var", "varm"):
+    for loc in ("layers", "obs", "var", "varm", "obsp"):
         fields = [f for f in output_fields if f["location"] == loc]
         if fields:
             out.append((f"{'adata.' if in_memory else ''}{loc}:", [
@@ -441,6 +441,7 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
     _note_worker_memory(inp, res, cal, ch, est, prep, fits, found, asked=(cell_chunk, gene_block, null_gene_block),
                         max_task_bytes=max_task_bytes)
     _note_client_and_disk(inp, res, client_peak, outputs, total_output, found)
+    _note_posterior_covariance(inp, res, cal, est, found)
     status = "INFEASIBLE" if found.errors else ("FEASIBLE WITH WARNINGS" if found.warnings else "FEASIBLE")
     factor_worker = factor_worker_bytes(est, prep)
     return ResourcePlan(
@@ -517,6 +518,41 @@ def _note_overwrites(inp: PlanInputs, found: _Findings) -> None:
             f"Results already exist in these fields (run_id={p.get('run_id')}, {p.get('timestamp')}, "
             f"{p.get('condition1')} → {p.get('condition2')}); they will be overwritten: {shown}{more}"
         )
+
+
+def posterior_covariance_bytes(n_pred: int, m: int, n_obs: int) -> int:
+    """What the posterior-covariance task holds: Σ₁ + Σ₂ between the predicted cells, its
+    m × cells work matrix, and one band of stored rows."""
+    return 8 * (n_pred * n_pred + m * n_pred + 1024 * n_obs)
+
+
+def max_posterior_covariance_cells(room: float, m: int) -> int:
+    """The most predicted cells whose posterior covariance fits ``room`` bytes (the band of
+    stored rows counted at that size)."""
+    # 8 (n² + m·n + 1024·n) ≤ room
+    b = m + 1024
+    return max(0, int((-b + math.sqrt(b * b + 4 * room / 8)) / 2))
+
+
+def _note_posterior_covariance(inp: PlanInputs, res: ClusterResources, cal: Calibration, est: MemoryEstimate,
+                               found: _Findings) -> None:
+    """``store_posterior_covariance``: refused when one worker cannot hold the cells × cells
+    matrix beside what it keeps for the run, naming the largest cell count that fits."""
+    if not any(role == "posterior_covariance" for role, _, _ in inp.fields):
+        return
+    need = posterior_covariance_bytes(inp.n_pred, inp.m, inp.n_obs)
+    room = MEMORY_FRACTION * res.memory_limit - cal.worker_rss - est.shared.total
+    if need <= room:
+        found.info.append(f"The posterior covariance ({inp.n_pred:,} × {inp.n_pred:,} cells) is computed by one "
+                          f"task holding {format_bytes(need)}")
+        return
+    most = max_posterior_covariance_cells(room, inp.m)
+    found.errors.append(Problem(
+        f"StorageSettings(store_posterior_covariance=True) needs the {inp.n_pred:,} × {inp.n_pred:,} cells "
+        f"covariance in one worker ({format_bytes(need)}); a worker here has room for {most:,} cells at most",
+        [f"restrict the predicted cells to ≤ {most:,} with FilterSettings(cell_filter=...)",
+         "store_posterior_covariance=False (kompot_dask's results do not need it)",
+         "workers with more memory (ComputeSettings(memory_limit=...))"]))
 
 
 def _note_worker_memory(inp: PlanInputs, res: ClusterResources, cal: Calibration, ch: Chunks,

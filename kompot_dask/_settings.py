@@ -394,6 +394,11 @@ class StorageSettings(_Settings):
         ``de(..., output="results.zarr")``): the input store is only read, so it may be
         read-only or shared. Created on first use with the input's cell and gene names;
         later runs on the same input add to it. ``None`` writes into the input store.
+    store_posterior_covariance
+        Also write kompot's ``obsp`` matrix ``{pair}_posterior_covariance``: Σ₁ + Σ₂ between
+        every two predicted cells (cells × cells, zero outside the cell filter). Its size
+        grows with the square of the cells: the plan refuses it above the cell count that
+        one worker can hold, and names that count.
     """
 
     result_key: str | None = None
@@ -408,9 +413,7 @@ class StorageSettings(_Settings):
     disk_storage_dir: str | None = None
     max_memory_ratio: float = 0.8
 
-    _REFUSED: ClassVar[dict[str, str]] = {
-        "store_posterior_covariance": "an m × m covariance per gene does not fit an atlas-sized store",
-    }
+    _REFUSED: ClassVar[dict[str, str]] = {}
     _IGNORED: ClassVar[dict[str, str]] = {
         "store_arrays_on_disk": "every cells × genes array is streamed to the store in tiles anyway",
         "disk_storage_dir": "intermediate work is staged inside the store (see docs/store_safety.md)",

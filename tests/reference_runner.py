@@ -52,6 +52,10 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
     for k in adata.layers.keys():
         if k.startswith("kompot"):
             payload[f"layers/{k}"] = np.asarray(adata.layers[k])
+    for k in adata.obsp.keys():
+        if k.startswith("kompot"):
+            payload[f"obsp/{k}"] = np.asarray(adata.obsp[k].toarray() if hasattr(adata.obsp[k], "toarray")
+                                              else adata.obsp[k], dtype=float)
     for k in adata.varm.keys():
         if k.startswith("kompot"):  # per-group tables: values and their column names
             payload[f"varm/{k}"] = adata.varm[k].to_numpy(dtype=float)

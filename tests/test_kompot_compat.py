@@ -31,7 +31,6 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
 
 @pytest.mark.parametrize("cls, field, value, reason", [
     (kd.FDRSettings, "null_expression", ("expr1", "expr2"), "cells × nulls in memory"),
-    (kd.StorageSettings, "store_posterior_covariance", True, "covariance per gene"),
 ])
 def test_kompot_fields__a_refused_value_names_the_field_and_the_reason(cls, field, value, reason):
     with pytest.raises(kd.SettingsError, match=rf"{cls.__name__}\.{field}=.* is not supported by kompot_dask: .*{reason}"):

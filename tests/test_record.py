@@ -112,13 +112,15 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "group_local_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_local_fdr_groups",
         "group_is_de": "kompot_de_Young_adult_to_Old_is_de_groups",
         "group_neg_log10_ptp": "kompot_de_Young_adult_to_Old_neg_log10_ptp_groups",
+        # StorageSettings(store_posterior_covariance=True)
+        "posterior_covariance": "kompot_de_Young_adult_to_Old_posterior_covariance",
     }
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
         "std2": "obs", "imputed1": "layers", "imputed2": "layers", "fold_change": "layers",
         "sample_std1": "layers", "sample_std2": "layers", "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
         "group_mean_lfc": "varm", "group_mahalanobis": "varm", "group_local_fdr": "varm", "group_is_de": "varm",
-        "group_neg_log10_ptp": "varm",
+        "group_neg_log10_ptp": "varm", "posterior_covariance": "obsp",
     }
     # with sample_col, kompot's "_sample_var" suffix on the distances, their statistics and z-scores
     sampled = fields.output_field_names("rk", "A", "B", sample_variance=True)
@@ -187,7 +189,7 @@ def test_record__previous_code_history_reads_back_unchanged(old_uns):
         # older runs had neither the time split nor groups (their keys are written only with groups)
         assert not record.extra and record.absent == {"phase_seconds", "task_seconds", "has_groups", "subset_names",
                                                       "groups_summary", "varm_keys", "underrepresentation",
-                                                      "auto_filtered"}
+                                                      "auto_filtered", "posterior_covariance_key"}
         assert record.phase_seconds == {} and record.task_seconds == {}
     run1 = RunRecord.from_dict(load_history(old_uns[HISTORY_KEY])[1])
     assert run1.result_key == "rk2" and run1.fdr_keys == {} and run1.imputed_layer_keys == {}

@@ -1008,6 +1008,38 @@ def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit
     return refs, tasks
 
 
+POSTERIOR_COVARIANCE_CHUNK = 1024
+"""Rows and columns per chunk of the stored posterior covariance (8 MB of float64)."""
+
+
+def _posterior_covariance_task(Z, X, rows, ls, Lp, C1, C2, path, marker=None):
+    """kompot's ``store_posterior_covariance`` matrix: Σ₁ + Σ₂ between the predicted cells
+    ``rows``, written into the staged cells × cells array ``path`` (zero elsewhere) a band of
+    rows at a time; the planner has checked that one worker holds it."""
+    import zarr
+
+    cov = gp_mod.posterior_covariance(X[rows], Z, ls, Lp, C1, C2, FACTOR_DTYPE)
+    arr = zarr.open_array(path, mode="r+")
+    n = arr.shape[0]
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[rows] = np.arange(len(rows))
+    step = POSTERIOR_COVARIANCE_CHUNK
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        sel = pos[r0:r1]
+        keep = np.flatnonzero(sel >= 0)
+        if not len(keep):
+            continue  # all zero: the fill value
+        band = np.zeros((r1 - r0, n), dtype=arr.dtype)
+        band[np.ix_(keep, rows)] = cov[sel[keep]]
+        arr[r0:r1, :] = band
+    del cov
+    _trim_heap()
+    if marker is not None:
+        io_commit.write_marker(marker[0], marker[1], {"rows": np.asarray(rows)})
+    return {"posterior_covariance": path}
+
+
 def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
     """Side-effect tasks that keep each fit output in ``fit_dir``, each on the worker that
     holds it. Ahead of the blocks: a run interrupted after them resumes without fitting."""
@@ -1051,6 +1083,8 @@ class EngineResult:
     group_mean_lfc: np.ndarray | None = None
     group_null_mahalanobis: np.ndarray | None = None
     """Per subset: the null genes' distances, subsets × null genes."""
+    staged_obsp: dict[str, str] = field(default_factory=dict)
+    """obsp name → staged matrix (``store_posterior_covariance``)."""
 
 
 def run_engine(
@@ -1078,6 +1112,7 @@ def run_engine(
     need_std: bool = True,
     empirical: bool = False,
     groups: GroupSpec | None = None,
+    posterior_covariance: str | None = None,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -1104,6 +1139,13 @@ def run_engine(
         for role, name in layer_names.items():
             chunks, shards = _layout.output_chunks(layout, n_obs, np.dtype(layer_dtype).itemsize, store.zarr_format)
             staged[role] = staging.create_layer(name, (n_obs, n_vars), chunks, layer_dtype, shards=shards)
+    if posterior_covariance:  # obsp: cells × cells, zero outside the predicted cells
+        step = POSTERIOR_COVARIANCE_CHUNK
+        staged_obsp = {posterior_covariance: staging.create_layer(
+            posterior_covariance, (n_obs, n_obs), (min(step, n_obs), min(step, n_obs)), "float64",
+            location="obsp", fill_value=0.0)}
+    else:
+        staged_obsp = {}
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
     pred_rows = np.flatnonzero(pred)
@@ -1119,20 +1161,23 @@ def run_engine(
                   for i, r in enumerate(_layout.std_parts(layout, rows))] if empirical else [])
     lev_done = [done[f"lev{c}-{i}"] for c, i, _ in lev_parts if f"lev{c}-{i}" in done]
     lev_parts = [(c, i, r) for c, i, r in lev_parts if f"lev{c}-{i}" not in done]
-    n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks)
+    cov_todo = bool(staged_obsp) and "postcov" not in done
+    n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks) + bool(staged_obsp)
     z_blocks = [b for b in z_blocks if f"z-{b['index']}" not in done]
     real_blocks = [b for b in real_blocks if f"real-{b['index']}" not in done]
     null_blocks = [b for b in null_blocks if f"null-{b['index']}" not in done]
     std_parts = [(i, r) for i, r in std_parts if f"stdk-{i}" not in done]
     std_done = list(std_out)  # before this run's std results join them
-    n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts) - len(z_blocks)
+    n_reused = n_all - len(real_blocks) - len(null_blocks) - len(std_parts) - len(z_blocks) - cov_todo
     if n_reused:
         logger.info("Resuming: %d of %d tasks finished before the interruption are reused "
                     "(%d gene blocks, %d null-gene blocks, %d std tasks)", n_reused, n_all,
                     len(real_out), len(null_out), len(std_out))
     n_groups = 0 if groups is None else groups.n_groups
     if n_reused == n_all:
-        return _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused, n_groups)
+        out = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused, n_groups)
+        out.staged_obsp = staged_obsp
+        return out
     futures: list = []
     pending = None
     run_token = uuid.uuid4().hex[:12]
@@ -1188,6 +1233,10 @@ def run_engine(
                 allow_diagonal=samples is None, n_threads=n_threads)
             setup += group_setup
 
+        if cov_todo:
+            setup.append(client.submit(_posterior_covariance_task, Z_f, X_f, pred_rows, ls, Lp_f, C1_f, C2_f,
+                                       staged_obsp[posterior_covariance], (markers, "postcov"), pure=False,
+                                       priority=1))
         std_futures = []
         for i, r in std_parts:
             # Ahead of the blocks: they need Lp, which is then freed for the rest of the run.
@@ -1294,6 +1343,7 @@ def run_engine(
         raise
     result = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused,
                      n_groups)
+    result.staged_obsp = staged_obsp
     result.wall_seconds = walls
     return result
 

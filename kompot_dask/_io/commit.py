@@ -283,17 +283,19 @@ class Staging:
         return os.path.join(self.path, *parts)
 
     def create_layer(self, name: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str,
-                     shards: tuple[int, int] | None = None) -> str:
+                     shards: tuple[int, int] | None = None, location: str = "layers",
+                     fill_value: float = np.nan) -> str:
         """An empty (NaN) dense array in anndata's encoding for layer ``name`` (in the store's
         zarr format; ``shards`` for a format 3 store); returns its directory, which workers
-        open with :func:`kompot_dask._io.tiles.write_tile`."""
-        path = self.sub("layers", name)
+        open with :func:`kompot_dask._io.tiles.write_tile`. ``location="obsp"``: a cells ×
+        cells matrix instead (filled with ``fill_value``)."""
+        path = self.sub(location, name)
         if os.path.isdir(path):
             return path  # resumed run: keep the tiles already written
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fmt = zarr_format_of(self.store_path)
         zarr.create_array(
-            store=path, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan,
+            store=path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
             attributes=dict(_ARRAY_ATTRS), zarr_format=fmt, **({"shards": shards} if shards and fmt == 3 else {}),
         )
         return path
@@ -406,12 +408,13 @@ def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] 
                    obs: dict[str, np.ndarray] | None = None, var: dict[str, np.ndarray] | None = None,
                    uns: dict[str, Any] | None = None,
                    remove: list[tuple[str, str]] | None = None,
-                   varm: dict[str, Any] | None = None) -> dict[str, Any]:
+                   varm: dict[str, Any] | None = None, obsp: dict[str, str] | None = None) -> dict[str, Any]:
     """Stage obs/var/uns and describe one whole change; nothing in the store changes yet.
 
     ``layers`` maps a final layer name to its staged directory (from
     :meth:`Staging.create_layer`); ``obs``/``var`` columns and ``uns`` entries are written
-    into the staging here, and so are ``varm`` tables (genes × columns DataFrames);
+    into the staging here, and so are ``varm`` tables (genes × columns DataFrames); ``obsp``
+    maps a final obsp name to its staged matrix (``create_layer(location="obsp")``);
     ``remove`` lists ``(location, name)`` fields to delete. Fields
     that already exist are replaced; their previous version goes to the trash and is
     deleted when the change is done.
@@ -424,6 +427,9 @@ def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] 
              for i, (name, src) in enumerate(layers.items())]
     moves += [_move(store_path, _rel(store_path, staging.sub("elements", "varm", name)), f"varm/{name}",
                     f"{trash}/M{i}") for i, name in enumerate(varm)]
+    obsp = obsp or {}
+    moves += [_move(store_path, _rel(store_path, src), f"obsp/{name}", f"{trash}/P{i}")
+              for i, (name, src) in enumerate(obsp.items())]
     attrs_removed: dict[str, Any] = {}
     attrs_final: dict[str, Any] = {}
     for loc, cols in (("obs", obs), ("var", var)):
@@ -441,7 +447,7 @@ def change_journal(store_path: str, staging: Staging, *, layers: dict[str, str] 
                for i, key in enumerate(uns)]
     return {"token": staging.token, "removals": removals, "moves": moves, "records": records,
             "attrs_removed": attrs_removed, "attrs_final": attrs_final,
-            "needs_groups": {"layers": bool(layers), "uns": bool(uns), "varm": bool(varm)},
+            "needs_groups": {"layers": bool(layers), "uns": bool(uns), "varm": bool(varm), "obsp": bool(obsp)},
             "cleanup": [_rel(store_path, staging.path), trash]}
 
 

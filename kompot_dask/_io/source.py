@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import anndata as ad
+import numpy as np
 
 from .store import Store, StoreHandle
 
@@ -227,6 +228,8 @@ def copy_results(store: Store, adata: ad.AnnData, fields: list[str], uns_keys: l
             adata.obs[name] = store.obs[name].to_numpy()
         elif loc == "layers":
             adata.layers[name] = store.read_layer_dense(name)
+        elif loc == "obsp":
+            adata.obsp[name] = np.asarray(store.root["obsp"][name][...])
         elif loc == "varm":
             table = ad.io.read_elem(store.root["varm"][name])
             adata.varm[name] = table.set_axis(adata.var_names, axis=0) if hasattr(table, "set_axis") else table

@@ -529,12 +529,12 @@ class Store(StoreHandle):
 
     def commit(self, staging: commit.Staging, *, layers: dict[str, str], obs_columns: dict[str, np.ndarray],
                var_columns: dict[str, np.ndarray], uns_updates: dict[str, Any],
-               varm: dict[str, pd.DataFrame] | None = None) -> None:
+               varm: dict[str, pd.DataFrame] | None = None, obsp: dict[str, str] | None = None) -> None:
         """Make a run's outputs visible in one journaled step (see :mod:`kompot_dask._io.commit`):
         a kill at any instant leaves the previous state or, once the journal is written, a
         change that the next opener completes. Call only while holding the lease."""
         journal = commit.change_journal(self.path, staging, layers=layers, obs=obs_columns,
-                                        var=var_columns, uns=uns_updates, varm=varm)
+                                        var=var_columns, uns=uns_updates, varm=varm, obsp=obsp)
         commit.begin(self.path, journal)
         commit.apply_journal(self.path)
         self._reopen()

@@ -368,12 +368,8 @@ def landmark_metric(
     m = Z.shape[0]
     P = Z if points is None else np.asarray(points, dtype=np.float64)
     p = P.shape[0]
-    cov = _kernel_into(np.empty((p, p), dtype=dt, order="F"), P, ls, dtype)
     work = np.empty((m, p), dtype=dt, order="F")
-    for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
-        _kernel_into(work, Z, ls, dtype, cols=P)
-        blas.trsm_left_lower(_lower_view(factor), work)
-        blas.syrk_lower(cov, work, alpha, beta, trans=True)
+    cov = _covariance_lower(Z, ls, Lp, C1, C2, P, work, dtype)
     diag = np.diag(cov).copy()
     ratio = float(diag.sum() / _lower_abs_sum(cov)) if p > 10 else 0.0
     diagonal = bool(allow_diagonal and p > 10 and ratio > 0.95)
@@ -406,6 +402,37 @@ def landmark_metric(
     if with_inverse_squares:
         return DeviceMatrix(work.T, dtype), diagonal, wsq
     return DeviceMatrix(work.T, dtype), diagonal
+
+
+def _covariance_lower(Z: np.ndarray, ls: float, Lp, C1, C2, P: np.ndarray, work: np.ndarray,
+                      dtype: str) -> np.ndarray:
+    """Σ₁ + Σ₂ between the points ``P`` (p × p, Fortran order, lower triangle filled):
+    2(K_PP − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂ with P = Lp⁻¹K_ZP, Q_c = C_c⁻¹K_ZP, by triangular solves
+    into ``work`` (m × p) and rank-k updates."""
+    p = P.shape[0]
+    cov = _kernel_into(np.empty((p, p), dtype=np.dtype(dtype), order="F"), P, ls, dtype)
+    for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
+        _kernel_into(work, Z, ls, dtype, cols=P)
+        blas.trsm_left_lower(_lower_view(factor), work)
+        blas.syrk_lower(cov, work, alpha, beta, trans=True)
+    return cov
+
+
+def posterior_covariance(X: np.ndarray, Z: np.ndarray, ls: float, Lp, C1, C2,
+                         dtype: str = "float64") -> np.ndarray:
+    """Σ₁ + Σ₂ between the cells ``X`` (n × n, symmetric): kompot's
+    ``store_posterior_covariance`` matrix, the two posterior covariances of the expression
+    models summed (the covariance of the fold change between cells)."""
+    X = np.asarray(X, dtype=np.float64)
+    cov = _covariance_lower(Z, ls, Lp, C1, C2, X, np.empty((Z.shape[0], X.shape[0]), dtype=np.dtype(dtype),
+                                                          order="F"), dtype)
+    n, b = cov.shape[0], 1024
+    for r0 in range(0, n, b):  # the upper triangle from the lower, in place, a block at a time
+        r1 = min(r0 + b, n)
+        d = cov[r0:r1, r0:r1]
+        d[...] = np.tril(d) + np.tril(d, -1).T
+        cov[r0:r1, r1:] = cov[r1:, r0:r1].T
+    return cov
 
 
 def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:

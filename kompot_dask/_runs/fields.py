@@ -89,10 +89,12 @@ FIELDS: tuple[FieldSpec, ...] = (
               "Differential expression significance for all subsets"),
     FieldSpec("ptp", "group_neg_log10_ptp", "varm", "{pair}_neg_log10_ptp{sfx}_groups",
               "Negative log10 posterior tail probability (-log10 PTP) for all subsets"),
+    # StorageSettings(store_posterior_covariance=True): cells × cells, zero outside the filter
+    FieldSpec("posterior_covariance", "posterior_covariance", "obsp", "{pair}_posterior_covariance",
+              "Posterior covariance of the fold change between cells (Σ₁ + Σ₂ at the predicted cells)"),
     # written by kompot only; known so that its run histories can be cleaned too
     FieldSpec("smoothed"),
     FieldSpec("neg_log10_ptp"),
-    FieldSpec("posterior_covariance"),
 )
 """Every output field type, kompot_dask's (with a role) first."""
 

@@ -226,6 +226,7 @@ class RunRecord(_Stored):
     groups_summary: dict[str, Any] | None = None
     """Subsets: count, names, the form given, and per subset its cells (and per condition)."""
     varm_keys: dict[str, str] | None = None
+    posterior_covariance_key: str | None = None
     underrepresentation: dict[str, list[Any]] = field(default_factory=dict)
     """Subset → conditions with too few cells there (the representation check)."""
     auto_filtered: bool = False
@@ -366,10 +367,12 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
         groups_summary=groups.get("groups_summary"),
         varm_keys=({"mean_lfc": names["group_mean_lfc"], "mahalanobis": names.get("group_mahalanobis")}
                    if "group_mean_lfc" in names else None),
+        posterior_covariance_key=names.get("posterior_covariance"),
         underrepresentation=dict(groups.get("underrepresentation") or {}),
         auto_filtered=bool(groups.get("auto_filtered")),
         # a run without groups stores none of their keys (as before groups existed)
-        absent=frozenset() if groups.get("subset_names") else _GROUP_KEYS,
+        absent=((frozenset() if groups.get("subset_names") else _GROUP_KEYS)
+                | (frozenset() if "posterior_covariance" in names else {"posterior_covariance_key"})),
     )
 
 
