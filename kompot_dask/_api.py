@@ -50,7 +50,14 @@ from ._io.store import (
     StoreDiskFullError,
     disk_full_error,
 )
-from ._layout import Landmarks, Layout, landmarks_for, make_layout, null_value_dtype
+from ._layout import (
+    Landmarks,
+    Layout,
+    kernel_sum_parts,
+    landmarks_for,
+    make_layout,
+    null_value_dtype,
+)
 from ._numerics import fdr as fdr_mod
 from ._numerics import gp as gp_numerics
 from ._runs import fields as run_fields
@@ -1219,7 +1226,8 @@ def _group_sizes(subsets: _groups.Subsets | None, m: int) -> dict[str, int]:
     counts = subsets.masks.sum(axis=1)
     points = np.minimum(counts, m)
     return {"n_groups": len(subsets), "group_points": int(points.sum()), "group_max_points": int(points.max()),
-            "group_cells": int(counts.sum())}
+            "group_cells": int(counts.sum()),
+            "group_tasks": int(sum(kernel_sum_parts(int(c)) + 1 for c in counts))}
 
 
 def _make_plan(run: _Run, client: Client, *, timed: bool) -> planner.ResourcePlan:

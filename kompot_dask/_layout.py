@@ -143,6 +143,7 @@ class PlanInputs:
     group_points: int = 0  # their Mahalanobis points, all subsets together
     group_max_points: int = 0  # the most points of one subset (its factor is m × that)
     group_cells: int = 0  # their cells, all subsets together (mean kernel rows)
+    group_tasks: int = 0  # the subsets' kernel-sum and factor tasks
 
     @property
     def embedding_bytes(self) -> int:
@@ -362,7 +363,7 @@ class TaskCounts:
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
                 n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None,
                 zscores: bool = False, n_samples: int = 0, sample_cells: int = 0,
-                std: bool = True, leverage_cells: int = 0) -> TaskCounts:
+                std: bool = True, leverage_cells: int = 0, group_tasks: int = 0) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic;
     ``zscores``: the fold-change z-score layer's pass, one task per gene block; with
     ``n_samples`` fitted samples of ``sample_cells`` cells, their grams and factors, and
@@ -376,7 +377,7 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         transpose=len(transpose_groups(layout, n_obs, nnz)) if transposes(kind, n_real + n_nullb) else 0,
         # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
         # save per fit output
-        fit=(2 * fit_parts(n_workers) + n_threads + 7 + len(FIT_OUTPUTS)
+        fit=(2 * fit_parts(n_workers) + kernel_sum_parts(n_pred) + 7 + len(FIT_OUTPUTS) + group_tasks
              + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)
              + (6 + 2 + math.ceil(leverage_cells / layout.kernel_chunk) if leverage_cells else 0)),
         gene_blocks=n_real,
@@ -512,6 +513,15 @@ def factor_phase_bytes(inp: PlanInputs) -> int:
 
 SAMPLE_GRAM_ROWS = 65_536
 """Cells per task of a sample's cross gram (a large sample's sum is split over workers)."""
+
+KERNEL_SUM_ROWS = 32_768
+"""Cells per kernel-sum task (a mean kernel row): a fixed size, so the sum's order — and its
+last bits — do not depend on how many threads the cluster has."""
+
+
+def kernel_sum_parts(n_cells: int) -> int:
+    return max(1, -(-int(n_cells) // KERNEL_SUM_ROWS))
+
 
 SAMPLE_SCORE_GENES = 32
 """Genes per batch of the low-rank sample-variance distances (their whitened deviations and

@@ -423,7 +423,8 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                          inp.layer_kind, inp.layer_nnz,
                          zscores=any(role == "fold_change_zscores" for role, _, _ in inp.fields),
                          n_samples=inp.n_samples, sample_cells=inp.n12 if inp.n_samples else 0,
-                         std=inp.store_layers or not inp.n_samples, leverage_cells=inp.n12 if inp.empirical else 0)
+                         std=inp.store_layers or not inp.n_samples, leverage_cells=inp.n12 if inp.empirical else 0,
+                         group_tasks=inp.group_tasks)
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
     if prep.client:
         client_parts["model preparation (length scale, then k-means)"] = prep.client

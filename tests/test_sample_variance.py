@@ -337,6 +337,7 @@ threading.Thread(target=watch, daemon=True).start()
 with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
     kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
           sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+          filter=kd.FilterSettings(groups="Age"),
           compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=c)
 print("FINISHED", flush=True)
 """
@@ -344,8 +345,8 @@ print("FINISHED", flush=True)
 
 def test_sample_col_resumes_after_sigkill(tmp_path, client):
     """The client SIGKILLed after two of five gene blocks: the store is as it was, and the
-    rerun reuses the saved fit (the samples' factors included) and the finished blocks,
-    with results identical to an uninterrupted run."""
+    rerun reuses the saved fit (the samples' and the groups' factors included) and the
+    finished blocks, with results identical to an uninterrupted run."""
     import subprocess
     import sys
 
@@ -360,8 +361,10 @@ def test_sample_col_resumes_after_sigkill(tmp_path, client):
 
     (staged,) = commit.list_staging(store)
     assert len([f for f in os.listdir(staged.sub("fit")) if f.startswith("sample-")]) == 6
+    assert len([f for f in os.listdir(staged.sub("fit")) if f.startswith("group-")]) == 6  # 2 groups × 3 files
     kw = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
               sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+              filter=kd.FilterSettings(groups="Age"),
               compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=client)
     kd.de(store, **kw)
     kd.de(clean, **kw)
@@ -370,3 +373,6 @@ def test_sample_col_resumes_after_sigkill(tmp_path, client):
     a, b = ad.read_zarr(store), ad.read_zarr(clean)
     np.testing.assert_array_equal(a.var[f"{PAIR}_mahalanobis_sample_var"], b.var[f"{PAIR}_mahalanobis_sample_var"])
     np.testing.assert_array_equal(np.asarray(a.layers["kompot_de_Old_std"]), np.asarray(b.layers["kompot_de_Old_std"]))
+    for key in (f"{PAIR}_mahalanobis_sample_var_groups", f"{PAIR}_mean_lfc_groups"):
+        assert list(a.varm[key].columns) == ["Young", "Old"]
+        np.testing.assert_array_equal(a.varm[key].to_numpy(), b.varm[key].to_numpy())

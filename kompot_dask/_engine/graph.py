@@ -914,6 +914,11 @@ def prepare_model(
     return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
 
 
+def _sum_parts(rows: np.ndarray) -> list[np.ndarray]:
+    """Kernel-sum tasks of a mean kernel row (:data:`kompot_dask._layout.KERNEL_SUM_ROWS`)."""
+    return np.array_split(rows, _layout.kernel_sum_parts(len(rows)))
+
+
 _FIT_PRIORITY = 10
 """Dask priority of the fit's critical path (higher runs first; std tasks have 1, blocks 0)."""
 
@@ -939,7 +944,7 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
           for r in np.array_split(rows2, parts)]
     # kbar: off the critical path, but ahead of the std tasks (the blocks need it)
     ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kc, FACTOR_DTYPE, pure=False, priority=2)
-          for r in np.array_split(pred_rows, n_threads)]
+          for r in _sum_parts(pred_rows)]
     kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False, priority=2)
     # The m × m factors as a small graph of their own, so that the two conditions are
     # factorised on different workers; workers fetch each factor once.
@@ -997,7 +1002,7 @@ def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit
                          "diagonal": bool(io_commit.read_array(paths["diagonal"]))})
             continue
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False, priority=2)
-              for r in np.array_split(rows, max(1, min(n_threads, len(rows))))]
+              for r in _sum_parts(rows)]
         fut = client.submit(_group_metric_task, i, Z_f, ls, fit["Lp"], fit["C1"], fit["C2"], eps, allow_diagonal,
                             spec.points[i], ks, len(rows), fit_dir, pure=False, priority=_FIT_PRIORITY - 1)
         refs.append(fut)

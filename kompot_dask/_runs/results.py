@@ -67,7 +67,7 @@ def results(data: Any, run_id: int = -1, *, analysis_type: str = "de", layers: b
         if name is None:
             continue
         location = fields.locations[role]
-        if (location == "layers" and not layers) or location == "varm":  # per-subset tables: read varm
+        if (location == "layers" and not layers) or location in ("varm", "obsp"):  # not cell × gene: anndata reads them
             continue
         values = _field_values(source, is_store, location, name)
         if values is None:
