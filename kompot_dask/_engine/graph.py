@@ -990,7 +990,7 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
 
 
 def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit_dir: str, *, ls: float,
-                       eps: float, kernel_chunk: int, allow_diagonal: bool, n_threads: int) -> tuple[list, list]:
+                       eps: float, kernel_chunk: int, allow_diagonal: bool) -> tuple[list, list]:
     """Each subset's factor and mean kernel row (:func:`_group_metric_task`), or what a
     resumed run finds of them in ``fit_dir``: their results (futures for those still to
     compute) and the tasks that compute them."""
@@ -1235,7 +1235,7 @@ def run_engine(
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
                 client, groups, Z_f, X_f, fit, fit_dir, ls=ls, eps=eps, kernel_chunk=kc,
-                allow_diagonal=samples is None, n_threads=n_threads)
+                allow_diagonal=samples is None)
             setup += group_setup
 
         if cov_todo:
