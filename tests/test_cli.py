@@ -349,7 +349,7 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     import kompot_dask as kd
 
     spec = SyntheticSpec(n_obs=700, n_vars=30, n_dims=6, seed=5, conditions=("Young", "Mid", "Old"),
-                         samples_per_condition=3)
+                         samples_per_condition=3, cell_types=("T", "B"))
     store = write_synthetic_store(tmp_path / "atlas.zarr", spec, cell_chunk=256, gene_chunk=16)
     blocks = [b for b in _readme_blocks("python") if "kd.ingest(" not in b]
     assert len(blocks) >= 3
@@ -369,6 +369,8 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     record = kd.RunInfo(store, -1).record
     assert "resumed" in record and record["resumed"] is None  # that run was not interrupted
     # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one,
-    # the sample-variance block one
-    assert kd.RunInfo(store, -1).run_id == 5 and kd.RunInfo(store, -1).record["uses_sample_variance"]
+    # the sample-variance block one, the groups block one
+    assert kd.RunInfo(store, 5).record["uses_sample_variance"]
+    last = kd.RunInfo(store, -1)
+    assert last.run_id == 6 and last.record["subset_names"] == ["T", "B"]
     assert kd.RunInfo(str(tmp_path / "results.zarr")).run_id == 0  # the read-only input block's own store

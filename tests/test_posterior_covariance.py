@@ -27,6 +27,7 @@ KEY = "kompot_de_Young_to_Old_posterior_covariance"
 CALL = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca")
 
 
+@pytest.mark.slow  # kompot parity of a niche option: `pytest -m slow` (suite time, CI's 15 minutes)
 @needs_kompot
 def test_posterior_covariance_parity(tmp_path, client):
     adata = make_synthetic_adata(SyntheticSpec(n_obs=400, n_vars=12, n_dims=6, seed=12))

@@ -195,7 +195,8 @@ _NON_DEFAULT = {
                            groups="cell_type", min_percentage=10.0),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,
                              layer_dtype="float64", store_arrays_on_disk=True, disk_storage_dir="/scratch",
-                             max_memory_ratio=0.5, results_store="/scratch/results.zarr", store_additional_stats=True),
+                             max_memory_ratio=0.5, results_store="/scratch/results.zarr", store_additional_stats=True,
+                             store_posterior_covariance=True),
     kd.OutputSettings: dict(return_full_results=True, progress=False, copy=True, inplace=False,
                             return_null_data=True, compute_mahalanobis=False, allow_single_condition_variance=True),
     kd.ComputeSettings: dict(cell_chunk=64, gene_block=16, null_gene_block=32, n_workers=3, threads_per_worker=2,
@@ -305,14 +306,14 @@ def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default
     settings = {"gp": kd.GPSettings(), "fdr": kd.FDRSettings(), "filter": kd.FilterSettings(),
                 "storage": kd.StorageSettings(), "output": kd.OutputSettings(), "compute": kd.ComputeSettings()}
     record = _settings_record(settings)
-    record["params"]["storage"]["store_posterior_covariance"] = True
+    record["params"]["fdr"]["null_expression"] = "<tuple len=2>"
     record["params"]["output"]["allow_single_condition_variance"] = True
     record["params"]["sample_col"] = "donor"
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
         kwargs = RunInfo(_adata_with_history([record]), 0).call_args()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "storage.store_posterior_covariance=True, which kompot_dask does not support; using the default" in messages
-    assert kwargs["storage"].store_posterior_covariance is False
+    assert "fdr.null_expression='<tuple len=2>', which kompot_dask does not support; using the default" in messages
+    assert kwargs["fdr"].null_expression is None
     # sample variance is supported (issue 15): kept as recorded
     assert kwargs["sample_col"] == "donor" and kwargs["output"].allow_single_condition_variance is True
     assert "sample_col" not in messages and "allow_single_condition_variance" not in messages

@@ -115,6 +115,7 @@ def test_sample_col_parity(tmp_path, client):
     matplotlib.pyplot.close(fig)
 
 
+@pytest.mark.slow  # kompot parity of a niche option: `pytest -m slow` (suite time, CI's 15 minutes)
 @needs_kompot
 def test_sample_col_single_condition_parity(tmp_path, client):
     """Condition 2 from one donor: refused by default (kompot's error), and with
@@ -264,6 +265,7 @@ def test_sample_col_cli(tmp_path, capsys):
 # ---- GPSettings(use_empirical_variance=True) ------------------------------------------------
 
 
+@pytest.mark.slow  # kompot parity of a niche option: `pytest -m slow` (suite time, CI's 15 minutes)
 @needs_kompot
 def test_empirical_variance_parity(tmp_path, client):
     """kompot's empirical variance, null genes and additional statistics included: the

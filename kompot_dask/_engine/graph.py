@@ -1017,15 +1017,11 @@ POSTERIOR_COVARIANCE_CHUNK = 1024
 """Rows and columns per chunk of the stored posterior covariance (8 MB of float64)."""
 
 
-def _posterior_covariance_task(Z, X, rows, ls, Lp, C1, C2, path, marker=None):
+def _posterior_covariance_task(Z, X, rows, n, ls, Lp, C1, C2, path, marker=None):
     """kompot's ``store_posterior_covariance`` matrix: Σ₁ + Σ₂ between the predicted cells
-    ``rows``, written into the staged cells × cells array ``path`` (zero elsewhere) a band of
+    ``rows``, written into the staged ``n`` × ``n`` array ``path`` (zero elsewhere) a band of
     rows at a time; the planner has checked that one worker holds it."""
-    import zarr
-
     cov = gp_mod.posterior_covariance(X[rows], Z, ls, Lp, C1, C2, FACTOR_DTYPE)
-    arr = zarr.open_array(path, mode="r+")
-    n = arr.shape[0]
     pos = np.full(n, -1, dtype=np.int64)
     pos[rows] = np.arange(len(rows))
     step = POSTERIOR_COVARIANCE_CHUNK
@@ -1035,9 +1031,9 @@ def _posterior_covariance_task(Z, X, rows, ls, Lp, C1, C2, path, marker=None):
         keep = np.flatnonzero(sel >= 0)
         if not len(keep):
             continue  # all zero: the fill value
-        band = np.zeros((r1 - r0, n), dtype=arr.dtype)
+        band = np.zeros((r1 - r0, n), dtype=np.float64)
         band[np.ix_(keep, rows)] = cov[sel[keep]]
-        arr[r0:r1, :] = band
+        write_tile(path, "", r0, r1, 0, n, band)
     del cov
     _trim_heap()
     if marker is not None:
@@ -1239,7 +1235,7 @@ def run_engine(
             setup += group_setup
 
         if cov_todo:
-            setup.append(client.submit(_posterior_covariance_task, Z_f, X_f, pred_rows, ls, Lp_f, C1_f, C2_f,
+            setup.append(client.submit(_posterior_covariance_task, Z_f, X_f, pred_rows, n_obs, ls, Lp_f, C1_f, C2_f,
                                        staged_obsp[posterior_covariance], (markers, "postcov"), pure=False,
                                        priority=1))
         std_futures = []
