@@ -145,6 +145,10 @@ class PlanInputs:
     group_cells: int = 0  # their cells, all subsets together (mean kernel rows)
     group_tasks: int = 0  # the subsets' kernel-sum and factor tasks
 
+    def writes(self, role: str) -> bool:
+        """Whether the run writes the field of ``role``."""
+        return any(r == role for r, _, _ in self.fields)
+
     @property
     def embedding_bytes(self) -> int:
         """What one process holds of the embedding: its cached bands, or all of it."""
@@ -866,7 +870,7 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         **_empirical_flops(inp),
         **_group_flops(inp),
         **({"posterior covariance": float(3 * m * m * inp.n_pred + 3 * m * inp.n_pred**2)}
-           if any(role == "posterior_covariance" for role, _, _ in inp.fields) else {}),
+           if inp.writes("posterior_covariance") else {}),
     }
 
 

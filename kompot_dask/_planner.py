@@ -421,7 +421,7 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                          gene_block=ch.gene_block, null_gene_block=ch.null_gene_block, kernel_chunk=ch.kernel_chunk)
     counts = task_counts(layout, inp.n_vars, selected, inp.n_null, inp.n_pred, res.n_workers, res.total_threads,
                          inp.layer_kind, inp.layer_nnz,
-                         zscores=any(role == "fold_change_zscores" for role, _, _ in inp.fields),
+                         zscores=inp.writes("fold_change_zscores"),
                          n_samples=inp.n_samples, sample_cells=inp.n12 if inp.n_samples else 0,
                          std=inp.store_layers or not inp.n_samples, leverage_cells=inp.n12 if inp.empirical else 0,
                          group_tasks=inp.group_tasks)
@@ -539,7 +539,7 @@ def _note_posterior_covariance(inp: PlanInputs, res: ClusterResources, cal: Cali
                                found: _Findings) -> None:
     """``store_posterior_covariance``: refused when one worker cannot hold the cells × cells
     matrix beside what it keeps for the run, naming the largest cell count that fits."""
-    if not any(role == "posterior_covariance" for role, _, _ in inp.fields):
+    if not inp.writes("posterior_covariance"):
         return
     need = posterior_covariance_bytes(inp.n_pred, inp.m, inp.n_obs)
     room = MEMORY_FRACTION * res.memory_limit - cal.worker_rss - est.shared.total

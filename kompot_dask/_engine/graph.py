@@ -359,7 +359,7 @@ def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel
     """One subset's Mahalanobis factor ``Rᵀ`` at its points and its mean kernel row, kept in
     ``fit_dir`` (a block loads one subset's at a time; a resumed run reuses them)."""
     Rt, diagonal = gp_mod.landmark_metric(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE, allow_diagonal, points=points)
-    kbar = np.sum(kernel_sums, axis=0) / n_cells
+    kbar = _mean_task(kernel_sums, n_cells)
     paths = _group_paths(fit_dir, i)
     # R last: its file vouches for the other two
     io_commit.write_array_atomic(paths["kbar"], kbar)
