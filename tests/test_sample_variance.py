@@ -345,6 +345,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow  # a real SIGKILL and two reruns (~45 s): `pytest -m slow`, and benchmarks/faults.py
 def test_sample_col_resumes_after_sigkill(tmp_path, client):
     """The client SIGKILLed after two of five gene blocks: the store is as it was, and the
     rerun reuses the saved fit (the samples' and the groups' factors included) and the
