@@ -32,7 +32,13 @@ from distributed import Client, KilledWorker
 from . import _groups
 from . import _planner as planner
 from ._engine import graph as engine
-from ._engine.cluster import check_process_context, is_embedded, resolve_client, worker_runtime
+from ._engine.cluster import (
+    check_process_context,
+    cluster_workers,
+    is_embedded,
+    resolve_client,
+    worker_runtime,
+)
 from ._io import commit as io_commit
 from ._io.lease import store_lock
 from ._io.source import (
@@ -889,7 +895,7 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
     except BaseException as exc:
         _keep_or_discard(staging, exc)
         raise
-    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    n_workers = len(cluster_workers(client))
     return _Computed(res, ls, Z, landmark_source, staging, n_workers)
 
 

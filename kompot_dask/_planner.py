@@ -33,6 +33,7 @@ import psutil
 from dask.utils import format_bytes, format_time
 
 from ._engine.calibration import measure_workers
+from ._engine.cluster import cluster_workers
 from ._layout import (
     MEMORY_FRACTION,
     Calibration,
@@ -71,7 +72,7 @@ __all__ = [
 
 
 def resources_from_client(client, store_path: str, *, embedded: bool) -> ClusterResources:
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = cluster_workers(client)
     if not workers:
         raise RuntimeError(
             "the Dask cluster has no workers; start some (e.g. cluster.scale(n)) before planning or running"

@@ -238,6 +238,8 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     from distributed import Client
     from distributed.security import Security
 
+    from ._engine.cluster import cluster_workers
+
     security = None
     if all(tls):
         security = Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
@@ -256,11 +258,11 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
                 client.wait_for_workers(args.wait_for_workers, timeout=args.wait_timeout)
             except TimeoutError:
                 raise TimeoutError(
-                    f"only {len(client.scheduler_info(n_workers=-1)['workers'])} of {args.wait_for_workers} workers "
+                    f"only {len(cluster_workers(client))} of {args.wait_for_workers} workers "
                     f"joined {client.scheduler.address} within {args.wait_timeout:.0f} s (--wait-timeout)"
                 ) from None
         logger.info("Connected to %s (%d workers); dashboard: %s", client.scheduler.address,
-                    len(client.scheduler_info(n_workers=-1)["workers"]), client.dashboard_link)
+                    len(cluster_workers(client)), client.dashboard_link)
         yield client
 
 

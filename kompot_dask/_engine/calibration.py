@@ -15,6 +15,7 @@ from distributed import Client
 
 from .._io.commit import scratch_write_seconds
 from .._numerics import gp
+from .cluster import cluster_workers
 
 
 def _rss() -> int:
@@ -83,7 +84,7 @@ def measure_workers(client: Client, *, d: int, m: int, width: int, kernel_chunk:
     """One dict of raw figures per worker (sorted by address): ``rss`` and ``nn_compiled``
     always; with ``timed``, also ``kernel_s``, ``gemm_flops``, ``syrk_flops``, ``chol_flops``
     and, given a ``reader``, ``read_bytes_s`` and ``write_bytes_s``."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(cluster_workers(client))
     # Pinned to each worker, since the figures describe the worker that ran them.
     pin = {"pure": False, "allow_other_workers": False}
     if timed:

@@ -177,6 +177,16 @@ def default_local_cluster_kwargs(compute: ComputeSettings, in_process: bool = Fa
     )
 
 
+def cluster_workers(client: Client) -> dict[str, dict]:
+    """Address → the scheduler's record of each worker, asked of the scheduler now.
+
+    Not ``client.scheduler_info()["workers"]``: that returns the client's cached identity,
+    which the client's own periodic refresh overwrites with a worker-less summary, so a
+    call that races the refresh sees no workers at all.
+    """
+    return dict(client.sync(client.scheduler.identity, n_workers=-1).get("workers", {}))
+
+
 def _process_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
@@ -202,7 +212,7 @@ def pin_workers(client: Client) -> dict[str, list[int]]:
     """
     if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
         return {}
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = cluster_workers(client)
     current = client.run(_process_cores)
     by_host: dict[str, list[str]] = {}
     for addr in sorted(workers):

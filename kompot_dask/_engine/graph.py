@@ -39,7 +39,7 @@ from .._layout import EMPIRICAL_OUTPUTS, FIT_OUTPUTS, Landmarks, LandmarkSource,
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 from .._progress import progress as progress_bar
-from .cluster import glibc, is_embedded, unguarded_script
+from .cluster import cluster_workers, glibc, is_embedded, unguarded_script
 
 logger = logging.getLogger("kompot_dask")
 
@@ -898,13 +898,13 @@ def prepare_model(
     ls_f = None
     if ls is None:
         # Always the same worker, so that a long-lived cluster compiles pynndescent once.
-        first = sorted(client.scheduler_info(n_workers=-1)["workers"])[:1]
+        first = sorted(cluster_workers(client))[:1]
         ls_f = client.submit(_length_scale_task, X1, ls_factor, *nn, pure=False, workers=first,
                              allow_other_workers=True)
 
     def kmeans_on_a_worker(fn, *args):
         # On another worker than the length-scale search, so the two overlap.
-        others = sorted(client.scheduler_info(n_workers=-1)["workers"])[1:2]
+        others = sorted(cluster_workers(client))[1:2]
         placement = {"workers": others, "allow_other_workers": True} if others else {}
         return client.submit(fn, *args, pure=False, **placement).result()
 
@@ -1124,7 +1124,7 @@ def run_engine(
     n_obs, n_vars = info.shape
     rows1 = np.flatnonzero(codes == 1)
     rows2 = np.flatnonzero(codes == 2)
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = cluster_workers(client)
     n_workers = max(1, len(workers))
     n_threads = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
     real_blocks = _layout.real_blocks(layout, n_vars, selected)
