@@ -752,6 +752,9 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     roles += ["mean_lfc"] + ([] if sampled else ["std1", "std2"])
     if n_null > 0 or external is not None:
         roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
+    if fdr.mode == "variance_stratified":
+        _check_stratified(call, settings, n_null)
+        roles += ["residual_z", "residual_local_fdr"] + (["residual_tail_fdr"] if extra else [])
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
     layer_roles += ["sample_std1", "sample_std2"] if layer_roles and sampled else []
@@ -773,6 +776,30 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
         "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
     )
     return _Outputs(names, roles, layer_roles, n_null, external)
+
+
+def _check_stratified(call: _Call, settings: _Settings, n_null: int) -> None:
+    """FDRSettings(mode="variance_stratified") needs null genes of its own, and applies to
+    the run's main columns only."""
+    fdr = settings.fdr
+    what = None
+    if not settings.output.compute_mahalanobis:
+        what = "OutputSettings(compute_mahalanobis=False): there are no distances to calibrate"
+    elif n_null == 0:
+        what = (f"sample_col={call.sample_col!r}: there are no null genes with the sample variance"
+                if call.sample_col is not None else
+                f"FDRSettings(null_genes={fdr.null_genes!r}): the trend is fitted on the null genes' distances")
+    elif settings.filter.groups is not None:
+        what = (f"FilterSettings(groups={_short_value(settings.filter.groups)}): the per-subset FDR tables are "
+                "kompot's raw mode only")
+    if what is not None:
+        raise SettingsError(f"FDRSettings(mode='variance_stratified') with {what}. Use mode='raw' (the default), "
+                            "or drop the other setting.")
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None) -> _Earlier:
@@ -814,6 +841,7 @@ class _Results:
     record: run_record.RunRecord | None = None  # set by the record step
     varm: dict[str, pd.DataFrame] = field(default_factory=dict)  # per-subset tables (groups)
     obsp: dict[str, str] = field(default_factory=dict)  # field name -> staged matrix (posterior covariance)
+    raw_fdr: fdr_mod.FDRResult | None = None  # kompot's raw-mode FDR, when is_de comes from another mode
 
 
 @dataclass
@@ -1071,7 +1099,7 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
         return out
 
     var_cols = {names[r]: per_gene(getattr(res, r)) for r in ("mahalanobis", "mean_lfc") if r in run.outputs.roles}
-    fdr_result = None
+    fdr_result = raw_fdr = None
     if run.outputs.use_fdr:
         fdr_result = fdr_mod.compute_fdr(res.mahalanobis, run.outputs.null_distances(res.null_mahalanobis), threshold)
         var_cols[names["local_fdr"]] = per_gene(fdr_result.local_fdr)
@@ -1084,12 +1112,37 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
                     summary["n_significant"], summary["n_total"], threshold)
         logger.info("Mahalanobis distance threshold for FDR < %s: %.4f", threshold,
                     summary["min_significant_mahalanobis"])
+        if "residual_z" in run.outputs.roles:
+            raw_fdr, fdr_result = fdr_result, _stratified(run, res, fdr_result, var_cols, per_gene)
     if "neg_log10_ptp" in run.outputs.roles:
         var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
     obs_cols = {names[r]: getattr(res, r) for r in ("std1", "std2") if r in run.outputs.roles}
     layers = {names[r]: p for r, p in res.staged.items()}
-    return _Results(var_cols, obs_cols, layers, fdr_result, varm=_group_tables(run, res, per_gene),
+    return _Results(var_cols, obs_cols, layers, fdr_result, raw_fdr=raw_fdr, varm=_group_tables(run, res, per_gene),
                     obsp=dict(res.staged_obsp))
+
+
+def _stratified(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult, var_cols: dict[str, np.ndarray],
+                per_gene) -> fdr_mod.FDRResult:
+    """FDRSettings(mode="variance_stratified"): the residual columns beside the raw ones, and
+    ``is_de`` from the residual local FDR. Returns the FDR that ``is_de`` comes from."""
+    fdr, names = run.settings.fdr, run.outputs.names
+    trend = fdr_mod.variance_stratified_fdr(
+        res.mahalanobis, res.null_mahalanobis, res.moments, res.null_moments, features=fdr.null_trend_features,
+        degree=fdr.TREND_MODELS[fdr.null_trend_model], threshold=fdr.threshold)
+    var_cols[names["residual_z"]] = per_gene(trend.residual_z)
+    var_cols[names["residual_local_fdr"]] = per_gene(trend.fdr.local_fdr)
+    if "residual_tail_fdr" in run.outputs.roles:
+        var_cols[names["residual_tail_fdr"]] = per_gene(trend.fdr.tail_fdr)
+    var_cols[names["is_de"]] = per_gene(trend.fdr.is_de, False, bool)
+    summary = trend.fdr.summary
+    summary["raw_n_significant"] = raw.summary["n_significant"]
+    summary["trend_scale"] = trend.scale
+    logger.info("Variance-stratified FDR (null trend %s in %s, residual scale %.3f): %d/%d genes significantly DE "
+                "at FDR < %s (raw mode: %d)", fdr.null_trend_model, " and ".join(fdr.null_trend_features),
+                trend.scale, summary["n_significant"], summary["n_total"], fdr.threshold,
+                raw.summary["n_significant"])
+    return trend.fdr
 
 
 def _group_tables(run: _Run, res: engine.EngineResult, per_gene) -> dict[str, pd.DataFrame]:
@@ -1154,9 +1207,14 @@ def _returned(run: _Run, computed: _Computed, results: _Results) -> dict[str, An
     if "mahalanobis" not in run.outputs.roles:  # OutputSettings(compute_mahalanobis=False)
         table = table[["mean_lfc"]]
     if fdr_result is not None:
-        table["pvalue"] = fdr_result.pvalue
-        table["local_fdr"] = fdr_result.local_fdr
-        table["tail_fdr"] = fdr_result.tail_fdr
+        raw = results.raw_fdr or fdr_result  # the raw columns stay raw whatever the mode
+        table["pvalue"] = raw.pvalue
+        table["local_fdr"] = raw.local_fdr
+        table["tail_fdr"] = raw.tail_fdr
+        if results.raw_fdr is not None:
+            names = run.outputs.names
+            table["residual_z"] = results.var_columns[names["residual_z"]][res.columns]
+            table["residual_local_fdr"] = fdr_result.local_fdr
         table["is_de"] = fdr_result.is_de
     return {
         "table": table, "fdr_summary": None if fdr_result is None else fdr_result.summary,

@@ -237,6 +237,22 @@ class FDRSettings(_Settings):
     null_expression
         kompot's user-supplied null expression: accepted at its default only (see
         ``docs/kompot_compat.md``).
+    mode
+        Which null calibration ``is_de`` comes from. ``"raw"`` (the default): kompot 0.8.0's
+        local FDR of the distances against the null genes'. ``"variance_stratified"``
+        (upstream kompot's opt-in after 0.8.0): ``log(1 + D²)`` of the null genes is
+        regressed on per-gene expression features (``null_trend_features``, with
+        ``null_trend_model``), every gene's distance becomes the standardised residual
+        ``z`` against that trend, and the local FDR of ``max(0, z)`` gives ``is_de``. The raw
+        columns stay as they are; ``*_mahalanobis_residual_z`` and
+        ``*_mahalanobis_residual_local_fdr`` are written beside them. See ``docs/fdr.md``.
+    null_trend_features
+        With ``mode="variance_stratified"``: the per-gene features of the trend, over both
+        conditions' cells: ``"log_mean"`` (``log(1 + mean)``) and/or ``"log_var"``
+        (``log(1 + variance)``).
+    null_trend_model
+        With ``mode="variance_stratified"``: ``"poly3"`` (a cubic in each feature, no cross
+        terms: 7 terms with both features), ``"poly2"`` or ``"linear"``.
     """
 
     null_genes: int | str | None = "auto"
@@ -245,6 +261,13 @@ class FDRSettings(_Settings):
     null_mahalanobis: np.ndarray | None = None
     null_expression: Any = None
     combine_with_internal: bool = False
+    mode: str = "raw"
+    null_trend_features: tuple[str, ...] = ("log_mean", "log_var")
+    null_trend_model: str = "poly3"
+
+    MODES: ClassVar[tuple[str, ...]] = ("raw", "variance_stratified")
+    TREND_FEATURES: ClassVar[tuple[str, ...]] = ("log_mean", "log_var")
+    TREND_MODELS: ClassVar[dict[str, int]] = {"linear": 1, "poly2": 2, "poly3": 3}
 
     _REFUSED: ClassVar[dict[str, str]] = {
         "null_expression": "user-supplied null expression would be cells × nulls in memory",
@@ -276,6 +299,25 @@ class FDRSettings(_Settings):
         if self.combine_with_internal and self.null_mahalanobis is None:
             raise _fail(c, "combine_with_internal", True, "False unless null_mahalanobis is given (it combines "
                         "those distances with the null genes')")
+        if self.mode not in self.MODES:
+            raise _fail(c, "mode", self.mode, " or ".join(repr(m) for m in self.MODES))
+        features = self.null_trend_features
+        if isinstance(features, str):
+            features = (features,)
+        try:
+            features = tuple(features)
+        except TypeError:
+            features = (features,)
+        if (not features or len(set(features)) != len(features)
+                or any(f not in self.TREND_FEATURES for f in features)):
+            raise _fail(c, "null_trend_features", self.null_trend_features,
+                        f"one or both of {self.TREND_FEATURES}, each once")
+        self.null_trend_features = features
+        if self.null_trend_model not in self.TREND_MODELS:
+            raise _fail(c, "null_trend_model", self.null_trend_model, " or ".join(map(repr, self.TREND_MODELS)))
+        if self.mode == "variance_stratified" and self.null_mahalanobis is not None:
+            raise _fail(c, "mode", self.mode, "'raw' with null_mahalanobis: given null distances come without the "
+                        "per-gene expression features the variance trend is fitted on")
 
     def resolved_null_genes(self, sample_variance: bool = False) -> int:
         """Number of null genes actually drawn ("auto" → 2000, or 0 with sample variance

@@ -53,6 +53,15 @@ class SyntheticSpec:
     spread for the sample variance to find). 0: no samples, no donor effect."""
     donor_effect: float = 0.3
     """Scale of the donor effects (samples_per_condition > 0)."""
+    effect_size: tuple[float, float] = (0.8, 2.0)
+    """Range of the planted DE genes' effect (|shift| of the log-scale mean, drawn uniformly)."""
+    density_skew: float = 1.0
+    """Cluster 0's cells are this many times as likely to be in the last condition as in the
+    first (1: conditions drawn alike everywhere), with no expression change of its own: the
+    density difference between conditions that a gene-shuffled null mistakes for DE."""
+    variance_spread: float = 0.0
+    """Log-normal spread of the genes' scale: each gene's cell-state structure and noise are
+    multiplied by ``exp(variance_spread · N(0, 1))`` (0: every gene alike)."""
 
 
 def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,6 +70,12 @@ def _states(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cluster = rng.integers(0, spec.n_clusters, size=spec.n_obs)
     X = centers[cluster] + rng.normal(scale=1.0, size=(spec.n_obs, spec.n_dims))
     cond = rng.integers(0, len(spec.conditions), size=spec.n_obs)
+    if spec.density_skew != 1.0:  # a stream of its own: the other draws stay as they were
+        first, last = 0, len(spec.conditions) - 1
+        in0 = cluster == 0
+        p_last = spec.density_skew / (1.0 + spec.density_skew)
+        skewed = np.random.default_rng([spec.seed, 7]).random(int(in0.sum())) < p_last
+        cond[in0] = np.where(skewed, last, first)
     return X.astype(np.float32), cond, cluster
 
 
@@ -94,13 +109,18 @@ def _gene_params(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([spec.seed, 2])
     g, d = spec.n_vars, spec.n_dims
     is_de = rng.random(g) < spec.de_fraction
-    return {
+    out = {
         "loadings": rng.normal(scale=0.6 / np.sqrt(d), size=(d, g)),
         "baseline": rng.normal(loc=0.5, scale=0.6, size=g),
         "de_direction": rng.normal(size=(d, g)) / np.sqrt(d),
-        "de_effect": np.where(is_de, rng.choice([-1.0, 1.0], size=g) * rng.uniform(0.8, 2.0, size=g), 0.0),
+        "de_effect": np.where(is_de, rng.choice([-1.0, 1.0], size=g) * rng.uniform(*spec.effect_size, size=g), 0.0),
         "is_de": is_de,
+        "scale": np.ones(g),
     }
+    if spec.variance_spread:
+        out["scale"] = np.exp(spec.variance_spread * np.random.default_rng([spec.seed, 6]).normal(size=g))
+        out["loadings"] = out["loadings"] * out["scale"]
+    return out
 
 
 _NOISE_GROUP = 128
@@ -128,7 +148,7 @@ def _expression_rows(spec: SyntheticSpec, X: np.ndarray, cond: np.ndarray, param
     eta = eta + shifted[:, None] * params["de_effect"] * gate
     mean = np.log1p(np.exp(eta))  # softplus, positive
     gauss, drop = _noise(spec, r0, r0 + X.shape[0])
-    values = np.maximum(mean + gauss, 0.0)
+    values = np.maximum(mean + gauss * params["scale"], 0.0)
     values[drop] = 0.0
     return values.astype(np.float32)
 

@@ -50,14 +50,15 @@ NEW_KEYS = OLD_KEYS[:-1] + ["phase_seconds", "task_seconds", "resumed"]
 """Since issue 12 the record also says where the time went."""
 NEW_PARAM_KEYS = {
     "gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"},
-    "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal"},
+    "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal", "mode", "null_trend_features",
+            "null_trend_model"},
     "filter": {"groups", "min_percentage", "check_representation"},
     "storage": {"store_posterior_covariance", "store_additional_stats", "store_arrays_on_disk", "disk_storage_dir",
                 "max_memory_ratio", "results_store"},
     "output": {"copy", "inplace", "return_null_data", "compute_mahalanobis", "allow_single_condition_variance"},
 }
 """Settings fields added since the previous records (the fast path and the in-process
-cluster, issue 12; kompot's own fields under their names, issue 13)."""
+cluster, issue 12; kompot's own fields under their names, issue 13; the FDR mode, issue 16)."""
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +115,18 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "group_neg_log10_ptp": "kompot_de_Young_adult_to_Old_neg_log10_ptp_groups",
         # StorageSettings(store_posterior_covariance=True)
         "posterior_covariance": "kompot_de_Young_adult_to_Old_posterior_covariance",
+        # FDRSettings(mode="variance_stratified")
+        "residual_z": "kompot_de_Young_adult_to_Old_mahalanobis_residual_z",
+        "residual_local_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_residual_local_fdr",
+        "residual_tail_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_residual_tail_fdr",
     }
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
         "std2": "obs", "imputed1": "layers", "imputed2": "layers", "fold_change": "layers",
         "sample_std1": "layers", "sample_std2": "layers", "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
         "group_mean_lfc": "varm", "group_mahalanobis": "varm", "group_local_fdr": "varm", "group_is_de": "varm",
-        "group_neg_log10_ptp": "varm", "posterior_covariance": "obsp",
+        "group_neg_log10_ptp": "varm", "posterior_covariance": "obsp", "residual_z": "var",
+        "residual_local_fdr": "var", "residual_tail_fdr": "var",
     }
     # with sample_col, kompot's "_sample_var" suffix on the distances, their statistics and z-scores
     sampled = fields.output_field_names("rk", "A", "B", sample_variance=True)
@@ -128,7 +134,12 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "mahalanobis": "rk_A_to_B_mahalanobis_sample_var", "local_fdr": "rk_A_to_B_mahalanobis_local_fdr_sample_var",
         "is_de": "rk_A_to_B_is_de_sample_var", "neg_log10_ptp": "rk_A_to_B_neg_log10_ptp_sample_var",
         "pvalue": "rk_A_to_B_mahalanobis_pvalue_sample_var", "tail_fdr": "rk_A_to_B_mahalanobis_tail_fdr_sample_var",
-        "fold_change_zscores": "rk_A_to_B_fold_change_zscores_sample_var"}
+        "fold_change_zscores": "rk_A_to_B_fold_change_zscores_sample_var",
+        # FDRSettings(mode=...) residual columns, named like the local FDR (for the FDR with
+        # sample_col that issue 16 leaves open)
+        "residual_z": "rk_A_to_B_mahalanobis_residual_z_sample_var",
+        "residual_local_fdr": "rk_A_to_B_mahalanobis_residual_local_fdr_sample_var",
+        "residual_tail_fdr": "rk_A_to_B_mahalanobis_residual_tail_fdr_sample_var"}
     assert {r: n for r, n in sampled.items() if "_sample_var_" in n} == {
         "group_mahalanobis": "rk_A_to_B_mahalanobis_sample_var_groups",
         "group_local_fdr": "rk_A_to_B_mahalanobis_local_fdr_sample_var_groups",
@@ -148,7 +159,8 @@ def test_registry__views_are_what_the_parallel_dicts_held():
     assert set(fields.KNOWN_FIELD_TYPES) == {
         "imputed", "fold_change", "std", "mahalanobis", "mean_log_fold_change", "mahalanobis_local_fdr", "is_de",
         "smoothed", "fold_change_zscores", "std_with_sample_var", "neg_log10_ptp", "mahalanobis_pvalue",
-        "mahalanobis_tail_fdr", "posterior_covariance", "ptp", "local_fdr",
+        "mahalanobis_tail_fdr", "posterior_covariance", "ptp", "local_fdr", "mahalanobis_residual_z",
+        "mahalanobis_residual_local_fdr", "mahalanobis_residual_tail_fdr",
     }
     assert fields.ROLES == tuple(fields.FIELD_LOCATIONS)
     with pytest.raises(KeyError, match="not a field role"):

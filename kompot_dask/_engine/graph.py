@@ -188,11 +188,50 @@ class _Clock:
         self._t = now
 
 
-def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndarray, n_groups: int) -> list[np.ndarray]:
+class _Moments:
+    """Running count, sum and sum of squares of each column (float64), for the per-gene mean
+    and variance over the analysed cells that ``FDRSettings(mode="variance_stratified")``
+    regresses the null distances on."""
+
+    def __init__(self, n_cols: int):
+        self.n = 0
+        self.s = np.zeros(n_cols)
+        self.ss = np.zeros(n_cols)
+
+    def add(self, values) -> None:
+        """Add rows (dense, or scipy sparse: only the stored values count, the rest are 0)."""
+        self.n += values.shape[0]
+        if isinstance(values, np.ndarray):
+            for r in range(0, values.shape[0], 8192):  # float64 temporaries of 8192 rows
+                v = values[r : r + 8192].astype(np.float64)
+                self.s += v.sum(axis=0)
+                v *= v
+                self.ss += v.sum(axis=0)
+            return
+        csr = values if values.format == "csr" else values.tocsr()
+        m = len(self.s)
+        for a in range(0, csr.nnz, 1 << 22):  # stored values by column index, 4 Mi at a time
+            v = csr.data[a : a + (1 << 22)].astype(np.float64)
+            cols = csr.indices[a : a + (1 << 22)]
+            self.s += np.bincount(cols, weights=v, minlength=m)
+            v *= v
+            self.ss += np.bincount(cols, weights=v, minlength=m)
+
+    def result(self) -> np.ndarray:
+        """2 × columns: the mean and the (population) variance, NaN without rows."""
+        if self.n == 0:
+            return np.full((2, len(self.s)), np.nan)
+        mean = self.s / self.n
+        return np.stack([mean, np.maximum(self.ss / self.n - mean * mean, 0.0)])
+
+
+def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndarray, n_groups: int,
+             moments: _Moments | None = None) -> list[np.ndarray]:
     """``B_i = Σ K(Z, X_k) Y_k`` over the cells of each group ``i`` (``group``: one entry per
     store row, −1 for cells outside every group) for one block of store columns, reading
     each tile once. Groups are the two conditions, or with sample variance the samples
-    and each condition's cells outside every fitted sample."""
+    and each condition's cells outside every fitted sample. ``moments`` accumulates the
+    selected columns' values over the cells of every group."""
     lay = ctx.layout
     c0, c1 = block["c0"], block["c1"]
     local = block["local"]  # selected columns, relative to c0
@@ -216,6 +255,8 @@ def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndar
                 piece = piece[:, local]
             picked = piece[used]
             bad[np.unique(picked.indices[~np.isfinite(picked.data)])] = True
+            if moments is not None:
+                moments.add(picked)
             if piece.nnz < _layout.SPARSE_MAX_DENSITY * piece.shape[0] * piece.shape[1]:
                 clock.lap("tile read")
                 xs = X[r0:r1]
@@ -228,6 +269,8 @@ def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndar
         else:
             tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
             bad |= ~np.all(np.isfinite(tile[used]), axis=0)
+            if moments is not None:
+                moments.add(tile[used])
         clock.lap("tile read")
         xs = X[r0:r1]
         for i in present:
@@ -280,13 +323,15 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     :func:`_group_metric_task`)."""
     clock = _Clock()
     c0, local = block["c0"], block["local"]
-    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
+    moments = _Moments(len(local))
+    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
     factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
     clock.lap("scoring")
-    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
+           "moments": moments.result()}
     if groups:
         gd, glfc = _group_scores(groups, w1, w2)
         out["group_mahalanobis"], out["group_mean_lfc"] = gd[:, :n_sel], glfc[:, :n_sel]
@@ -411,7 +456,8 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     lay = ctx.layout
     c0, local = block["c0"], block["local"]
     n_sel = len(local)
-    proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples)
+    moments = _Moments(n_sel)
+    proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples, moments)
     for k, cond in enumerate(spec.condition):  # each condition's model: all its cells
         proj[cond - 1] += proj[2 + k]
     factors = {"C1": C1, "C2": C2, "R": R}
@@ -468,7 +514,7 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
 
         _write_layers(ctx, block, clock, Z, X, pred, values)
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
-           **extra, "seconds": clock.seconds}
+           "moments": moments.result(), **extra, "seconds": clock.seconds}
     w1 = w2 = devs = None  # freed before the heap is trimmed
     _trim_heap()
     if ctx.markers:
@@ -532,7 +578,8 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
     c0, c1 = block["c0"], block["c1"]
     local = block["local"]
     n_sel = len(local)
-    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2)
+    moments = _Moments(n_sel)
+    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
     factors = {"C1": C1, "C2": C2, "R": R}
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
@@ -555,7 +602,8 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
     if not bool(diagonal):  # kompot's diagonal shortcut ignores the empirical variance
         d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
     clock.lap("empirical variance")
-    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel]}
+    out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
+           "moments": moments.result()}
     if ctx.staged:
         var = _posterior_var(n, std_done, std_new, eps)
 
@@ -680,6 +728,9 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
     multiplied sparse) and score them."""
     lay, n1 = ctx.layout, len(rows1)
     sparse = not isinstance(y, np.ndarray)
+    moments = _Moments(y.shape[1])  # a permutation keeps each source column's mean and variance
+    moments.add(y)
+    block = {**block, "moments": moments.result()[:, :n_sources]}
     accs = []
     for part, rows in ((y[:n1], rows1), (y[n1:], rows2)):
         acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
@@ -709,7 +760,7 @@ def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, k
         d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
     clock.lap("null-gene empirical variance")
     out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
-           "seconds": clock.seconds}
+           "moments": block["moments"], "seconds": clock.seconds}
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"null-{block['index']}",
@@ -767,7 +818,8 @@ def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, grou
     b1, b2 = acc1.result(), acc2.result()
     factors = {"C1": C1, "C2": C2, "R": R}
     w1, w2, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
-    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources]}
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
+           "moments": block["moments"]}
     if groups:
         out["group_mahalanobis"] = _group_scores(groups, w1, w2)[0][:, :n_sources]
     clock.lap("null-gene scoring")
@@ -1086,6 +1138,10 @@ class EngineResult:
     """Per subset: the null genes' distances, subsets × null genes."""
     staged_obsp: dict[str, str] = field(default_factory=dict)
     """obsp name → staged matrix (``store_posterior_covariance``)."""
+    moments: np.ndarray | None = None
+    """Each tested gene's mean and variance over both conditions' cells (2 × tested genes)."""
+    null_moments: np.ndarray | None = None
+    """The same of each null gene's source column (2 × null genes)."""
 
 
 def run_engine(
@@ -1149,6 +1205,8 @@ def run_engine(
         staged_obsp = {}
     markers = staging.sub("markers")
     done = io_commit.read_markers(markers)
+    # a block marker from before the per-gene moments were recorded: that block runs again
+    done = {k: v for k, v in done.items() if not k.startswith(("real-", "null-")) or "moments" in v}
     pred_rows = np.flatnonzero(pred)
     std_parts = list(enumerate(_layout.std_parts(layout, pred_rows))) if need_std else []
     real_out = [done[f"real-{b['index']}"] for b in real_blocks if f"real-{b['index']}" in done]
@@ -1356,9 +1414,12 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
     columns = np.concatenate([r["columns"] for r in real_out]) if real_out else np.array([], dtype=int)
     mahal = np.concatenate([r["mahalanobis"] for r in real_out]) if real_out else np.array([])
     lfc = np.concatenate([r["mean_lfc"] for r in real_out]) if real_out else np.array([])
+    moments = np.concatenate([r["moments"] for r in real_out], axis=1) if real_out else np.empty((2, 0))
     null_d = np.full(n_null, np.nan)
+    null_moments = np.full((2, n_null), np.nan)
     for r in null_out:
         null_d[r["null_ids"]] = r["mahalanobis"]
+        null_moments[:, r["null_ids"]] = r["moments"]
     group_d = group_lfc = group_null = None
     if n_groups:
         group_d = (np.concatenate([r["group_mahalanobis"] for r in real_out], axis=1) if real_out
@@ -1385,7 +1446,8 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
             seconds[phase] = seconds.get(phase, 0.0) + float(t)
     return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused,
                         thread_seconds={k: round(v, 3) for k, v in seconds.items()},
-                        group_mahalanobis=group_d, group_mean_lfc=group_lfc, group_null_mahalanobis=group_null)
+                        group_mahalanobis=group_d, group_mean_lfc=group_lfc, group_null_mahalanobis=group_null,
+                        moments=moments, null_moments=null_moments)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ Statistics
     survival functions), both with π0 = 1, made non-increasing in the distance and
     interpolated at each real gene's distance.
 
+Variance-stratified FDR (upstream kompot's opt-in after 0.8.0)
+    :func:`variance_stratified_fdr` regresses ``log(1 + D²)`` of the null genes on per-gene
+    expression features and applies :func:`compute_fdr` to the positive part of every
+    gene's standardised residual (``docs/fdr.md``).
+
 Non-finite distances (kompot 0.8.0 behaviour, reproduced on purpose)
     * The grid's upper end follows Python's ``max(max(real), max(null))``: a NaN among
       the real distances makes it NaN, while a NaN among the null distances (and no NaN
@@ -56,6 +61,8 @@ _SEED_HIGH = 2**31 - 1
 
 __all__ = [
     "FDRResult",
+    "TrendResult",
+    "variance_stratified_fdr",
     "choose_null_genes",
     "compute_fdr",
     "empirical_pvalues",
@@ -493,3 +500,128 @@ def compute_fdr(real: np.ndarray, null: np.ndarray, threshold: float = 0.05) -> 
     return FDRResult(
         pvalue=pvalue, local_fdr=local_fdr, tail_fdr=tail_fdr, is_de=is_de, summary=summary
     )
+
+
+# ---------------------------------------------------------------------------
+# Variance-stratified FDR
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrendResult:
+    """:func:`variance_stratified_fdr`'s output.
+
+    Attributes
+    ----------
+    residual_z, null_residual_z : numpy.ndarray
+        Standardised residuals of ``log(1 + D²)`` against the null trend, real and null genes
+        (NaN where a distance or a feature is not finite).
+    fdr : FDRResult
+        :func:`compute_fdr` of ``max(0, residual_z)`` against ``max(0, null_residual_z)``;
+        its summary also holds ``min_significant_residual_z`` and ``mode``, and its
+        ``min_significant_mahalanobis`` is in distance units as for the raw mode.
+    coefficients : numpy.ndarray
+        The trend's coefficients on the standardised design (intercept first).
+    scale : float
+        The null residuals' standard deviation (``n − p`` degrees of freedom).
+    """
+
+    residual_z: np.ndarray
+    null_residual_z: np.ndarray
+    fdr: FDRResult
+    coefficients: np.ndarray
+    scale: float
+
+
+def _trend_features(moments: np.ndarray, features: tuple[str, ...]) -> np.ndarray:
+    """genes × features: ``log(1 + mean)`` and/or ``log(1 + variance)`` from 2 × genes moments."""
+    moments = np.asarray(moments, dtype=np.float64)
+    cols = {"log_mean": np.log1p(np.maximum(moments[0], 0.0)), "log_var": np.log1p(np.maximum(moments[1], 0.0))}
+    return np.stack([cols[f] for f in features], axis=1)
+
+
+def _trend_design(x: np.ndarray, centre: np.ndarray, spread: np.ndarray, degree: int) -> np.ndarray:
+    """Intercept, then each standardised feature's powers 1..degree (no cross terms)."""
+    u = (x - centre) / spread
+    cols = [np.ones(len(x))] + [u[:, j] ** p for j in range(u.shape[1]) for p in range(1, degree + 1)]
+    return np.stack(cols, axis=1)
+
+
+def variance_stratified_fdr(real: np.ndarray, null: np.ndarray, real_moments: np.ndarray, null_moments: np.ndarray,
+                            *, features: tuple[str, ...] = ("log_mean", "log_var"), degree: int = 3,
+                            threshold: float = 0.05) -> TrendResult:
+    """Local FDR of the distances after removing their trend in expression level and spread.
+
+    Parameters
+    ----------
+    real, null : numpy.ndarray
+        Mahalanobis distances of the real and the null genes.
+    real_moments, null_moments : numpy.ndarray
+        2 × genes: each gene's mean and variance over the analysed cells (a null gene has
+        its source gene's: a permutation keeps both).
+    features : tuple of str
+        ``"log_mean"`` (``log(1 + mean)``) and/or ``"log_var"`` (``log(1 + variance)``).
+    degree : int
+        Polynomial degree in each feature (3: ``"poly3"``).
+    threshold : float
+        ``is_de`` is ``local FDR < threshold``.
+
+    Notes
+    -----
+    * Response ``t = log(1 + D²)``; design: an intercept and ``u_j, …, u_j^degree`` of each
+      feature standardised by the null genes' mean and standard deviation (cross terms
+      are left out: ``1 + 2 · 3 = 7`` terms for the default).
+    * Least squares on the null genes gives the trend; ``σ̂`` is the null residuals'
+      standard deviation with ``n − p`` degrees of freedom. Every gene's
+      ``z = (t − trend) / σ̂``.
+    * Real genes' features are clipped to the null genes' range before the trend is
+      evaluated: a polynomial is not extrapolated.
+    * The 1-D local FDR of :func:`compute_fdr` is applied to ``max(0, z)`` (genes closer
+      than the trend are as null as it gets).
+    * Fewer than ``2p + 2`` usable null genes, or a zero residual spread: the trend cannot
+      be estimated, every FDR is 1 (a warning says so).
+    """
+    real = _as_distances(real, "real")
+    null = _as_distances(null, "null")
+    xr = _trend_features(real_moments, tuple(features))
+    xn = _trend_features(null_moments, tuple(features))
+    if xr.shape[0] != real.shape[0] or xn.shape[0] != null.shape[0]:
+        raise ValueError(f"moments for {xr.shape[0]} real / {xn.shape[0]} null genes, distances for "
+                         f"{real.shape[0]} / {null.shape[0]}")
+    tr, tn = np.log1p(real * real), np.log1p(null * null)
+    ok = np.isfinite(tn) & np.all(np.isfinite(xn), axis=1)
+    n_terms = 1 + degree * xr.shape[1]
+    zr = np.full(real.shape, np.nan)
+    zn = np.full(null.shape, np.nan)
+    coef = np.full(n_terms, np.nan)
+    scale = float("nan")
+    if ok.sum() >= 2 * n_terms + 2:
+        lo, hi = xn[ok].min(axis=0), xn[ok].max(axis=0)
+        centre = xn[ok].mean(axis=0)
+        spread = xn[ok].std(axis=0)
+        spread = np.where(spread > 0, spread, 1.0)
+        A = _trend_design(xn[ok], centre, spread, degree)
+        coef, *_ = np.linalg.lstsq(A, tn[ok], rcond=None)
+        resid = tn[ok] - A @ coef
+        scale = float(np.sqrt(resid @ resid / (ok.sum() - n_terms)))
+    if np.isfinite(scale) and scale > 0:
+        zn[ok] = resid / scale
+        fine = np.isfinite(tr) & np.all(np.isfinite(xr), axis=1)
+        Ar = _trend_design(np.clip(xr[fine], lo, hi), centre, spread, degree)
+        zr[fine] = (tr[fine] - Ar @ coef) / scale
+        pos_r = np.where(np.isnan(zr), np.nan, np.maximum(zr, 0.0))
+        fdr = compute_fdr(pos_r, np.maximum(zn[ok], 0.0), threshold)
+    else:
+        logger.warning("The null genes' distance trend cannot be estimated (%d usable null genes for %d terms, "
+                       "residual spread %r); every FDR is 1", int(ok.sum()), n_terms, scale)
+        ones = np.where(np.isnan(real), np.nan, 1.0)
+        fdr = FDRResult(pvalue=ones.copy(), local_fdr=ones, tail_fdr=ones.copy(),
+                        is_de=np.zeros(real.shape, dtype=bool),
+                        summary={"n_significant": 0, "n_total": int(real.shape[0]),
+                                 "fraction_significant": 0.0 if real.shape[0] else float("nan"),
+                                 "fdr_threshold": float(threshold)})
+    sig = fdr.is_de
+    fdr.summary["min_significant_mahalanobis"] = float(np.min(real[sig])) if sig.any() else float("inf")
+    fdr.summary["min_significant_residual_z"] = float(np.min(zr[sig])) if sig.any() else float("inf")
+    fdr.summary["mode"] = "variance_stratified"
+    return TrendResult(zr, zn, fdr, coef, scale)

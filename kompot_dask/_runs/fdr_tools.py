@@ -126,7 +126,13 @@ def _recompute(source: RunSource, null: np.ndarray, threshold: float, run_id: in
                 rid, null.size, int(table["is_de"].sum()), int(tested.sum()), threshold)
     if not inplace:
         return table
-    names = read_history(source, "de").runs[rid].role_names()
+    record = read_history(source, "de").runs[rid]
+    if record.fdr_mode not in (None, "raw"):
+        raise ValueError(f"run {rid}'s is_de comes from FDRSettings(mode={record.fdr_mode!r}); recompute_fdr tests "
+                         "its raw distances against given null distances (kompot's raw mode), which would leave its "
+                         "residual columns disagreeing with is_de. Pass inplace=False for the table, or rerun the "
+                         "comparison with FDRSettings(mode='raw', null_mahalanobis=...)")
+    names = record.role_names()
     present = set(source.handle.field_names("var")) if source.is_store else set(source.adata.var.columns)
     updates = {names[r]: table[r].to_numpy() for r in _UPDATED_ROLES if r in names and names[r] in present}
     if not updates:

@@ -78,6 +78,17 @@ FIELDS: tuple[FieldSpec, ...] = (
               "Tail FDR: null over mixture survival of the monotone densities, fdrtool-style"),
     FieldSpec("fold_change_zscores", "fold_change_zscores", "layers", "{pair}_fold_change_zscores{sfx}",
               "Log fold change over its posterior standard deviation, for each cell and gene"),
+    # FDRSettings(mode="variance_stratified"): beside the raw columns, which stay as they are
+    FieldSpec("mahalanobis_residual_z", "residual_z", "var", "{pair}_mahalanobis_residual_z{sfx}",
+              "Standardised residual of log(1 + Mahalanobis²) against the null genes' trend in log mean and "
+              "log variance (variance-stratified FDR)"),
+    FieldSpec("mahalanobis_residual_local_fdr", "residual_local_fdr", "var",
+              "{pair}_mahalanobis_residual_local_fdr{sfx}",
+              "Local FDR of the positive residual z against the null genes' (variance-stratified FDR; is_de "
+              "comes from it)"),
+    FieldSpec("mahalanobis_residual_tail_fdr", "residual_tail_fdr", "var",
+              "{pair}_mahalanobis_residual_tail_fdr{sfx}",
+              "Tail FDR of the positive residual z against the null genes' (variance-stratified FDR)"),
     # FilterSettings(groups=...): genes × subsets DataFrames in varm, one column per subset
     FieldSpec("mean_log_fold_change", "group_mean_lfc", "varm", "{pair}_mean_lfc_groups",
               "Mean log fold change values for all subsets"),
@@ -142,7 +153,7 @@ def output_field_names(result_key: str, condition1: Any, condition2: Any,
 
 
 def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: Any, condition2: Any,
-                  threshold: float) -> dict[str, dict[str, str]]:
+                  threshold: float, fdr_mode: str = "raw") -> dict[str, dict[str, str]]:
     """The run record's ``field_mapping``: field name → {location, type, description}.
 
     Parameters
@@ -155,10 +166,14 @@ def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: An
         Condition labels as given (descriptions name them unsanitised).
     threshold
         Local FDR threshold (named in the ``is_de`` description).
+    fdr_mode
+        ``FDRSettings.mode``: the ``is_de`` description names the local FDR it comes from.
     """
     out = {}
     for role in roles:
         spec = spec_of(role)
-        out[names[role]] = {"location": str(spec.location), "type": spec.type,
-                            "description": spec.describe(condition1, condition2, threshold)}
+        text = spec.describe(condition1, condition2, threshold)
+        if role == "is_de" and fdr_mode != "raw":
+            text += f" ({fdr_mode.replace('_', '-')} FDR: the residual local FDR)"
+        out[names[role]] = {"location": str(spec.location), "type": spec.type, "description": text}
     return out

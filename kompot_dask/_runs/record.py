@@ -269,6 +269,14 @@ class RunRecord(_Stored):
         return self.settings("storage").get("result_key") or self.result_key or HISTORY_KEY
 
     @property
+    def fdr_mode(self) -> str | None:
+        """Which null calibration produced ``is_de`` (``FDRSettings.mode``: ``"raw"`` for
+        kompot's, and for records from before the setting); ``None`` without an FDR."""
+        if "local_fdr_key" not in self.fdr_keys:
+            return None
+        return str(self.settings("fdr").get("mode") or "raw")
+
+    @property
     def n_de(self) -> int | None:
         """Genes called DE (``None`` without an FDR)."""
         return (self.fdr_results or {}).get("n_significant")
@@ -342,13 +350,15 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
     """
     rk = params["storage"]["result_key"]
     mapping = field_mapping(list(names), names, params["condition1"], params["condition2"],
-                            params["fdr"]["threshold"])
+                            params["fdr"]["threshold"], params["fdr"].get("mode", "raw"))
     groups = groups or {}
     for spec in mapping.values():
         if spec["location"] == "varm" and groups.get("subset_names"):
             spec["contains_subsets"] = list(groups["subset_names"])
     fdr_keys = {"local_fdr_key": names["local_fdr"], "is_de_key": names["is_de"]} if "local_fdr" in names else {}
-    fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr") if role in names})
+    fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr", "residual_z",
+                                                             "residual_local_fdr", "residual_tail_fdr")
+                     if role in names})
     layer_keys = ({"condition1": names["imputed1"], "condition2": names["imputed2"],
                    "fold_change": names["fold_change"]} if "imputed1" in names else {})
     # obs columns, or with sample variance layers (not written when no layers are stored)

@@ -254,6 +254,10 @@ class RunInfo(Reportable):
         fdr = r.fdr_results
         if isinstance(fdr, dict) and "n_significant" in fdr:
             out["DE genes"] = f"{fdr['n_significant']}/{fdr.get('n_total')} at local FDR < {fdr.get('fdr_threshold')}"
+            mode = r.fdr_mode
+            out["FDR mode"] = ("raw (kompot 0.8.0's null-gene FDR)" if mode == "raw" else
+                               f"{mode} (is_de from the residual local FDR; raw mode: "
+                               f"{fdr.get('raw_n_significant', '?')} DE)")
         out["Fields Created"] = len(self.fields)
         return out
 

@@ -269,6 +269,10 @@ def volcano_de(
     ax.set_title(title if title is not None else f"{c1} to {c2}" + note)
     if show_legend and ax.get_legend_handles_labels()[0]:
         legend_kw: dict[str, Any] = {"title_fontsize": legend_title_fontsize}
+        mode = fields.record.fdr_mode if fields is not None and sig_text == "marked as DE" else None
+        if mode is not None:  # which null calibration the coloured is_de calls come from
+            legend_kw["title"] = "is_de: " + ("kompot's raw FDR" if mode == "raw" else
+                                              f"{mode.replace('_', '-')} FDR")
         if legend_ncol is not None:
             legend_kw["ncols"] = int(legend_ncol)
         place_legend(ax, legend_loc, fontsize=legend_fontsize, **legend_kw)
@@ -280,7 +284,7 @@ def volcano_de(
         "highlight_groups": {name: genes[idx].tolist() for name, idx, _ in groups},
         "labels": labels, "threshold_line": threshold_line, "lfc_key": lfc_key,
         "score_key": score_key, "run_id": fields.run_id if fields is not None else None,
-        "overwritten": overwritten,
+        "overwritten": overwritten, "fdr_mode": fields.record.fdr_mode if fields is not None else None,
     }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
 
 
