@@ -447,6 +447,7 @@ class _Outputs:
 
     @property
     def use_fdr(self) -> bool:
+        """Whether the raw (kompot) FDR is computed: null genes, or given null distances."""
         return self.n_null > 0 or self.external_null is not None
 
     def null_distances(self, internal: np.ndarray) -> np.ndarray:
@@ -753,8 +754,13 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     if n_null > 0 or external is not None:
         roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
     if fdr.mode == "variance_stratified":
-        _check_stratified(call, settings, n_null)
+        _check_fdr_mode(call, settings, n_null)
         roles += ["residual_z", "residual_local_fdr"] + (["residual_tail_fdr"] if extra else [])
+    elif fdr.mode == "calibrated":
+        _check_fdr_mode(call, settings, n_null)
+        roles += [] if "is_de" in roles else ["is_de"]
+        roles += ["permuted_mahalanobis", "calibrated_score", "calibrated_local_fdr"]
+        roles += ["calibrated_tail_fdr"] if extra else []
     layer_roles = ["imputed1", "imputed2", "fold_change"] if settings.storage.store_layers else []
     layer_roles += ["fold_change_zscores"] if layer_roles and extra else []
     layer_roles += ["sample_std1", "sample_std2"] if layer_roles and sampled else []
@@ -778,14 +784,19 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     return _Outputs(names, roles, layer_roles, n_null, external)
 
 
-def _check_stratified(call: _Call, settings: _Settings, n_null: int) -> None:
-    """FDRSettings(mode="variance_stratified") needs null genes of its own, and applies to
-    the run's main columns only."""
+def _check_fdr_mode(call: _Call, settings: _Settings, n_null: int) -> None:
+    """FDRSettings(mode="variance_stratified") needs null genes of its own; both it and
+    mode="calibrated" apply to the run's main columns only."""
     fdr = settings.fdr
     what = None
     if not settings.output.compute_mahalanobis:
         what = "OutputSettings(compute_mahalanobis=False): there are no distances to calibrate"
-    elif n_null == 0:
+    elif fdr.mode == "calibrated" and call.sample_col is not None:
+        what = (f"sample_col={call.sample_col!r}: the permuted-label null with the sample variance (donor labels "
+                "permuted within conditions) is not implemented yet")
+    elif fdr.mode == "calibrated" and settings.gp.use_empirical_variance:
+        what = "GPSettings(use_empirical_variance=True): the permuted labels' fit has no empirical variance yet"
+    elif fdr.mode == "variance_stratified" and n_null == 0:
         what = (f"sample_col={call.sample_col!r}: there are no null genes with the sample variance"
                 if call.sample_col is not None else
                 f"FDRSettings(null_genes={fdr.null_genes!r}): the trend is fitted on the null genes' distances")
@@ -793,7 +804,7 @@ def _check_stratified(call: _Call, settings: _Settings, n_null: int) -> None:
         what = (f"FilterSettings(groups={_short_value(settings.filter.groups)}): the per-subset FDR tables are "
                 "kompot's raw mode only")
     if what is not None:
-        raise SettingsError(f"FDRSettings(mode='variance_stratified') with {what}. Use mode='raw' (the default), "
+        raise SettingsError(f"FDRSettings(mode={fdr.mode!r}) with {what}. Use mode='raw' (the default), "
                             "or drop the other setting.")
 
 
@@ -982,6 +993,11 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources, null_seeds = fdr_mod.choose_null_genes(run.store.n_vars, outputs.n_null, s.fdr.null_seed)
     else:
         null_sources = null_seeds = np.array([], dtype=np.int64)
+    permuted = None
+    if s.fdr.mode == "calibrated":
+        permuted, k = fdr_mod.neighbourhood_permutation(codes, X, Z, s.fdr.null_neighbourhood_cells, s.fdr.null_seed)
+        logger.info("Calibrated FDR: condition labels permuted within %d neighbourhoods of ~%d cells", k,
+                    s.fdr.null_neighbourhood_cells)
     with worker_runtime(client):
         return engine.run_engine(
             client, run.store, run.info, X=X, codes=codes, pred=cells.filter_mask, selected=cells.selected, Z=Z,
@@ -991,7 +1007,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
             empirical=s.gp.use_empirical_variance, groups=_group_spec(run, X, Z),
             posterior_covariance=outputs.names["posterior_covariance"] if "posterior_covariance" in outputs.roles
-            else None,
+            else None, permuted_codes=permuted,
         )
 
 
@@ -1114,6 +1130,8 @@ def _result_fields(run: _Run, res: engine.EngineResult) -> _Results:
                     summary["min_significant_mahalanobis"])
         if "residual_z" in run.outputs.roles:
             raw_fdr, fdr_result = fdr_result, _stratified(run, res, fdr_result, var_cols, per_gene)
+    if "calibrated_score" in run.outputs.roles:
+        raw_fdr, fdr_result = fdr_result, _calibrated(run, res, fdr_result, var_cols, per_gene)
     if "neg_log10_ptp" in run.outputs.roles:
         var_cols[names["neg_log10_ptp"]] = per_gene(fdr_mod.neg_log10_ptp(res.mahalanobis, run.cells.embedding.shape[1]))
     obs_cols = {names[r]: getattr(res, r) for r in ("std1", "std2") if r in run.outputs.roles}
@@ -1143,6 +1161,29 @@ def _stratified(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult, var
                 trend.scale, summary["n_significant"], summary["n_total"], fdr.threshold,
                 raw.summary["n_significant"])
     return trend.fdr
+
+
+def _calibrated(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult | None, var_cols: dict[str, np.ndarray],
+                per_gene) -> fdr_mod.FDRResult:
+    """FDRSettings(mode="calibrated"): the permuted labels' distances, the score and its FDR
+    beside the raw columns (when null genes gave those), and ``is_de`` from it."""
+    fdr, names = run.settings.fdr, run.outputs.names
+    score, result = fdr_mod.permutation_fdr(res.mahalanobis, res.permuted_mahalanobis, fdr.threshold)
+    var_cols[names["permuted_mahalanobis"]] = per_gene(res.permuted_mahalanobis)
+    var_cols[names["calibrated_score"]] = per_gene(score)
+    var_cols[names["calibrated_local_fdr"]] = per_gene(result.local_fdr)
+    if "calibrated_tail_fdr" in run.outputs.roles:
+        var_cols[names["calibrated_tail_fdr"]] = per_gene(result.tail_fdr)
+    var_cols[names["is_de"]] = per_gene(result.is_de, False, bool)
+    summary = result.summary
+    summary["n_neighbourhoods"] = k = fdr_mod.neighbourhood_count(run.cells.n1 + run.cells.n2,
+                                                                  fdr.null_neighbourhood_cells, run.landmarks.count)
+    if raw is not None:
+        summary["raw_n_significant"] = raw.summary["n_significant"]
+    logger.info("Calibrated FDR (labels permuted within %d neighbourhoods): %d/%d genes significantly DE at FDR < %s%s",
+                k, summary["n_significant"], summary["n_total"], fdr.threshold,
+                "" if raw is None else f" (raw mode: {raw.summary['n_significant']})")
+    return result
 
 
 def _group_tables(run: _Run, res: engine.EngineResult, per_gene) -> dict[str, pd.DataFrame]:
@@ -1207,14 +1248,20 @@ def _returned(run: _Run, computed: _Computed, results: _Results) -> dict[str, An
     if "mahalanobis" not in run.outputs.roles:  # OutputSettings(compute_mahalanobis=False)
         table = table[["mean_lfc"]]
     if fdr_result is not None:
-        raw = results.raw_fdr or fdr_result  # the raw columns stay raw whatever the mode
-        table["pvalue"] = raw.pvalue
-        table["local_fdr"] = raw.local_fdr
-        table["tail_fdr"] = raw.tail_fdr
-        if results.raw_fdr is not None:
-            names = run.outputs.names
+        # the raw columns stay raw whatever the mode (none without null genes)
+        raw = fdr_result if run.settings.fdr.mode == "raw" else results.raw_fdr
+        if raw is not None:
+            table["pvalue"] = raw.pvalue
+            table["local_fdr"] = raw.local_fdr
+            table["tail_fdr"] = raw.tail_fdr
+        names = run.outputs.names
+        if "residual_z" in run.outputs.roles:
             table["residual_z"] = results.var_columns[names["residual_z"]][res.columns]
             table["residual_local_fdr"] = fdr_result.local_fdr
+        if "calibrated_score" in run.outputs.roles:
+            table["permuted_mahalanobis"] = res.permuted_mahalanobis
+            table["calibrated_score"] = results.var_columns[names["calibrated_score"]][res.columns]
+            table["calibrated_local_fdr"] = fdr_result.local_fdr
         table["is_de"] = fdr_result.is_de
     return {
         "table": table, "fdr_summary": None if fdr_result is None else fdr_result.summary,
@@ -1277,7 +1324,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         zarr_format=int(store.zarr_format),
         n_samples=0 if cells.samples is None else cells.samples.n_samples,
         sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2) - 2,
-        empirical=s.gp.use_empirical_variance,
+        empirical=s.gp.use_empirical_variance, permuted=s.fdr.mode == "calibrated",
         **_group_sizes(cells.subsets, run.landmarks.count),
     )
 

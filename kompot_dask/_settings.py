@@ -245,7 +245,14 @@ class FDRSettings(_Settings):
         ``null_trend_model``), every gene's distance becomes the standardised residual
         ``z`` against that trend, and the local FDR of ``max(0, z)`` gives ``is_de``. The raw
         columns stay as they are; ``*_mahalanobis_residual_z`` and
-        ``*_mahalanobis_residual_local_fdr`` are written beside them. See ``docs/fdr.md``.
+        ``*_mahalanobis_residual_local_fdr`` are written beside them. ``"calibrated"``
+        (kompot_dask's own): the condition labels are permuted within neighbourhoods of the
+        cell-state space (each keeps its share of each condition, so density differences
+        stay), both conditions are fitted again under those labels in the same pass, and
+        each gene's ``log(1 + D²)`` minus its own under the permuted labels is tested
+        against the mirror image of its negative side; ``*_mahalanobis_permuted``,
+        ``*_mahalanobis_calibrated_score`` and ``*_mahalanobis_calibrated_local_fdr`` are
+        written, and the raw columns stay (with null genes). See ``docs/fdr.md``.
     null_trend_features
         With ``mode="variance_stratified"``: the per-gene features of the trend, over both
         conditions' cells: ``"log_mean"`` (``log(1 + mean)``) and/or ``"log_var"``
@@ -253,6 +260,10 @@ class FDRSettings(_Settings):
     null_trend_model
         With ``mode="variance_stratified"``: ``"poly3"`` (a cubic in each feature, no cross
         terms: 7 terms with both features), ``"poly2"`` or ``"linear"``.
+    null_neighbourhood_cells
+        With ``mode="calibrated"``: mean cells per neighbourhood within which the labels are
+        permuted (the neighbourhoods are the cells nearest to a seeded subset of the
+        landmarks; ``null_seed`` seeds it).
     """
 
     null_genes: int | str | None = "auto"
@@ -264,8 +275,9 @@ class FDRSettings(_Settings):
     mode: str = "raw"
     null_trend_features: tuple[str, ...] = ("log_mean", "log_var")
     null_trend_model: str = "poly3"
+    null_neighbourhood_cells: int = 30
 
-    MODES: ClassVar[tuple[str, ...]] = ("raw", "variance_stratified")
+    MODES: ClassVar[tuple[str, ...]] = ("raw", "variance_stratified", "calibrated")
     TREND_FEATURES: ClassVar[tuple[str, ...]] = ("log_mean", "log_var")
     TREND_MODELS: ClassVar[dict[str, int]] = {"linear": 1, "poly2": 2, "poly3": 3}
 
@@ -315,9 +327,13 @@ class FDRSettings(_Settings):
         self.null_trend_features = features
         if self.null_trend_model not in self.TREND_MODELS:
             raise _fail(c, "null_trend_model", self.null_trend_model, " or ".join(map(repr, self.TREND_MODELS)))
+        _positive_int(c, "null_neighbourhood_cells", self.null_neighbourhood_cells)
         if self.mode == "variance_stratified" and self.null_mahalanobis is not None:
             raise _fail(c, "mode", self.mode, "'raw' with null_mahalanobis: given null distances come without the "
                         "per-gene expression features the variance trend is fitted on")
+        if self.mode == "calibrated" and self.null_mahalanobis is not None:
+            raise _fail(c, "mode", self.mode, "'raw' with null_mahalanobis: the calibrated mode makes its own null "
+                        "from permuted labels")
 
     def resolved_null_genes(self, sample_variance: bool = False) -> int:
         """Number of null genes actually drawn ("auto" → 2000, or 0 with sample variance

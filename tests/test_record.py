@@ -51,7 +51,7 @@ NEW_KEYS = OLD_KEYS[:-1] + ["phase_seconds", "task_seconds", "resumed"]
 NEW_PARAM_KEYS = {
     "gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"},
     "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal", "mode", "null_trend_features",
-            "null_trend_model"},
+            "null_trend_model", "null_neighbourhood_cells"},
     "filter": {"groups", "min_percentage", "check_representation"},
     "storage": {"store_posterior_covariance", "store_additional_stats", "store_arrays_on_disk", "disk_storage_dir",
                 "max_memory_ratio", "results_store"},
@@ -119,6 +119,11 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "residual_z": "kompot_de_Young_adult_to_Old_mahalanobis_residual_z",
         "residual_local_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_residual_local_fdr",
         "residual_tail_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_residual_tail_fdr",
+        # FDRSettings(mode="calibrated")
+        "permuted_mahalanobis": "kompot_de_Young_adult_to_Old_mahalanobis_permuted",
+        "calibrated_score": "kompot_de_Young_adult_to_Old_mahalanobis_calibrated_score",
+        "calibrated_local_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_calibrated_local_fdr",
+        "calibrated_tail_fdr": "kompot_de_Young_adult_to_Old_mahalanobis_calibrated_tail_fdr",
     }
     assert dict(fields.FIELD_LOCATIONS) == {
         "mahalanobis": "var", "mean_lfc": "var", "local_fdr": "var", "is_de": "var", "std1": "obs",
@@ -126,7 +131,8 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "sample_std1": "layers", "sample_std2": "layers", "neg_log10_ptp": "var", "pvalue": "var", "tail_fdr": "var", "fold_change_zscores": "layers",
         "group_mean_lfc": "varm", "group_mahalanobis": "varm", "group_local_fdr": "varm", "group_is_de": "varm",
         "group_neg_log10_ptp": "varm", "posterior_covariance": "obsp", "residual_z": "var",
-        "residual_local_fdr": "var", "residual_tail_fdr": "var",
+        "residual_local_fdr": "var", "residual_tail_fdr": "var", "permuted_mahalanobis": "var",
+        "calibrated_score": "var", "calibrated_local_fdr": "var", "calibrated_tail_fdr": "var",
     }
     # with sample_col, kompot's "_sample_var" suffix on the distances, their statistics and z-scores
     sampled = fields.output_field_names("rk", "A", "B", sample_variance=True)
@@ -135,11 +141,15 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "is_de": "rk_A_to_B_is_de_sample_var", "neg_log10_ptp": "rk_A_to_B_neg_log10_ptp_sample_var",
         "pvalue": "rk_A_to_B_mahalanobis_pvalue_sample_var", "tail_fdr": "rk_A_to_B_mahalanobis_tail_fdr_sample_var",
         "fold_change_zscores": "rk_A_to_B_fold_change_zscores_sample_var",
-        # FDRSettings(mode=...) residual columns, named like the local FDR (for the FDR with
-        # sample_col that issue 16 leaves open)
+        # FDRSettings(mode=...) columns, named like the local FDR (for the FDR with sample_col
+        # that issue 16 leaves open)
         "residual_z": "rk_A_to_B_mahalanobis_residual_z_sample_var",
         "residual_local_fdr": "rk_A_to_B_mahalanobis_residual_local_fdr_sample_var",
-        "residual_tail_fdr": "rk_A_to_B_mahalanobis_residual_tail_fdr_sample_var"}
+        "residual_tail_fdr": "rk_A_to_B_mahalanobis_residual_tail_fdr_sample_var",
+        "permuted_mahalanobis": "rk_A_to_B_mahalanobis_permuted_sample_var",
+        "calibrated_score": "rk_A_to_B_mahalanobis_calibrated_score_sample_var",
+        "calibrated_local_fdr": "rk_A_to_B_mahalanobis_calibrated_local_fdr_sample_var",
+        "calibrated_tail_fdr": "rk_A_to_B_mahalanobis_calibrated_tail_fdr_sample_var"}
     assert {r: n for r, n in sampled.items() if "_sample_var_" in n} == {
         "group_mahalanobis": "rk_A_to_B_mahalanobis_sample_var_groups",
         "group_local_fdr": "rk_A_to_B_mahalanobis_local_fdr_sample_var_groups",
@@ -160,7 +170,8 @@ def test_registry__views_are_what_the_parallel_dicts_held():
         "imputed", "fold_change", "std", "mahalanobis", "mean_log_fold_change", "mahalanobis_local_fdr", "is_de",
         "smoothed", "fold_change_zscores", "std_with_sample_var", "neg_log10_ptp", "mahalanobis_pvalue",
         "mahalanobis_tail_fdr", "posterior_covariance", "ptp", "local_fdr", "mahalanobis_residual_z",
-        "mahalanobis_residual_local_fdr", "mahalanobis_residual_tail_fdr",
+        "mahalanobis_residual_local_fdr", "mahalanobis_residual_tail_fdr", "mahalanobis_permuted",
+        "mahalanobis_calibrated_score", "mahalanobis_calibrated_local_fdr", "mahalanobis_calibrated_tail_fdr",
     }
     assert fields.ROLES == tuple(fields.FIELD_LOCATIONS)
     with pytest.raises(KeyError, match="not a field role"):

@@ -191,7 +191,7 @@ _NON_DEFAULT = {
                         batch_size=0, eps=1e-6, jit_compile=True, random_state=None, neighbors="pynndescent",
                         neighbor_sample=None, landmark_sample=None, use_empirical_variance=True),
     kd.FDRSettings: dict(null_genes=123, null_seed=7, threshold=0.01, mode="variance_stratified",
-                         null_trend_features=("log_var",), null_trend_model="poly2"),
+                         null_trend_features=("log_var",), null_trend_model="poly2", null_neighbourhood_cells=50),
     kd.FilterSettings: dict(cell_filter={"Age": ["Young", "Old"]}, min_cells=5, check_representation=True,
                            groups="cell_type", min_percentage=10.0),
     kd.StorageSettings: dict(result_key="rk2", overwrite=True, store_landmarks=True, store_layers=False,

@@ -35,7 +35,15 @@ from .. import _layout
 from .._io import commit as io_commit
 from .._io.store import EmbeddingReader, LayerInfo, RowSubset, Store, TileReader, write_tile
 from .._io.tiles import TransposedReader, read_staged_tile, transpose_group
-from .._layout import EMPIRICAL_OUTPUTS, FIT_OUTPUTS, Landmarks, LandmarkSource, Layout, fit_parts
+from .._layout import (
+    EMPIRICAL_OUTPUTS,
+    FIT_OUTPUTS,
+    PERMUTED_OUTPUTS,
+    Landmarks,
+    LandmarkSource,
+    Layout,
+    fit_parts,
+)
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 from .._progress import progress as progress_bar
@@ -317,21 +325,41 @@ def _posterior_var(n: int, std_done, std_new, eps: float) -> np.ndarray:
     return var
 
 
-def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=(), groups=()):
+def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, after=(), groups=(),
+                     permuted=None):
     """Fit, score and (optionally) predict one block of store columns (``after``: the
     transposition of a CSR element, which its reads need; ``groups``: each subset's factor,
-    :func:`_group_metric_task`)."""
+    :func:`_group_metric_task`; ``permuted``: the permuted condition labels and their fit's
+    factors, whose distances FDRSettings(mode="calibrated") tests against)."""
     clock = _Clock()
     c0, local = block["c0"], block["local"]
     moments = _Moments(len(local))
-    b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
-    factors = {"C1": C1, "C2": C2, "R": R}
     n_sel = len(local)
+    perm_d = None
+    if permuted is None:
+        b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
+    else:
+        # each cell in one of four groups (condition, permuted condition): one kernel pass
+        # gives both labellings' projections
+        pc = permuted["codes"]
+        four = np.where(codes > 0, 2 * (codes.astype(np.int8) - 1) + (pc.astype(np.int8) - 1), -1)
+        b11, b12, b21, b22 = _project(ctx, block, clock, Z, X, four, 4, moments)
+        p1, p2 = b11 + b21, b12 + b22
+        b11 += b12
+        b21 += b22
+        b1, b2 = b11, b21
+        del b12, b22, b11, b21
+        pf = {"C1": permuted["C1"], "C2": permuted["C2"], "R": permuted["R"]}
+        perm_d = gp_mod.block_scores(pf, kbar, p1, p2, ctx.sigma, FACTOR_DTYPE)[2][:n_sel]
+        del p1, p2
+    factors = {"C1": C1, "C2": C2, "R": R}
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
     clock.lap("scoring")
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "moments": moments.result()}
+    if perm_d is not None:
+        out["permuted_mahalanobis"] = perm_d
     if groups:
         gd, glfc = _group_scores(groups, w1, w2)
         out["group_mahalanobis"], out["group_mean_lfc"] = gd[:, :n_sel], glfc[:, :n_sel]
@@ -1017,6 +1045,33 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
 
 
+def _submit_permuted_fit(client: Client, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: str, *, ls: float, sigma: float,
+                         eps: float, kernel_chunk: int, n_workers: int) -> tuple[dict, list]:
+    """The fit to the permuted condition labels (FDRSettings(mode="calibrated")): both
+    conditions' factors and the metric, as futures by :data:`PERMUTED_OUTPUTS` name (loaded
+    from ``fit_dir`` when a resumed run finds them there), and the tasks that make them.
+    The landmark factor and the mean kernel row are the run's own: they do not depend on
+    the labels."""
+    saved = io_commit.saved_arrays(fit_dir, PERMUTED_OUTPUTS)
+    if saved is not None:
+        fit = {name: client.submit(_load_factor_task, saved[name], pure=False) for name in PERMUTED_OUTPUTS}
+        return fit, list(fit.values())
+    hi = {"pure": False, "priority": _FIT_PRIORITY}
+    logger.info("Fitting both conditions' estimators to the permuted labels (calibrated FDR)...")
+    parts = fit_parts(n_workers)
+    s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, **hi)
+          for r in np.array_split(rows1, parts)]
+    s2 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, **hi)
+          for r in np.array_split(rows2, parts)]
+    C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
+    C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, True, False,
+                             **hi)
+    R_f = client.submit(operator.getitem, metric_f, 0, **hi)
+    fit = {"pC1": C1_f, "pC2": C2_f, "pR": R_f}
+    return fit, [*s1, *s2, C1_f, C2_f, metric_f, R_f, *_save_fit(client, fit, fit_dir)]
+
+
 def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str, *, ls: float, sigma: float,
                         kernel_chunk: int) -> tuple[list, list]:
     """Each fitted sample's factor, saved in ``fit_dir`` (reused as it is by a resumed run):
@@ -1142,6 +1197,8 @@ class EngineResult:
     """Each tested gene's mean and variance over both conditions' cells (2 × tested genes)."""
     null_moments: np.ndarray | None = None
     """The same of each null gene's source column (2 × null genes)."""
+    permuted_mahalanobis: np.ndarray | None = None
+    """FDRSettings(mode="calibrated"): each tested gene's distance under the permuted labels."""
 
 
 def run_engine(
@@ -1170,6 +1227,7 @@ def run_engine(
     empirical: bool = False,
     groups: GroupSpec | None = None,
     posterior_covariance: str | None = None,
+    permuted_codes: np.ndarray | None = None,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -1207,6 +1265,8 @@ def run_engine(
     done = io_commit.read_markers(markers)
     # a block marker from before the per-gene moments were recorded: that block runs again
     done = {k: v for k, v in done.items() if not k.startswith(("real-", "null-")) or "moments" in v}
+    if permuted_codes is not None:  # a block of a run without the permuted labels' distances
+        done = {k: v for k, v in done.items() if not k.startswith("real-") or "permuted_mahalanobis" in v}
     pred_rows = np.flatnonzero(pred)
     std_parts = list(enumerate(_layout.std_parts(layout, pred_rows))) if need_std else []
     real_out = [done[f"real-{b['index']}"] for b in real_blocks if f"real-{b['index']}" in done]
@@ -1285,6 +1345,14 @@ def run_engine(
                                                              kernel_chunk=kc)
             setup += sample_setup
             group_f = _input_futures(client, run_token, cell_group=samples.cell_group)[0]
+        permuted = None
+        if permuted_codes is not None:
+            pfit, perm_setup = _submit_permuted_fit(
+                client, Z_f, X_f, np.flatnonzero(permuted_codes == 1), np.flatnonzero(permuted_codes == 2), Lp_f,
+                fit_dir, ls=ls, sigma=sigma, eps=eps, kernel_chunk=kc, n_workers=n_workers)
+            setup += perm_setup
+            permuted = {"codes": _input_futures(client, run_token, permuted_codes=permuted_codes)[0],
+                        "C1": pfit["pC1"], "C2": pfit["pC2"], "R": pfit["pR"]}
         group_refs: list = []
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
@@ -1319,7 +1387,7 @@ def run_engine(
             elif samples is None:
                 real_futures[blk["index"]] = client.submit(
                     _real_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, transposing,
-                    groups=group_refs, pure=False, key=key,
+                    groups=group_refs, permuted=permuted, pure=False, key=key,
                 )
             else:
                 with_std = bool(block_layers)  # the std layers need every cell's posterior variance
@@ -1415,6 +1483,8 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
     mahal = np.concatenate([r["mahalanobis"] for r in real_out]) if real_out else np.array([])
     lfc = np.concatenate([r["mean_lfc"] for r in real_out]) if real_out else np.array([])
     moments = np.concatenate([r["moments"] for r in real_out], axis=1) if real_out else np.empty((2, 0))
+    permuted = (np.concatenate([r["permuted_mahalanobis"] for r in real_out]) if real_out else np.array([])
+                ) if all("permuted_mahalanobis" in r for r in real_out) and real_out else None
     null_d = np.full(n_null, np.nan)
     null_moments = np.full((2, n_null), np.nan)
     for r in null_out:
@@ -1447,7 +1517,7 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
     return EngineResult(columns, mahal, lfc, null_d, std1, std2, staged, layout, n_tasks, n_reused,
                         thread_seconds={k: round(v, 3) for k, v in seconds.items()},
                         group_mahalanobis=group_d, group_mean_lfc=group_lfc, group_null_mahalanobis=group_null,
-                        moments=moments, null_moments=null_moments)
+                        moments=moments, null_moments=null_moments, permuted_mahalanobis=permuted)
 
 
 # --------------------------------------------------------------------------------------

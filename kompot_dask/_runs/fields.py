@@ -89,6 +89,19 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("mahalanobis_residual_tail_fdr", "residual_tail_fdr", "var",
               "{pair}_mahalanobis_residual_tail_fdr{sfx}",
               "Tail FDR of the positive residual z against the null genes' (variance-stratified FDR)"),
+    # FDRSettings(mode="calibrated"): the permuted labels' distances, the score, its FDR
+    FieldSpec("mahalanobis_permuted", "permuted_mahalanobis", "var", "{pair}_mahalanobis_permuted{sfx}",
+              "Mahalanobis distance with the condition labels permuted within cell-state neighbourhoods "
+              "(calibrated FDR)"),
+    FieldSpec("mahalanobis_calibrated_score", "calibrated_score", "var", "{pair}_mahalanobis_calibrated_score{sfx}",
+              "log(1 + Mahalanobis²) minus the same with permuted labels (calibrated FDR)"),
+    FieldSpec("mahalanobis_calibrated_local_fdr", "calibrated_local_fdr", "var",
+              "{pair}_mahalanobis_calibrated_local_fdr{sfx}",
+              "Local FDR of the positive calibrated score against its mirrored negative side (calibrated FDR; "
+              "is_de comes from it)"),
+    FieldSpec("mahalanobis_calibrated_tail_fdr", "calibrated_tail_fdr", "var",
+              "{pair}_mahalanobis_calibrated_tail_fdr{sfx}",
+              "Tail FDR of the positive calibrated score against its mirrored negative side (calibrated FDR)"),
     # FilterSettings(groups=...): genes × subsets DataFrames in varm, one column per subset
     FieldSpec("mean_log_fold_change", "group_mean_lfc", "varm", "{pair}_mean_lfc_groups",
               "Mean log fold change values for all subsets"),
@@ -152,6 +165,9 @@ def output_field_names(result_key: str, condition1: Any, condition2: Any,
     return {role: s.field_name(result_key, condition1, condition2, sfx) for role, s in _BY_ROLE.items()}
 
 
+_MODE_FDR = {"variance_stratified": "residual", "calibrated": "calibrated score's"}
+
+
 def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: Any, condition2: Any,
                   threshold: float, fdr_mode: str = "raw") -> dict[str, dict[str, str]]:
     """The run record's ``field_mapping``: field name → {location, type, description}.
@@ -174,6 +190,6 @@ def field_mapping(roles: Iterable[str], names: Mapping[str, str], condition1: An
         spec = spec_of(role)
         text = spec.describe(condition1, condition2, threshold)
         if role == "is_de" and fdr_mode != "raw":
-            text += f" ({fdr_mode.replace('_', '-')} FDR: the residual local FDR)"
+            text += f" ({fdr_mode.replace('_', '-')} FDR: the {_MODE_FDR.get(fdr_mode, fdr_mode)} local FDR)"
         out[names[role]] = {"location": str(spec.location), "type": spec.type, "description": text}
     return out

@@ -272,7 +272,7 @@ class RunRecord(_Stored):
     def fdr_mode(self) -> str | None:
         """Which null calibration produced ``is_de`` (``FDRSettings.mode``: ``"raw"`` for
         kompot's, and for records from before the setting); ``None`` without an FDR."""
-        if "local_fdr_key" not in self.fdr_keys:
+        if "is_de_key" not in self.fdr_keys:
             return None
         return str(self.settings("fdr").get("mode") or "raw")
 
@@ -355,9 +355,11 @@ def build_record(run_id: int, *, names: Mapping[str, str], fields_written: Seque
     for spec in mapping.values():
         if spec["location"] == "varm" and groups.get("subset_names"):
             spec["contains_subsets"] = list(groups["subset_names"])
-    fdr_keys = {"local_fdr_key": names["local_fdr"], "is_de_key": names["is_de"]} if "local_fdr" in names else {}
+    fdr_keys = {f"{role}_key": names[role] for role in ("local_fdr", "is_de") if role in names}
     fdr_keys.update({f"{role}_key": names[role] for role in ("pvalue", "tail_fdr", "residual_z",
-                                                             "residual_local_fdr", "residual_tail_fdr")
+                                                             "residual_local_fdr", "residual_tail_fdr",
+                                                             "permuted_mahalanobis", "calibrated_score",
+                                                             "calibrated_local_fdr", "calibrated_tail_fdr")
                      if role in names})
     layer_keys = ({"condition1": names["imputed1"], "condition2": names["imputed2"],
                    "fold_change": names["fold_change"]} if "imputed1" in names else {})

@@ -255,9 +255,12 @@ class RunInfo(Reportable):
         if isinstance(fdr, dict) and "n_significant" in fdr:
             out["DE genes"] = f"{fdr['n_significant']}/{fdr.get('n_total')} at local FDR < {fdr.get('fdr_threshold')}"
             mode = r.fdr_mode
+            source = {"variance_stratified": "the residual local FDR",
+                      "calibrated": "the local FDR against permuted labels"}.get(mode, f"the {mode} FDR")
+            raw_n = fdr.get("raw_n_significant")
             out["FDR mode"] = ("raw (kompot 0.8.0's null-gene FDR)" if mode == "raw" else
-                               f"{mode} (is_de from the residual local FDR; raw mode: "
-                               f"{fdr.get('raw_n_significant', '?')} DE)")
+                               f"{mode} (is_de from {source}" + ("" if raw_n is None else f"; raw mode: {raw_n} DE")
+                               + ")")
         out["Fields Created"] = len(self.fields)
         return out
 
