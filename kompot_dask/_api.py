@@ -995,9 +995,10 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources = null_seeds = np.array([], dtype=np.int64)
     permuted = None
     if s.fdr.mode == "calibrated":
-        permuted, k = fdr_mod.neighbourhood_permutation(codes, X, Z, s.fdr.null_neighbourhood_cells, s.fdr.null_seed)
-        logger.info("Calibrated FDR: condition labels permuted within %d neighbourhoods of ~%d cells", k,
-                    s.fdr.null_neighbourhood_cells)
+        permuted, k = fdr_mod.neighbourhood_permutations(codes, X, Z, s.fdr.null_neighbourhood_cells, s.fdr.null_seed,
+                                                         s.fdr.null_permutations)
+        logger.info("Calibrated FDR: condition labels permuted %d time(s) within %d neighbourhoods of ~%d cells",
+                    s.fdr.null_permutations, k, s.fdr.null_neighbourhood_cells)
     with worker_runtime(client):
         return engine.run_engine(
             client, run.store, run.info, X=X, codes=codes, pred=cells.filter_mask, selected=cells.selected, Z=Z,
@@ -1169,7 +1170,7 @@ def _calibrated(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult | No
     beside the raw columns (when null genes gave those), and ``is_de`` from it."""
     fdr, names = run.settings.fdr, run.outputs.names
     score, result = fdr_mod.permutation_fdr(res.mahalanobis, res.permuted_mahalanobis, fdr.threshold)
-    var_cols[names["permuted_mahalanobis"]] = per_gene(res.permuted_mahalanobis)
+    var_cols[names["permuted_mahalanobis"]] = per_gene(fdr_mod.permuted_distance(res.permuted_mahalanobis))
     var_cols[names["calibrated_score"]] = per_gene(score)
     var_cols[names["calibrated_local_fdr"]] = per_gene(result.local_fdr)
     if "calibrated_tail_fdr" in run.outputs.roles:
@@ -1180,8 +1181,8 @@ def _calibrated(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult | No
                                                                   fdr.null_neighbourhood_cells, run.landmarks.count)
     if raw is not None:
         summary["raw_n_significant"] = raw.summary["n_significant"]
-    logger.info("Calibrated FDR (labels permuted within %d neighbourhoods): %d/%d genes significantly DE at FDR < %s%s",
-                k, summary["n_significant"], summary["n_total"], fdr.threshold,
+    logger.info("Calibrated FDR (labels permuted %d time(s) within %d neighbourhoods): %d/%d genes significantly DE "
+                "at FDR < %s%s", fdr.null_permutations, k, summary["n_significant"], summary["n_total"], fdr.threshold,
                 "" if raw is None else f" (raw mode: {raw.summary['n_significant']})")
     return result
 
@@ -1259,7 +1260,7 @@ def _returned(run: _Run, computed: _Computed, results: _Results) -> dict[str, An
             table["residual_z"] = results.var_columns[names["residual_z"]][res.columns]
             table["residual_local_fdr"] = fdr_result.local_fdr
         if "calibrated_score" in run.outputs.roles:
-            table["permuted_mahalanobis"] = res.permuted_mahalanobis
+            table["permuted_mahalanobis"] = fdr_mod.permuted_distance(res.permuted_mahalanobis)
             table["calibrated_score"] = results.var_columns[names["calibrated_score"]][res.columns]
             table["calibrated_local_fdr"] = fdr_result.local_fdr
         table["is_de"] = fdr_result.is_de
@@ -1324,7 +1325,8 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
         zarr_format=int(store.zarr_format),
         n_samples=0 if cells.samples is None else cells.samples.n_samples,
         sample_rank=0 if cells.samples is None else len(cells.samples.use1) + len(cells.samples.use2) - 2,
-        empirical=s.gp.use_empirical_variance, permuted=s.fdr.mode == "calibrated",
+        empirical=s.gp.use_empirical_variance,
+        permutations=s.fdr.null_permutations if s.fdr.mode == "calibrated" else 0,
         **_group_sizes(cells.subsets, run.landmarks.count),
     )
 

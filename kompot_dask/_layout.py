@@ -144,7 +144,7 @@ class PlanInputs:
     group_max_points: int = 0  # the most points of one subset (its factor is m × that)
     group_cells: int = 0  # their cells, all subsets together (mean kernel rows)
     group_tasks: int = 0  # the subsets' kernel-sum and factor tasks
-    permuted: bool = False  # FDRSettings(mode="calibrated"): a second fit to permuted labels, scored per block
+    permutations: int = 0  # FDRSettings(mode="calibrated"): fits to permuted labels, each scored per block
 
     def writes(self, role: str) -> bool:
         """Whether the run writes the field of ``role``."""
@@ -178,7 +178,7 @@ class PlanInputs:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
                 "n_null", "layer", "layer_kind", "store_layers", "layer_dtype", "dtype", "n_samples", "empirical",
-                "n_groups", "permuted")
+                "n_groups", "permutations")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -293,9 +293,10 @@ def fit_parts(n_workers: int) -> int:
 
 FIT_OUTPUTS = ("Lp", "C1", "C2", "R", "kbar", "diagonal")
 """What the fit hands to the block and std tasks (and keeps in the staging for a resume)."""
-PERMUTED_OUTPUTS = ("pC1", "pC2", "pR")
-"""With FDRSettings(mode="calibrated"), also: both conditions' factors and the metric of the
-fit to the permuted condition labels."""
+def permuted_outputs(p: int) -> tuple[str, str, str]:
+    """With FDRSettings(mode="calibrated"), also, for permutation ``p``: both conditions'
+    factors and the metric of the fit to its permuted condition labels."""
+    return (f"p{p}C1", f"p{p}C2", f"p{p}R")
 EMPIRICAL_OUTPUTS = ("Wsq", "M1", "M2")
 """With empirical variance, also: (L⁻¹)∘(L⁻¹) for the factor trick, and each condition's
 leverage factor."""
@@ -371,7 +372,7 @@ class TaskCounts:
 def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, n_pred: int,
                 n_workers: int, n_threads: int, kind: str = "dense", nnz: int | None = None,
                 zscores: bool = False, n_samples: int = 0, sample_cells: int = 0,
-                std: bool = True, leverage_cells: int = 0, group_tasks: int = 0, permuted: bool = False) -> TaskCounts:
+                std: bool = True, leverage_cells: int = 0, group_tasks: int = 0, permutations: int = 0) -> TaskCounts:
     """How many tasks the engine submits for this layout (the engine's own arithmetic;
     ``zscores``: the fold-change z-score layer's pass, one task per gene block; with
     ``n_samples`` fitted samples of ``sample_cells`` cells, their grams and factors, and
@@ -388,8 +389,8 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         fit=(2 * fit_parts(n_workers) + kernel_sum_parts(n_pred) + 7 + len(FIT_OUTPUTS) + group_tasks
              + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)
              + (6 + 2 + math.ceil(leverage_cells / layout.kernel_chunk) if leverage_cells else 0)
-             # the permuted labels' cross-grams, C1, C2, the metric, R, and their saves
-             + (2 * fit_parts(n_workers) + 4 + len(PERMUTED_OUTPUTS) if permuted else 0)),
+             # each permutation's cross-grams, C1, C2, the metric, R, and their saves
+             + permutations * (2 * fit_parts(n_workers) + 4 + 3)),
         gene_blocks=n_real,
         null_blocks=n_nullb,
         std=math.ceil(n_pred / layout.kernel_chunk) if std else 0,
@@ -433,9 +434,10 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     scores = 4 * m * G * 8  # W1, W2 and the Mahalanobis batch temporaries
     S = shard_rows(C, G, lb, inp.n_obs, inp.zarr_format)  # rows of the tiles a task writes at once
     predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
-    if inp.permuted:
-        # four projections (condition × permuted condition), then both labellings' sums
-        acc = 6 * m * G * bt
+    if inp.permutations:
+        # both conditions' projections under each labelling (the kernel block shared), and
+        # one kernel block's rows gathered for one product
+        acc = 2 * (1 + inp.permutations) * m * G * bt + kc * m * bt
     real = acc + max(tile + kernel, scores, predict)
     if inp.n_samples:
         # a projection per sample and per condition's other cells; then, one sample at a
@@ -505,8 +507,8 @@ def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
     return SharedBytes(
         embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
-        # and (L⁻¹)² with empirical variance; the permuted labels' C1, C2 and R
-        factors=((5 if inp.empirical else 4) + (3 if inp.permuted else 0)) * m * m * 8,
+        # and (L⁻¹)² with empirical variance; each permutation's C1, C2 and R
+        factors=((5 if inp.empirical else 4) + 3 * inp.permutations) * m * m * 8,
         csc_cache=_csc_cache_bytes(inp, ch) if inp.layer_kind == "csc" else 0,
     )
 
@@ -522,7 +524,7 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
 def factor_phase_bytes(inp: PlanInputs) -> int:
     """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays (and
     with samples, a sample's gram and factor on its other thread)."""
-    return ((5 + (2 if inp.n_samples else 0) + (2 if inp.empirical else 0) + (4 if inp.permuted else 0))
+    return ((5 + (2 if inp.n_samples else 0) + (2 if inp.empirical else 0) + 4 * inp.permutations)
             * inp.m * inp.m * 8)
 
 
@@ -876,7 +878,9 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         "genes (fit, scores, predictions)": float(
             2 * n12 * m * G + 6 * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
         "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
-        **({"permuted labels (fit, scores)": float(n12 * m * m + 3 * m**3 + 6 * m * m * G)} if inp.permuted else {}),
+        **({"permuted labels (fits, projections, scores)": float(
+            inp.permutations * (n12 * m * m + 3 * m**3 + 2 * n12 * m * G + 6 * m * m * G))}
+           if inp.permutations else {}),
         "per-cell std": float(3 * inp.n_pred * m * m) if (inp.store_layers or not inp.n_samples) else 0.0,
         **_sample_flops(inp),
         **_empirical_flops(inp),
@@ -956,9 +960,10 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
     if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
         s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
                 / max(1, res.total_threads))
-    if inp.permuted:  # a second S pass; its factors and metric beside the first chain's
-        s_t *= 2
-        fac_t *= 1.5 if res.total_threads > 1 else 2.0
+    if inp.permutations:  # an S pass per permutation; their factor chains beside the first
+        P = inp.permutations
+        s_t *= 1 + P
+        fac_t *= 1 + P / max(1, min(P + 1, res.total_threads))
     if inp.n_groups:  # each subset's factor after the conditions' (kernels, solves, Cholesky)
         P = inp.group_points
         s_t += ((inp.group_cells * m + 4 * m * P) * kern
@@ -995,7 +1000,8 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         # read whole once per pass, or transposed once (read, written) and read once more
         reads = ((2 * stored / read_rate + stored / write_rate) if counts.transpose
                  else (nr + nn) * stored / read_rate)
-    blocks = (nr * n12 * m * kern + project + (12 if inp.permuted else 6) * m * m * G / gemm + reads)
+    P = inp.permutations
+    blocks = (nr * n12 * m * kern + (1 + P) * project + 6 * (1 + P) * m * m * G / gemm + reads)
     if inp.store_layers:
         blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
                    + 3 * inp.n_obs * nr * ch.gene_block * lb / write_rate)

@@ -425,7 +425,7 @@ def make_plan(inp: PlanInputs, res: ClusterResources, cal: Calibration, *, selec
                          zscores=inp.writes("fold_change_zscores"),
                          n_samples=inp.n_samples, sample_cells=inp.n12 if inp.n_samples else 0,
                          std=inp.store_layers or not inp.n_samples, leverage_cells=inp.n12 if inp.empirical else 0,
-                         group_tasks=inp.group_tasks, permuted=inp.permuted)
+                         group_tasks=inp.group_tasks, permutations=inp.permutations)
     client_peak, client_parts = client_peak_bytes(inp, current_client_rss)
     if prep.client:
         client_parts["model preparation (length scale, then k-means)"] = prep.client

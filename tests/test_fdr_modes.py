@@ -134,74 +134,91 @@ def test_de__variance_stratified_end_to_end(tmp_path, client):
               obsm_key="X_pca", fdr=kd.FDRSettings(mode="variance_stratified", null_genes=0), client=client)
 
 
-def test_neighbourhood_permutation__labels_move_only_within_a_neighbourhood():
+def test_neighbourhood_permutations__labels_move_only_within_a_neighbourhood():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(5000, 3))
     codes = np.where(rng.random(5000) < 0.3, 1, 2).astype(np.int8)
     codes[:100] = 0  # outside both conditions: stays
     Z = X[rng.choice(5000, 400, replace=False)]
-    perm, k = fdr_mod.neighbourhood_permutation(codes, X, Z, 30, seed=4)
-    assert k == 4900 // 30
-    np.testing.assert_array_equal(perm[:100], 0)
+    perms, k = fdr_mod.neighbourhood_permutations(codes, X, Z, 30, seed=4, n_permutations=2)
+    assert k == 4900 // 30 and perms.shape == (2, 5000)
     # recompute the neighbourhoods: each keeps its count of each condition, and labels move
     centres = Z[np.sort(np.random.default_rng([4, 16]).choice(400, size=k, replace=False))]
     nb = np.argmin(((X[100:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    for c in np.unique(nb):
-        sel = 100 + np.flatnonzero(nb == c)
-        assert np.sum(codes[sel] == 1) == np.sum(perm[sel] == 1)
-    assert 0.2 < np.mean(perm[100:] != codes[100:]) < 0.6
-    again, _ = fdr_mod.neighbourhood_permutation(codes, X, Z, 30, seed=4)
-    np.testing.assert_array_equal(again, perm)
+    for perm in perms:
+        np.testing.assert_array_equal(perm[:100], 0)
+        for c in np.unique(nb):
+            sel = 100 + np.flatnonzero(nb == c)
+            assert np.sum(codes[sel] == 1) == np.sum(perm[sel] == 1)
+        assert 0.2 < np.mean(perm[100:] != codes[100:]) < 0.6
+    assert 0.2 < np.mean(perms[0] != perms[1]) < 0.6  # independent permutations
+    again, _ = fdr_mod.neighbourhood_permutations(codes, X, Z, 30, seed=4, n_permutations=2)
+    np.testing.assert_array_equal(again, perms)
 
 
-def test_permutation_fdr__symmetric_null_calls_only_the_shifted_genes():
-    """Planted: null genes' D and D_perm exchangeable (structure-driven spread, shared by
-    both); 25 genes have D far above their D_perm. The score's negative side is the null."""
+def test_permutation_fdr__the_permuted_fits_are_the_null():
+    """Planted: null genes' D and D_perm exchangeable (a structure-driven spread each gene
+    has under both labellings); 25 genes have D far above their D_perm. One permutation:
+    the score's negative side is the null; two: each permutation in the real one's place."""
     rng = np.random.default_rng(9)
     base = rng.lognormal(1.0, 0.7, 1000)  # each gene's own scale, as a variance trend would give
-    d, dp = base * rng.lognormal(0, 0.15, 1000), base * rng.lognormal(0, 0.15, 1000)
+    d, dp = base * rng.lognormal(0, 0.15, 1000), base * rng.lognormal(0, 0.15, (2, 1000))
     d[:25] *= 3.0
-    w, res = fdr_mod.permutation_fdr(d, dp)
-    np.testing.assert_allclose(w, np.log1p(d**2) - np.log1p(dp**2))
+    f = np.log1p
+    w, res = fdr_mod.permutation_fdr(d, dp[:1])
+    np.testing.assert_allclose(w, f(d**2) - f(dp[0] ** 2))
     ref = fdr_mod.compute_fdr(np.maximum(w, 0), np.maximum(-w, 0))
     np.testing.assert_array_equal(res.local_fdr, ref.local_fdr)
-    assert res.is_de[:25].sum() >= 22 and res.is_de[25:].sum() <= 2
-    assert res.summary["mode"] == "calibrated"
-    raw = fdr_mod.compute_fdr(d, base * rng.lognormal(0, 0.15, 1000) * 0.5)  # a null without the structure
-    assert raw.is_de[25:].sum() > 20  # what a null that lacks the structure does here (measured 35)
+    assert res.is_de[:25].sum() >= 20 and res.is_de[25:].sum() <= 2
+    w2, res2 = fdr_mod.permutation_fdr(d, dp)
+    np.testing.assert_allclose(w2, f(d**2) - (f(dp[0] ** 2) + f(dp[1] ** 2)) / 2)
+    null = np.concatenate([f(dp[0] ** 2) - f(dp[1] ** 2), f(dp[1] ** 2) - f(dp[0] ** 2)])
+    np.testing.assert_allclose(res2.local_fdr, fdr_mod.compute_fdr(np.maximum(w2, 0), np.maximum(null, 0)).local_fdr,
+                               rtol=1e-9, atol=1e-12)
+    assert res2.is_de[:25].sum() >= res.is_de[:25].sum() and res2.is_de[25:].sum() <= 2
+    assert res2.summary["mode"] == "calibrated" and res2.summary["n_permutations"] == 2
+    np.testing.assert_allclose(f(fdr_mod.permuted_distance(dp) ** 2), f(dp**2).mean(0))
+    # against a null with the typical level but not each gene's own (a gene-shuffled null):
+    # 81 of the 975 unshifted genes are called (measured)
+    raw = fdr_mod.compute_fdr(d, rng.lognormal(1.0, 0.3, 2000))
+    assert raw.is_de[25:].sum() > 40
 
 
 def test_de__calibrated_end_to_end(tmp_path, client):
-    """The permuted distances are those of a plain run on the permuted labels (same
-    landmarks and length scale); the score, its FDR and is_de follow from them."""
-    spec = SyntheticSpec(n_obs=1200, n_vars=60, n_dims=6, seed=8, density_skew=3.0)
-    store = write_synthetic_store(tmp_path / "s.zarr", spec, cell_chunk=256, gene_chunk=32)
+    """Each permutation's distances are those of a plain run on its labels (same landmarks
+    and length scale); the score, its FDR and is_de follow from them."""
+    spec = SyntheticSpec(n_obs=900, n_vars=40, n_dims=6, seed=8, density_skew=3.0)
+    store = write_synthetic_store(tmp_path / "s.zarr", spec, cell_chunk=256, gene_chunk=16)
     kw = dict(layer="logged_counts", obsm_key="X_pca", condition1="Young", condition2="Old", client=client)
-    out = kd.de(store, groupby="Age", gp=kd.GPSettings(n_landmarks=120, ls=30.0),
+    out = kd.de(store, groupby="Age", gp=kd.GPSettings(n_landmarks=100, ls=30.0),
                 fdr=kd.FDRSettings(mode="calibrated", null_genes=0, null_neighbourhood_cells=20),
                 storage=kd.StorageSettings(store_layers=False),
                 output=kd.OutputSettings(progress=False, return_full_results=True), **kw)
     a = ad.read_zarr(store)
     var, pair = a.var, "kompot_de_Young_to_Old"
     codes = a.obs["Age"].map({"Young": 1, "Old": 2}).to_numpy().astype(np.int8)
-    perm, k = fdr_mod.neighbourhood_permutation(codes, a.obsm["X_pca"], out["landmarks"], 20, 42)
-    a.obs["Perm"] = np.where(perm == 1, "Young", "Old")
-    ref = kd.de(a, groupby="Perm", gp=kd.GPSettings(landmarks=out["landmarks"], ls=30.0),
-                fdr=kd.FDRSettings(null_genes=0), storage=kd.StorageSettings(store_layers=False, result_key="p"),
-                output=kd.OutputSettings(progress=False, return_full_results=True), **kw)
-    dp = var[f"{pair}_mahalanobis_permuted"].to_numpy(float)
-    np.testing.assert_allclose(dp, ref["table"]["mahalanobis"].to_numpy(), rtol=1e-9)
-    w, fdr = fdr_mod.permutation_fdr(var[f"{pair}_mahalanobis"].to_numpy(float), dp)
-    np.testing.assert_allclose(var[f"{pair}_mahalanobis_calibrated_score"].to_numpy(), w, rtol=1e-12)
-    np.testing.assert_array_equal(var[f"{pair}_mahalanobis_calibrated_local_fdr"].to_numpy(), fdr.local_fdr)
+    perms, k = fdr_mod.neighbourhood_permutations(codes, a.obsm["X_pca"], out["landmarks"], 20, 42, 2)
+    dps = []
+    for p, perm in enumerate(perms):
+        a.obs[f"Perm{p}"] = np.where(perm == 1, "Young", "Old")
+        ref = kd.de(a, groupby=f"Perm{p}", gp=kd.GPSettings(landmarks=out["landmarks"], ls=30.0),
+                    fdr=kd.FDRSettings(null_genes=0), storage=kd.StorageSettings(store_layers=False, result_key=f"p{p}"),
+                    output=kd.OutputSettings(progress=False, return_full_results=True), **kw)
+        dps.append(ref["table"]["mahalanobis"].to_numpy())
+    d = var[f"{pair}_mahalanobis"].to_numpy(float)
+    w, fdr = fdr_mod.permutation_fdr(d, np.array(dps))
+    np.testing.assert_allclose(var[f"{pair}_mahalanobis_permuted"].to_numpy(), fdr_mod.permuted_distance(np.array(dps)),
+                               rtol=1e-9)
+    np.testing.assert_allclose(var[f"{pair}_mahalanobis_calibrated_score"].to_numpy(), w, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(var[f"{pair}_mahalanobis_calibrated_local_fdr"].to_numpy(), fdr.local_fdr, atol=1e-8)
     np.testing.assert_array_equal(var[f"{pair}_is_de"].to_numpy(bool), fdr.is_de)
     assert f"{pair}_mahalanobis_local_fdr" not in var  # no null genes: no raw FDR
     info = kd.RunInfo(store)
     assert info.run_record.fdr_mode == "calibrated" and info.run_record.fdr_results["n_neighbourhoods"] == k
+    assert info.run_record.fdr_results["n_permutations"] == 2
     assert "local_fdr" not in out["table"] and "calibrated_local_fdr" in out["table"]
     fig = kd.plot.volcano_de(store, return_fig=True, show=False)
     assert fig.axes[0].get_legend().get_title().get_text() == "is_de: calibrated FDR"
-    # the plan counts the second fit's tasks as the engine submits them
     plan = kd.plan(store, groupby="Age", fdr=kd.FDRSettings(mode="calibrated"), **kw)
     assert plan.feasible
     a.obs["donor"] = a.obs["Age"].astype(str) + np.asarray(["_a", "_b", "_c"])[np.arange(a.n_obs) % 3]

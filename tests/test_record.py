@@ -51,7 +51,7 @@ NEW_KEYS = OLD_KEYS[:-1] + ["phase_seconds", "task_seconds", "resumed"]
 NEW_PARAM_KEYS = {
     "gp": {"neighbors", "neighbor_sample", "landmark_sample"}, "compute": {"processes"},
     "fdr": {"null_mahalanobis", "null_expression", "combine_with_internal", "mode", "null_trend_features",
-            "null_trend_model", "null_neighbourhood_cells"},
+            "null_trend_model", "null_neighbourhood_cells", "null_permutations"},
     "filter": {"groups", "min_percentage", "check_representation"},
     "storage": {"store_posterior_covariance", "store_additional_stats", "store_arrays_on_disk", "disk_storage_dir",
                 "max_memory_ratio", "results_store"},

@@ -38,11 +38,11 @@ from .._io.tiles import TransposedReader, read_staged_tile, transpose_group
 from .._layout import (
     EMPIRICAL_OUTPUTS,
     FIT_OUTPUTS,
-    PERMUTED_OUTPUTS,
     Landmarks,
     LandmarkSource,
     Layout,
     fit_parts,
+    permuted_outputs,
 )
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
@@ -292,6 +292,48 @@ def _project(ctx: BlockContext, block: dict, clock: _Clock, Z, X, group: np.ndar
     return out
 
 
+def _project_labellings(ctx: BlockContext, block: dict, clock: _Clock, Z, X, codes: np.ndarray,
+                        permuted_codes: np.ndarray, moments: _Moments) -> list:
+    """Both conditions' ``B_c = Σ K(Z, X_k) Y_k`` for one block of store columns under each
+    labelling: the real condition codes first, then each row of ``permuted_codes``
+    (FDRSettings(mode="calibrated")). Each tile is read once and each cell's kernel row
+    evaluated once; every labelling takes its conditions' rows of it."""
+    lay = ctx.layout
+    c0, c1, local = block["c0"], block["c1"], block["local"]
+    labels = np.vstack([np.asarray(codes)[None, :], np.atleast_2d(permuted_codes)])
+    kc, m = lay.kernel_chunk, Z.shape[0]
+    out = [[np.zeros((m, lay.gene_block), dtype=ctx.dtype) for _ in (1, 2)] for _ in range(labels.shape[0])]
+    Zd = gp_mod.as_device(Z, ctx.dtype)
+    bad = np.zeros(len(local), dtype=bool)
+    for r0, r1 in lay.row_ranges:
+        used = np.flatnonzero(labels[0, r0:r1] > 0)
+        if not len(used):
+            continue
+        if getattr(ctx.reader, "sparse", False):
+            piece = ctx.reader.piece(r0, r1, slice(c0, c1))
+            tile = (piece[:, local] if len(local) < c1 - c0 else piece)[used].toarray()
+        else:
+            tile = ctx.reader.read(r0, r1, slice(c0, c1))[:, local][used]
+        bad |= ~np.all(np.isfinite(tile), axis=0)
+        moments.add(tile)
+        clock.lap("tile read")
+        xs = X[r0:r1]
+        for s in range(0, len(used), kc):
+            rows = used[s : s + kc]
+            k = gp_mod.kernel_rows(gp_mod._pad_rows(np.asarray(xs[rows]), kc), Zd, ctx.ls, ctx.dtype)[: len(rows)]
+            y = tile[s : s + kc].astype(ctx.dtype, copy=False)
+            lab = labels[:, r0 + rows]
+            for i, (o1, o2) in enumerate(out):
+                for c, acc in ((1, o1), (2, o2)):
+                    sel = lab[i] == c
+                    if sel.any():
+                        acc[:, : y.shape[1]] += k[sel].T @ y[sel]
+        clock.lap("projection")
+    if bad.any():
+        raise NonFiniteExpressionError((c0 + local[bad]).tolist())
+    return out
+
+
 def _write_layers(ctx: BlockContext, block: dict, clock: _Clock, Z, X, pred, values) -> None:
     """Predict and write a gene block's staged layers, whole shards at a time (one cell chunk
     in a zarr v2 store): ``values(rows, k)`` gives each layer role's values (cells × block
@@ -339,19 +381,16 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
     if permuted is None:
         b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
     else:
-        # each cell in one of four groups (condition, permuted condition): one kernel pass
-        # gives both labellings' projections
-        pc = permuted["codes"]
-        four = np.where(codes > 0, 2 * (codes.astype(np.int8) - 1) + (pc.astype(np.int8) - 1), -1)
-        b11, b12, b21, b22 = _project(ctx, block, clock, Z, X, four, 4, moments)
-        p1, p2 = b11 + b21, b12 + b22
-        b11 += b12
-        b21 += b22
-        b1, b2 = b11, b21
-        del b12, b22, b11, b21
-        pf = {"C1": permuted["C1"], "C2": permuted["C2"], "R": permuted["R"]}
-        perm_d = gp_mod.block_scores(pf, kbar, p1, p2, ctx.sigma, FACTOR_DTYPE)[2][:n_sel]
-        del p1, p2
+        proj = _project_labellings(ctx, block, clock, Z, X, codes, permuted["codes"], moments)
+        b1, b2 = proj[0]
+        perm_d = np.empty((len(permuted["factors"]), n_sel))
+        for p, f in enumerate(permuted["factors"]):
+            p1, p2 = proj[1 + p]
+            proj[1 + p] = None
+            perm_d[p] = gp_mod.block_scores(f, kbar, p1, p2, ctx.sigma, FACTOR_DTYPE)[2][:n_sel]
+            del p1, p2
+        del proj
+        clock.lap("permuted-label scoring")
     factors = {"C1": C1, "C2": C2, "R": R}
     w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
     del b1, b2
@@ -1045,19 +1084,21 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
 
 
-def _submit_permuted_fit(client: Client, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: str, *, ls: float, sigma: float,
-                         eps: float, kernel_chunk: int, n_workers: int) -> tuple[dict, list]:
-    """The fit to the permuted condition labels (FDRSettings(mode="calibrated")): both
-    conditions' factors and the metric, as futures by :data:`PERMUTED_OUTPUTS` name (loaded
+def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: str, *, ls: float,
+                         sigma: float, eps: float, kernel_chunk: int, n_workers: int) -> tuple[dict, list]:
+    """The fit to permutation ``p``'s condition labels (FDRSettings(mode="calibrated")): both
+    conditions' factors and the metric as futures, by role (``C1``, ``C2``, ``R``; loaded
     from ``fit_dir`` when a resumed run finds them there), and the tasks that make them.
     The landmark factor and the mean kernel row are the run's own: they do not depend on
     the labels."""
-    saved = io_commit.saved_arrays(fit_dir, PERMUTED_OUTPUTS)
+    names = permuted_outputs(p)
+    saved = io_commit.saved_arrays(fit_dir, names)
     if saved is not None:
-        fit = {name: client.submit(_load_factor_task, saved[name], pure=False) for name in PERMUTED_OUTPUTS}
+        fit = {role: client.submit(_load_factor_task, saved[n], pure=False) for role, n in zip(("C1", "C2", "R"), names,
+                                                                                              strict=True)}
         return fit, list(fit.values())
     hi = {"pure": False, "priority": _FIT_PRIORITY}
-    logger.info("Fitting both conditions' estimators to the permuted labels (calibrated FDR)...")
+    logger.info("Fitting both conditions' estimators to permutation %d of the labels (calibrated FDR)...", p + 1)
     parts = fit_parts(n_workers)
     s1 = [client.submit(_cross_gram_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, **hi)
           for r in np.array_split(rows1, parts)]
@@ -1068,8 +1109,9 @@ def _submit_permuted_fit(client: Client, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: 
     metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, True, False,
                              **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
-    fit = {"pC1": C1_f, "pC2": C2_f, "pR": R_f}
-    return fit, [*s1, *s2, C1_f, C2_f, metric_f, R_f, *_save_fit(client, fit, fit_dir)]
+    fit = {"C1": C1_f, "C2": C2_f, "R": R_f}
+    saves = _save_fit(client, dict(zip(names, (C1_f, C2_f, R_f), strict=True)), fit_dir)
+    return fit, [*s1, *s2, C1_f, C2_f, metric_f, R_f, *saves]
 
 
 def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str, *, ls: float, sigma: float,
@@ -1198,7 +1240,8 @@ class EngineResult:
     null_moments: np.ndarray | None = None
     """The same of each null gene's source column (2 × null genes)."""
     permuted_mahalanobis: np.ndarray | None = None
-    """FDRSettings(mode="calibrated"): each tested gene's distance under the permuted labels."""
+    """FDRSettings(mode="calibrated"): each tested gene's distance under each permutation of
+    the labels (permutations × tested genes)."""
 
 
 def run_engine(
@@ -1347,12 +1390,15 @@ def run_engine(
             group_f = _input_futures(client, run_token, cell_group=samples.cell_group)[0]
         permuted = None
         if permuted_codes is not None:
-            pfit, perm_setup = _submit_permuted_fit(
-                client, Z_f, X_f, np.flatnonzero(permuted_codes == 1), np.flatnonzero(permuted_codes == 2), Lp_f,
-                fit_dir, ls=ls, sigma=sigma, eps=eps, kernel_chunk=kc, n_workers=n_workers)
-            setup += perm_setup
-            permuted = {"codes": _input_futures(client, run_token, permuted_codes=permuted_codes)[0],
-                        "C1": pfit["pC1"], "C2": pfit["pC2"], "R": pfit["pR"]}
+            pfits = []
+            for p, pc in enumerate(np.atleast_2d(permuted_codes)):
+                pfit, perm_setup = _submit_permuted_fit(
+                    client, p, Z_f, X_f, np.flatnonzero(pc == 1), np.flatnonzero(pc == 2), Lp_f, fit_dir, ls=ls,
+                    sigma=sigma, eps=eps, kernel_chunk=kc, n_workers=n_workers)
+                pfits.append(pfit)
+                setup += perm_setup
+            permuted = {"codes": _input_futures(client, run_token, permuted_codes=np.atleast_2d(permuted_codes))[0],
+                        "factors": pfits}
         group_refs: list = []
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
@@ -1483,8 +1529,8 @@ def _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks,
     mahal = np.concatenate([r["mahalanobis"] for r in real_out]) if real_out else np.array([])
     lfc = np.concatenate([r["mean_lfc"] for r in real_out]) if real_out else np.array([])
     moments = np.concatenate([r["moments"] for r in real_out], axis=1) if real_out else np.empty((2, 0))
-    permuted = (np.concatenate([r["permuted_mahalanobis"] for r in real_out]) if real_out else np.array([])
-                ) if all("permuted_mahalanobis" in r for r in real_out) and real_out else None
+    permuted = (np.concatenate([np.atleast_2d(r["permuted_mahalanobis"]) for r in real_out], axis=1)
+                if real_out and all("permuted_mahalanobis" in r for r in real_out) else None)
     null_d = np.full(n_null, np.nan)
     null_moments = np.full((2, n_null), np.nan)
     for r in null_out:

@@ -24,11 +24,12 @@ Variance-stratified FDR (upstream kompot's opt-in after 0.8.0)
     gene's standardised residual (``docs/fdr.md``).
 
 Calibrated FDR (kompot_dask's own)
-    :func:`neighbourhood_permutation` permutes the condition labels within neighbourhoods
+    :func:`neighbourhood_permutations` permutes the condition labels within neighbourhoods
     of the cell-state space (so each neighbourhood keeps its share of each condition);
-    every gene is fitted and scored again under those labels, and :func:`permutation_fdr`
-    tests the log ratio of each gene's distance to its own permuted distance against the
-    mirror image of its negative side (``docs/fdr.md``).
+    every gene is fitted and scored again under each permutation, and
+    :func:`permutation_fdr` tests the log ratio of each gene's distance to its permuted
+    ones against the same statistic with a permutation in the real labels' place
+    (``docs/fdr.md``).
 
 Non-finite distances (kompot 0.8.0 behaviour, reproduced on purpose)
     * The grid's upper end follows Python's ``max(max(real), max(null))``: a NaN among
@@ -69,8 +70,10 @@ _SEED_HIGH = 2**31 - 1
 __all__ = [
     "FDRResult",
     "TrendResult",
-    "neighbourhood_permutation",
+    "neighbourhood_count",
+    "neighbourhood_permutations",
     "permutation_fdr",
+    "permuted_distance",
     "variance_stratified_fdr",
     "choose_null_genes",
     "compute_fdr",
@@ -645,13 +648,13 @@ _NEIGHBOUR_ROWS = 65_536
 
 
 def neighbourhood_count(n_cells: int, cells_per_neighbourhood: int, n_landmarks: int) -> int:
-    """Neighbourhoods of :func:`neighbourhood_permutation`: one per ``cells_per_neighbourhood``
+    """Neighbourhoods of :func:`neighbourhood_permutations`: one per ``cells_per_neighbourhood``
     analysed cells, at least 2 and at most one per landmark."""
     return int(min(max(int(n_cells) // max(int(cells_per_neighbourhood), 1), 2), int(n_landmarks)))
 
 
-def neighbourhood_permutation(codes: np.ndarray, X: Any, Z: np.ndarray, cells_per_neighbourhood: int,
-                              seed: int) -> tuple[np.ndarray, int]:
+def neighbourhood_permutations(codes: np.ndarray, X: Any, Z: np.ndarray, cells_per_neighbourhood: int,
+                               seed: int, n_permutations: int = 1) -> tuple[np.ndarray, int]:
     """Condition labels permuted within neighbourhoods of the cell-state space.
 
     Parameters
@@ -660,25 +663,27 @@ def neighbourhood_permutation(codes: np.ndarray, X: Any, Z: np.ndarray, cells_pe
         Per store row: 1 and 2 for the two conditions' cells, 0 for the rest (kept 0).
     X
         The embedding: anything that gives rows for a slice (an array or a stored reader);
-        read ``_NEIGHBOUR_ROWS`` rows at a time.
+        read ``_NEIGHBOUR_ROWS`` rows at a time, once.
     Z
         The run's landmarks; the neighbourhood centres are a seeded subset of them.
     cells_per_neighbourhood
-        Mean analysed cells per neighbourhood: ``k = clip(n // cells_per_neighbourhood, 2,
-        m)`` centres.
+        Mean analysed cells per neighbourhood (:func:`neighbourhood_count`).
     seed
-        Seeds the choice of centres and the permutations.
+        Seeds the choice of centres and each permutation.
+    n_permutations
+        How many independent permutations.
 
     Returns
     -------
-    The permuted codes (each neighbourhood keeps its count of each condition), and ``k``.
+    ``n_permutations`` × rows of permuted codes (each neighbourhood keeps its count of each
+    condition in each), and the number of neighbourhoods.
     """
     codes = np.asarray(codes)
     analysed = np.flatnonzero(codes > 0)
     n, m = len(analysed), Z.shape[0]
-    rng = np.random.default_rng([int(seed), 16])
     k = neighbourhood_count(n, cells_per_neighbourhood, m)
-    centres = np.asarray(Z, dtype=np.float64)[np.sort(rng.choice(m, size=k, replace=False))]
+    pick = np.random.default_rng([int(seed), 16]).choice(m, size=k, replace=False)
+    centres = np.asarray(Z, dtype=np.float64)[np.sort(pick)]
     c2 = np.einsum("kd,kd->k", centres, centres)
     nearest = np.empty(n, dtype=np.int64)
     n_obs = len(codes)
@@ -690,31 +695,45 @@ def neighbourhood_permutation(codes: np.ndarray, X: Any, Z: np.ndarray, cells_pe
         x = np.asarray(X[r0:r1], dtype=np.float64)[analysed[lo:hi] - r0]
         nearest[lo:hi] = np.argmin(c2[None, :] - 2.0 * (x @ centres.T), axis=1)  # ‖x‖² is the same for all
     labels = codes[analysed]
-    keys = rng.random(n)
     grouped = np.argsort(nearest, kind="stable")  # the cells of each neighbourhood together
-    shuffled = np.lexsort((keys, nearest))  # the same blocks, each in a random order
-    out = codes.copy()
-    permuted = np.empty(n, dtype=codes.dtype)
-    permuted[shuffled] = labels[grouped]
-    out[analysed] = permuted
+    out = np.repeat(codes[None, :], int(n_permutations), axis=0)
+    for p in range(int(n_permutations)):
+        keys = np.random.default_rng([int(seed), 17, p]).random(n)
+        shuffled = np.lexsort((keys, nearest))  # the same blocks, each in a random order
+        permuted = np.empty(n, dtype=codes.dtype)
+        permuted[shuffled] = labels[grouped]
+        out[p, analysed] = permuted
     return out, k
 
 
 def permutation_fdr(real: np.ndarray, permuted: np.ndarray, threshold: float = 0.05) -> tuple[np.ndarray, FDRResult]:
-    """Local FDR of each gene's distance against its own distance under permuted labels.
+    """Local FDR of each gene's distance against its own distances under permuted labels.
 
-    ``W = log(1 + D²) − log(1 + D_perm²)``. Without an effect the labels are exchangeable
-    within neighbourhoods, so ``D`` and ``D_perm`` are alike and ``W`` is symmetric about 0:
-    the negative side, mirrored, is a sample of the null. :func:`compute_fdr` is applied to
-    ``max(0, W)`` against ``max(0, −W)``. Genes with a non-finite ``W`` get NaN scores and
-    FDR 1. Returns ``W`` and the FDR (its summary's ``min_significant_mahalanobis`` in
-    distance units, plus ``mode``).
+    With ``f(D) = log(1 + D²)`` and P permutations (``permuted``: P × genes, or one row),
+    the score is ``W = f(D) − mean_p f(D_p)``. Without an effect the labels are
+    exchangeable within neighbourhoods, so ``D`` and every ``D_p`` are alike. The null
+    sample is each permutation in the real distance's place: ``f(D_q) − mean_{p≠q} f(D_p)``
+    for every q (P × genes values); with one permutation, ``−W`` (the mirror image). With
+    P ≥ 2 that null is a little wider than ``W``'s own null (a mean of P − 1 terms instead
+    of P), which errs on the side of fewer calls. :func:`compute_fdr` is applied to
+    ``max(0, W)`` against the null's positive part. Genes with a non-finite ``W`` get FDR 1.
+    Returns ``W`` and the FDR (its summary's ``min_significant_mahalanobis`` in distance
+    units, plus ``mode`` and ``n_permutations``).
     """
     real = _as_distances(real, "real")
-    permuted = _as_distances(permuted, "permuted")
-    w = np.log1p(real * real) - np.log1p(permuted * permuted)
-    ok = np.isfinite(w)
-    inner = compute_fdr(np.maximum(w[ok], 0.0), np.maximum(-w[ok], 0.0), threshold)
+    perm = np.atleast_2d(np.asarray(permuted, dtype=np.float64))
+    if perm.shape[1] != real.shape[0]:
+        raise ValueError(f"permuted distances for {perm.shape[1]} genes, real ones for {real.shape[0]}")
+    fp = np.log1p(perm * perm)
+    w = np.log1p(real * real) - fp.mean(axis=0)
+    ok = np.isfinite(w) & np.all(np.isfinite(fp), axis=0)
+    P = fp.shape[0]
+    if P == 1:
+        null = -w[ok]
+    else:
+        total = fp[:, ok].sum(axis=0)
+        null = np.concatenate([fp[q, ok] - (total - fp[q, ok]) / (P - 1) for q in range(P)])
+    inner = compute_fdr(np.maximum(w[ok], 0.0), np.maximum(null, 0.0), threshold)
     n = len(w)
 
     def full(values, fill):
@@ -729,4 +748,12 @@ def permutation_fdr(real: np.ndarray, permuted: np.ndarray, threshold: float = 0
     fdr.summary["fraction_significant"] = float(sig.sum() / n) if n else float("nan")
     fdr.summary["min_significant_mahalanobis"] = float(np.min(real[sig])) if sig.any() else float("inf")
     fdr.summary["mode"] = "calibrated"
-    return w, fdr
+    fdr.summary["n_permutations"] = P
+    return np.where(ok, w, np.nan), fdr
+
+
+def permuted_distance(permuted: np.ndarray) -> np.ndarray:
+    """One distance per gene from P permutations' (P × genes): the one whose ``log(1 + D²)``
+    is their mean, so that the calibrated score is ``log(1 + D²) − log(1 + this²)``."""
+    fp = np.log1p(np.square(np.atleast_2d(np.asarray(permuted, dtype=np.float64))))
+    return np.sqrt(np.expm1(fp.mean(axis=0)))

@@ -92,7 +92,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     # FDRSettings(mode="calibrated"): the permuted labels' distances, the score, its FDR
     FieldSpec("mahalanobis_permuted", "permuted_mahalanobis", "var", "{pair}_mahalanobis_permuted{sfx}",
               "Mahalanobis distance with the condition labels permuted within cell-state neighbourhoods "
-              "(calibrated FDR)"),
+              "(calibrated FDR; over several permutations, the one at their mean log(1 + D²))"),
     FieldSpec("mahalanobis_calibrated_score", "calibrated_score", "var", "{pair}_mahalanobis_calibrated_score{sfx}",
               "log(1 + Mahalanobis²) minus the same with permuted labels (calibrated FDR)"),
     FieldSpec("mahalanobis_calibrated_local_fdr", "calibrated_local_fdr", "var",
