@@ -66,6 +66,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-col", default=None, metavar="COLUMN",
                    help="obs column naming each cell's sample (donor): kompot's sample variance")
     p.add_argument("--null-genes", type=int, default=None, help="FDRSettings.null_genes (0 disables the FDR)")
+    p.add_argument("--fdr-mode", default=None, choices=("raw", "variance_stratified", "calibrated"),
+                   help="FDRSettings.mode: which null is_de comes from (default raw: kompot's; docs/fdr.md)")
     p.add_argument("--n-landmarks", type=int, default=None, help="GPSettings.n_landmarks")
     p.add_argument("--result-key", default=None, help="StorageSettings.result_key")
     p.add_argument("--overwrite", action="store_true", help="overwrite earlier results without warning")
@@ -178,6 +180,8 @@ def _settings_from(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
         gp["n_landmarks"] = args.n_landmarks
     if args.null_genes is not None:
         fdr["null_genes"] = args.null_genes
+    if args.fdr_mode is not None:
+        fdr["mode"] = args.fdr_mode
     if args.result_key is not None:
         storage["result_key"] = args.result_key
     if args.overwrite:
@@ -317,7 +321,7 @@ def _cmd_de(args: argparse.Namespace) -> int:
     payload = {
         "store": args.store, "run_id": result["run_id"], "field_names": result["field_names"],
         "n_genes": int(len(table)), "n_de": int(table["is_de"].sum()) if "is_de" in table else None,
-        "ls": result["ls"], "fdr_summary": s,
+        "ls": result["ls"], "fdr_summary": s, "fdr_mode": kwargs["fdr"].mode if s else None,
         "top_genes": table.sort_values("mahalanobis", ascending=False).head(10).index.tolist(),
     }
     top = table.sort_values("mahalanobis", ascending=False).head(10)

@@ -224,3 +224,16 @@ def test_de__calibrated_end_to_end(tmp_path, client):
     a.obs["donor"] = a.obs["Age"].astype(str) + np.asarray(["_a", "_b", "_c"])[np.arange(a.n_obs) % 3]
     with pytest.raises(kd.SettingsError, match="sample_col='donor'"):
         kd.de(a, groupby="Age", fdr=kd.FDRSettings(mode="calibrated"), sample_col="donor", **kw)
+
+
+def test_cli__fdr_mode_flag_reaches_the_settings():
+    from kompot_dask import cli
+
+    args = cli.build_parser().parse_args(["de", "s.zarr", "--groupby", "Age", "--condition1", "Young", "--condition2", "Old",
+                                       "--fdr-mode", "calibrated"])
+    assert cli._settings_from(args, {})["fdr"].mode == "calibrated"
+    args = cli.build_parser().parse_args(["de", "s.zarr", "--groupby", "Age", "--condition1", "Young",
+                                          "--condition2", "Old"])
+    assert cli._settings_from(args, {})["fdr"].mode == "raw"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["de", "s.zarr", "--fdr-mode", "stratified"])
