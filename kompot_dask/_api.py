@@ -76,6 +76,7 @@ from ._settings import (
     OutputSettings,
     SettingsError,
     StorageSettings,
+    _short,
 )
 
 logger = logging.getLogger("kompot_dask")
@@ -801,16 +802,11 @@ def _check_fdr_mode(call: _Call, settings: _Settings, n_null: int) -> None:
                 if call.sample_col is not None else
                 f"FDRSettings(null_genes={fdr.null_genes!r}): the trend is fitted on the null genes' distances")
     elif settings.filter.groups is not None:
-        what = (f"FilterSettings(groups={_short_value(settings.filter.groups)}): the per-subset FDR tables are "
+        what = (f"FilterSettings(groups={_short(settings.filter.groups)}): the per-subset FDR tables are "
                 "kompot's raw mode only")
     if what is not None:
         raise SettingsError(f"FDRSettings(mode={fdr.mode!r}) with {what}. Use mode='raw' (the default), "
                             "or drop the other setting.")
-
-
-def _short_value(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _earlier(store: Store, outputs: _Outputs, existing_layers: list[str] | None) -> _Earlier:
