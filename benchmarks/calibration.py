@@ -6,7 +6,8 @@ between the conditions (cluster 0 three times as common in one condition, no exp
 change of its own), a spread of gene variances, and donors. Each scenario is run once
 with ``FDRSettings(mode="variance_stratified")``, which writes kompot 0.8.0's raw columns
 unchanged beside its own, so both modes are scored on the same distances; then with
-``FDRSettings(mode="calibrated", null_genes=0)``, kompot_dask's own mode. (The raw mode
+``FDRSettings(mode="calibrated", null_genes=0)``, kompot_dask's own mode; on the donor
+scenarios also with ``sample_col`` and ``mode="calibrated"`` (whole donors relabelled). (The raw mode
 is kompot 0.8.0's FDR: ``tests/test_parity.py`` and ``tests/test_fdr.py`` hold it to kompot
 at 1e-8 in local FDR with identical ``is_de`` calls.)
 
@@ -54,6 +55,8 @@ SCENARIOS: dict[str, dict] = {
     "variance spread": dict(variance_spread=0.6),
     "skew + spread": dict(density_skew=3.0, variance_spread=0.6),
     "donors (3 per condition)": dict(samples_per_condition=3),
+    "donors (6 per condition)": dict(samples_per_condition=6),
+    "donors + density skew": dict(samples_per_condition=4, density_skew=3.0),
 }
 SCALE = {"50k cells": dict(n_obs=50_000), "200k cells": dict(n_obs=200_000)}
 QUICK = {"5k cells": dict(n_obs=5_000, n_vars=400), "density skew 3x": dict(n_obs=5_000, n_vars=400, density_skew=3.0),
@@ -64,7 +67,11 @@ MODES = {  # mode → (local FDR role, score role)
     "raw (kompot 0.8.0)": ("local_fdr", "mahalanobis"),
     "variance_stratified": ("residual_local_fdr", "residual_z"),
     "calibrated": ("calibrated_local_fdr", "calibrated_score"),
+    "calibrated + sample_col": ("sample_calibrated_local_fdr", "sample_calibrated_score"),
 }
+"""The last mode runs on the donor scenarios only: the calibrated mode with the sample
+variance, its null whole donors relabelled between the conditions (with sample_col kompot
+0.8.0 has no FDR at all)."""
 
 
 def auroc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -115,15 +122,24 @@ def run_scenario(name: str, overrides: dict, workdir: str, args) -> dict:
     t1 = time.perf_counter()
     walls, names = [], {}
     # run 0: null genes, kompot's raw columns and the variance-stratified ones; run 1: the
-    # calibrated mode (no null genes: its null is the permuted labels)
-    for key, fdr in (("rs", kd.FDRSettings(mode="variance_stratified")),
-                     ("cal", kd.FDRSettings(mode="calibrated", null_genes=0))):
+    # calibrated mode (no null genes: its null is the permuted labels); with donors, run 2:
+    # the calibrated mode with the sample variance
+    runs = [("rs", kd.FDRSettings(mode="variance_stratified"), None),
+            ("cal", kd.FDRSettings(mode="calibrated", null_genes=0), None)]
+    if spec.samples_per_condition:
+        runs.append(("cs", kd.FDRSettings(mode="calibrated"), "sample"))
+    for key, fdr, sample_col in runs:
         t = time.perf_counter()
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-              gp=gp, fdr=fdr, storage=kd.StorageSettings(result_key=key, store_layers=False, overwrite=True),
+              gp=gp, fdr=fdr, sample_col=sample_col,
+              storage=kd.StorageSettings(result_key=key, store_layers=False, overwrite=True),
               output=kd.OutputSettings(progress=False))
         walls.append(round(time.perf_counter() - t, 1))
-        names.update(kd.RunInfo(store).run_record.role_names())  # disjoint roles, except the shared ones
+        roles = kd.RunInfo(store).run_record.role_names()
+        if key == "cs":
+            names.update({f"sample_{r}": roles[r] for r in ("calibrated_local_fdr", "calibrated_score")})
+            continue
+        names.update(roles)  # disjoint roles, except the shared ones
         if key == "rs":
             names["raw_mahalanobis"] = names["mahalanobis"]
     names["mahalanobis"] = names.pop("raw_mahalanobis")
@@ -132,6 +148,8 @@ def run_scenario(name: str, overrides: dict, workdir: str, args) -> dict:
     out = {"scenario": name, "spec": {k: v for k, v in spec.__dict__.items() if k in {**BASE, **overrides}},
            "n_true": int(truth.sum()), "de_wall_s": walls, "write_s": round(t1 - t0, 1), "modes": {}}
     for mode, (fdr_role, score_role) in MODES.items():
+        if fdr_role not in names:
+            continue
         lfdr = var[names[fdr_role]].to_numpy(float)
         score = var[names[score_role]].to_numpy(float)
         score = np.where(np.isfinite(score), score, -np.inf)
@@ -149,7 +167,10 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         cells = []
         for m in MODES:
-            s = r["modes"][m]
+            s = r["modes"].get(m)
+            if s is None:
+                cells.append(f"{'—':>7s}")
+                continue
             cells.append(f"{s['called']:7d} {s['fdp']:6.3f} {s['power']:6.3f} {s['auroc']:6.3f} {s['auprc']:6.3f}")
         print(f"{r['scenario']:26s} {r['n_true']:5d}  " + "  ".join(f"{c:>40s}" for c in cells), flush=True)
 
@@ -163,6 +184,8 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4.2), sharey=True)
     for ax, mode in zip(np.atleast_1d(axes), MODES, strict=True):
         for r in results:
+            if mode not in r["modes"]:
+                continue
             ax.plot(TARGETS, r["modes"][mode]["fdp_curve"], marker=".", label=r["scenario"])
         ax.plot(TARGETS, TARGETS, color="black", linestyle="--", linewidth=0.8, label="FDP = target")
         ax.set_title(mode)

@@ -606,6 +606,8 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
         )
     if call.sample_col is not None:
         samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
+        if settings.fdr.mode == "calibrated":
+            _relabel_samples(samples, call, settings.fdr)  # refused here when too few relabellings exist
     if subsets is not None:
         if settings.gp.use_empirical_variance:
             raise SettingsError(
@@ -792,9 +794,6 @@ def _check_fdr_mode(call: _Call, settings: _Settings, n_null: int) -> None:
     what = None
     if not settings.output.compute_mahalanobis:
         what = "OutputSettings(compute_mahalanobis=False): there are no distances to calibrate"
-    elif fdr.mode == "calibrated" and call.sample_col is not None:
-        what = (f"sample_col={call.sample_col!r}: the permuted-label null with the sample variance (donor labels "
-                "permuted within conditions) is not implemented yet")
     elif fdr.mode == "calibrated" and settings.gp.use_empirical_variance:
         what = "GPSettings(use_empirical_variance=True): the permuted labels' fit has no empirical variance yet"
     elif fdr.mode == "variance_stratified" and n_null == 0:
@@ -989,8 +988,10 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources, null_seeds = fdr_mod.choose_null_genes(run.store.n_vars, outputs.n_null, s.fdr.null_seed)
     else:
         null_sources = null_seeds = np.array([], dtype=np.int64)
-    permuted = None
-    if s.fdr.mode == "calibrated":
+    permuted = permuted_samples = None
+    if s.fdr.mode == "calibrated" and cells.samples is not None:
+        permuted_samples, permuted = _sample_relabellings(run, codes)
+    elif s.fdr.mode == "calibrated":
         permuted, k = fdr_mod.neighbourhood_permutations(codes, X, Z, s.fdr.null_neighbourhood_cells, s.fdr.null_seed,
                                                          s.fdr.null_permutations)
         logger.info("Calibrated FDR: condition labels permuted %d time(s) within %d neighbourhoods of ~%d cells",
@@ -1004,8 +1005,34 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             samples=cells.samples, need_std=cells.samples is None or bool(outputs.layer_roles),
             empirical=s.gp.use_empirical_variance, groups=_group_spec(run, X, Z),
             posterior_covariance=outputs.names["posterior_covariance"] if "posterior_covariance" in outputs.roles
-            else None, permuted_codes=permuted,
+            else None, permuted_codes=permuted, permuted_samples=permuted_samples,
         )
+
+
+def _relabel_samples(spec: engine.SampleSpec, call: _Call, fdr: FDRSettings) -> tuple[np.ndarray, float]:
+    try:
+        return fdr_mod.sample_permutations(spec.condition, fdr.null_permutations, fdr.null_seed)
+    except ValueError as exc:
+        raise SettingsError(
+            f"FDRSettings(mode='calibrated', null_permutations={fdr.null_permutations}) with "
+            f"sample_col={call.sample_col!r}: {exc}. Ask for fewer permutations, or use data with more samples "
+            "per condition."
+        ) from None
+
+
+def _sample_relabellings(run: _Run, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sample_col with FDRSettings(mode="calibrated"): whole samples' condition labels
+    permuted between the conditions (:func:`kompot_dask._numerics.fdr.sample_permutations`),
+    per fitted sample and per cell (cells outside every fitted sample keep their label)."""
+    spec = run.cells.samples
+    labels, leak = _relabel_samples(spec, run.call, run.settings.fdr)
+    cell_codes = np.repeat(codes[None, :], labels.shape[0], axis=0)
+    for k in range(spec.n_samples):
+        cell_codes[:, spec.cell_group == 2 + k] = labels[:, k : k + 1]
+    logger.info("Calibrated FDR: whole samples' condition labels permuted %d time(s) between the conditions (%d + %d "
+                "samples; a relabelled contrast keeps %.0f%% of a real effect)", labels.shape[0],
+                spec.condition.count(1), spec.condition.count(2), 100 * abs(leak))
+    return labels, cell_codes
 
 
 def _fingerprint(run: _Run) -> str:
@@ -1173,12 +1200,18 @@ def _calibrated(run: _Run, res: engine.EngineResult, raw: fdr_mod.FDRResult | No
         var_cols[names["calibrated_tail_fdr"]] = per_gene(result.tail_fdr)
     var_cols[names["is_de"]] = per_gene(result.is_de, False, bool)
     summary = result.summary
-    summary["n_neighbourhoods"] = k = fdr_mod.neighbourhood_count(run.cells.n1 + run.cells.n2,
-                                                                  fdr.null_neighbourhood_cells, run.landmarks.count)
+    if run.cells.samples is not None:
+        summary["null"] = "samples"
+        how = "whole samples' labels permuted between the conditions"
+    else:
+        summary["null"] = "neighbourhoods"
+        summary["n_neighbourhoods"] = k = fdr_mod.neighbourhood_count(
+            run.cells.n1 + run.cells.n2, fdr.null_neighbourhood_cells, run.landmarks.count)
+        how = f"labels permuted within {k} neighbourhoods"
     if raw is not None:
         summary["raw_n_significant"] = raw.summary["n_significant"]
-    logger.info("Calibrated FDR (labels permuted %d time(s) within %d neighbourhoods): %d/%d genes significantly DE "
-                "at FDR < %s%s", fdr.null_permutations, k, summary["n_significant"], summary["n_total"], fdr.threshold,
+    logger.info("Calibrated FDR (%s, %d time(s)): %d/%d genes significantly DE at FDR < %s%s", how,
+                fdr.null_permutations, summary["n_significant"], summary["n_total"], fdr.threshold,
                 "" if raw is None else f" (raw mode: {raw.summary['n_significant']})")
     return result
 

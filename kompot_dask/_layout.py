@@ -445,13 +445,16 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         # the remaining projections, both conditions' weights, the running sum and one
         # temporary; the distances in batches (whitened contrasts, their QR: × 3); the
         # layers: both weights and the contrasts, every cell's posterior variance, and per
-        # kernel chunk the predictions and both conditions' sample variances
+        # kernel chunk the predictions and both conditions' sample variances. With the
+        # calibrated FDR, each relabelling's weight difference (summed projections, solved
+        # beside them) and every sample's weights, kept for the relabellings' contrasts
         rows_w, S, r = S, inp.n_samples, inp.sample_rank
+        P = inp.permutations
         n_tiles = sum(1 for _, loc, _ in inp.fields if loc == "layers")
-        acc = (2 + S) * m * G * bt
+        acc = (2 + S + (P + 3 if P else 0)) * m * G * bt
         models = (2 + r) * m * G * 8
-        weights = max(acc, S * m * G * 8 + 6 * m * G * 8) + m * m * 8
-        scores = models + 3 * r * m * min(G, SAMPLE_SCORE_GENES) * 8
+        weights = max(acc, (S + (S + P if P else 0)) * m * G * 8 + 6 * m * G * 8) + m * m * 8
+        scores = models + ((S + P) * m * G * 8 if P else 0) + 3 * r * m * min(G, SAMPLE_SCORE_GENES) * 8
         predict = ((models + n_tiles * rows_w * G * lb + 6 * kc * G * 8
                     + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
         real = max(acc + tile + kernel, weights, scores, predict)
@@ -693,7 +696,9 @@ def _gene_options(inp: PlanInputs, given: int | None, cbase: int, total_threads:
     options = sorted({min(inp.n_vars, cbase * max(1, w // cbase)) for w in widths} | {min(inp.n_vars, cbase)},
                      reverse=True)
     if inp.n_samples:  # every sample's projection of the block is held at once
-        per_gene = (2 + inp.n_samples) * inp.m * 8
+        # (with the calibrated FDR, every sample's weights and each relabelling's beside them)
+        per_gene = ((2 + inp.n_samples) if not inp.permutations
+                    else (2 * inp.n_samples + inp.permutations + 2)) * inp.m * 8
         fit = [g for g in options if g * per_gene <= SAMPLE_TASK_BYTES]
         options = fit or [min(options[-1], max(1, SAMPLE_TASK_BYTES // per_gene))]
     busy = [g for g in options if math.ceil(max(1, inp.n_selected) / g) >= total_threads]
@@ -880,7 +885,11 @@ def _flops(inp: PlanInputs) -> dict[str, float]:
         "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
         **({"permuted labels (fits, projections, scores)": float(
             inp.permutations * (n12 * m * m + 3 * m**3 + 2 * n12 * m * G + 6 * m * m * G))}
-           if inp.permutations else {}),
+           if inp.permutations and not inp.n_samples else {}),
+        # with samples, a relabelled condition's projection is a sum of its samples'
+        **({"permuted labels (fits, weights, low-rank scores)": float(
+            inp.permutations * (n12 * m * m + 3 * m**3 + 4 * m * m * G + 2 * inp.sample_rank * m * m * G))}
+           if inp.permutations and inp.n_samples else {}),
         "per-cell std": float(3 * inp.n_pred * m * m) if (inp.store_layers or not inp.n_samples) else 0.0,
         **_sample_flops(inp),
         **_empirical_flops(inp),
@@ -957,13 +966,13 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
     fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
     if inp.empirical:  # the leverage factors after C1, C2 (syrk and potrf each), then (L⁻¹)²
         fac_t += (2 * (m**3 + m**3 / 3) / 2 + m**3 / 3) / cal.chol_flops
-    if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
-        s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
-                / max(1, res.total_threads))
     if inp.permutations:  # an S pass per permutation; their factor chains beside the first
         P = inp.permutations
         s_t *= 1 + P
         fac_t *= 1 + P / max(1, min(P + 1, res.total_threads))
+    if inp.n_samples:  # the samples' grams and factors, over every thread beside the chain
+        s_t += ((n12 * m * kern + n12 * m * m / cal.syrk_flops + inp.n_samples * (m**3 / 3) / cal.chol_flops)
+                / max(1, res.total_threads))
     if inp.n_groups:  # each subset's factor after the conditions' (kernels, solves, Cholesky)
         P = inp.group_points
         s_t += ((inp.group_cells * m + 4 * m * P) * kern
@@ -1001,7 +1010,11 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         reads = ((2 * stored / read_rate + stored / write_rate) if counts.transpose
                  else (nr + nn) * stored / read_rate)
     P = inp.permutations
-    blocks = (nr * n12 * m * kern + (1 + P) * project + 6 * (1 + P) * m * m * G / gemm + reads)
+    if inp.n_samples:  # the relabelled projections are sums of the samples': solves, low-rank scores
+        blocks = (nr * n12 * m * kern + project + 6 * m * m * G / gemm + reads
+                  + P * (4 + 2 * inp.sample_rank) * m * m * G / gemm)
+    else:
+        blocks = (nr * n12 * m * kern + (1 + P) * project + 6 * (1 + P) * m * m * G / gemm + reads)
     if inp.store_layers:
         blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
                    + 3 * inp.n_obs * nr * ch.gene_block * lb / write_rate)

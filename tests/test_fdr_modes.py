@@ -221,9 +221,67 @@ def test_de__calibrated_end_to_end(tmp_path, client):
     assert fig.axes[0].get_legend().get_title().get_text() == "is_de: calibrated FDR"
     plan = kd.plan(store, groupby="Age", fdr=kd.FDRSettings(mode="calibrated"), **kw)
     assert plan.feasible
-    a.obs["donor"] = a.obs["Age"].astype(str) + np.asarray(["_a", "_b", "_c"])[np.arange(a.n_obs) % 3]
-    with pytest.raises(kd.SettingsError, match="sample_col='donor'"):
-        kd.de(a, groupby="Age", fdr=kd.FDRSettings(mode="calibrated"), sample_col="donor", **kw)
+
+
+def test_sample_permutations__balanced_distinct_and_refused_when_too_few():
+    """Whole samples change sides: each relabelling keeps the counts, mixes the conditions
+    as evenly as they allow, and no two are the same split (or mirror images)."""
+    labels, leak = fdr_mod.sample_permutations([1, 1, 1, 2, 2, 2], 9, 4)
+    assert abs(leak) == pytest.approx(1 / 3)
+    splits = set()
+    for row in labels:
+        assert (row == 1).sum() == 3 and set(row[:3]) == {1, 2}  # one or two of each side stay
+        g = tuple(np.flatnonzero(row == 1))
+        splits.add(min(g, tuple(np.flatnonzero(row == 2))))
+    assert len(splits) == 9  # all of 3 × 3 balanced splits, none twice
+    labels, leak = fdr_mod.sample_permutations([1] * 4 + [2] * 6, 3, 0)
+    assert all((row == 1).sum() == 4 for row in labels) and leak == pytest.approx(2 / 4 - 2 / 6)
+    np.testing.assert_array_equal(fdr_mod.sample_permutations([1] * 20 + [2] * 20, 3, 7)[0],
+                                  fdr_mod.sample_permutations([1] * 20 + [2] * 20, 3, 7)[0])
+    with pytest.raises(ValueError, match="2 distinct balanced relabelling"):
+        fdr_mod.sample_permutations([1, 1, 2, 2], 3, 0)
+
+
+def test_de__calibrated_with_sample_col_end_to_end(tmp_path, client):
+    """With sample_col the permuted labels move whole samples: each relabelling's distances
+    (sample variance included) are those of a plain sample_col run on its labels, with the
+    same landmarks and length scale; the score, its FDR and is_de follow from them."""
+    spec = SyntheticSpec(n_obs=900, n_vars=40, n_dims=6, seed=8, samples_per_condition=3)
+    store = write_synthetic_store(tmp_path / "s.zarr", spec, cell_chunk=256, gene_chunk=16)
+    kw = dict(layer="logged_counts", obsm_key="X_pca", condition1="Young", condition2="Old", client=client,
+              sample_col="sample")
+    out = kd.de(store, groupby="Age", gp=kd.GPSettings(n_landmarks=100, ls=30.0),
+                fdr=kd.FDRSettings(mode="calibrated", null_permutations=2),
+                storage=kd.StorageSettings(store_layers=False),
+                output=kd.OutputSettings(progress=False, return_full_results=True), **kw)
+    a = ad.read_zarr(store)
+    var, pair = a.var, "kompot_de_Young_to_Old"
+    samples = sorted(a.obs["sample"].unique(), key=lambda s: (not s.startswith("Young"), s))  # the fitted order
+    labels, _ = fdr_mod.sample_permutations([1 if s.startswith("Young") else 2 for s in samples], 2, 42)
+    dps = []
+    for p, row in enumerate(labels):
+        side = dict(zip(samples, np.where(row == 1, "Young", "Old"), strict=True))
+        a.obs[f"Perm{p}"] = a.obs["sample"].map(side).astype(str)
+        assert set(a.obs.loc[a.obs[f"Perm{p}"] == "Young", "sample"].str[:3]) == {"You", "Old"}  # mixed sides
+        ref = kd.de(a, groupby=f"Perm{p}", gp=kd.GPSettings(landmarks=out["landmarks"], ls=30.0),
+                    storage=kd.StorageSettings(store_layers=False, result_key=f"p{p}"),
+                    output=kd.OutputSettings(progress=False, return_full_results=True), **kw)
+        dps.append(ref["table"]["mahalanobis"].to_numpy())
+    d = var[f"{pair}_mahalanobis_sample_var"].to_numpy(float)
+    w, fdr = fdr_mod.permutation_fdr(d, np.array(dps))
+    np.testing.assert_allclose(var[f"{pair}_mahalanobis_permuted_sample_var"].to_numpy(),
+                               fdr_mod.permuted_distance(np.array(dps)), rtol=1e-8)
+    np.testing.assert_allclose(var[f"{pair}_mahalanobis_calibrated_score_sample_var"].to_numpy(), w, rtol=1e-7,
+                               atol=1e-9)
+    np.testing.assert_array_equal(var[f"{pair}_is_de_sample_var"].to_numpy(bool), fdr.is_de)
+    info = kd.RunInfo(store)
+    assert info.run_record.fdr_mode == "calibrated" and info.run_record.fdr_results["null"] == "samples"
+    plan = kd.plan(store, groupby="Age", fdr=kd.FDRSettings(mode="calibrated"), **kw)
+    assert plan.feasible
+    a.obs["two"] = a.obs["Age"].astype(str) + np.asarray(["_a", "_b"])[np.arange(a.n_obs) % 2]
+    with pytest.raises(kd.SettingsError, match="null_permutations=3.*allow 2 distinct"):
+        kd.de(a, groupby="Age", fdr=kd.FDRSettings(mode="calibrated", null_permutations=3),
+              **{**kw, "sample_col": "two"})
 
 
 def test_cli__fdr_mode_flag_reaches_the_settings():

@@ -513,18 +513,82 @@ def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
     return path
 
 
+def _labelling_uses(labels, n_samples: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The samples whose spread makes each condition's sample variance under the sample
+    conditions ``labels`` (1 / 2 per fitted sample): a condition's own when it has two or
+    more, else the other condition's (allow_single_condition_variance), as
+    :class:`SampleSpec` chooses them for the real labels."""
+    used = [tuple(k for k in range(n_samples) if int(labels[k]) == c) for c in (1, 2)]
+    return (used[0] if len(used[0]) >= 2 else used[1]), (used[1] if len(used[1]) >= 2 else used[0])
+
+
+def _sample_distances(Rt: np.ndarray, dw: np.ndarray, devs: list) -> np.ndarray:
+    """Each gene's distance with the gene-specific low-rank sample covariance (``devs``: both
+    conditions' Helmert contrasts), a batch of genes at a time."""
+    d = np.empty(dw.shape[1])
+    for g0 in range(0, len(d), _layout.SAMPLE_SCORE_GENES):
+        g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+        U = np.stack([u[:, g] for u in (*devs[0], *devs[1])], axis=2)
+        d[g] = gp_mod.lowrank_mahalanobis(Rt, dw[:, g], U)
+    return d
+
+
+def _permuted_sample_distances(permuted: dict, weights: list, dws: list) -> np.ndarray:
+    """Each relabelling's distances (sample_col with FDRSettings(mode="calibrated")): its
+    fit's metric, its conditions' weight difference (``dws``), and the Helmert contrasts of
+    its groups of samples, formed from the samples' weights (``weights``) a batch of genes
+    at a time."""
+    labels = np.atleast_2d(permuted["samples"])
+    n_genes = dws[0].shape[1]
+    out = np.empty((labels.shape[0], n_genes))
+    for p, f in enumerate(permuted["factors"]):
+        uses = _labelling_uses(labels[p], len(weights))
+        Rt = np.asarray(f["R"]).T
+        for g0 in range(0, n_genes, _layout.SAMPLE_SCORE_GENES):
+            g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+            devs = []
+            for c in (0, 1):
+                if c == 1 and uses[1] == uses[0]:
+                    devs.append(devs[0])
+                    continue
+                con = gp_mod.SampleContrasts(len(uses[c]))
+                for k in uses[c]:
+                    con.add(weights[k][:, g].copy())
+                devs.append(con.contrasts)
+            U = np.stack([u for u in (*devs[0], *devs[1])], axis=2)
+            out[p, g] = gp_mod.lowrank_mahalanobis(Rt, dws[p][:, g], U)
+        del Rt
+    return out
+
+
 def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
-                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=()):
+                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=(),
+                       permuted=None):
     """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
     this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
     (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
-    sample variance (and the z-scores) as layers."""
+    sample variance (and the z-scores) as layers. ``permuted``: the samples' conditions
+    under each relabelling and their fits' factors (FDRSettings(mode="calibrated")); a
+    relabelled condition's projection is the sum of its samples' (and of the cells outside
+    every fitted sample, which keep their condition), so no tile is read again."""
     clock = _Clock()
     lay = ctx.layout
     c0, local = block["c0"], block["local"]
     n_sel = len(local)
     moments = _Moments(n_sel)
     proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples, moments)
+    perm_dw: list = []
+    if permuted is not None:
+        for p, f in enumerate(permuted["factors"]):
+            b = [proj[0].copy(), proj[1].copy()]
+            for k, c in enumerate(np.atleast_2d(permuted["samples"])[p]):
+                b[int(c) - 1] += proj[2 + k]
+            dw = gp_mod.condition_weights(f["C2"], b[1], ctx.sigma, FACTOR_DTYPE)
+            b[1] = None
+            dw -= gp_mod.condition_weights(f["C1"], b[0], ctx.sigma, FACTOR_DTYPE)
+            perm_dw.append(dw)
+            del b, dw
+        clock.lap("permuted-label weights")
     for k, cond in enumerate(spec.condition):  # each condition's model: all its cells
         proj[cond - 1] += proj[2 + k]
     factors = {"C1": C1, "C2": C2, "R": R}
@@ -536,9 +600,12 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     contrasts = [gp_mod.SampleContrasts(len(u)) for u in uses]
     if uses[1] == uses[0]:  # allow_single_condition_variance: condition 1's samples for both
         contrasts[1] = contrasts[0]
+    kept: list = []  # every sample's weights, for the relabellings' contrasts
     for k, path in enumerate(factor_paths):
         w = gp_mod.condition_weights(io_commit.read_array(path), proj[2 + k], ctx.sigma, FACTOR_DTYPE)
         proj[2 + k] = None
+        if permuted is not None:
+            kept.append(w.copy())
         c = 0 if k in uses[0] else 1
         if k in uses[c]:
             contrasts[c].add(w)
@@ -546,14 +613,13 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     del proj
     devs = [contrasts[0].contrasts, contrasts[1].contrasts]
     clock.lap("sample models")
-    d = np.empty(w1.shape[1])
-    Rt = np.asarray(R).T
-    for g0 in range(0, len(d), _layout.SAMPLE_SCORE_GENES):
-        g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
-        U = np.stack([u[:, g] for u in (*devs[0], *devs[1])], axis=2)
-        d[g] = gp_mod.lowrank_mahalanobis(Rt, w2[:, g] - w1[:, g], U)
+    d = _sample_distances(np.asarray(R).T, w2 - w1, devs)
     clock.lap("scoring")
     extra = {}
+    if permuted is not None:
+        extra["permuted_mahalanobis"] = _permuted_sample_distances(permuted, kept, perm_dw)[:, :n_sel]
+        kept = perm_dw = None
+        clock.lap("permuted-label scoring")
     if groups:
         gd, glfc = _group_scores(groups, w1, w2, devs)
         extra = {"group_mahalanobis": gd[:, :n_sel], "group_mean_lfc": glfc[:, :n_sel]}
@@ -1085,12 +1151,14 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
 
 
 def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: str, *, ls: float,
-                         sigma: float, eps: float, kernel_chunk: int, n_workers: int) -> tuple[dict, list]:
+                         sigma: float, eps: float, kernel_chunk: int, n_workers: int,
+                         allow_diagonal: bool = True) -> tuple[dict, list]:
     """The fit to permutation ``p``'s condition labels (FDRSettings(mode="calibrated")): both
     conditions' factors and the metric as futures, by role (``C1``, ``C2``, ``R``; loaded
     from ``fit_dir`` when a resumed run finds them there), and the tasks that make them.
     The landmark factor and the mean kernel row are the run's own: they do not depend on
-    the labels."""
+    the labels. (``allow_diagonal``: False with the sample variance, whose low-rank
+    distances need the full metric.)"""
     names = permuted_outputs(p)
     saved = io_commit.saved_arrays(fit_dir, names)
     if saved is not None:
@@ -1106,8 +1174,8 @@ def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, f
           for r in np.array_split(rows2, parts)]
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
-    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, True, False,
-                             **hi)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
+                             False, **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     fit = {"C1": C1_f, "C2": C2_f, "R": R_f}
     saves = _save_fit(client, dict(zip(names, (C1_f, C2_f, R_f), strict=True)), fit_dir)
@@ -1271,6 +1339,7 @@ def run_engine(
     groups: GroupSpec | None = None,
     posterior_covariance: str | None = None,
     permuted_codes: np.ndarray | None = None,
+    permuted_samples: np.ndarray | None = None,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -1394,11 +1463,15 @@ def run_engine(
             for p, pc in enumerate(np.atleast_2d(permuted_codes)):
                 pfit, perm_setup = _submit_permuted_fit(
                     client, p, Z_f, X_f, np.flatnonzero(pc == 1), np.flatnonzero(pc == 2), Lp_f, fit_dir, ls=ls,
-                    sigma=sigma, eps=eps, kernel_chunk=kc, n_workers=n_workers)
+                    sigma=sigma, eps=eps, kernel_chunk=kc, n_workers=n_workers, allow_diagonal=samples is None)
                 pfits.append(pfit)
                 setup += perm_setup
-            permuted = {"codes": _input_futures(client, run_token, permuted_codes=np.atleast_2d(permuted_codes))[0],
-                        "factors": pfits}
+            if samples is None:
+                permuted = {"codes": _input_futures(client, run_token,
+                                                    permuted_codes=np.atleast_2d(permuted_codes))[0],
+                            "factors": pfits}
+            else:  # the relabelled conditions are sums of the samples' projections
+                permuted = {"samples": np.atleast_2d(permuted_samples), "factors": pfits}
         group_refs: list = []
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
@@ -1440,7 +1513,8 @@ def run_engine(
                 real_futures[blk["index"]] = client.submit(
                     _sample_block_task, ctx, blk, Z_f, X_f, group_f, pred_f, C1_f, C2_f, R_f, kbar_f, samples,
                     sample_paths, eps, [t[:3] for t in std_done] if with_std else [],
-                    std_futures if with_std else [], transposing, groups=group_refs, pure=False, key=key,
+                    std_futures if with_std else [], transposing, groups=group_refs, permuted=permuted, pure=False,
+                    key=key,
                 )
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:

@@ -706,6 +706,97 @@ def neighbourhood_permutations(codes: np.ndarray, X: Any, Z: np.ndarray, cells_p
     return out, k
 
 
+_SAMPLE_ENUMERATION = 20_000
+"""Up to this many balanced relabellings of the samples are listed and drawn from without
+repeats; above it they are drawn one at a time, a repeat drawn again."""
+
+
+def sample_permutations(condition: Any, n_permutations: int, seed: int) -> tuple[np.ndarray, float]:
+    """Condition labels permuted between whole samples (``sample_col`` with
+    ``FDRSettings(mode="calibrated")``).
+
+    Each relabelling keeps the conditions' sample counts S₁ and S₂. Of the S₁ samples it
+    labels condition 1, ``a`` come from condition 1, with ``a`` chosen so that both new
+    groups mix the two conditions as evenly as the counts allow: the share of a real
+    effect left in a relabelled contrast, ``a/S₁ − (S₁ − a)/S₂``, is the smallest possible
+    in absolute value (0 for even counts per condition, ±1/3 for 3 + 3 samples). Under the
+    null hypothesis (samples exchangeable between conditions) every split of the samples
+    into S₁ + S₂ gives a distance of the same distribution as the real split's. A split
+    and its mirror image (the two groups swapped) give the same distance, so they count as
+    one; the P relabellings are distinct.
+
+    Parameters
+    ----------
+    condition
+        Each fitted sample's condition (1 or 2).
+    n_permutations
+        How many relabellings.
+    seed
+        Seeds the draw.
+
+    Returns
+    -------
+    P × samples of new conditions, and the share of a real effect they leave
+    (``a/S₁ − (S₁ − a)/S₂`` for the smallest ``|·|``).
+
+    Raises
+    ------
+    ValueError
+        When fewer than ``n_permutations`` distinct balanced relabellings exist.
+    """
+    from math import comb
+
+    condition = np.asarray(condition, dtype=np.int64)
+    ones, twos = np.flatnonzero(condition == 1), np.flatnonzero(condition == 2)
+    s1, s2 = len(ones), len(twos)
+    if s1 < 1 or s2 < 1:
+        raise ValueError(f"permuting samples between conditions needs samples of both ({s1} and {s2})")
+    choices = {a: a / s1 - (s1 - a) / s2 for a in range(max(0, s1 - s2), s1)}  # a = s1: the real labels
+    if not choices:
+        raise ValueError(f"{s1} + {s2} samples have no relabelling besides the real one")
+    best = min(abs(v) for v in choices.values())
+    counts = [a for a, v in choices.items() if abs(v) - best < 1e-12]
+    leak = choices[max(counts)]
+    n = len(condition)
+
+    def canonical(group1) -> tuple[int, ...]:
+        g = tuple(sorted(int(i) for i in group1))
+        if s1 == s2:  # the mirror image (groups swapped) gives the same distance
+            other = tuple(sorted(set(range(n)) - set(g)))
+            g = min(g, other)
+        return g
+
+    rng = np.random.default_rng([int(seed), 18])
+    total = sum(comb(s1, a) * comb(s2, s1 - a) for a in counts)
+    picked: list[tuple[int, ...]] = []
+    if total <= _SAMPLE_ENUMERATION:
+        from itertools import combinations
+
+        distinct = sorted({canonical((*c1, *c2)) for a in counts for c1 in combinations(ones.tolist(), a)
+                           for c2 in combinations(twos.tolist(), s1 - a)})
+        if len(distinct) < n_permutations:
+            raise ValueError(
+                f"{s1} + {s2} samples allow {len(distinct)} distinct balanced relabelling(s), fewer than the "
+                f"{n_permutations} permutation(s) asked for")
+        picked = [distinct[i] for i in np.sort(rng.choice(len(distinct), size=int(n_permutations), replace=False))]
+    else:
+        seen: set[tuple[int, ...]] = set()
+        while len(picked) < n_permutations:
+            a = int(rng.choice(counts))
+            g = canonical((*rng.choice(ones, size=a, replace=False), *rng.choice(twos, size=s1 - a, replace=False)))
+            if g not in seen:
+                seen.add(g)
+                picked.append(g)
+    out = np.full((int(n_permutations), n), 2, dtype=np.int8)
+    for p, g in enumerate(picked):
+        out[p, list(g)] = 1
+    # a canonical (swapped) group may be the one with S2 samples: label the S1-sized one 1
+    for p in range(out.shape[0]):
+        if int((out[p] == 1).sum()) != s1:
+            out[p] = 3 - out[p]
+    return out, float(leak)
+
+
 def permutation_fdr(real: np.ndarray, permuted: np.ndarray, threshold: float = 0.05) -> tuple[np.ndarray, FDRResult]:
     """Local FDR of each gene's distance against its own distances under permuted labels.
 

@@ -91,8 +91,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               "Tail FDR of the positive residual z against the null genes' (variance-stratified FDR)"),
     # FDRSettings(mode="calibrated"): the permuted labels' distances, the score, its FDR
     FieldSpec("mahalanobis_permuted", "permuted_mahalanobis", "var", "{pair}_mahalanobis_permuted{sfx}",
-              "Mahalanobis distance with the condition labels permuted within cell-state neighbourhoods "
-              "(calibrated FDR; over several permutations, the one at their mean log(1 + D²))"),
+              "Mahalanobis distance with the condition labels permuted within cell-state neighbourhoods, or with "
+              "sample_col whole samples' labels between the conditions (calibrated FDR; over several permutations, "
+              "the one at their mean log(1 + D²))"),
     FieldSpec("mahalanobis_calibrated_score", "calibrated_score", "var", "{pair}_mahalanobis_calibrated_score{sfx}",
               "log(1 + Mahalanobis²) minus the same with permuted labels (calibrated FDR)"),
     FieldSpec("mahalanobis_calibrated_local_fdr", "calibrated_local_fdr", "var",
