@@ -252,7 +252,9 @@ class FDRSettings(_Settings):
         each gene's ``log(1 + D²)`` minus its own under the permuted labels is tested
         against the mirror image of its negative side; ``*_mahalanobis_permuted``,
         ``*_mahalanobis_calibrated_score`` and ``*_mahalanobis_calibrated_local_fdr`` are
-        written, and the raw columns stay (with null genes). See ``docs/fdr.md``.
+        written, and the raw columns stay (with null genes). With ``sample_col`` whole samples
+        (donors) are relabelled between the conditions instead, keeping each condition's
+        sample count, and the sample variance enters every distance. See ``docs/fdr.md``.
     null_trend_features
         With ``mode="variance_stratified"``: the per-gene features of the trend, over both
         conditions' cells: ``"log_mean"`` (``log(1 + mean)``) and/or ``"log_var"``
@@ -265,7 +267,8 @@ class FDRSettings(_Settings):
         permuted (the neighbourhoods are the cells nearest to a seeded subset of the
         landmarks; ``null_seed`` seeds it).
     null_permutations
-        With ``mode="calibrated"``: independent permutations, each fitted and scored (2:
+        With ``mode="calibrated"``: independent permutations (with ``sample_col``, distinct
+        relabellings of the samples; refused when fewer exist), each fitted and scored (2:
         measured to rank genes better than kompot's raw distance where 1 did not; each more
         costs one fit and one scoring of every gene, and three m × m matrices per worker).
     """
