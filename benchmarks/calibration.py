@@ -7,7 +7,8 @@ change of its own), a spread of gene variances, and donors. Each scenario is run
 with ``FDRSettings(mode="variance_stratified")``, which writes kompot 0.8.0's raw columns
 unchanged beside its own, so both modes are scored on the same distances; then with
 ``FDRSettings(mode="calibrated", null_genes=0)``, kompot_dask's own mode; on the donor
-scenarios also with ``sample_col`` and ``mode="calibrated"`` (whole donors relabelled). (The raw mode
+scenarios also with ``sample_col``, ``mode="calibrated"`` (whole donors relabelled) and
+2,000 null genes (kompot's raw FDR with the sample variance, written beside). (The raw mode
 is kompot 0.8.0's FDR: ``tests/test_parity.py`` and ``tests/test_fdr.py`` hold it to kompot
 at 1e-8 in local FDR with identical ``is_de`` calls.)
 
@@ -67,11 +68,13 @@ MODES = {  # mode → (local FDR role, score role)
     "raw (kompot 0.8.0)": ("local_fdr", "mahalanobis"),
     "variance_stratified": ("residual_local_fdr", "residual_z"),
     "calibrated": ("calibrated_local_fdr", "calibrated_score"),
+    "raw + sample_col (kompot 0.8.0)": ("sample_local_fdr", "sample_mahalanobis"),
     "calibrated + sample_col": ("sample_calibrated_local_fdr", "sample_calibrated_score"),
 }
-"""The last mode runs on the donor scenarios only: the calibrated mode with the sample
-variance, its null whole donors relabelled between the conditions (with sample_col kompot
-0.8.0 has no FDR at all)."""
+"""The last two modes run on the donor scenarios only, in one run with the sample variance:
+kompot 0.8.0's raw FDR with null genes (2,000 given explicitly: kompot's default with
+sample_col is none, and no FDR), and the calibrated mode, its null whole donors relabelled
+between the conditions."""
 
 
 def auroc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -127,7 +130,7 @@ def run_scenario(name: str, overrides: dict, workdir: str, args) -> dict:
     runs = [("rs", kd.FDRSettings(mode="variance_stratified"), None),
             ("cal", kd.FDRSettings(mode="calibrated", null_genes=0), None)]
     if spec.samples_per_condition:
-        runs.append(("cs", kd.FDRSettings(mode="calibrated"), "sample"))
+        runs.append(("cs", kd.FDRSettings(mode="calibrated", null_genes=2000), "sample"))
     for key, fdr, sample_col in runs:
         t = time.perf_counter()
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
@@ -137,7 +140,8 @@ def run_scenario(name: str, overrides: dict, workdir: str, args) -> dict:
         walls.append(round(time.perf_counter() - t, 1))
         roles = kd.RunInfo(store).run_record.role_names()
         if key == "cs":
-            names.update({f"sample_{r}": roles[r] for r in ("calibrated_local_fdr", "calibrated_score")})
+            names.update({f"sample_{r}": roles[r] for r in ("calibrated_local_fdr", "calibrated_score", "local_fdr",
+                                                             "mahalanobis")})
             continue
         names.update(roles)  # disjoint roles, except the shared ones
         if key == "rs":

@@ -744,13 +744,6 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     # kompot: no distance, no FDR; given null distances replace the null genes unless combined
     n_null = (fdr.resolved_null_genes(sampled) if scored and (external is None or fdr.combine_with_internal)
               else 0)
-    if sampled and n_null:
-        raise SettingsError(
-            f"FDRSettings(null_genes={fdr.null_genes!r}) with sample_col={call.sample_col!r}: null genes with the "
-            "sample variance are not implemented yet. kompot's default with sample_col is null_genes=0 (no FDR; "
-            "leave null_genes='auto'), or give FDRSettings(null_mahalanobis=...) (e.g. from a control run, "
-            "kompot_dask.extract_null_distribution)."
-        )
     extra = settings.storage.store_additional_stats
     roles = (["mahalanobis"] if scored else []) + (["neg_log10_ptp"] if scored and extra else [])
     roles += ["mean_lfc"] + ([] if sampled else ["std1", "std2"])

@@ -473,6 +473,12 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
     if inp.empirical:  # the values stay for the residual pass, then Kzz and the variances
         null += m * m * 8 + 3 * m * nb * 8 + kernel
+    if inp.n_samples:
+        # a projection per cell group beside the values (a group's rows of them gathered),
+        # then the samples' weights and contrasts, as a gene block holds them
+        S, r = inp.n_samples, inp.sample_rank
+        null = max(null + S * m * nb * bt + inp.n12 * nb * vb // 2,
+                   (2 * S + 6) * m * nb * 8 + m * m * 8 + 3 * r * m * min(nb, SAMPLE_SCORE_GENES) * 8)
     if inp.n_groups:
         null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8)
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
@@ -934,10 +940,12 @@ def _sample_flops(inp: PlanInputs) -> dict[str, float]:
     if not inp.n_samples:
         return {}
     m, G, S, r = inp.m, inp.n_selected, inp.n_samples, inp.sample_rank
+    scored = G + inp.n_null  # null genes get the samples' models too
     return {
         "sample models (S, factors)": float(inp.n12 * m * m + S * m**3 / 3),
         "sample variance (weights, distances, layers)": float(
-            2 * S * m * m * G + 2 * r * m * m * G + (2 * inp.n_pred * m * G * r if inp.store_layers else 0)),
+            2 * S * m * m * scored + 2 * r * m * m * scored
+            + (2 * inp.n_pred * m * G * r if inp.store_layers else 0)),
     }
 
 

@@ -31,9 +31,9 @@ needs_kompot = pytest.mark.skipif(
 PAIR = "kompot_de_Young_to_Old"
 
 
-def _data(tmp_path, seed: int, samples: int = 3):
+def _data(tmp_path, seed: int, samples: int = 3, **spec):
     adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, seed=seed, de_fraction=0.2,
-                                               samples_per_condition=samples))
+                                               samples_per_condition=samples, **spec))
     from sklearn.cluster import k_means
 
     landmarks = k_means(adata.obsm["X_pca"].astype(np.float64), 120, n_init=1, random_state=0)[0]
@@ -136,6 +136,33 @@ def test_sample_col_single_condition_parity(tmp_path, client):
                              - ref[f"layers/kompot_de_{c}_std"])) <= 5e-7
 
 
+@needs_kompot
+def test_sample_col_null_genes_parity(tmp_path, client):
+    """null_genes given with sample_col: kompot fits its per-sample models to the null genes
+    it appends too, so their distances carry the sample variance; the local FDR, is_de and
+    the variance-stratified trend then follow from them. Parity with kompot: distances
+    (real genes) to 1e-8, local FDR to 1e-8 with identical calls (which compares the null
+    distances through every gene's FDR)."""
+    adata, landmarks = _data(tmp_path, seed=5, effect_size=(2.0, 3.0), donor_effect=0.1)
+    ref = _reference(tmp_path, adata, {"fdr": {"null_genes": 30}})
+    store, got, out = _ours(tmp_path, adata, landmarks, client, fdr=kd.FDRSettings(null_genes=30))
+    assert _our_fields(got) == _kompot_fields(ref)
+    d = got.var[f"{PAIR}_mahalanobis_sample_var"].to_numpy(float)
+    assert np.max(np.abs(d - ref[f"var/{PAIR}_mahalanobis_sample_var"]) / d) <= 1e-8
+    lf = got.var[f"{PAIR}_mahalanobis_local_fdr_sample_var"].to_numpy(float)
+    assert np.max(np.abs(lf - ref[f"var/{PAIR}_mahalanobis_local_fdr_sample_var"])) <= 1e-8
+    np.testing.assert_array_equal(got.var[f"{PAIR}_is_de_sample_var"].to_numpy(bool),
+                                  ref[f"var/{PAIR}_is_de_sample_var"].astype(bool))
+    assert 0 < out["fdr_summary"]["n_significant"] < len(d)
+    # the variance-stratified mode is open with them
+    kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+          sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks), client=client,
+          fdr=kd.FDRSettings(null_genes=30, mode="variance_stratified"),
+          storage=kd.StorageSettings(store_layers=False, result_key="strat"), output=kd.OutputSettings(progress=False))
+    var = ad.read_zarr(store).var
+    assert np.isfinite(var["strat_Young_to_Old_mahalanobis_residual_z_sample_var"]).all()
+
+
 def test_sample_col_errors(tmp_path, client, caplog):
     adata, landmarks = _data(tmp_path, seed=7)
     store = kd.ingest(adata, tmp_path / "e.zarr", progress=False)
@@ -144,8 +171,6 @@ def test_sample_col_errors(tmp_path, client, caplog):
               client=client)
     with pytest.raises(KeyError, match=r"sample_col='donor'.*available columns"):
         kd.de(store, sample_col="donor", **kw)
-    with pytest.raises(kd.SettingsError, match=r"null_genes=50.*sample_col='sample'.*null_genes='auto'"):
-        kd.de(store, sample_col="sample", fdr=kd.FDRSettings(null_genes=50), **kw)
     missing = adata.copy()
     missing.obs["sample"] = missing.obs["sample"].astype(object)
     missing.obs.iloc[3, missing.obs.columns.get_loc("sample")] = None

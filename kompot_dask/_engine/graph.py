@@ -561,22 +561,13 @@ def _permuted_sample_distances(permuted: dict, weights: list, dws: list) -> np.n
     return out
 
 
-def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
-                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=(),
-                       permuted=None):
-    """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
-    this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
-    (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
-    sample variance (and the z-scores) as layers. ``permuted``: the samples' conditions
-    under each relabelling and their fits' factors (FDRSettings(mode="calibrated")); a
-    relabelled condition's projection is the sum of its samples' (and of the cells outside
-    every fitted sample, which keep their condition), so no tile is read again."""
-    clock = _Clock()
-    lay = ctx.layout
-    c0, local = block["c0"], block["local"]
-    n_sel = len(local)
-    moments = _Moments(n_sel)
-    proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples, moments)
+def _sample_models(ctx: BlockContext, clock: _Clock, proj: list, spec: SampleSpec, factor_paths, C1, C2, R, kbar,
+                   permuted=None) -> tuple:
+    """Both conditions' weights, the distances with the sample variance, the mean log fold
+    changes, both conditions' Helmert contrasts and (``permuted``) each relabelling's
+    distances, from a block's projections per cell group (``proj``: the conditions' cells
+    outside every fitted sample, then each sample's; emptied as the weights are solved).
+    Gene blocks and null-gene blocks alike."""
     perm_dw: list = []
     if permuted is not None:
         for p, f in enumerate(permuted["factors"]):
@@ -610,19 +601,41 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
         if k in uses[c]:
             contrasts[c].add(w)
         del w
-    del proj
+    proj.clear()
     devs = [contrasts[0].contrasts, contrasts[1].contrasts]
     clock.lap("sample models")
     d = _sample_distances(np.asarray(R).T, w2 - w1, devs)
     clock.lap("scoring")
-    extra = {}
+    perm_d = None
     if permuted is not None:
-        extra["permuted_mahalanobis"] = _permuted_sample_distances(permuted, kept, perm_dw)[:, :n_sel]
+        perm_d = _permuted_sample_distances(permuted, kept, perm_dw)
         kept = perm_dw = None
         clock.lap("permuted-label scoring")
+    return w1, w2, d, lfc, devs, perm_d
+
+
+def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
+                       spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=(),
+                       permuted=None):
+    """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
+    this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
+    (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
+    sample variance (and the z-scores) as layers. ``permuted``: the samples' conditions
+    under each relabelling and their fits' factors (FDRSettings(mode="calibrated")); a
+    relabelled condition's projection is the sum of its samples' (and of the cells outside
+    every fitted sample, which keep their condition), so no tile is read again."""
+    clock = _Clock()
+    lay = ctx.layout
+    c0, local = block["c0"], block["local"]
+    n_sel = len(local)
+    moments = _Moments(n_sel)
+    proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples, moments)
+    w1, w2, d, lfc, devs, perm_d = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar, permuted)
+    del proj
+    extra = {} if perm_d is None else {"permuted_mahalanobis": perm_d[:, :n_sel]}
     if groups:
         gd, glfc = _group_scores(groups, w1, w2, devs)
-        extra = {"group_mahalanobis": gd[:, :n_sel], "group_mean_lfc": glfc[:, :n_sel]}
+        extra.update(group_mahalanobis=gd[:, :n_sel], group_mean_lfc=glfc[:, :n_sel])
         clock.lap("group scoring")
     if ctx.staged:
         var = _posterior_var(lay.row_ranges[-1][1] if lay.row_ranges else 0, std_done, std_new, eps)
@@ -799,10 +812,11 @@ def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
 
 
 def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=(), emp=None,
-                     groups=()):
+                     groups=(), samples=None):
     """Score one block of null genes: permuted source columns over both conditions (``emp``:
     the empirical variance's inputs, :func:`_null_empirical`; ``groups``: each subset's
-    factor, for its own null distances)."""
+    factor, for its own null distances; ``samples``: the sample variance's spec and sample
+    factors, as kompot fits its per-sample models to the null genes it appends)."""
     clock = _Clock()
     lay = ctx.layout
     sources = block["sources"]  # sorted store column of each null
@@ -819,7 +833,8 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
         clock.lap("null-gene read")
         if y.nnz >= _layout.SPARSE_MAX_DENSITY * y.shape[0] * y.shape[1]:
             y = y.toarray().astype(vdt, copy=False)
-        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups)
+        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups,
+                             samples)
     values = np.empty((n1 + n2, len(uniq)), dtype=vdt)
     # rows1 and rows2 are sorted; fill stacked positions chunk by chunk.
     pos_of_row = np.full(int(stacked_rows.max()) + 1 if len(stacked_rows) else 0, -1, dtype=np.int64)
@@ -853,10 +868,12 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
             y[:, i] = values[:, col][fdr_mod.null_permutation(n1 + n2, int(seed))]
     del values
     clock.lap("null-gene read")
-    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups)
+    return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, len(sources), emp, groups,
+                         samples)
 
 
-def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, emp=None, groups=()):
+def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, emp=None, groups=(),
+                  samples=None):
     """Project the permuted null values ``y`` (condition 1's cells first; dense, or CSR
     multiplied sparse) and score them."""
     lay, n1 = ctx.layout, len(rows1)
@@ -864,6 +881,9 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
     moments = _Moments(y.shape[1])  # a permutation keeps each source column's mean and variance
     moments.add(y)
     block = {**block, "moments": moments.result()[:, :n_sources]}
+    if samples is not None:
+        return _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, groups,
+                                   *samples)
     accs = []
     for part, rows in ((y[:n1], rows1), (y[n1:], rows2)):
         acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
@@ -945,6 +965,40 @@ def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
                        np.concatenate(indices) if indices else np.empty(0, np.int64), np.asarray(indptr)),
                       shape=(n12, len(inverse)))
     return y.tocsr()
+
+
+def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, groups,
+                        spec: SampleSpec, factor_paths):
+    """:func:`_null_scores` with the sample variance: the permuted values projected per cell
+    group (each condition's cells outside every fitted sample, each sample's cells; a null
+    value sits at a cell of the stacked conditions, and belongs to that cell's sample), then
+    scored like a gene block (:func:`_sample_models`)."""
+    lay, n1 = ctx.layout, len(rows1)
+    sparse = not isinstance(y, np.ndarray)
+    proj = []
+    for j in range(2 + spec.n_samples):
+        acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
+        for lo, rows in ((0, rows1), (n1, rows2)):
+            sel = np.flatnonzero(spec.cell_group[rows] == j)
+            if len(sel):
+                (acc.add_sparse if sparse else acc.add)(X, y[lo + sel], rows=rows[sel])
+        proj.append(acc.result())
+        del acc
+    del y
+    clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
+    w1, w2, d, _, devs, _ = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar)
+    out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
+           "moments": block["moments"]}
+    if groups:
+        out["group_mahalanobis"] = _group_scores(groups, w1, w2, devs)[0][:, :n_sources]
+    clock.lap("null-gene scoring")
+    out["seconds"] = clock.seconds
+    w1 = w2 = devs = None
+    _trim_heap()
+    if ctx.markers:
+        io_commit.write_marker(ctx.markers, f"null-{block['index']}",
+                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
+    return out
 
 
 def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, groups=()):
@@ -1520,7 +1574,7 @@ def run_engine(
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing, emp,
-                groups=group_refs, pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
+                groups=group_refs, samples=None if samples is None else (samples, sample_paths), pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
         futures += lev_futures
         del lev_futures, emp
