@@ -64,7 +64,8 @@ PLOT_NOTES = {
 PLOT_FUNCTION_NOTES = {
     "volcano_de": {
         "kwargs": "supported: further `Axes.scatter` arguments for the not-significant genes",
-        "group": "not yet: the per-group tables are in varm (`FilterSettings(groups=...)`); a value raises `ValueError`",
+        "group": "supported: one subset's columns of the run's varm tables (`FilterSettings(groups=...)`): mean "
+                 "log fold change, distance, local FDR and `is_de`",
         "update_de_classification": "refused: a plot never writes to the data; re-run `kd.de` with "
                                     "`FDRSettings(threshold=...)` (`True` raises `ValueError`)",
         "direction_column": "refused: only used with `update_de_classification`",

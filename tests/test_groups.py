@@ -108,6 +108,18 @@ def test_groups_obs_column_in_memory_and_cleanup(tmp_path, client, caplog):
     assert list(table.columns) == ["T", "B", "NK"] and list(table.index) == list(adata.var_names)
     assert np.isfinite(table.to_numpy()).all()
     assert adata.varm[f"{PAIR}_is_de_groups"].dtypes.eq(bool).all()
+    # kompot's volcano of one subset: its columns of the varm tables
+    got = kd.plot.volcano_de(adata, group="B", return_fig=True, show=False).kompot_data
+    np.testing.assert_array_equal(got["x"], adata.varm[f"{PAIR}_mean_lfc_groups"]["B"].to_numpy())
+    np.testing.assert_array_equal(got["y"], table["B"].to_numpy())
+    np.testing.assert_array_equal(got["significant"], adata.varm[f"{PAIR}_is_de_groups"]["B"].to_numpy())
+    assert got["group"] == "B" and got["lfc_key"] == f"{PAIR}_mean_lfc_groups[B]"
+    fdr = kd.plot.volcano_de(adata, group="NK", y_axis_type="local_fdr", return_fig=True, show=False)
+    np.testing.assert_allclose(fdr.kompot_data["y"],
+                               -np.log10(adata.varm[f"{PAIR}_mahalanobis_local_fdr_groups"]["NK"].to_numpy()))
+    assert fdr.axes[0].get_title().endswith("in NK")
+    with pytest.raises(KeyError, match=r"group='rare' is not a subset of run 0; its subsets: \['T', 'B', 'NK'\]"):
+        kd.plot.volcano_de(adata, group="rare")
     kd.cleanup(adata, run_ids=0)
     assert not [k for k in adata.varm if k.startswith("kompot")]
 
@@ -131,6 +143,10 @@ def test_groups_genes_subset_and_sample_col(tmp_path, client):
     # the donor spread only adds covariance: every subset's distances shrink
     assert (sampled.loc[tested].to_numpy() <= plain.loc[tested].to_numpy() * (1 + 1e-9)).all()
     assert (sampled.loc[tested].to_numpy() < plain.loc[tested].to_numpy()).mean() > 0.9
+    # the volcano of one subset reads the tables from the store; untested genes are left out
+    got = kd.plot.volcano_de(store, group="Y", return_fig=True, show=False).kompot_data
+    np.testing.assert_array_equal(got["y"], sampled["Y"].to_numpy())
+    assert np.isnan(got["y"][~tested]).all() and not got["significant"][~tested].any()
 
 
 def test_representation_check(tmp_path, client, caplog):

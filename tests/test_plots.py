@@ -648,7 +648,7 @@ def test_volcano__kompots_other_arguments(store, adata):
     assert {tuple(c) for c in back.get_facecolors()} == {(0.0, 0.0, 0.0, 0.6)}
     with pytest.raises(ValueError, match="n_top_genes= and significance_threshold="):
         kd.plot.volcano_de(store, n_top_genes=5, significance_threshold=1.0)
-    with pytest.raises(ValueError, match="a volcano of one subset is not implemented yet"):
+    with pytest.raises(ValueError, match="group='Type A': run .* has no per-group results"):
         kd.plot.volcano_de(store, group="Type A")
     with pytest.raises(ValueError, match="never writes to the data"):
         kd.plot.volcano_de(store, update_de_classification=True)

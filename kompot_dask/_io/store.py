@@ -259,6 +259,16 @@ class StoreHandle:
             return None
         return ad.io.read_elem(self.root["uns"][key])
 
+    def read_varm(self, key: str) -> pd.DataFrame | None:
+        """``varm[key]`` as anndata reads it (a genes × columns DataFrame or array), or
+        ``None`` when absent."""
+        return self.consistent(self._read_varm, key)
+
+    def _read_varm(self, key: str) -> Any:
+        if "varm" not in self.root or key not in self.root["varm"]:
+            return None
+        return ad.io.read_elem(self.root["varm"][key])
+
     def read_uns_item(self, key: str, item: str) -> Any:
         """``uns[key][item]`` as anndata reads it, or ``None`` when absent."""
         return self.consistent(self._read_uns_item, key, item)

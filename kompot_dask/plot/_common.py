@@ -116,6 +116,16 @@ class PlotData:
             )
         return self.obs[column]
 
+    def varm_frame(self, key: str) -> pd.DataFrame | None:
+        """``varm[key]`` (kompot's per-group tables: genes × subsets), or ``None``."""
+        if self.store is not None:
+            value = self.store.read_varm(key)
+        else:
+            value = self.adata.varm[key] if key in self.adata.varm else None
+        if value is None:
+            return None
+        return value if isinstance(value, pd.DataFrame) else pd.DataFrame(np.asarray(value), index=self.var_names)
+
     def var_column(self, column: str, what: str) -> np.ndarray:
         if column not in self.var.columns:
             raise KeyError(

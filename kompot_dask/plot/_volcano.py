@@ -157,9 +157,12 @@ def volcano_de(
     n_top_genes
         Colour the top N genes by score (``sort_key``) as up/down instead of the run's
         ``is_de`` (not together with ``significance_threshold``).
-    group, update_de_classification, direction_column
-        kompot's per-subset volcano (not yet: the subsets' tables are in varm) and its
-        in-plot re-classification (refused: a plot never writes to the data).
+    group
+        One subset of a run with ``FilterSettings(groups=...)``: its mean log fold change,
+        distance, local FDR and ``is_de`` from the run's varm tables (genes it did not test
+        are left out), as kompot's ``group=``.
+    update_de_classification, direction_column
+        kompot's in-plot re-classification (refused: a plot never writes to the data).
     **kwargs
         Further ``Axes.scatter`` arguments for the not-significant genes.
     {output_options}
@@ -176,17 +179,20 @@ def volcano_de(
         raise ValueError(f"y_axis_type={y_axis_type!r} is not supported; pass one of {list(_Y_AXIS)}.")
     check_output_options(return_fig, show, dpi)
     check_legend_loc(legend_loc)
-    _refuse_kompot_only(group, update_de_classification, direction_column)
+    _refuse_kompot_only(update_de_classification, direction_column)
     source = PlotData(data)
     fields = None
+    if group is not None:  # the subset's columns of the run's varm tables stand in for var's
+        source, fields = _group_view(source, run_id, group)
+        describe_run(fields)
     explicit = lfc_key is not None and score_key is not None
-    if not explicit or significance_threshold is None or isinstance(significance_threshold, dict):
+    if fields is None and (not explicit or significance_threshold is None or isinstance(significance_threshold, dict)):
         roles = ["mean_lfc", "mahalanobis"]
         fields = run_fields(source, run_id, roles)
-        if y_axis_type == "local_fdr" and score_key is None:
-            score_key = fields["local_fdr"]
-            logger.info("Using local_fdr values for y-axis: %s", score_key)
         describe_run(fields)
+    if fields is not None and y_axis_type == "local_fdr" and score_key is None:
+        score_key = fields["local_fdr"]
+        logger.info("Using local_fdr values for y-axis: %s", score_key)
     lfc_key = lfc_key or fields["mean_lfc"]
     score_key = score_key or fields["mahalanobis"]
     logger.info("Using data columns from var - lfc: %r, score: %r", lfc_key, score_key)
@@ -266,7 +272,8 @@ def volcano_de(
 
     ax.set_xlabel(xlabel if xlabel is not None else f"Mean log fold change ({c2} vs {c1})")
     ax.set_ylabel(ylabel if ylabel is not None else _Y_AXIS[y_axis_type])
-    ax.set_title(title if title is not None else f"{c1} to {c2}" + note)
+    ax.set_title(title if title is not None else f"{c1} to {c2}" + (f" in {group}" if group is not None else "")
+                 + note)
     if show_legend and ax.get_legend_handles_labels()[0]:
         legend_kw: dict[str, Any] = {"title_fontsize": legend_title_fontsize}
         mode = fields.record.fdr_mode if fields is not None and sig_text == "marked as DE" else None
@@ -285,15 +292,67 @@ def volcano_de(
         "labels": labels, "threshold_line": threshold_line, "lfc_key": lfc_key,
         "score_key": score_key, "run_id": fields.run_id if fields is not None else None,
         "overwritten": overwritten, "fdr_mode": fields.record.fdr_mode if fields is not None else None,
+        "group": group,
     }, save, return_fig=return_fig, show=show, dpi=dpi, own_figure=own_figure)
 
 
-def _refuse_kompot_only(group: Any, update_de_classification: Any, direction_column: Any) -> None:
-    if group is not None:
-        raise ValueError(f"group={group!r}: a volcano of one subset is not implemented yet. kd.de with "
-                         "FilterSettings(groups=...) writes the subsets' tables to varm ('..._mean_lfc_groups', "
-                         "'..._mahalanobis_groups'): copy a subset's columns into var and pass them as lfc_key= "
-                         "and score_key=, or pass group=None.")
+_GROUP_ROLES = {"mean_lfc": "group_mean_lfc", "mahalanobis": "group_mahalanobis",
+                "local_fdr": "group_local_fdr", "is_de": "group_is_de"}
+
+
+class _GroupView(PlotData):
+    """A dataset whose var is one subset's columns of a run's per-group tables (varm),
+    named ``<table>[<subset>]``."""
+
+    def __init__(self, base: PlotData, frame: pd.DataFrame):
+        self.store, self.adata = base.store, base.adata
+        self._frame = frame
+
+    @property
+    def var(self) -> pd.DataFrame:
+        return self._frame
+
+
+def _group_view(source: PlotData, run_id: int, group: Any) -> tuple[PlotData, Any]:
+    """kompot's ``group=``: the run's varm tables (``FilterSettings(groups=...)``), one
+    subset's column of each, as the var columns the volcano reads."""
+    import dataclasses
+
+    from .._runs.history import get_run_fields
+
+    fields = get_run_fields(source.source, run_id, roles=())
+    if "group_mean_lfc" not in fields.names:
+        raise ValueError(f"group={group!r}: run {fields.run_id} has no per-group results; run kompot_dask.de with "
+                         "FilterSettings(groups=...) first, or pass group=None.")
+    # again, for the tables' own checks (a later run that overwrote them, one that is gone)
+    fields = get_run_fields(source.source, fields.run_id,
+                            roles=[r for r in _GROUP_ROLES.values() if r in fields.names])
+    names, writers, columns = {}, {}, {}
+    for role, group_role in _GROUP_ROLES.items():
+        key = fields.get(group_role)
+        if key is None:
+            continue
+        table = source.varm_frame(key)
+        if table is None:
+            raise KeyError(f"group={group!r}: varm[{key!r}] of run {fields.run_id} is no longer in {source.label}; "
+                           "re-run kompot_dask.de with FilterSettings(groups=...).")
+        if str(group) not in table.columns.astype(str):
+            raise KeyError(f"group={group!r} is not a subset of run {fields.run_id}; its subsets: "
+                           f"{list(table.columns.astype(str))}. Pass one of these.")
+        column = table.iloc[:, list(table.columns.astype(str)).index(str(group))]
+        name = f"{key}[{group}]"
+        columns[name] = column.to_numpy()
+        names[role] = name
+        writers[role] = fields.writers.get(group_role)
+    logger.info("Using the per-group results of subset %r (varm: %s)", group,
+                ", ".join(fields[_GROUP_ROLES[r]] for r in names))
+    frame = pd.DataFrame(columns, index=source.var_names)
+    view_fields = dataclasses.replace(fields, names=names, locations={r: "var" for r in names},
+                                      writers={r: w for r, w in writers.items() if w is not None})
+    return _GroupView(source, frame), view_fields
+
+
+def _refuse_kompot_only(update_de_classification: Any, direction_column: Any) -> None:
     if update_de_classification or direction_column is not None:
         raise ValueError("update_de_classification=True: a kompot_dask plot never writes to the data. Colour "
                          "genes by a threshold with significance_threshold=, or re-run kompot_dask.de with "
