@@ -445,11 +445,13 @@ class _Outputs:
     layer_roles: list[str]
     n_null: int  # null genes drawn and scored (0: none)
     external_null: np.ndarray | None = None  # FDRSettings.null_mahalanobis
+    n_external: int = 0  # FDRSettings.null_expression's columns, scored after the null genes
 
     @property
     def use_fdr(self) -> bool:
-        """Whether the raw (kompot) FDR is computed: null genes, or given null distances."""
-        return self.n_null > 0 or self.external_null is not None
+        """Whether the raw (kompot) FDR is computed: null genes, given null expression or
+        given null distances."""
+        return self.n_null > 0 or self.n_external > 0 or self.external_null is not None
 
     def null_distances(self, internal: np.ndarray) -> np.ndarray:
         """What the FDR tests against: the null genes' distances, the given ones, or both."""
@@ -608,6 +610,15 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
         samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
         if settings.fdr.mode == "calibrated":
             _relabel_samples(samples, call, settings.fdr)  # refused here when too few relabellings exist
+    if settings.fdr.null_expression is not None:
+        for i, (part, mask) in enumerate(zip(settings.fdr.null_expression, (mask1, mask2), strict=True), start=1):
+            if part.shape[0] != int(mask.sum()):
+                cond = call.condition1 if i == 1 else call.condition2
+                raise SettingsError(
+                    f"FDRSettings.null_expression: expr{i} has {part.shape[0]} rows, but condition{i}={cond!r} has "
+                    f"{int(mask.sum())} cells (after the cell filter). Give one row per cell of the condition, in "
+                    "the store's order."
+                )
     if subsets is not None:
         if settings.gp.use_empirical_variance:
             raise SettingsError(
@@ -744,16 +755,17 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
     # kompot: no distance, no FDR; given null distances replace the null genes unless combined
     n_null = (fdr.resolved_null_genes(sampled) if scored and (external is None or fdr.combine_with_internal)
               else 0)
+    n_external = 0 if fdr.null_expression is None or not scored else int(fdr.null_expression[0].shape[1])
     extra = settings.storage.store_additional_stats
     roles = (["mahalanobis"] if scored else []) + (["neg_log10_ptp"] if scored and extra else [])
     roles += ["mean_lfc"] + ([] if sampled else ["std1", "std2"])
-    if n_null > 0 or external is not None:
+    if n_null > 0 or n_external > 0 or external is not None:
         roles += ["local_fdr", "is_de"] + (["pvalue", "tail_fdr"] if extra else [])
     if fdr.mode == "variance_stratified":
-        _check_fdr_mode(call, settings, n_null)
+        _check_fdr_mode(call, settings, n_null + n_external)
         roles += ["residual_z", "residual_local_fdr"] + (["residual_tail_fdr"] if extra else [])
     elif fdr.mode == "calibrated":
-        _check_fdr_mode(call, settings, n_null)
+        _check_fdr_mode(call, settings, n_null + n_external)
         roles += [] if "is_de" in roles else ["is_de"]
         roles += ["permuted_mahalanobis", "calibrated_score", "calibrated_local_fdr"]
         roles += ["calibrated_tail_fdr"] if extra else []
@@ -771,13 +783,13 @@ def _outputs(store: Store, call: _Call, settings: _Settings) -> _Outputs:
         roles += ["posterior_covariance"]
     if settings.filter.groups is not None:  # kompot's varm tables: FDR only from null genes
         roles += ["group_mean_lfc"] + (["group_mahalanobis"] if scored else [])
-        roles += ["group_local_fdr", "group_is_de"] if n_null > 0 else []
+        roles += ["group_local_fdr", "group_is_de"] if n_null + n_external > 0 else []
         roles += ["group_neg_log10_ptp"] if scored and extra else []
     store.check_new_field_names(
         [(run_fields.FIELD_LOCATIONS[r], names[r]) for r in roles] + [("uns", rk)],
         "Use a shorter or plainer StorageSettings(result_key=...) or rename the condition labels.",
     )
-    return _Outputs(names, roles, layer_roles, n_null, external)
+    return _Outputs(names, roles, layer_roles, n_null, external, n_external)
 
 
 def _check_fdr_mode(call: _Call, settings: _Settings, n_null: int) -> None:
@@ -981,6 +993,9 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
         null_sources, null_seeds = fdr_mod.choose_null_genes(run.store.n_vars, outputs.n_null, s.fdr.null_seed)
     else:
         null_sources = null_seeds = np.array([], dtype=np.int64)
+    if outputs.n_external:
+        logger.info("Appended %d external null expression column(s) (FDRSettings.null_expression) to the null genes",
+                    outputs.n_external)
     permuted = permuted_samples = None
     if s.fdr.mode == "calibrated" and cells.samples is not None:
         permuted_samples, permuted = _sample_relabellings(run, codes)
@@ -999,6 +1014,7 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
             empirical=s.gp.use_empirical_variance, groups=_group_spec(run, X, Z),
             posterior_covariance=outputs.names["posterior_covariance"] if "posterior_covariance" in outputs.roles
             else None, permuted_codes=permuted, permuted_samples=permuted_samples,
+            null_expression=s.fdr.null_expression if outputs.n_external else None,
         )
 
 
@@ -1044,6 +1060,13 @@ def _fingerprint(run: _Run) -> str:
     for arr in (run.settings.gp.landmarks, run.cells.filter_mask, None if subsets is None else subsets.masks):
         if arr is not None:
             digest.update(np.ascontiguousarray(arr).tobytes())
+    for part in run.settings.fdr.null_expression or ():  # the values themselves (a dask array: its token)
+        if isinstance(part, np.ndarray):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            from dask.base import tokenize
+
+            digest.update(tokenize(part).encode())
     return digest.hexdigest()
 
 
@@ -1335,7 +1358,7 @@ def _plan_inputs(run: _Run) -> planner.PlanInputs:
     return planner.PlanInputs(
         store_path=store.path, n_obs=store.n_obs, n_vars=store.n_vars, n_selected=len(cells.selected),
         n1=cells.n1, n2=cells.n2, n_pred=int(cells.filter_mask.sum()), d=int(cells.embedding.shape[1]),
-        m=run.landmarks.count, n_null=run.outputs.n_null, layer=run.call.layer, layer_kind=info.kind,
+        m=run.landmarks.count, n_null=run.outputs.n_null + run.outputs.n_external, layer=run.call.layer, layer_kind=info.kind,
         layer_itemsize=int(np.dtype(info.dtype).itemsize), layer_chunks=tuple(info.chunks) if info.chunks else None,
         layer_nnz=nnz, store_layers=s.storage.store_layers, layer_dtype=s.storage.layer_dtype,
         dtype=s.compute.dtype, ls_given=s.gp.ls is not None, landmark_source=run.landmarks.source,

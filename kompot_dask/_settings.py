@@ -109,6 +109,32 @@ class _Settings:
         return out
 
 
+def _null_expression(value: Any, null_mahalanobis: Any) -> tuple[Any, Any]:
+    """FDRSettings.null_expression checked: two 2-D numeric arrays (numpy, or lazy dask
+    arrays kept lazy) with the same number of columns; a 1-D array becomes one column."""
+    c = "FDRSettings"
+    if null_mahalanobis is not None:
+        raise _fail(c, "null_expression", _short(value), "None when null_mahalanobis is given (kompot: the two "
+                    "are mutually exclusive; pass one)")
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise _fail(c, "null_expression", _short(value), "a pair (expr1, expr2): condition 1's cells × k null "
+                    "columns and condition 2's cells × k")
+    parts = []
+    for i, part in enumerate(value, start=1):
+        if not hasattr(part, "shape") or not hasattr(part, "dtype"):
+            part = np.asarray(part)
+        if len(part.shape) == 1:
+            part = part[:, None]
+        if len(part.shape) != 2 or not np.issubdtype(np.dtype(part.dtype), np.number):
+            raise _fail(c, "null_expression", _short(value),
+                        f"numeric cells × columns arrays (expr{i} is {len(part.shape)}-D of {part.dtype})")
+        parts.append(part)
+    if parts[0].shape[1] != parts[1].shape[1] or parts[0].shape[1] < 1:
+        raise _fail(c, "null_expression", _short(value), f"the same number (≥ 1) of columns in both arrays "
+                    f"(expr1 has {parts[0].shape[1]}, expr2 {parts[1].shape[1]})")
+    return parts[0], parts[1]
+
+
 @dataclass
 class GPSettings(_Settings):
     """Gaussian-process settings (kompot's ``GPSettings``).
@@ -235,8 +261,14 @@ class FDRSettings(_Settings):
     combine_with_internal
         With ``null_mahalanobis``: test against the null genes' distances and these together.
     null_expression
-        kompot's user-supplied null expression: accepted at its default only (see
-        ``docs/kompot_compat.md``).
+        Null expression of your own, ``(expr1, expr2)``: condition 1's cells × k columns
+        and condition 2's cells × the same k (rows in the store's order of each
+        condition's cells, after the cell filter; a 1-D array is one column). Each column
+        is fitted and scored like a null gene, and the FDR tests against the null genes
+        and these together (kompot's behaviour). numpy arrays are sent to the workers one
+        null-gene block at a time; a dask array (e.g. ``dask.array.from_zarr``) is read by
+        each null-gene task itself, so it never has to fit in memory. Not with
+        ``null_mahalanobis``.
     mode
         Which null calibration ``is_de`` comes from. ``"raw"`` (the default): kompot 0.8.0's
         local FDR of the distances against the null genes'. ``"variance_stratified"``
@@ -289,13 +321,11 @@ class FDRSettings(_Settings):
     TREND_FEATURES: ClassVar[tuple[str, ...]] = ("log_mean", "log_var")
     TREND_MODELS: ClassVar[dict[str, int]] = {"linear": 1, "poly2": 2, "poly3": 3}
 
-    _REFUSED: ClassVar[dict[str, str]] = {
-        "null_expression": "user-supplied null expression would be cells × nulls in memory",
-    }
-
     def __post_init__(self) -> None:
         c = "FDRSettings"
         self._check_kompot_fields()
+        if self.null_expression is not None:
+            self.null_expression = _null_expression(self.null_expression, self.null_mahalanobis)
         if isinstance(self.null_genes, str):
             if self.null_genes != "auto":
                 raise _fail(c, "null_genes", self.null_genes, '"auto", None or a non-negative integer')
@@ -346,6 +376,12 @@ class FDRSettings(_Settings):
         if self.mode == "calibrated" and self.null_mahalanobis is not None:
             raise _fail(c, "mode", self.mode, "'raw' with null_mahalanobis: the calibrated mode makes its own null "
                         "from permuted labels")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # given null expression is recorded by its column count (like null_mahalanobis)
+        out["null_expression"] = None if self.null_expression is None else int(self.null_expression[0].shape[1])
+        return out
 
     def resolved_null_genes(self, sample_variance: bool = False) -> int:
         """Number of null genes actually drawn ("auto" → 2000, or 0 with sample variance

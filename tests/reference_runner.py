@@ -27,6 +27,8 @@ def main(inp: str, kwargs_path: str, out: str) -> None:
     fdr = dict(spec.pop("fdr", {}))
     if "null_mahalanobis_npy" in fdr:
         fdr["null_mahalanobis"] = np.load(fdr.pop("null_mahalanobis_npy"))
+    if "null_expression_npy" in fdr:
+        fdr["null_expression"] = tuple(np.load(p) for p in fdr.pop("null_expression_npy"))
     storage = spec.pop("storage", {})
     filt = spec.pop("filter", {})
     output = dict(spec.pop("output", {}), return_full_results=True, progress=False)

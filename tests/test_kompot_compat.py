@@ -29,13 +29,17 @@ def test_compat_table__lists_every_kompot_argument_and_is_current():
         assert f"| `{name}` |" in text
 
 
-@pytest.mark.parametrize("cls, field, value, reason", [
-    (kd.FDRSettings, "null_expression", ("expr1", "expr2"), "cells × nulls in memory"),
+@pytest.mark.parametrize("value, reason", [
+    (("expr1", "expr2"), r"numeric cells × columns arrays \(expr1 is 0-D"),
+    ((np.ones((5, 2)),), r"a pair \(expr1, expr2\)"),
+    ((np.ones((5, 2)), np.ones((4, 3))), r"the same number \(≥ 1\) of columns in both arrays \(expr1 has 2, expr2 3\)"),
+    ((np.ones((5, 2, 2)), np.ones((4, 2))), "expr1 is 3-D"),
 ])
-def test_kompot_fields__a_refused_value_names_the_field_and_the_reason(cls, field, value, reason):
-    with pytest.raises(kd.SettingsError, match=rf"{cls.__name__}\.{field}=.* is not supported by kompot_dask: .*{reason}"):
-        cls(**{field: value})
-    cls(**{field: cls.__dataclass_fields__[field].default})  # kompot's default is fine
+def test_null_expression__a_bad_value_names_the_field_and_the_fix(value, reason):
+    with pytest.raises(kd.SettingsError, match=rf"FDRSettings\.null_expression=.*{reason}"):
+        kd.FDRSettings(null_expression=value)
+    one = kd.FDRSettings(null_expression=(np.arange(5.0), np.arange(4.0)))  # 1-D: one column each
+    assert one.null_expression[0].shape == (5, 1) and one.to_dict()["null_expression"] == 1
 
 
 def test_kompot_fields__memory_knobs_are_accepted_without_effect(caplog):

@@ -209,7 +209,8 @@ _CANNOT_DIFFER = {(cls, name) for cls in (kd.GPSettings, kd.FDRSettings, kd.Filt
                                           kd.OutputSettings) for name in cls._REFUSED}
 # given null distances are recorded by their count, not rebuilt (tests/test_parity.py checks
 # that call_args() leaves them out)
-_CANNOT_DIFFER |= {(kd.FDRSettings, "null_mahalanobis"), (kd.FDRSettings, "combine_with_internal")}
+_CANNOT_DIFFER |= {(kd.FDRSettings, "null_mahalanobis"), (kd.FDRSettings, "combine_with_internal"),
+                   (kd.FDRSettings, "null_expression")}
 
 
 def _settings_record(settings: dict, *, landmark_source: str = "user") -> dict:
@@ -314,7 +315,8 @@ def test_to_settings__kompot_values_kompot_dask_refuses_fall_back_to_the_default
     with caplog.at_level(logging.WARNING, logger="kompot_dask"):
         kwargs = RunInfo(_adata_with_history([record]), 0).call_args()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "fdr.null_expression='<tuple len=2>', which kompot_dask does not support; using the default" in messages
+    # given null expression is not in the record: dropped, with a warning that says so
+    assert "null expression given in FDRSettings.null_expression ('<tuple len=2>')" in messages
     assert kwargs["fdr"].null_expression is None
     # sample variance is supported (issue 15): kept as recorded
     assert kwargs["sample_col"] == "donor" and kwargs["output"].allow_single_condition_variance is True

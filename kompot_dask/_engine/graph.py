@@ -811,6 +811,35 @@ def _shard_ranges(lay, rows: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
+class ExternalNullValues:
+    """One null-gene block's columns of FDRSettings.null_expression: condition 1's cells ×
+    columns and condition 2's (numpy arrays, sent with the task; or lazy dask arrays, which
+    the task computes itself, so the whole null expression never has to be in memory)."""
+
+    def __init__(self, part1, part2, first: int):
+        self.parts = (part1, part2)
+        self.first = int(first)  # the block's first column of null_expression
+
+    def values(self) -> np.ndarray:
+        """Both conditions' values stacked, condition 1's cells first (float64)."""
+        out = []
+        for part in self.parts:
+            if hasattr(part, "dask"):
+                import dask
+
+                part = dask.compute(part, scheduler="sync")[0]
+            if hasattr(part, "toarray"):
+                part = part.toarray()
+            out.append(np.asarray(part, dtype=np.float64))
+        y = np.vstack(out)
+        bad = ~np.all(np.isfinite(y), axis=0)
+        if bad.any():
+            cols = (self.first + np.flatnonzero(bad)).tolist()
+            raise ValueError(f"FDRSettings.null_expression has non-finite values in column(s) {cols[:10]}; pass finite "
+                             "null expression (e.g. fill or drop those columns)")
+        return y
+
+
 def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2, R, kbar, after=(), emp=None,
                      groups=(), samples=None):
     """Score one block of null genes: permuted source columns over both conditions (``emp``:
@@ -819,6 +848,11 @@ def _null_block_task(ctx: BlockContext, block: dict, Z, X, rows1, rows2, C1, C2,
     factors, as kompot fits its per-sample models to the null genes it appends)."""
     clock = _Clock()
     lay = ctx.layout
+    if "external" in block:  # FDRSettings.null_expression: given values, fitted as they are
+        y = block["external"].values()
+        clock.lap("null-gene read")
+        return _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, y.shape[1], emp, groups,
+                             samples)
     sources = block["sources"]  # sorted store column of each null
     seeds = block["seeds"]
     uniq, inverse = np.unique(sources, return_inverse=True)
@@ -1394,6 +1428,7 @@ def run_engine(
     posterior_covariance: str | None = None,
     permuted_codes: np.ndarray | None = None,
     permuted_samples: np.ndarray | None = None,
+    null_expression: tuple | None = None,
 ) -> EngineResult:
     """Run the distributed part of a DE run.
 
@@ -1414,6 +1449,14 @@ def run_engine(
     for b, s in enumerate(range(0, len(order), layout.null_gene_block)):
         ids = order[s : s + layout.null_gene_block]
         null_blocks.append({"index": b, "null_ids": ids, "sources": null_sources[ids], "seeds": null_seeds[ids]})
+    n_null = len(null_sources)
+    if null_expression is not None:  # given null columns, after the null genes
+        e1, e2 = null_expression
+        for c0 in range(0, e1.shape[1], layout.null_gene_block):
+            c1 = min(c0 + layout.null_gene_block, e1.shape[1])
+            null_blocks.append({"index": len(null_blocks), "null_ids": n_null + np.arange(c0, c1),
+                                "external": ExternalNullValues(e1[:, c0:c1], e2[:, c0:c1], c0)})
+        n_null += e1.shape[1]
 
     staged: dict[str, str] = {}
     if layer_names:
@@ -1460,7 +1503,7 @@ def run_engine(
                     len(real_out), len(null_out), len(std_out))
     n_groups = 0 if groups is None else groups.n_groups
     if n_reused == n_all:
-        out = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, 0, n_reused, n_groups)
+        out = _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, 0, n_reused, n_groups)
         out.staged_obsp = staged_obsp
         return out
     futures: list = []
@@ -1642,7 +1685,7 @@ def run_engine(
         if lost is not None:
             raise lost from exc
         raise
-    result = _gather(real_out, null_out, std_out, len(null_sources), n_obs, staged, layout, n_tasks, n_reused,
+    result = _gather(real_out, null_out, std_out, n_null, n_obs, staged, layout, n_tasks, n_reused,
                      n_groups)
     result.staged_obsp = staged_obsp
     result.wall_seconds = walls

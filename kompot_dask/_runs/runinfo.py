@@ -120,6 +120,15 @@ def _rebuild_settings(history: RunHistory, run_id: int) -> dict[str, Any]:
                 int(kwargs["null_mahalanobis"]),
             )
             kwargs["null_mahalanobis"], kwargs["combine_with_internal"] = None, False
+        if section == "fdr" and kwargs.get("null_expression") is not None:
+            logger.warning(
+                "Run %d also fitted null expression given in FDRSettings.null_expression (%s), which the run "
+                "record does not hold; call_args() leaves it out (the null genes alone). Pass the same arrays as "
+                "kwargs['fdr'].null_expression to reproduce the run.", run_id,
+                f"{kwargs['null_expression']} column(s)" if isinstance(kwargs["null_expression"], int)
+                else repr(kwargs["null_expression"]),
+            )
+            kwargs["null_expression"] = None
         if section == "filter" and isinstance(kwargs.get("cell_filter"), str) and kwargs["cell_filter"].startswith("<array"):
             logger.warning(
                 "Run %d filtered cells with a boolean array (%s), which the run record does not hold; "
