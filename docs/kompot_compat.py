@@ -23,10 +23,11 @@ OUT = os.path.join(HERE, "kompot_compat.md")
 DE_NOTES = {
     "adata": "mapped: `data`, an in-memory AnnData (as kompot) or the path of a zarr AnnData store",
     "sample_col": "supported: per-sample models on the shared landmarks, the gene-specific covariance as a "
-                  "low-rank term (no m × m × genes tensor), std layers; FDR from given null distances, or from "
-                  "`FDRSettings(mode=\"calibrated\")` (whole donors relabelled between the conditions; kompot has "
-                  "none with `sample_col`); `null_genes` > 0 with it is refused (null genes with the sample "
-                  "variance are not built)",
+                  "low-rank term (no m × m × genes tensor), std layers; FDR from null genes given explicitly "
+                  "(`null_genes=2000`: kompot's default with `sample_col` is none), each fitted with the samples' "
+                  "models as kompot does, from given null distances, or from `FDRSettings(mode=\"calibrated\")` "
+                  "(whole donors relabelled between the conditions; kompot has no such mode); refused with the "
+                  "empirical variance (kompot's per-sample leave-one-out residuals are not built)",
     "model": "refused: kompot's prefitted predictors cannot be distributed (a value raises `SettingsError`)",
     "function_kwargs": "refused: no pass-through keywords; an unknown keyword is a `TypeError` naming it",
 }
