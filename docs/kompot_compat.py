@@ -53,7 +53,8 @@ SETTINGS_NOTES = {
                                   "models, with each subset's own landmarks or cells, null-gene FDR and sample "
                                   "variance; kompot's forms and subset names (not its test-shaped list-of-arrays "
                                   "special cases); subsets of fewer than 2 cells are left out of the tables (kompot "
-                                  "keeps them as columns of zeros); refused with the empirical variance",
+                                  "keeps them as columns of zeros); with the empirical variance, kompot's factor trick at each "
+                                  "subset's points",
     ("StorageSettings", "store_posterior_covariance"): "supported: obsp cells × cells (zero outside the cell "
                                                        "filter), written by one task; the plan refuses it above the "
                                                        "cell count one worker holds and names that count; refused "

@@ -620,11 +620,6 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
                     "the store's order."
                 )
     if subsets is not None:
-        if settings.gp.use_empirical_variance:
-            raise SettingsError(
-                "FilterSettings(groups=...) with GPSettings(use_empirical_variance=True): per-group distances with the "
-                "empirical variance are not implemented yet. Run the groups without the empirical variance."
-            )
         subsets = _in_filter(subsets, filter_mask)
     return _Cells(embedding, filter_mask, mask1, mask2, selected, samples, subsets, underrep, auto is not None)
 

@@ -465,6 +465,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     # its whitened differences
     p = inp.group_max_points
     group_scores = (p * m * 8 + p * G * 8 + 2 * m * G * 8) if inp.n_groups else 0
+    if inp.n_groups and inp.empirical:  # (L⁻¹)² at the points, their kernel rows, their variances
+        group_scores += p * p * 8 + p * m * 8 + 2 * p * G * 8
     real = max(real, group_scores + (2 * m * G * 8 if not inp.n_samples else (2 + inp.sample_rank) * m * G * 8))
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where
@@ -480,7 +482,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         null = max(null + S * m * nb * bt + inp.n12 * nb * vb // 2,
                    (2 * S + 6) * m * nb * 8 + m * m * 8 + 3 * r * m * min(nb, SAMPLE_SCORE_GENES) * 8)
     if inp.n_groups:
-        null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8)
+        null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8
+                   + ((p * p * 8 + p * m * 8 + 2 * p * nb * 8) if inp.empirical else 0))
     std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
     transpose = 0
     if inp.layer_kind == "csr":

@@ -45,10 +45,12 @@ def _data(tmp_path, seed: int = 5):
 
 
 @needs_kompot
-def test_groups_parity(tmp_path, client):
+@pytest.mark.parametrize("empirical", [False, pytest.param(True, marks=pytest.mark.slow)])  # a niche combination
+def test_groups_parity(tmp_path, client, empirical):
     """Subsets larger than the landmarks (new k-means landmarks) and smaller (their cells),
     with null genes and the additional statistics: kompot's varm tables, their columns and
-    values, and the run record's subsets."""
+    values, and the run record's subsets. With the empirical variance, each subset's
+    distances take kompot's factor trick at its own points."""
     adata, landmarks = _data(tmp_path)
     rng = np.random.default_rng(0)
     few = np.zeros(adata.n_obs, dtype=bool)
@@ -56,12 +58,14 @@ def test_groups_parity(tmp_path, client):
     t_cells = (adata.obs["cell_type"] == "T").to_numpy()  # ~300 cells: its own landmarks
     groups = {"T": t_cells, "few": few}
     ref = run_reference(tmp_path, adata, {
-        **CALL, "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy"), "random_state": 0},
+        **CALL, "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy"), "random_state": 0,
+                       "use_empirical_variance": empirical},
         "fdr": {"null_genes": 40}, "storage": {"store_additional_stats": True},
         "filter": {"groups": {k: v.tolist() for k, v in groups.items()}},
     })
     store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
-    kd.de(store, **CALL, gp=kd.GPSettings(ls=200.0, landmarks=landmarks, random_state=0),
+    kd.de(store, **CALL, gp=kd.GPSettings(ls=200.0, landmarks=landmarks, random_state=0,
+                                          use_empirical_variance=empirical),
           fdr=kd.FDRSettings(null_genes=40), storage=kd.StorageSettings(store_additional_stats=True),
           filter=kd.FilterSettings(groups=groups), output=kd.OutputSettings(progress=False), client=client)
     got = ad.read_zarr(store)

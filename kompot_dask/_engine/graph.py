@@ -460,32 +460,47 @@ class GroupSpec:
 
 
 _GROUP_FILES = ("R", "kbar", "diagonal")
+_GROUP_EMPIRICAL_FILES = ("Wsq", "points")
 
 
-def _group_paths(fit_dir: str, i: int) -> dict[str, str]:
-    """Where subset ``i``'s factor, mean kernel row and diagonal flag are kept."""
-    return {name: os.path.join(fit_dir, f"group-{i}-{name}.npy") for name in _GROUP_FILES}
+def _group_paths(fit_dir: str, i: int, empirical: bool = False) -> dict[str, str]:
+    """Where subset ``i``'s factor, mean kernel row and diagonal flag are kept (with the
+    empirical variance also (L⁻¹)² at its points and the points)."""
+    names = _GROUP_FILES + (_GROUP_EMPIRICAL_FILES if empirical else ())
+    return {name: os.path.join(fit_dir, f"group-{i}-{name}.npy") for name in names}
 
 
-def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel_sums, n_cells, fit_dir):
-    """One subset's Mahalanobis factor ``Rᵀ`` at its points and its mean kernel row, kept in
+def _group_ref(paths: dict[str, str], diagonal: bool) -> dict:
+    return {**{k: v for k, v in paths.items() if k != "diagonal"}, "diagonal": bool(diagonal)}
+
+
+def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel_sums, n_cells, fit_dir,
+                       empirical=False):
+    """One subset's Mahalanobis factor ``Rᵀ`` at its points and its mean kernel row (with the
+    empirical variance also (L⁻¹)² and the points, for kompot's factor trick there), kept in
     ``fit_dir`` (a block loads one subset's at a time; a resumed run reuses them)."""
-    Rt, diagonal = gp_mod.landmark_metric(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE, allow_diagonal, points=points)
+    got = gp_mod.landmark_metric(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE, allow_diagonal, empirical, points=points)
+    Rt, diagonal = got[0], got[1]
     kbar = _mean_task(kernel_sums, n_cells)
-    paths = _group_paths(fit_dir, i)
-    # R last: its file vouches for the other two
+    paths = _group_paths(fit_dir, i, empirical)
+    # R last: its file vouches for the others
     io_commit.write_array_atomic(paths["kbar"], kbar)
     io_commit.write_array_atomic(paths["diagonal"], np.asarray(bool(diagonal)))
+    if empirical:
+        io_commit.write_array_atomic(paths["Wsq"], np.asarray(got[2]))
+        io_commit.write_array_atomic(paths["points"], np.asarray(points, dtype=np.float64))
     io_commit.write_array_atomic(paths["R"], np.asarray(Rt))
-    del Rt
+    del Rt, got
     _trim_heap()
-    return {"R": paths["R"], "kbar": paths["kbar"], "diagonal": bool(diagonal)}
+    return _group_ref(paths, diagonal)
 
 
-def _group_scores(groups, w1, w2, devs=None) -> tuple[np.ndarray, np.ndarray]:
+def _group_scores(groups, w1, w2, devs=None, emp=None) -> tuple[np.ndarray, np.ndarray]:
     """Each subset's Mahalanobis distances and mean log fold changes of one block's genes
     (``groups``: :func:`_group_metric_task`'s results; ``devs``: with sample variance, both
-    conditions' Helmert contrasts, for the gene-specific low-rank term at the subset's points)."""
+    conditions' Helmert contrasts, for the gene-specific low-rank term at the subset's points;
+    ``emp``: with the empirical variance, ``(V, Z, ls, eps)``: both conditions' variance
+    weights, whose variance at the subset's points enters kompot's factor trick)."""
     g = w1.shape[1]
     d = np.empty((len(groups), g))
     lfc = np.empty((len(groups), g))
@@ -493,7 +508,14 @@ def _group_scores(groups, w1, w2, devs=None) -> tuple[np.ndarray, np.ndarray]:
     for i, grp in enumerate(groups):
         lfc[i] = io_commit.read_array(grp["kbar"]) @ dw
         R = io_commit.read_array(grp["R"]).T  # points × m
-        if devs is None:
+        if emp is not None and not grp["diagonal"]:  # kompot's factor trick at the subset's points
+            V, Z, ls, eps = emp
+            k = gp_mod.matern52(io_commit.read_array(grp["points"]), Z, ls, FACTOR_DTYPE)  # points × m
+            v = np.maximum(k @ V[0], eps) + np.maximum(k @ V[1], eps)
+            del k
+            d[i] = gp_mod.empirical_mahalanobis(R, io_commit.read_array(grp["Wsq"]), dw, v)
+            continue
+        if devs is None:  # (the diagonal shortcut ignores the empirical variance, as kompot's)
             z = R @ dw
             d[i] = np.sqrt(np.einsum("pg,pg->g", z, z))
             continue
@@ -713,7 +735,7 @@ def _variance_weights(ctx, Z, X, pieces, h, w, C, eps):
 
 
 def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, R, kbar, Wsq, diagonal,
-                          eps: float, lev_done, lev_new, std_done, std_new, gene0: bool, after=()):
+                          eps: float, lev_done, lev_new, std_done, std_new, gene0: bool, after=(), groups=()):
     """:func:`_real_block_task` with kompot's empirical variance
     (``GPSettings(use_empirical_variance=True)``): a second read of the block's tiles gives
     each condition's leave-one-out corrected squared residuals, the variance GP fitted to them
@@ -750,6 +772,10 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
     clock.lap("empirical variance")
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "moments": moments.result()}
+    if groups:
+        gd, glfc = _group_scores(groups, w1, w2, emp=(V, Z, ctx.ls, eps))
+        out["group_mahalanobis"], out["group_mean_lfc"] = gd[:, :n_sel], glfc[:, :n_sel]
+        clock.lap("group scoring")
     if ctx.staged:
         var = _posterior_var(n, std_done, std_new, eps)
 
@@ -927,11 +953,11 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
     if emp is None:
         del y
         return _null_scores(ctx, block, clock, accs[0], accs[1], C1, C2, R, kbar, n_sources, groups)
-    return _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, **emp)
+    return _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, groups, **emp)
 
 
-def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, *, Wsq, diagonal,
-                    eps, lev_done, lev_new):
+def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, kbar, n_sources, groups=(), *, Wsq,
+                    diagonal, eps, lev_done, lev_new):
     """:func:`_null_scores` with the empirical variance: the null genes' own variance GP, as
     kompot fits it for the null genes it appends to the expression."""
     b1, b2 = accs[0].result(), accs[1].result()
@@ -941,13 +967,17 @@ def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, k
     n1 = len(rows1)
     n = ctx.layout.row_ranges[-1][1] if ctx.layout.row_ranges else 0
     h = _per_cell(n, lev_done, lev_new, "h")
-    _, v = _variance_weights(ctx, Z, X, [(0, rows1, y[:n1]), (1, rows2, y[n1:])], h, (w1, w2), (C1, C2), eps)
+    V, v = _variance_weights(ctx, Z, X, [(0, rows1, y[:n1]), (1, rows2, y[n1:])], h, (w1, w2), (C1, C2), eps)
     del y
     if not bool(diagonal):
         d = gp_mod.empirical_mahalanobis(np.asarray(R).T, np.asarray(Wsq), w2 - w1, v)
     clock.lap("null-gene empirical variance")
     out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
-           "moments": block["moments"], "seconds": clock.seconds}
+           "moments": block["moments"]}
+    if groups:
+        out["group_mahalanobis"] = _group_scores(groups, w1, w2, emp=(V, Z, ctx.ls, eps))[0][:, :n_sources]
+        clock.lap("null-gene scoring")
+    out["seconds"] = clock.seconds
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"null-{block['index']}",
@@ -1295,21 +1325,21 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
 
 
 def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit_dir: str, *, ls: float,
-                       eps: float, kernel_chunk: int, allow_diagonal: bool) -> tuple[list, list]:
+                       eps: float, kernel_chunk: int, allow_diagonal: bool, empirical: bool = False) -> tuple[list, list]:
     """Each subset's factor and mean kernel row (:func:`_group_metric_task`), or what a
     resumed run finds of them in ``fit_dir``: their results (futures for those still to
     compute) and the tasks that compute them."""
     refs, tasks = [], []
     for i, rows in enumerate(spec.rows):
-        paths = _group_paths(fit_dir, i)
+        paths = _group_paths(fit_dir, i, empirical)
         if all(os.path.isfile(p) for p in paths.values()):
-            refs.append({"R": paths["R"], "kbar": paths["kbar"],
-                         "diagonal": bool(io_commit.read_array(paths["diagonal"]))})
+            refs.append(_group_ref(paths, bool(io_commit.read_array(paths["diagonal"]))))
             continue
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False, priority=2)
               for r in _sum_parts(rows)]
         fut = client.submit(_group_metric_task, i, Z_f, ls, fit["Lp"], fit["C1"], fit["C2"], eps, allow_diagonal,
-                            spec.points[i], ks, len(rows), fit_dir, pure=False, priority=_FIT_PRIORITY - 1)
+                            spec.points[i], ks, len(rows), fit_dir, empirical, pure=False,
+                            priority=_FIT_PRIORITY - 1)
         refs.append(fut)
         tasks += [*ks, fut]
     n_new = sum(not isinstance(r, dict) for r in refs)
@@ -1573,7 +1603,7 @@ def run_engine(
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
                 client, groups, Z_f, X_f, fit, fit_dir, ls=ls, eps=eps, kernel_chunk=kc,
-                allow_diagonal=samples is None)
+                allow_diagonal=samples is None, empirical=empirical)
             setup += group_setup
 
         if cov_todo:
@@ -1598,7 +1628,8 @@ def run_engine(
                 real_futures[blk["index"]] = client.submit(
                     _empirical_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, fit["Wsq"],
                     diag_f, eps, lev_done, lev_futures, [t[:3] for t in std_done] if with_std else [],
-                    std_futures if with_std else [], blk["index"] == first_block, transposing, pure=False, key=key,
+                    std_futures if with_std else [], blk["index"] == first_block, transposing, groups=group_refs,
+                    pure=False, key=key,
                 )
             elif samples is None:
                 real_futures[blk["index"]] = client.submit(
