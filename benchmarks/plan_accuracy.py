@@ -27,6 +27,11 @@ CONFIGS = {
     "D": dict(n_obs=100_000, n_vars=500, m=1000, workers=2, threads=1, limit="1.6GiB"),
     # a CSR layer with 5 % stored values, as anndata writes it: transposed, projected sparse
     "E": dict(n_obs=60_000, n_vars=6000, m=1000, workers=2, threads=1, limit="2GiB", density=0.05),
+    # sample_col (4 donors per condition): the std layers with the sample variance; then the
+    # calibrated FDR (whole donors relabelled) with null genes fitted with the donors' models
+    "F": dict(n_obs=30_000, n_vars=1000, m=1000, workers=2, threads=1, limit="3GiB", samples=4),
+    "G": dict(n_obs=30_000, n_vars=1000, m=1000, workers=2, threads=1, limit="3GiB", samples=4,
+              fdr=dict(mode="calibrated", null_genes=1000), store_layers=False),
 }
 
 RUN = r"""
@@ -39,7 +44,8 @@ def main(cfg, store):
     from kompot_dask._engine.cluster import worker_environment
     from kompot_dask.testing import SyntheticSpec, write_synthetic_store
 
-    write_synthetic_store(store, SyntheticSpec(n_obs=cfg["n_obs"], n_vars=cfg["n_vars"], n_dims=20, seed=0),
+    write_synthetic_store(store, SyntheticSpec(n_obs=cfg["n_obs"], n_vars=cfg["n_vars"], n_dims=20, seed=0,
+                                               samples_per_condition=cfg.get("samples", 0)),
                           cell_chunk=4096, gene_chunk=256)
     layer = "logged_counts"
     if cfg.get("density"):  # the same values thinned, as a CSR element
@@ -81,7 +87,9 @@ def main(cfg, store):
         th.start()
         args = dict(groupby="Age", condition1="Young", condition2="Old", layer=layer,
                     obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=cfg["m"]),
-                    output=kd.OutputSettings(progress=False), client=client)
+                    output=kd.OutputSettings(progress=False), client=client,
+                    sample_col="sample" if cfg.get("samples") else None, fdr=kd.FDRSettings(**cfg.get("fdr", {})),
+                    storage=kd.StorageSettings(store_layers=cfg.get("store_layers", True)))
         t = time.perf_counter()
         plan = kd.plan(store, **args)
         plan_s = time.perf_counter() - t
