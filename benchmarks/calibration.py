@@ -186,17 +186,22 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4.2), sharey=True)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    handles = {}  # one colour per scenario in every panel; the legend lists them all
     for ax, mode in zip(np.atleast_1d(axes), MODES, strict=True):
-        for r in results:
+        for i, r in enumerate(results):
             if mode not in r["modes"]:
                 continue
-            ax.plot(TARGETS, r["modes"][mode]["fdp_curve"], marker=".", label=r["scenario"])
-        ax.plot(TARGETS, TARGETS, color="black", linestyle="--", linewidth=0.8, label="FDP = target")
+            (line,) = ax.plot(TARGETS, r["modes"][mode]["fdp_curve"], marker=".", color=colors[i % 20],
+                              label=r["scenario"])
+            handles.setdefault(r["scenario"], line)
+        handles["FDP = target"] = ax.plot(TARGETS, TARGETS, color="black", linestyle="--", linewidth=0.8)[0]
         ax.set_title(mode)
         ax.set_xlabel("local-FDR target")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("false discovery proportion (planted truth)")
-    np.atleast_1d(axes)[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    np.atleast_1d(axes)[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                                   bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"calibration plot: {path}")
