@@ -40,9 +40,9 @@ SETTINGS_NOTES = {
     ("FDRSettings", "null_genes"): "supported: `\"auto\"` (2,000; 0 with `sample_col`, as kompot), an integer, "
                                    "or `None`; kompot's list of gene indices is refused",
     ("FDRSettings", "null_expression"): "supported: `(expr1, expr2)` fitted and scored as null genes after the drawn "
-                                        "ones; numpy arrays travel one null-gene block per task, a dask array "
-                                        "(e.g. `dask.array.from_zarr`) is read by each task (never whole in "
-                                        "memory); recorded by its column count",
+                                        "ones; numpy arrays travel with the tasks (each carries its block's "
+                                        "columns), a dask array (e.g. `dask.array.from_zarr`) is read by each "
+                                        "task (never whole in memory); recorded by its column count",
     ("GPSettings", "random_state"): "supported; the default is 0 (kompot's is `None`, not reproducible)",
     ("GPSettings", "n_landmarks"): "supported (kompot's default, 5,000)",
     ("OutputSettings", "copy"): "supported for an in-memory AnnData (the copy with the results is returned); "

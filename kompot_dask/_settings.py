@@ -265,10 +265,11 @@ class FDRSettings(_Settings):
         and condition 2's cells × the same k (rows in the store's order of each
         condition's cells, after the cell filter; a 1-D array is one column). Each column
         is fitted and scored like a null gene, and the FDR tests against the null genes
-        and these together (kompot's behaviour). numpy arrays are sent to the workers one
-        null-gene block at a time; a dask array (e.g. ``dask.array.from_zarr``) is read by
-        each null-gene task itself, so it never has to fit in memory. Not with
-        ``null_mahalanobis``.
+        and these together (kompot's behaviour). numpy arrays travel with the null-gene
+        tasks, each carrying its block's columns (so all of them pass through the
+        scheduler); a dask array (e.g. ``dask.array.from_zarr``) travels as its graph and
+        is read by each null-gene task itself, so it never has to fit in memory: use one
+        for large null expression. Not with ``null_mahalanobis``.
     mode
         Which null calibration ``is_de`` comes from. ``"raw"`` (the default): kompot 0.8.0's
         local FDR of the distances against the null genes'. ``"variance_stratified"``
