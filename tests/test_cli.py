@@ -369,9 +369,12 @@ def test_readme__the_python_blocks_run_with_their_ellipses_filled(tmp_path, clie
     record = kd.RunInfo(store, -1).record
     assert "resumed" in record and record["resumed"] is None  # that run was not interrupted
     # the plan block ran one DE, the comparisons three (Old, Mid, the reproduction), the resume block one,
-    # the sample-variance block one, the groups block one, the FDR-mode block two
+    # the sample-variance block one, the groups block one, the FDR-mode block three
     assert kd.RunInfo(store, 5).record["uses_sample_variance"]
     assert kd.RunInfo(store, 6).record["subset_names"] == ["T", "B"]
-    assert [kd.RunInfo(store, r).run_record.fdr_mode for r in (7, 8)] == ["variance_stratified", "calibrated"]
-    assert kd.RunInfo(store, -1).run_id == 8
+    assert [kd.RunInfo(store, r).run_record.fdr_mode for r in (7, 8, 9)] == ["variance_stratified", "calibrated",
+                                                                             "calibrated"]
+    assert kd.RunInfo(store, 9).record["uses_sample_variance"]  # whole donors relabelled
+    assert kd.RunInfo(store, 9).run_record.fdr_results["null"] == "samples"
+    assert kd.RunInfo(store, -1).run_id == 9
     assert kd.RunInfo(str(tmp_path / "results.zarr")).run_id == 0  # the read-only input block's own store
