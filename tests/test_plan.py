@@ -61,7 +61,9 @@ def test_plan__csr_store_counts_and_prices_its_transposition(tmp_path, client):
     adata.write_zarr(path)
     compute = kd.ComputeSettings(cell_chunk=256)
     plan = kd.plan(path, **ARGS, **FAST, compute=compute, client=client)
-    assert plan.status == "FEASIBLE", str(plan)
+    # feasible; a warning is possible: the session's shared workers grow at rest (XLA
+    # executables of every earlier test's shapes), and the plan measures them as they are
+    assert plan.feasible, str(plan)
     assert plan.task_counts["CSR transposition tasks"] >= 1
     assert any(a["what"].startswith("CSR transposition task") for a in plan.memory_allocations)
     kd.de(path, **ARGS, **FAST, compute=compute, client=client, plan=plan)
