@@ -727,8 +727,7 @@ def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.nd
             "OutputSettings(allow_single_condition_variance=True) to use the other condition's sample variance for "
             "it, or run without sample_col."
         )
-    use1 = tuple(used[1]) if len(used[1]) >= 2 else tuple(used[2])
-    use2 = tuple(used[2]) if len(used[2]) >= 2 else tuple(used[1])
+    use1, use2 = engine.labelling_uses(condition, len(labels))
     logger.info("Using sample column '%s' for sample variance estimation", col)
     return engine.SampleSpec(group, tuple(labels), tuple(condition), use1, use2)
 
@@ -1014,6 +1013,8 @@ def _run_engine(run: _Run, client: Client, X: np.ndarray, Z: np.ndarray, ls: flo
 
 
 def _relabel_samples(spec: engine.SampleSpec, call: _Call, fdr: FDRSettings) -> tuple[np.ndarray, float]:
+    """The samples' relabellings (:func:`kompot_dask._numerics.fdr.sample_permutations`), or
+    a SettingsError naming the setting when fewer exist than asked for."""
     try:
         return fdr_mod.sample_permutations(spec.condition, fdr.null_permutations, fdr.null_seed)
     except ValueError as exc:

@@ -535,7 +535,7 @@ def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
     return path
 
 
-def _labelling_uses(labels, n_samples: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def labelling_uses(labels, n_samples: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The samples whose spread makes each condition's sample variance under the sample
     conditions ``labels`` (1 / 2 per fitted sample): a condition's own when it has two or
     more, else the other condition's (allow_single_condition_variance), as
@@ -564,7 +564,7 @@ def _permuted_sample_distances(permuted: dict, weights: list, dws: list) -> np.n
     n_genes = dws[0].shape[1]
     out = np.empty((labels.shape[0], n_genes))
     for p, f in enumerate(permuted["factors"]):
-        uses = _labelling_uses(labels[p], len(weights))
+        uses = labelling_uses(labels[p], len(weights))
         Rt = np.asarray(f["R"]).T
         for g0 in range(0, n_genes, _layout.SAMPLE_SCORE_GENES):
             g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
@@ -577,7 +577,7 @@ def _permuted_sample_distances(permuted: dict, weights: list, dws: list) -> np.n
                 for k in uses[c]:
                     con.add(weights[k][:, g].copy())
                 devs.append(con.contrasts)
-            U = np.stack([u for u in (*devs[0], *devs[1])], axis=2)
+            U = np.stack([*devs[0], *devs[1]], axis=2)
             out[p, g] = gp_mod.lowrank_mahalanobis(Rt, dws[p][:, g], U)
         del Rt
     return out
@@ -977,12 +977,7 @@ def _null_empirical(ctx, block, clock, y, Z, X, rows1, rows2, accs, C1, C2, R, k
     if groups:
         out["group_mahalanobis"] = _group_scores(groups, w1, w2, emp=(V, Z, ctx.ls, eps))[0][:, :n_sources]
         clock.lap("null-gene scoring")
-    out["seconds"] = clock.seconds
-    _trim_heap()
-    if ctx.markers:
-        io_commit.write_marker(ctx.markers, f"null-{block['index']}",
-                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
-    return out
+    return _null_done(ctx, block, clock, out)
 
 
 def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
@@ -1056,8 +1051,13 @@ def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kba
     if groups:
         out["group_mahalanobis"] = _group_scores(groups, w1, w2, devs)[0][:, :n_sources]
     clock.lap("null-gene scoring")
-    out["seconds"] = clock.seconds
     w1 = w2 = devs = None
+    return _null_done(ctx, block, clock, out)
+
+
+def _null_done(ctx: BlockContext, block: dict, clock: _Clock, out: dict) -> dict:
+    """The end of every null-gene task: its timings, the heap trimmed, its marker written."""
+    out["seconds"] = clock.seconds
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"null-{block['index']}",
@@ -1074,13 +1074,8 @@ def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, grou
     if groups:
         out["group_mahalanobis"] = _group_scores(groups, w1, w2)[0][:, :n_sources]
     clock.lap("null-gene scoring")
-    out["seconds"] = clock.seconds
     del acc1, acc2, b1, b2, w1, w2
-    _trim_heap()
-    if ctx.markers:
-        io_commit.write_marker(ctx.markers, f"null-{block['index']}",
-                               {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
-    return out
+    return _null_done(ctx, block, clock, out)
 
 
 def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None):
@@ -1648,7 +1643,8 @@ def run_engine(
         for blk in null_blocks:
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing, emp,
-                groups=group_refs, samples=None if samples is None else (samples, sample_paths), pure=False, key=f"kompot-null-block-{run_token}-{blk['index']}",
+                groups=group_refs, samples=None if samples is None else (samples, sample_paths), pure=False,
+                key=f"kompot-null-block-{run_token}-{blk['index']}",
             ))
         futures += lev_futures
         del lev_futures, emp
