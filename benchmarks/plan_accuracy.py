@@ -32,6 +32,9 @@ CONFIGS = {
     "F": dict(n_obs=30_000, n_vars=1000, m=1000, workers=2, threads=1, limit="3GiB", samples=4),
     "G": dict(n_obs=30_000, n_vars=1000, m=1000, workers=2, threads=1, limit="3GiB", samples=4,
               fdr=dict(mode="calibrated", null_genes=1000), store_layers=False),
+    # sample_col with the empirical variance: every donor's weights kept through a second
+    # read, one Cholesky per gene
+    "H": dict(n_obs=30_000, n_vars=1000, m=1000, workers=2, threads=1, limit="3GiB", samples=4, empirical=True),
 }
 
 RUN = r"""
@@ -86,7 +89,7 @@ def main(cfg, store):
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         args = dict(groupby="Age", condition1="Young", condition2="Old", layer=layer,
-                    obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=cfg["m"]),
+                    obsm_key="X_pca", gp=kd.GPSettings(n_landmarks=cfg["m"], use_empirical_variance=cfg.get("empirical", False)),
                     output=kd.OutputSettings(progress=False), client=client,
                     sample_col="sample" if cfg.get("samples") else None, fdr=kd.FDRSettings(**cfg.get("fdr", {})),
                     storage=kd.StorageSettings(store_layers=cfg.get("store_layers", True)))

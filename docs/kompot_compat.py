@@ -26,8 +26,10 @@ DE_NOTES = {
                   "low-rank term (no m × m × genes tensor), std layers; FDR from null genes given explicitly "
                   "(`null_genes=2000`: kompot's default with `sample_col` is none), each fitted with the samples' "
                   "models as kompot does, from given null distances, or from `FDRSettings(mode=\"calibrated\")` "
-                  "(whole donors relabelled between the conditions; kompot has no such mode); refused with the "
-                  "empirical variance (kompot's per-sample leave-one-out residuals are not built)",
+                  "(whole donors relabelled between the conditions; kompot has no such mode); with the empirical "
+                  "variance as kompot combines them (each cell's residual from its own sample's model, one "
+                  "Cholesky per gene of the full covariance: m³/3 flops per gene); refused with the empirical "
+                  "variance and `groups` together",
     "model": "refused: kompot's prefitted predictors cannot be distributed (a value raises `SettingsError`)",
     "function_kwargs": "refused: no pass-through keywords; an unknown keyword is a `TypeError` naming it",
 }

@@ -601,13 +601,15 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
                 f"{filt.min_cells} are needed (FilterSettings.min_cells). Relax the cell filter or pick another condition."
             )
     samples = None
-    if call.sample_col is not None and settings.gp.use_empirical_variance:
+    if call.sample_col is not None and settings.gp.use_empirical_variance and settings.filter.groups is not None:
         raise SettingsError(
-            f"GPSettings(use_empirical_variance=True) with sample_col={call.sample_col!r}: kompot's per-sample "
-            "leave-one-out residuals are not implemented yet. Use one of the two variances."
+            f"FilterSettings(groups={_short(settings.filter.groups)}) with sample_col={call.sample_col!r} and "
+            "GPSettings(use_empirical_variance=True): the per-subset distances with both variances (a per-gene "
+            "Cholesky at each subset's points) are not implemented. Drop one of the three settings."
         )
     if call.sample_col is not None:
-        samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance)
+        samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance,
+                               settings.gp.use_empirical_variance)
         if settings.fdr.mode == "calibrated":
             _relabel_samples(samples, call, settings.fdr)  # refused here when too few relabellings exist
     if settings.fdr.null_expression is not None:
@@ -679,10 +681,13 @@ MIN_SAMPLE_CELLS = 2
 
 
 def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.ndarray,
-                 allow_single: bool) -> engine.SampleSpec:
+                 allow_single: bool, empirical: bool = False) -> engine.SampleSpec:
     """kompot's sample variance: within each condition, one model per sample with at least
     two cells; a condition needs two such samples, or (allow_single_condition_variance) the
-    other condition's samples stand in for its variance."""
+    other condition's samples stand in for its variance. With the empirical variance every
+    sample gets a model, a one-cell sample too (each cell's residual comes from its own
+    sample's model, as in kompot), but only those with two or more cells make the sample
+    variance."""
     col = call.sample_col
     if not isinstance(col, str) or col not in obs.columns:
         raise KeyError(f"sample_col={col!r}: obs column not found; available columns: {list(obs.columns)}; "
@@ -692,6 +697,7 @@ def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.nd
     labels: list[str] = []
     condition: list[int] = []
     used: dict[int, list[int]] = {1: [], 2: []}
+    spread: list[int] = []  # per fitted sample: its condition if it makes the sample variance, else 0
     for c, (cond, mask) in enumerate(((call.condition1, mask1), (call.condition2, mask2)), start=1):
         missing = mask & values.isna().to_numpy()
         if missing.any():
@@ -709,9 +715,12 @@ def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.nd
             if count < MIN_SAMPLE_CELLS:
                 logger.warning("Skipping sample %s of condition %d (only %d cells < %d)", name, c, count,
                                MIN_SAMPLE_CELLS)
-                continue
+                if not empirical:
+                    continue
             group[rows[codes == j]] = 2 + len(labels)
-            used[c].append(len(labels))
+            if count >= MIN_SAMPLE_CELLS:
+                used[c].append(len(labels))
+            spread.append(c if count >= MIN_SAMPLE_CELLS else 0)
             labels.append(f"{cond}: {name}")
             condition.append(c)
     for c, other in ((1, 2), (2, 1)):
@@ -727,7 +736,7 @@ def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.nd
             "OutputSettings(allow_single_condition_variance=True) to use the other condition's sample variance for "
             "it, or run without sample_col."
         )
-    use1, use2 = engine.labelling_uses(condition, len(labels))
+    use1, use2 = engine.labelling_uses(spread, len(labels))
     logger.info("Using sample column '%s' for sample variance estimation", col)
     return engine.SampleSpec(group, tuple(labels), tuple(condition), use1, use2)
 

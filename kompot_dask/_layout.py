@@ -388,7 +388,10 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
         # save per fit output
         fit=(2 * fit_parts(n_workers) + kernel_sum_parts(n_pred) + 7 + len(FIT_OUTPUTS) + group_tasks
              + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)
-             + (6 + 2 + math.ceil(leverage_cells / layout.kernel_chunk) if leverage_cells else 0)
+             # the leverages: per condition's cell chunk (and (L⁻¹)², M1, M2 with their saves),
+             # or with samples one task per sample (and Σ + eps·I with its save)
+             + ((2 + n_samples if n_samples else 6 + 2 + math.ceil(leverage_cells / layout.kernel_chunk))
+                if leverage_cells else 0)
              # each permutation's cross-grams, C1, C2, the metric, R, and their saves
              + permutations * (2 * fit_parts(n_workers) + 4 + 3)),
         gene_blocks=n_real,
@@ -458,7 +461,15 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         predict = ((models + n_tiles * rows_w * G * lb + 6 * kc * G * 8
                     + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
         real = max(acc + tile + kernel, weights, scores, predict)
-    if inp.empirical:
+    if inp.empirical and inp.n_samples:
+        # every sample's weights kept through the second read (a tile, a kernel block, the
+        # residuals, both variance projections) beside both weights and the contrasts; then
+        # Σ + eps·I, Kzz and the Cholesky's work matrix beside the variances, and a batch of
+        # genes' contrasts stacked
+        models = (2 + inp.sample_rank) * m * G * 8
+        real = max(real, models + inp.n_samples * m * G * 8 + tile + kernel + 3 * m * G * bt,
+                   models + 3 * m * m * 8 + 4 * m * G * 8 + inp.sample_rank * m * min(G, SAMPLE_SCORE_GENES) * 8)
+    elif inp.empirical:
         # the second read: a tile, a kernel block, the residuals; then Kzz and both variances
         real += max(tile + kernel + m * G * bt, m * m * 8 + 3 * m * G * 8)
     # groups: one subset's factor (m × its points) loaded at a time beside the weights, and
@@ -481,6 +492,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         S, r = inp.n_samples, inp.sample_rank
         null = max(null + S * m * nb * bt + inp.n12 * nb * vb // 2,
                    (2 * S + 6) * m * nb * 8 + m * m * 8 + 3 * r * m * min(nb, SAMPLE_SCORE_GENES) * 8)
+        if inp.empirical:  # every sample's weights kept, then the per-gene Cholesky's m × m arrays
+            null += S * m * nb * 8 + 2 * m * m * 8
     if inp.n_groups:
         null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8
                    + ((p * p * 8 + p * m * 8 + 2 * p * nb * 8) if inp.empirical else 0))
@@ -923,16 +936,22 @@ def _group_flops(inp: PlanInputs) -> dict[str, float]:
 
 
 def _empirical_flops(inp: PlanInputs) -> dict[str, float]:
-    """Empirical variance: two leverage factors and (L⁻¹)²; each training cell's leverage;
-    per gene (and null gene) the residual pass (predictions and the variance projection)
-    and the variance at the landmarks."""
+    """Empirical variance: two leverage factors and (L⁻¹)² (with samples, one leverage
+    factor per sample and Σ + eps·I); each training cell's leverage; per gene (and null
+    gene) the residual pass (predictions and the variance projection) and the variance at
+    the landmarks; with samples also kompot's per-gene Cholesky of the full covariance."""
     if not inp.empirical:
         return {}
     m, G = inp.m, inp.n_selected + inp.n_null
-    return {
-        "empirical variance (factors, leverages)": float(3 * m**3 + inp.n12 * m * m),
+    factors = (inp.n_samples * 4 * m**3 / 3 + 3 * m**3) if inp.n_samples else 3 * m**3
+    out = {
+        "empirical variance (factors, leverages)": float(factors + inp.n12 * m * m),
         "empirical variance (residuals, variance GP)": float(4 * inp.n12 * m * G + 6 * m * m * G),
     }
+    if inp.n_samples:
+        out["per-gene Cholesky (sample and empirical variance)"] = float(
+            G * (m**3 / 3 + (3 * inp.sample_rank + 3) * m * m))
+    return out
 
 
 def _sample_flops(inp: PlanInputs) -> dict[str, float]:
@@ -975,7 +994,11 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
                                                                        2 * max(1, res.n_workers // 2)))
     chol = (m**3 / 3) / cal.chol_flops
     fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
-    if inp.empirical:  # the leverage factors after C1, C2 (syrk and potrf each), then (L⁻¹)²
+    if inp.empirical and inp.n_samples:  # Σ + eps·I beside the metric; the samples' leverages
+        fac_t += 3 * m**3 / cal.chol_flops / 2
+        s_t += (inp.n_samples * 4 * m**3 / 3 / cal.chol_flops + n12 * m * kern + n12 * m * m / cal.gemm_flops
+                ) / max(1, res.total_threads)
+    elif inp.empirical:  # the leverage factors after C1, C2 (syrk and potrf each), then (L⁻¹)²
         fac_t += (2 * (m**3 + m**3 / 3) / 2 + m**3 / 3) / cal.chol_flops
     if inp.permutations:  # an S pass per permutation; their factor chains beside the first
         P = inp.permutations
@@ -1041,9 +1064,12 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
             std = 0.0
         blocks += sample
     if inp.empirical:  # the second read and kernel pass of every block, and the leverages
+        emp = _empirical_flops(inp)
         blocks += (reads + nr * n12 * m * kern + nn * n12 * m * kern
-                   + _empirical_flops(inp)["empirical variance (residuals, variance GP)"] / gemm
-                   + n12 * m * kern + n12 * m * m / gemm)
+                   + emp["empirical variance (residuals, variance GP)"] / gemm
+                   + (0.0 if inp.n_samples else n12 * m * kern + n12 * m * m / gemm))
+        if inp.n_samples:  # one Cholesky per gene and null gene, at the Cholesky's rate
+            blocks += emp["per-gene Cholesky (sample and empirical variance)"] / cal.chol_flops
     if inp.n_groups:
         blocks += _group_flops(inp)["groups (per gene)"] / gemm
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads

@@ -51,7 +51,7 @@ def _reference(tmp_path, adata, extra: dict) -> dict:
 def _ours(tmp_path, adata, landmarks, client, **kw):
     store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False, overwrite=True)
     out = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-                sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks), client=client,
+                sample_col="sample", gp=kw.pop("gp", kd.GPSettings(ls=200.0, landmarks=landmarks)), client=client,
                 output=kd.OutputSettings(progress=False, return_full_results=True,
                                          **kw.pop("output", {})), **kw)
     return store, ad.read_zarr(store), out
@@ -327,12 +327,71 @@ def test_empirical_variance_parity(tmp_path, client):
     assert np.max(np.abs(plain["table"]["mahalanobis"].to_numpy() - d) / d) > 1e-2
 
 
-def test_empirical_variance_with_sample_col_is_refused(tmp_path, client):
+@pytest.mark.slow  # kompot parity of a niche option: `pytest -m slow` (suite time, CI's 15 minutes)
+@needs_kompot
+def test_empirical_variance_with_sample_col_parity(tmp_path, client):
+    """Both variances at once, as kompot 0.8.0 combines them: each cell's residual from its
+    own sample's model, pooled into one variance GP per condition, and each gene's distance
+    from one Cholesky of Σ + V₁ + V₂ + diag(v). One sample of condition 1 has a single cell:
+    kompot fits it for its residual but leaves it out of the sample variance. The null genes
+    get the same treatment (their local FDR matches)."""
+    adata, landmarks = _data(tmp_path, seed=3)
+    single = np.flatnonzero(adata.obs["Age"].to_numpy() == "Young")[0]
+    adata.obs["sample"] = adata.obs["sample"].astype(str)
+    adata.obs.loc[adata.obs.index[single], "sample"] = "lone"
+    ref = _reference(tmp_path, adata, {
+        "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy"), "use_empirical_variance": True},
+        "fdr": {"null_genes": 30}, "storage": {"store_additional_stats": True},
+    })
+    store, got, out = _ours(tmp_path, adata, landmarks, client,
+                            gp=kd.GPSettings(ls=200.0, landmarks=landmarks, use_empirical_variance=True),
+                            fdr=kd.FDRSettings(null_genes=30), storage=kd.StorageSettings(store_additional_stats=True))
+    assert _our_fields(got) == _kompot_fields(ref)
+    d = got.var[f"{PAIR}_mahalanobis_sample_var"].to_numpy(float)
+    d_ref = ref[f"var/{PAIR}_mahalanobis_sample_var"].astype(float)
+    assert np.max(np.abs(d - d_ref) / d_ref) <= 1e-8  # measured 1.5e-9 without the lone cell
+    fdr = got.var[f"{PAIR}_mahalanobis_local_fdr_sample_var"].to_numpy(float)
+    assert np.max(np.abs(fdr - ref[f"var/{PAIR}_mahalanobis_local_fdr_sample_var"])) <= 1e-8
+    for c in ("Young", "Old"):
+        assert np.max(np.abs(np.asarray(got.layers[f"kompot_de_{c}_std"], float)
+                             - ref[f"layers/kompot_de_{c}_std"])) <= 5e-7  # float32 layer; 1.2e-7
+    z = np.asarray(got.layers[f"{PAIR}_fold_change_zscores_sample_var"], float)
+    assert np.max(np.abs(z - ref[f"layers/{PAIR}_fold_change_zscores_sample_var"])) <= 5e-6
+    # the empirical variance matters here: the sample variance alone gives other distances
+    plain = kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts",
+                  obsm_key="X_pca", sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
+                  storage=kd.StorageSettings(store_layers=False, result_key="plain"),
+                  output=kd.OutputSettings(progress=False, return_full_results=True), client=client)
+    assert np.max(np.abs(plain["table"]["mahalanobis"].to_numpy() - d) / d) > 1e-2
+
+
+def test_direct_mahalanobis_matches_a_dense_solve():
+    """The per-gene Cholesky of the sample variance with the empirical variance equals a
+    dense solve of δᵀ(Σ + diag v + KU(KU)ᵀ)⁻¹δ, and a matrix that is not positive definite
+    gives NaN for that gene only."""
+    rng = np.random.default_rng(4)
+    m, g, r = 40, 6, 3
+    A = rng.normal(size=(m, m))
+    cov = A @ A.T * 1e-3 + 1e-8 * np.eye(m)
+    kzz, dw, U = rng.normal(size=(m, m)), rng.normal(size=(m, g)), rng.normal(size=(m, g, r))
+    v = rng.uniform(1e-3, 1.0, size=(m, g))
+    v[:, 5] = -10.0  # not positive definite
+    got = gp_mod.direct_mahalanobis(np.asfortranarray(np.tril(cov)), kzz, dw, U, v)
+    for j in range(5):
+        ku = kzz @ U[:, j, :]
+        delta = kzz @ dw[:, j]
+        want = np.sqrt(delta @ np.linalg.solve(cov + np.diag(v[:, j]) + ku @ ku.T, delta))
+        assert abs(got[j] - want) <= 1e-10 * want
+    assert np.isnan(got[5])
+
+
+def test_empirical_variance_with_sample_col_and_groups_is_refused(tmp_path, client):
     adata, landmarks = _data(tmp_path, seed=19)
     store = kd.ingest(adata, tmp_path / "r.zarr", progress=False)
-    with pytest.raises(kd.SettingsError, match=r"use_empirical_variance=True\) with sample_col='sample'"):
+    with pytest.raises(kd.SettingsError, match=r"groups='Age'\) with sample_col='sample' and GPSettings"):
         kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-              sample_col="sample", gp=kd.GPSettings(landmarks=landmarks, use_empirical_variance=True), client=client)
+              sample_col="sample", filter=kd.FilterSettings(groups="Age"),
+              gp=kd.GPSettings(landmarks=landmarks, use_empirical_variance=True), client=client)
 
 
 KILL_DRIVER = """

@@ -584,12 +584,14 @@ def _permuted_sample_distances(permuted: dict, weights: list, dws: list) -> np.n
 
 
 def _sample_models(ctx: BlockContext, clock: _Clock, proj: list, spec: SampleSpec, factor_paths, C1, C2, R, kbar,
-                   permuted=None) -> tuple:
+                   permuted=None, keep: bool = False) -> tuple:
     """Both conditions' weights, the distances with the sample variance, the mean log fold
-    changes, both conditions' Helmert contrasts and (``permuted``) each relabelling's
-    distances, from a block's projections per cell group (``proj``: the conditions' cells
-    outside every fitted sample, then each sample's; emptied as the weights are solved).
-    Gene blocks and null-gene blocks alike."""
+    changes, both conditions' Helmert contrasts, (``permuted``) each relabelling's
+    distances and (``keep``) every sample's weights, from a block's projections per cell
+    group (``proj``: the conditions' cells outside every fitted sample, then each sample's;
+    emptied as the weights are solved). Gene blocks and null-gene blocks alike. With
+    ``keep`` (the empirical variance, whose residuals need each sample's model) the
+    distances are left to the caller (None)."""
     perm_dw: list = []
     if permuted is not None:
         for p, f in enumerate(permuted["factors"]):
@@ -617,7 +619,7 @@ def _sample_models(ctx: BlockContext, clock: _Clock, proj: list, spec: SampleSpe
     for k, path in enumerate(factor_paths):
         w = gp_mod.condition_weights(io_commit.read_array(path), proj[2 + k], ctx.sigma, FACTOR_DTYPE)
         proj[2 + k] = None
-        if permuted is not None:
+        if permuted is not None or keep:
             kept.append(w.copy())
         c = 0 if k in uses[0] else 1
         if k in uses[c]:
@@ -626,6 +628,8 @@ def _sample_models(ctx: BlockContext, clock: _Clock, proj: list, spec: SampleSpe
     proj.clear()
     devs = [contrasts[0].contrasts, contrasts[1].contrasts]
     clock.lap("sample models")
+    if keep:
+        return w1, w2, None, lfc, devs, None, kept
     d = _sample_distances(np.asarray(R).T, w2 - w1, devs)
     clock.lap("scoring")
     perm_d = None
@@ -633,27 +637,44 @@ def _sample_models(ctx: BlockContext, clock: _Clock, proj: list, spec: SampleSpe
         perm_d = _permuted_sample_distances(permuted, kept, perm_dw)
         kept = perm_dw = None
         clock.lap("permuted-label scoring")
-    return w1, w2, d, lfc, devs, perm_d
+    return w1, w2, d, lfc, devs, perm_d, []
 
 
 def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C1, C2, R, kbar,
                        spec: SampleSpec, factor_paths, eps: float, std_done, std_new, after=(), groups=(),
-                       permuted=None):
+                       permuted=None, emp=None):
     """:func:`_real_block_task` with kompot's sample variance: each fitted sample's model for
     this block of genes, its Mahalanobis distances with the gene-specific low-rank covariance
     (:func:`kompot_dask._numerics.gp.lowrank_mahalanobis`), and per cell the std with the
     sample variance (and the z-scores) as layers. ``permuted``: the samples' conditions
     under each relabelling and their fits' factors (FDRSettings(mode="calibrated")); a
     relabelled condition's projection is the sum of its samples' (and of the cells outside
-    every fitted sample, which keep their condition), so no tile is read again."""
+    every fitted sample, which keep their condition), so no tile is read again. ``emp``: the
+    empirical variance as well (:func:`_sample_empirical`: a second read of the block's
+    tiles for each sample's leave-one-out residuals, and kompot's per-gene Cholesky)."""
     clock = _Clock()
     lay = ctx.layout
-    c0, local = block["c0"], block["local"]
+    c0, c1, local = block["c0"], block["c1"], block["local"]
     n_sel = len(local)
     moments = _Moments(n_sel)
     proj = _project(ctx, block, clock, Z, X, cell_group, 2 + spec.n_samples, moments)
-    w1, w2, d, lfc, devs, perm_d = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar, permuted)
+    w1, w2, d, lfc, devs, perm_d, kept = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar,
+                                                        permuted, keep=emp is not None)
     del proj
+    V = None
+    if emp is not None:
+        def pieces():  # every tile read once more, each sample's cells with its own model
+            for r0, r1 in lay.row_ranges:
+                grp = cell_group[r0:r1]
+                present = np.unique(grp[grp >= 2])
+                if not len(present):
+                    continue
+                tile = _dense_tile(ctx, r0, r1, c0, c1, local)
+                for j in present:
+                    sel = np.flatnonzero(grp == j)
+                    yield spec.condition[j - 2] - 1, r0 + sel, tile[sel], kept[j - 2]
+
+        d, V = _sample_empirical(ctx, clock, Z, X, pieces(), kept, w1, w2, devs, C1, C2, **emp)
     extra = {} if perm_d is None else {"permuted_mahalanobis": perm_d[:, :n_sel]}
     if groups:
         gd, glfc = _group_scores(groups, w1, w2, devs)
@@ -676,6 +697,9 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
                     t += p
                 sv.append(t)
             tv = [sv[c] + var[c, rows][:, None] for c in (0, 1)]
+            if V is not None:  # the empirical variance's observation variance, as kompot floors it
+                for c in (0, 1):
+                    tv[c] += np.maximum(k @ V[c], eps)
             return {"imputed1": mu1, "imputed2": mu2, "fold_change": mu2 - mu1,
                     "sample_std1": np.sqrt(tv[0] + eps), "sample_std2": np.sqrt(tv[1] + eps),
                     "fold_change_zscores": (mu2 - mu1) / np.sqrt(tv[0] + tv[1] + eps)}
@@ -683,12 +707,48 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
         _write_layers(ctx, block, clock, Z, X, pred, values)
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "moments": moments.result(), **extra, "seconds": clock.seconds}
-    w1 = w2 = devs = None  # freed before the heap is trimmed
+    w1 = w2 = devs = V = None  # freed before the heap is trimmed
     _trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
     return out
+
+
+def _sample_empirical(ctx: BlockContext, clock: _Clock, Z, X, pieces, kept: list, w1, w2, devs, C1, C2, *, Sigma,
+                      eps: float, lev_done, lev_new) -> tuple[np.ndarray, list]:
+    """The empirical variance with ``sample_col``, as kompot 0.8.0 computes it: each cell's
+    squared residual from its own sample's model (``kept``: every sample's weights),
+    leave-one-out corrected with that model's leverage, pooled per condition into one
+    variance GP (weights V_c); then each gene's distance with the full covariance
+    Σ + eps·I + diag(v_g) + V₁,g + V₂,g by one Cholesky per gene
+    (:func:`kompot_dask._numerics.gp.direct_mahalanobis`). ``pieces`` yields (condition
+    0/1, store rows, values, the weights of their sample). Returns the distances and V."""
+    lay = ctx.layout
+    n = lay.row_ranges[-1][1] if lay.row_ranges else 0
+    h = _per_cell(n, lev_done, lev_new, "h")
+    V, v = _variance_weights(ctx, Z, X, pieces, h, (w1, w2), (C1, C2), eps)
+    kept.clear()
+    clock.lap("empirical variance")
+    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
+    cov = np.asarray(Sigma)
+    work = np.empty(cov.shape, dtype=cov.dtype, order="F")
+    dw = w2 - w1
+    d = np.empty(dw.shape[1])
+    for g0 in range(0, len(d), _layout.SAMPLE_SCORE_GENES):
+        g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+        U = np.stack([u[:, g] for u in (*devs[0], *devs[1])], axis=2)
+        d[g] = gp_mod.direct_mahalanobis(cov, kzz, dw[:, g], U, v[:, g], work)
+    clock.lap("per-gene Cholesky")
+    return d, V
+
+
+def _sample_leverage_task(path, rows, Z, X, ls, sigma, kernel_chunk, dtype, marker=None):
+    """The leverages of one sample's cells under its own model (``path``: its factor), for
+    the leave-one-out correction of their residuals (the empirical variance with
+    ``sample_col``)."""
+    M = gp_mod.leverage_factor(io_commit.read_array(path), sigma, dtype)
+    return _leverage_task(rows, Z, X, M, ls, kernel_chunk, dtype, marker)
 
 
 def _leverage_task(rows, Z, X, M, ls, kernel_chunk, dtype, marker=None):
@@ -723,11 +783,12 @@ def _dense_tile(ctx: BlockContext, r0: int, r1: int, c0: int, c1: int, local: np
 def _variance_weights(ctx, Z, X, pieces, h, w, C, eps):
     """Each condition's empirical variance weights V_c — the variance GP fitted to the
     leave-one-out corrected squared residuals of its cells (``pieces`` yields (condition
-    0/1, rows, values)) — and their summed variance at the landmarks, Σ_c max(Kzz V_c, eps)
+    0/1, rows, values), or (…, weights) when the residuals come from other weights than the
+    condition's ``w``) — and their summed variance at the landmarks, Σ_c max(Kzz V_c, eps)
     (m × g)."""
     accs = [gp_mod.ResidualAccumulator(Z, ctx.ls, w[c], ctx.layout.kernel_chunk, ctx.dtype) for c in (0, 1)]
-    for c, rows, values in pieces:
-        accs[c].add(X, values, h[rows], rows=rows)
+    for c, rows, values, *own in pieces:  # (… , W): residuals from those weights, not the condition's
+        accs[c].add(X, values, h[rows], rows=rows, W=own[0] if own else None)
     V = [gp_mod.condition_weights(C[c], accs[c].result(), ctx.sigma, FACTOR_DTYPE) for c in (0, 1)]
     del accs
     kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
@@ -943,7 +1004,7 @@ def _null_project(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_s
     block = {**block, "moments": moments.result()[:, :n_sources]}
     if samples is not None:
         return _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, groups,
-                                   *samples)
+                                   *samples, emp=emp)
     accs = []
     for part, rows in ((y[:n1], rows1), (y[n1:], rows2)):
         acc = gp_mod.ProjectionAccumulator(Z, ctx.ls, lay.null_gene_block, lay.kernel_chunk, ctx.dtype)
@@ -1027,11 +1088,12 @@ def _sparse_null_values(reader, uniq, inverse, seeds, rows1, rows2):
 
 
 def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kbar, n_sources, groups,
-                        spec: SampleSpec, factor_paths):
+                        spec: SampleSpec, factor_paths, emp=None):
     """:func:`_null_scores` with the sample variance: the permuted values projected per cell
     group (each condition's cells outside every fitted sample, each sample's cells; a null
     value sits at a cell of the stacked conditions, and belongs to that cell's sample), then
-    scored like a gene block (:func:`_sample_models`)."""
+    scored like a gene block (:func:`_sample_models`; ``emp``: with the empirical variance,
+    :func:`_sample_empirical` on the same values)."""
     lay, n1 = ctx.layout, len(rows1)
     sparse = not isinstance(y, np.ndarray)
     proj = []
@@ -1043,9 +1105,20 @@ def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kba
                 (acc.add_sparse if sparse else acc.add)(X, y[lo + sel], rows=rows[sel])
         proj.append(acc.result())
         del acc
-    del y
     clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
-    w1, w2, d, _, devs, _ = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar)
+    w1, w2, d, _, devs, _, kept = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar,
+                                                 keep=emp is not None)
+    if emp is not None:
+        def pieces(y):
+            for lo, rows in ((0, rows1), (n1, rows2)):
+                for k in range(spec.n_samples):
+                    sel = np.flatnonzero(spec.cell_group[rows] == 2 + k)
+                    if len(sel):
+                        part = y[lo + sel]
+                        yield spec.condition[k] - 1, rows[sel], part.toarray() if sparse else part, kept[k]
+
+        d, _ = _sample_empirical(ctx, clock, Z, X, pieces(y), kept, w1, w2, devs, C1, C2, **emp)
+    del y
     out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
            "moments": block["moments"]}
     if groups:
@@ -1223,9 +1296,11 @@ _FIT_PRIORITY = 10
 
 def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float, sigma: float, eps: float,
                 kernel_chunk: int, n_workers: int, n_threads: int, allow_diagonal: bool = True,
-                empirical: bool = False) -> tuple[dict, list]:
+                empirical: bool = False, covariance: bool = False) -> tuple[dict, list]:
     """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
-    run waits on."""
+    run waits on (``empirical``: also :data:`EMPIRICAL_OUTPUTS`; ``covariance``: also Σ₁ + Σ₂
+    + eps·I at the landmarks, for the per-gene Cholesky of the sample variance with the
+    empirical variance)."""
     kc = kernel_chunk
     # Priorities follow the critical path S → C → metric → blocks: the metric's chain of
     # m × m solves is the longest single step, so everything it needs goes first and the
@@ -1260,6 +1335,9 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
         fit["M1"] = client.submit(gp_mod.leverage_factor, C1_f, sigma, FACTOR_DTYPE, **hi)
         fit["M2"] = client.submit(gp_mod.leverage_factor, C2_f, sigma, FACTOR_DTYPE, **hi)
         extra = [fit[k] for k in EMPIRICAL_OUTPUTS]
+    if covariance:
+        fit["Sigma"] = client.submit(gp_mod.landmark_covariance, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, **hi)
+        extra.append(fit["Sigma"])
     return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
 
 
@@ -1383,7 +1461,7 @@ def _load_fit(client: Client, paths: dict[str, str]) -> tuple[dict, list]:
     that the scheduler can load a factor again when the worker holding it dies."""
     factors = [n for n in ("Lp", "C1", "C2", "R", "M1", "M2") if n in paths]
     fit = {name: client.submit(_load_factor_task, paths[name], pure=False) for name in factors}
-    for name in ("kbar", "Wsq"):
+    for name in ("kbar", "Wsq", "Sigma"):
         if name in paths:
             fit[name] = client.submit(_load_array_task, paths[name], pure=False)
     setup = list(fit.values())
@@ -1510,10 +1588,16 @@ def run_engine(
     # with sample or empirical variance the block tasks write the z-scores themselves
     own_z = samples is not None or empirical
     z_blocks = list(real_blocks) if "fold_change_zscores" in staged and not own_z else []
+    # the empirical variance's leverages: per condition, or (sample_col) per sample, each
+    # cell's under its own sample's model
+    sample_emp = empirical and samples is not None
     lev_parts = ([(c, i, r) for c, rows in ((1, rows1), (2, rows2))
-                  for i, r in enumerate(_layout.std_parts(layout, rows))] if empirical else [])
+                  for i, r in enumerate(_layout.std_parts(layout, rows))] if empirical and not sample_emp else [])
     lev_done = [done[f"lev{c}-{i}"] for c, i, _ in lev_parts if f"lev{c}-{i}" in done]
     lev_parts = [(c, i, r) for c, i, r in lev_parts if f"lev{c}-{i}" not in done]
+    sample_lev = list(range(samples.n_samples)) if sample_emp else []
+    lev_done += [done[f"levs-{k}"] for k in sample_lev if f"levs-{k}" in done]
+    sample_lev = [k for k in sample_lev if f"levs-{k}" not in done]
     cov_todo = bool(staged_obsp) and "postcov" not in done
     n_all = len(real_blocks) + len(null_blocks) + len(std_parts) + len(z_blocks) + bool(staged_obsp)
     z_blocks = [b for b in z_blocks if f"z-{b['index']}" not in done]
@@ -1564,14 +1648,16 @@ def run_engine(
         kc = layout.kernel_chunk
 
         fit_dir = staging.sub("fit")
-        saved = io_commit.saved_arrays(fit_dir, FIT_OUTPUTS + (EMPIRICAL_OUTPUTS if empirical else ()))
+        fit_names = FIT_OUTPUTS + (("Sigma",) if sample_emp else EMPIRICAL_OUTPUTS if empirical else ())
+        saved = io_commit.saved_arrays(fit_dir, fit_names)
         if saved is not None:
             logger.info("Resuming: the fit of the interrupted run is reused")
             fit, setup = _load_fit(client, saved)
         else:
             fit, setup = _submit_fit(client, Z_f, X_f, rows1, rows2, pred_rows, ls=ls, sigma=sigma, eps=eps,
                                      kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads,
-                                     allow_diagonal=samples is None, empirical=empirical)
+                                     allow_diagonal=samples is None, empirical=empirical and not sample_emp,
+                                     covariance=sample_emp)
             setup += _save_fit(client, fit, fit_dir)
         Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f = (fit[k] for k in FIT_OUTPUTS)
         if samples is not None:
@@ -1612,13 +1698,20 @@ def run_engine(
                                              (markers, f"stdk-{i}"), pure=False, priority=1))
         lev_futures = [client.submit(_leverage_task, r, Z_f, X_f, fit[f"M{c}"], ls, kc, FACTOR_DTYPE,
                                      (markers, f"lev{c}-{i}"), pure=False, priority=1) for c, i, r in lev_parts]
+        lev_futures += [client.submit(_sample_leverage_task, sample_paths[k], samples.rows(k), Z_f, X_f, ls, sigma, kc,
+                                      FACTOR_DTYPE, (markers, f"levs-{k}"), pure=False, priority=1)
+                        for k in sample_lev]
         first_block = min((b["index"] for b in _layout.real_blocks(layout, n_vars, selected)), default=-1)
-        emp = (dict(Wsq=fit["Wsq"], diagonal=diag_f, eps=eps, lev_done=lev_done, lev_new=lev_futures)
-               if empirical else None)
+        if sample_emp:
+            emp = dict(Sigma=fit["Sigma"], eps=eps, lev_done=lev_done, lev_new=lev_futures)
+        elif empirical:
+            emp = dict(Wsq=fit["Wsq"], diagonal=diag_f, eps=eps, lev_done=lev_done, lev_new=lev_futures)
+        else:
+            emp = None
         real_futures = {}
         for blk in real_blocks:
             key = f"kompot-real-block-{run_token}-{blk['index']}"
-            if empirical:
+            if empirical and not sample_emp:
                 with_std = bool(block_layers) and "fold_change_zscores" in block_layers
                 real_futures[blk["index"]] = client.submit(
                     _empirical_block_task, ctx, blk, Z_f, X_f, codes_f, pred_f, C1_f, C2_f, R_f, kbar_f, fit["Wsq"],
@@ -1636,8 +1729,8 @@ def run_engine(
                 real_futures[blk["index"]] = client.submit(
                     _sample_block_task, ctx, blk, Z_f, X_f, group_f, pred_f, C1_f, C2_f, R_f, kbar_f, samples,
                     sample_paths, eps, [t[:3] for t in std_done] if with_std else [],
-                    std_futures if with_std else [], transposing, groups=group_refs, permuted=permuted, pure=False,
-                    key=key,
+                    std_futures if with_std else [], transposing, groups=group_refs, permuted=permuted, emp=emp,
+                    pure=False, key=key,
                 )
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:

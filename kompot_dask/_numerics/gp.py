@@ -418,6 +418,51 @@ def _covariance_lower(Z: np.ndarray, ls: float, Lp, C1, C2, P: np.ndarray, work:
     return cov
 
 
+def landmark_covariance(Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64") -> np.ndarray:
+    """Σ₁ + Σ₂ + eps·I at the landmarks, lower triangle (m × m, Fortran order): the shared
+    part of each gene's covariance when the empirical variance's diagonal and the sample
+    variance's low-rank term both enter it (:func:`direct_mahalanobis`)."""
+    m = Z.shape[0]
+    cov = _covariance_lower(Z, ls, Lp, C1, C2, Z, np.empty((m, m), dtype=np.dtype(dtype), order="F"), dtype)
+    cov[np.diag_indices(m)] += eps
+    return cov
+
+
+def direct_mahalanobis(cov: np.ndarray, kzz: np.ndarray, dw: np.ndarray, U: np.ndarray, v: np.ndarray,
+                       work: np.ndarray | None = None) -> np.ndarray:
+    """Mahalanobis distances with a per-gene covariance of full rank: kompot's per-gene
+    Cholesky when the sample variance and the empirical variance are both on.
+
+    Per gene g, D² = δᵀ (Σ + eps·I + diag(v_g) + V_g)⁻¹ δ with δ = Kzz dw_g and
+    V_g = (Kzz U_g)(Kzz U_g)ᵀ (U: m × g × r, the samples' Helmert contrasts). ``cov`` is
+    Σ + eps·I (lower triangle, :func:`landmark_covariance`), ``v`` (m × g) the summed
+    observation variances at the landmarks. The diagonal term changes every eigenvector, so
+    no shared factor helps: each gene costs one m × m Cholesky (m³/3 flops), done in place
+    in one m × m work matrix (``work``) with LAPACK. A gene whose matrix is not positive
+    definite gets NaN, as in kompot.
+    """
+    m, g = dw.shape
+    r = U.shape[2]
+    dt = cov.dtype
+    delta = np.asfortranarray(kzz @ dw, dtype=dt)  # m × g
+    work = np.empty((m, m), dtype=dt, order="F") if work is None else work
+    out = np.empty(g)
+    diag = np.diag_indices(m)
+    for j in range(g):
+        np.copyto(work, cov)
+        work[diag] += v[:, j]
+        if r:
+            ku = np.asfortranarray(kzz @ U[:, j, :], dtype=dt)  # m × r
+            blas.syrk_lower(work, ku, 1.0, 1.0, trans=False)
+        if blas.potrf_lower(work) != 0:
+            out[j] = np.nan
+            continue
+        z = np.array(delta[:, j : j + 1], order="F")
+        blas.trsm_left_lower(work, z)
+        out[j] = float(np.sqrt(np.sum(z * z)))
+    return out
+
+
 def posterior_covariance(X: np.ndarray, Z: np.ndarray, ls: float, Lp, C1, C2,
                          dtype: str = "float64") -> np.ndarray:
     """Σ₁ + Σ₂ between the cells ``X`` (n × n, symmetric): kompot's
@@ -514,11 +559,15 @@ class ResidualAccumulator:
         self._w = np.asarray(W, dtype=self.dtype)
         self._b = np.zeros_like(self._w)
 
-    def add(self, X: np.ndarray, Y, h: np.ndarray, rows: np.ndarray | None = None) -> None:
+    def add(self, X: np.ndarray, Y, h: np.ndarray, rows: np.ndarray | None = None,
+            W: np.ndarray | None = None) -> None:
         """Cells ``X`` (n × d), their expression ``Y`` (n × genes, dense or CSR) and
         leverages ``h`` (n); with ``rows``, of the cells ``X[rows]`` (``Y`` and ``h`` then
-        have one entry per entry of ``rows``)."""
+        have one entry per entry of ``rows``). ``W``: the weights these cells' residuals are
+        taken from, when not the accumulator's own (with ``sample_col``, each sample's
+        model gives its own cells' residuals)."""
         g = Y.shape[1]
+        w = self._w if W is None else W
         n_all = X.shape[0] if rows is None else len(rows)
         for start in range(0, n_all, self.chunk):
             xs = X[start : start + self.chunk] if rows is None else X[rows[start : start + self.chunk]]
@@ -530,7 +579,7 @@ class ResidualAccumulator:
                                              jnp.asarray(self._ls, dt)))[:n]
             ys = Y[start : start + n]
             ys = ys.toarray() if sp.issparse(ys) else ys
-            r = np.asarray(ys, dtype=self.dtype) - k @ self._w[:, :g]
+            r = np.asarray(ys, dtype=self.dtype) - k @ w[:, :g]
             r *= 1.0 / (1.0 - h[start : start + n])[:, None]
             self._b[:, :g] += k.T @ (r * r)
 
