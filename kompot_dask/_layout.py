@@ -448,7 +448,7 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         # the remaining projections, both conditions' weights, the running sum and one
         # temporary; the distances in batches (whitened contrasts, their QR: × 3); the
         # layers: both weights and the contrasts, every cell's posterior variance, and per
-        # kernel chunk the predictions and both conditions' sample variances. With the
+        # kernel chunk the predictions and both conditions' sample variances (below). With the
         # calibrated FDR, each relabelling's weight difference (summed projections, solved
         # beside them) and every sample's weights, kept for the relabellings' contrasts
         rows_w, S, r = S, inp.n_samples, inp.sample_rank
@@ -458,7 +458,11 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         models = (2 + r) * m * G * 8
         weights = max(acc, (S + (S + P if P else 0)) * m * G * 8 + 6 * m * G * 8) + m * m * 8
         scores = models + ((S + P) * m * G * 8 if P else 0) + 3 * r * m * min(G, SAMPLE_SCORE_GENES) * 8
-        predict = ((models + n_tiles * rows_w * G * lb + 6 * kc * G * 8
+        # per kernel chunk: both means, the fold change, each condition's sample variance
+        # and a squared contrast, both total variances, the stds, the z-scores and their
+        # temporaries (ten arrays; with the empirical variance two more, and V_c beside)
+        predict = ((models + n_tiles * rows_w * G * lb + (12 if inp.empirical else 10) * kc * G * 8
+                    + (2 * m * G * 8 if inp.empirical else 0)
                     + 2 * m * kc * bt + 2 * inp.n_obs * 8) if inp.store_layers else 0)
         real = max(acc + tile + kernel, weights, scores, predict)
     if inp.empirical and inp.n_samples:

@@ -403,6 +403,7 @@ from kompot_dask._io import commit
 from distributed import Client, LocalCluster
 
 store, landmarks = sys.argv[1], np.load(sys.argv[2])
+empirical = len(sys.argv) > 3  # the empirical variance too (then no groups: refused with both)
 real = eng._sample_block_task
 def slow(*a, **k):
     time.sleep(0.3)
@@ -421,8 +422,8 @@ def watch():
 threading.Thread(target=watch, daemon=True).start()
 with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
     kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-          sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks),
-          filter=kd.FilterSettings(groups="Age"),
+          sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks, use_empirical_variance=empirical),
+          filter=kd.FilterSettings(groups=None if empirical else "Age"),
           compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=c)
 print("FINISHED", flush=True)
 """
@@ -462,3 +463,34 @@ def test_sample_col_resumes_after_sigkill(tmp_path, client):
     for key in (f"{PAIR}_mahalanobis_sample_var_groups", f"{PAIR}_mean_lfc_groups"):
         assert list(a.varm[key].columns) == ["Young", "Old"]
         np.testing.assert_array_equal(a.varm[key].to_numpy(), b.varm[key].to_numpy())
+
+
+@pytest.mark.slow  # a real SIGKILL and two reruns: `pytest -m slow`
+def test_sample_col_with_empirical_variance_resumes_after_sigkill(tmp_path, client):
+    """The same kill with both variances: the rerun reuses the saved fit (Σ + eps·I and the
+    samples' factors), the samples' leverages and the finished blocks, and its results equal
+    an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    adata, landmarks = _data(tmp_path, seed=23)
+    store = kd.ingest(adata, tmp_path / "k.zarr", progress=False)
+    clean = kd.ingest(adata, tmp_path / "clean.zarr", progress=False)
+    proc = subprocess.run([sys.executable, "-c", KILL_DRIVER, store, str(tmp_path / "landmarks.npy"), "emp"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9 and "KILL" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert not any(c.startswith("kompot") for c in ad.read_zarr(store).var)  # nothing half-written
+    from kompot_dask._io import commit
+
+    (staged,) = commit.list_staging(store)
+    assert os.path.isfile(os.path.join(staged.sub("fit"), "Sigma.npy"))
+    assert sum(k.startswith("levs-") for k in commit.read_markers(staged.sub("markers"))) == 6
+    kw = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+              sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks, use_empirical_variance=True),
+              compute=kd.ComputeSettings(gene_block=8), output=kd.OutputSettings(progress=False), client=client)
+    kd.de(store, **kw)
+    kd.de(clean, **kw)
+    assert kd.RunInfo(store, -1).record["resumed"]["tasks_reused"] >= 2  # the blocks (the leverages not counted)
+    a, b = ad.read_zarr(store), ad.read_zarr(clean)
+    np.testing.assert_array_equal(a.var[f"{PAIR}_mahalanobis_sample_var"], b.var[f"{PAIR}_mahalanobis_sample_var"])
+    np.testing.assert_array_equal(np.asarray(a.layers["kompot_de_Old_std"]), np.asarray(b.layers["kompot_de_Old_std"]))
