@@ -5,7 +5,9 @@ Part 1 (``--compare``): 5,000 cells × 2,000 genes, 3 donors per condition, the 
 landmarks given to both tools (``--m``, default 300: kompot keeps an m × m × genes tensor
 per condition and a third for their sum, 3 × m² × G × 8 bytes — 4.3 GB at m = 300, 600 GB
 at its default m = 5,000). Each tool in a fresh process: the ``de`` call's wall time, the
-peak RSS of the process tree, and how far apart the Mahalanobis distances are.
+peak RSS of the process tree, and how far apart the Mahalanobis distances are. With
+``--empirical`` both tools add the empirical variance (kompot's per-gene Cholesky with a
+diagonal term; kompot_dask the same, in its gene blocks).
 
 Part 2 (``--scale``): 200,000 cells × 2,000 genes, 10 donors per condition, defaults
 (m = 5,000), kompot_dask alone: the same run without sample_col and without layers
@@ -14,7 +16,7 @@ Prints wall time and peak RSS of each, the ratio to the run without sample_col, 
 pass's time and GFLOP/s, each run's own plan (wall time; worker + client peak), and
 kompot's own memory estimate for that size (``kompot.resource_estimation``, in a subprocess).
 
-    .venv/bin/python benchmarks/sample_variance.py --compare
+    .venv/bin/python benchmarks/sample_variance.py --compare [--empirical]
     .venv/bin/python benchmarks/sample_variance.py --scale [--n-obs 200000]
 """
 
@@ -36,7 +38,7 @@ import time, json, numpy as np, anndata as ad, kompot
 a = ad.read_h5ad({h5ad!r})
 t = time.perf_counter()
 kompot.de(a, groupby={groupby!r}, condition1={c1!r}, condition2={c2!r}, layer={layer!r}, obsm_key="X_pca",
-          sample_col="sample", gp=kompot.GPSettings(landmarks=np.load({landmarks!r})),
+          sample_col="sample", gp=kompot.GPSettings(landmarks=np.load({landmarks!r}), use_empirical_variance={empirical!r}),
           output=kompot.OutputSettings(progress=False))
 wall = time.perf_counter() - t
 np.save({out!r}, a.var["kompot_de_Young_to_Old_mahalanobis_sample_var"].to_numpy(float))
@@ -47,7 +49,8 @@ KOMPOT_DASK = """
 if __name__ == "__main__":
     import time, json, numpy as np, anndata as ad, kompot_dask as kd
     # with kompot's own length-scale search for the side-by-side run (the same ls, so the same answers)
-    gp = kd.GPSettings() if {landmarks!r} is None else kd.GPSettings.kompot(landmarks=np.load({landmarks!r}))
+    gp = (kd.GPSettings(use_empirical_variance={empirical!r}) if {landmarks!r} is None else
+          kd.GPSettings.kompot(landmarks=np.load({landmarks!r}), use_empirical_variance={empirical!r}))
     t = time.perf_counter()
     kd.de({store!r}, groupby={groupby!r}, condition1={c1!r}, condition2={c2!r}, layer={layer!r}, obsm_key="X_pca",
           sample_col={sample_col!r}, gp=gp, fdr=kd.FDRSettings(null_genes=0),
@@ -106,11 +109,12 @@ def compare(args, work: str) -> None:
     np.save(landmarks, k_means(adata.obsm["X_pca"].astype(np.float64), args.m, n_init=1, random_state=0)[0])
     del adata
     print(f"data: {args.n_obs:,} cells × {args.n_vars:,} genes, 3 donors per condition, m = {args.m} "
-          "(the same k-means landmarks for both), no null genes (sample_col's default)")
+          "(the same k-means landmarks for both), no null genes (sample_col's default)"
+          + (", with the empirical variance" if args.empirical else ""))
     ref_out, our_out = os.path.join(work, "ref_d.npy"), os.path.join(work, "our_d.npy")
-    ref = run_measured(KOMPOT.format(h5ad=h5ad, landmarks=landmarks, out=ref_out, **CALL))
+    ref = run_measured(KOMPOT.format(h5ad=h5ad, landmarks=landmarks, out=ref_out, empirical=args.empirical, **CALL))
     ours = run_measured(KOMPOT_DASK.format(store=store, landmarks=landmarks, sample_col="sample", layers=True,
-                                           out=our_out, **CALL))
+                                           out=our_out, empirical=args.empirical, **CALL))
     d_ref, d = np.load(ref_out), np.load(our_out)
     print(f"{'':24s}{'kompot 0.8.0':>16s}{'kompot_dask':>16s}{'ratio':>10s}")
     print(f"{'de() wall time':24s}{ref['de_wall_s']:>14.1f} s{ours['de_wall_s']:>14.1f} s"
@@ -133,7 +137,7 @@ def scale(args, work: str) -> None:
         if label == "sample_col, layers" and args.skip_layers:
             continue
         r = run_measured(KOMPOT_DASK.format(store=store, landmarks=None, sample_col=sample_col, layers=layers,
-                                            out="", **CALL))
+                                            out="", empirical=False, **CALL))
         plan = r["plan"]  # the run's own (timed) plan, from its record
         r["predicted_peak"] = (plan.get("peak_worker_bytes") or 0) + (plan.get("peak_client_bytes") or 0)
         r["predicted_wall"] = plan.get("wall_seconds")
@@ -172,6 +176,8 @@ def main() -> None:
     p.add_argument("--m", type=int, default=None)
     p.add_argument("--donors", type=int, default=10, help="donors per condition (--scale)")
     p.add_argument("--skip-layers", action="store_true", help="--scale without the run that writes layers")
+    p.add_argument("--empirical", action="store_true",
+                   help="--compare with GPSettings(use_empirical_variance=True) in both tools")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="kd_samples_")
