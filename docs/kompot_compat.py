@@ -28,8 +28,8 @@ DE_NOTES = {
                   "models as kompot does, from given null distances, or from `FDRSettings(mode=\"calibrated\")` "
                   "(whole donors relabelled between the conditions; kompot has no such mode); with the empirical "
                   "variance as kompot combines them (each cell's residual from its own sample's model, one "
-                  "Cholesky per gene of the full covariance: m³/3 flops per gene); refused with the empirical "
-                  "variance and `groups` together",
+                  "Cholesky per gene of the full covariance: m³/3 flops per gene; with `groups`, one per gene at "
+                  "each subset's points)",
     "model": "refused: kompot's prefitted predictors cannot be distributed (a value raises `SettingsError`)",
     "function_kwargs": "refused: no pass-through keywords; an unknown keyword is a `TypeError` naming it",
 }

@@ -601,12 +601,6 @@ def _cells(store: Store, call: _Call, settings: _Settings, embedding: np.ndarray
                 f"{filt.min_cells} are needed (FilterSettings.min_cells). Relax the cell filter or pick another condition."
             )
     samples = None
-    if call.sample_col is not None and settings.gp.use_empirical_variance and settings.filter.groups is not None:
-        raise SettingsError(
-            f"FilterSettings(groups={_short(settings.filter.groups)}) with sample_col={call.sample_col!r} and "
-            "GPSettings(use_empirical_variance=True): the per-subset distances with both variances (a per-gene "
-            "Cholesky at each subset's points) are not implemented. Drop one of the three settings."
-        )
     if call.sample_col is not None:
         samples = _sample_spec(obs, call, mask1, mask2, settings.output.allow_single_condition_variance,
                                settings.gp.use_empirical_variance)

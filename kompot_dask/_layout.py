@@ -480,8 +480,9 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     # its whitened differences
     p = inp.group_max_points
     group_scores = (p * m * 8 + p * G * 8 + 2 * m * G * 8) if inp.n_groups else 0
-    if inp.n_groups and inp.empirical:  # (L⁻¹)² at the points, their kernel rows, their variances
-        group_scores += p * p * 8 + p * m * 8 + 2 * p * G * 8
+    if inp.n_groups and inp.empirical:  # (L⁻¹)² (or Σ + eps·I and the Cholesky's work matrix with
+        # samples) at the points, their kernel rows, their variances
+        group_scores += (2 if inp.n_samples else 1) * p * p * 8 + p * m * 8 + 2 * p * G * 8
     real = max(real, group_scores + (2 * m * G * 8 if not inp.n_samples else (2 + inp.sample_rank) * m * G * 8))
     nb = ch.null_gene_block
     # source columns of both conditions, permuted in place (in the layer's precision where
@@ -932,11 +933,15 @@ def _group_flops(inp: PlanInputs) -> dict[str, float]:
     if not inp.n_groups:
         return {}
     m, P, pmax = inp.m, inp.group_points, inp.group_max_points
-    return {
+    out = {
         # Σ over subsets of p² terms is at most pmax · P
         "groups (factors)": float(2 * inp.group_cells * m + 3 * m * m * P + 4 * m * pmax * P + pmax * pmax * P / 3),
         "groups (per gene)": float(2 * P * m * (inp.n_selected + inp.n_null)),
     }
+    if inp.empirical and inp.n_samples:  # both variances: a Cholesky per gene at each subset's points
+        out["groups (per-gene Cholesky)"] = float((inp.n_selected + inp.n_null) * pmax * pmax * P / 3)
+        out["groups (factors)"] += 6 * m * m * P
+    return out
 
 
 def _empirical_flops(inp: PlanInputs) -> dict[str, float]:
@@ -1075,7 +1080,8 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         if inp.n_samples:  # one Cholesky per gene and null gene, at the Cholesky's rate
             blocks += emp["per-gene Cholesky (sample and empirical variance)"] / cal.chol_flops
     if inp.n_groups:
-        blocks += _group_flops(inp)["groups (per gene)"] / gemm
+        gf = _group_flops(inp)
+        blocks += gf["groups (per gene)"] / gemm + gf.get("groups (per-gene Cholesky)", 0.0) / cal.chol_flops
     return _ENGINE_EFFICIENCY * (blocks + nulls + std) / res.total_threads
 
 

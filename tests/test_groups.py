@@ -33,9 +33,10 @@ PAIR = "kompot_de_Young_to_Old"
 CALL = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca")
 
 
-def _data(tmp_path, seed: int = 5):
+def _data(tmp_path, seed: int = 5, samples: int = 0):
     adata = make_synthetic_adata(SyntheticSpec(n_obs=900, n_vars=40, n_dims=8, n_clusters=3, seed=seed,
-                                               de_fraction=0.2, cell_types=("T", "B", "NK")))
+                                               de_fraction=0.2, cell_types=("T", "B", "NK"),
+                                               samples_per_condition=samples))
     adata.obsm["X_pca"] = adata.obsm["X_pca"].astype(np.float64)
     from sklearn.cluster import k_means
 
@@ -96,6 +97,44 @@ def test_groups_parity(tmp_path, client, empirical):
     assert rec.groups_summary["cells_per_group"]["few"]["count"] == 90
     assert rec.field_mapping[f"{PAIR}_mahalanobis_groups"]["contains_subsets"] == ["T", "few"]
     assert f"varm/{PAIR}_mean_lfc_groups" in rec.fields_written
+
+
+@pytest.mark.slow  # a niche combination: `pytest -m slow`
+@needs_kompot
+def test_groups_parity_with_sample_and_empirical_variance(tmp_path, client):
+    """Both variances with per-group tables: each subset's distances from one Cholesky per
+    gene of the covariance at its own points (landmarks or cells), as kompot computes them."""
+    adata, landmarks = _data(tmp_path, samples=3)
+    rng = np.random.default_rng(0)
+    few = np.zeros(adata.n_obs, dtype=bool)
+    few[rng.choice(adata.n_obs, 90, replace=False)] = True
+    groups = {"T": (adata.obs["cell_type"] == "T").to_numpy(), "few": few}
+    ref = run_reference(tmp_path, adata, {
+        **CALL, "sample_col": "sample",
+        "gp": {"ls": 200.0, "landmarks_npy": str(tmp_path / "landmarks.npy"), "random_state": 0,
+               "use_empirical_variance": True},
+        "fdr": {"null_genes": 20}, "filter": {"groups": {k: v.tolist() for k, v in groups.items()}},
+    })
+    store = kd.ingest(adata, tmp_path / "syn.zarr", progress=False)
+    kd.de(store, **CALL, sample_col="sample",
+          gp=kd.GPSettings(ls=200.0, landmarks=landmarks, random_state=0, use_empirical_variance=True),
+          fdr=kd.FDRSettings(null_genes=20), filter=kd.FilterSettings(groups=groups),
+          output=kd.OutputSettings(progress=False), client=client)
+    got = ad.read_zarr(store)
+    want_keys = sorted(k[5:] for k in ref if k.startswith("varm/"))
+    assert sorted(k for k in got.varm if k.startswith("kompot")) == want_keys
+    assert f"{PAIR}_mahalanobis_sample_var_groups" in want_keys
+    for key in want_keys:
+        have, want = got.varm[key].to_numpy(dtype=float), ref[f"varm/{key}"].astype(float)
+        assert list(got.varm[key].columns) == list(ref[f"varm_columns/{key}"]), key
+        if "_is_de" in key:
+            np.testing.assert_array_equal(have, want, err_msg=key)
+        elif "_local_fdr" in key:  # as tests/test_parity.py: ≤ 1e-8 absolute
+            np.testing.assert_allclose(have, want, rtol=0, atol=1e-8, err_msg=key)
+        elif "mahalanobis" in key:
+            np.testing.assert_allclose(have, want, rtol=1e-8, atol=0, err_msg=key)
+        else:
+            np.testing.assert_allclose(have, want, rtol=1e-10, atol=1e-10, err_msg=key)
 
 
 def test_groups_obs_column_in_memory_and_cleanup(tmp_path, client, caplog):

@@ -385,15 +385,6 @@ def test_direct_mahalanobis_matches_a_dense_solve():
     assert np.isnan(got[5])
 
 
-def test_empirical_variance_with_sample_col_and_groups_is_refused(tmp_path, client):
-    adata, landmarks = _data(tmp_path, seed=19)
-    store = kd.ingest(adata, tmp_path / "r.zarr", progress=False)
-    with pytest.raises(kd.SettingsError, match=r"groups='Age'\) with sample_col='sample' and GPSettings"):
-        kd.de(store, groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
-              sample_col="sample", filter=kd.FilterSettings(groups="Age"),
-              gp=kd.GPSettings(landmarks=landmarks, use_empirical_variance=True), client=client)
-
-
 KILL_DRIVER = """
 import os, signal, sys, threading, time
 import numpy as np

@@ -461,12 +461,15 @@ class GroupSpec:
 
 _GROUP_FILES = ("R", "kbar", "diagonal")
 _GROUP_EMPIRICAL_FILES = ("Wsq", "points")
+_GROUP_COVARIANCE_FILES = ("Sigma", "points")
 
 
-def _group_paths(fit_dir: str, i: int, empirical: bool = False) -> dict[str, str]:
+def _group_paths(fit_dir: str, i: int, empirical: bool = False, covariance: bool = False) -> dict[str, str]:
     """Where subset ``i``'s factor, mean kernel row and diagonal flag are kept (with the
-    empirical variance also (L⁻¹)² at its points and the points)."""
-    names = _GROUP_FILES + (_GROUP_EMPIRICAL_FILES if empirical else ())
+    empirical variance also (L⁻¹)² at its points and the points; with ``covariance``, the
+    sample and the empirical variance together, Σ + eps·I at its points and the points)."""
+    names = (_GROUP_FILES + (_GROUP_EMPIRICAL_FILES if empirical else ())
+             + (_GROUP_COVARIANCE_FILES if covariance else ()))
     return {name: os.path.join(fit_dir, f"group-{i}-{name}.npy") for name in names}
 
 
@@ -475,19 +478,25 @@ def _group_ref(paths: dict[str, str], diagonal: bool) -> dict:
 
 
 def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel_sums, n_cells, fit_dir,
-                       empirical=False):
+                       empirical=False, covariance=False):
     """One subset's Mahalanobis factor ``Rᵀ`` at its points and its mean kernel row (with the
-    empirical variance also (L⁻¹)² and the points, for kompot's factor trick there), kept in
-    ``fit_dir`` (a block loads one subset's at a time; a resumed run reuses them)."""
+    empirical variance also (L⁻¹)² and the points, for kompot's factor trick there; with
+    ``covariance``, Σ + eps·I at its points and the points, for the per-gene Cholesky of
+    the sample and empirical variances together), kept in ``fit_dir`` (a block loads one
+    subset's at a time; a resumed run reuses them)."""
     got = gp_mod.landmark_metric(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE, allow_diagonal, empirical, points=points)
     Rt, diagonal = got[0], got[1]
     kbar = _mean_task(kernel_sums, n_cells)
-    paths = _group_paths(fit_dir, i, empirical)
+    paths = _group_paths(fit_dir, i, empirical, covariance)
+    if covariance:
+        io_commit.write_array_atomic(paths["Sigma"], gp_mod.landmark_covariance(Z, ls, Lp, C1, C2, eps, FACTOR_DTYPE,
+                                                                               points=points))
     # R last: its file vouches for the others
     io_commit.write_array_atomic(paths["kbar"], kbar)
     io_commit.write_array_atomic(paths["diagonal"], np.asarray(bool(diagonal)))
     if empirical:
         io_commit.write_array_atomic(paths["Wsq"], np.asarray(got[2]))
+    if empirical or covariance:
         io_commit.write_array_atomic(paths["points"], np.asarray(points, dtype=np.float64))
     io_commit.write_array_atomic(paths["R"], np.asarray(Rt))
     del Rt, got
@@ -500,13 +509,26 @@ def _group_scores(groups, w1, w2, devs=None, emp=None) -> tuple[np.ndarray, np.n
     (``groups``: :func:`_group_metric_task`'s results; ``devs``: with sample variance, both
     conditions' Helmert contrasts, for the gene-specific low-rank term at the subset's points;
     ``emp``: with the empirical variance, ``(V, Z, ls, eps)``: both conditions' variance
-    weights, whose variance at the subset's points enters kompot's factor trick)."""
+    weights, whose variance at the subset's points enters kompot's factor trick — or, with
+    the sample variance as well, kompot's per-gene Cholesky at the subset's points)."""
     g = w1.shape[1]
     d = np.empty((len(groups), g))
     lfc = np.empty((len(groups), g))
     dw = w2 - w1
     for i, grp in enumerate(groups):
         lfc[i] = io_commit.read_array(grp["kbar"]) @ dw
+        if emp is not None and devs is not None:  # both variances: a Cholesky per gene at the points
+            V, Z, ls, eps = emp
+            k = gp_mod.matern52(io_commit.read_array(grp["points"]), Z, ls, FACTOR_DTYPE)  # points × m
+            v = np.maximum(k @ V[0], eps) + np.maximum(k @ V[1], eps)
+            cov = io_commit.read_array(grp["Sigma"])
+            work = np.empty(cov.shape, dtype=cov.dtype, order="F")
+            for g0 in range(0, g, _layout.SAMPLE_SCORE_GENES):
+                sl = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
+                U = np.stack([u[:, sl] for u in (*devs[0], *devs[1])], axis=2)
+                d[i, sl] = gp_mod.direct_mahalanobis(cov, k, dw[:, sl], U, v[:, sl], work)
+            del k, v, cov, work
+            continue
         R = io_commit.read_array(grp["R"]).T  # points × m
         if emp is not None and not grp["diagonal"]:  # kompot's factor trick at the subset's points
             V, Z, ls, eps = emp
@@ -677,7 +699,7 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
         d, V = _sample_empirical(ctx, clock, Z, X, pieces(), kept, w1, w2, devs, C1, C2, **emp)
     extra = {} if perm_d is None else {"permuted_mahalanobis": perm_d[:, :n_sel]}
     if groups:
-        gd, glfc = _group_scores(groups, w1, w2, devs)
+        gd, glfc = _group_scores(groups, w1, w2, devs, None if V is None else (V, Z, ctx.ls, emp["eps"]))
         extra.update(group_mahalanobis=gd[:, :n_sel], group_mean_lfc=glfc[:, :n_sel])
         clock.lap("group scoring")
     if ctx.staged:
@@ -1108,6 +1130,7 @@ def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kba
     clock.lap("null-gene sparse projection" if sparse else "null-gene projection")
     w1, w2, d, _, devs, _, kept = _sample_models(ctx, clock, proj, spec, factor_paths, C1, C2, R, kbar,
                                                  keep=emp is not None)
+    V = None
     if emp is not None:
         def pieces(y):
             for lo, rows in ((0, rows1), (n1, rows2)):
@@ -1117,14 +1140,15 @@ def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kba
                         part = y[lo + sel]
                         yield spec.condition[k] - 1, rows[sel], part.toarray() if sparse else part, kept[k]
 
-        d, _ = _sample_empirical(ctx, clock, Z, X, pieces(y), kept, w1, w2, devs, C1, C2, **emp)
+        d, V = _sample_empirical(ctx, clock, Z, X, pieces(y), kept, w1, w2, devs, C1, C2, **emp)
     del y
     out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
            "moments": block["moments"]}
     if groups:
-        out["group_mahalanobis"] = _group_scores(groups, w1, w2, devs)[0][:, :n_sources]
+        out["group_mahalanobis"] = _group_scores(groups, w1, w2, devs,
+                                                 None if emp is None else (V, Z, ctx.ls, emp["eps"]))[0][:, :n_sources]
     clock.lap("null-gene scoring")
-    w1 = w2 = devs = None
+    w1 = w2 = devs = V = None
     return _null_done(ctx, block, clock, out)
 
 
@@ -1398,20 +1422,21 @@ def _submit_sample_fits(client: Client, spec: SampleSpec, Z_f, X_f, fit_dir: str
 
 
 def _submit_group_fits(client: Client, spec: GroupSpec, Z_f, X_f, fit: dict, fit_dir: str, *, ls: float,
-                       eps: float, kernel_chunk: int, allow_diagonal: bool, empirical: bool = False) -> tuple[list, list]:
+                       eps: float, kernel_chunk: int, allow_diagonal: bool, empirical: bool = False,
+                       covariance: bool = False) -> tuple[list, list]:
     """Each subset's factor and mean kernel row (:func:`_group_metric_task`), or what a
     resumed run finds of them in ``fit_dir``: their results (futures for those still to
     compute) and the tasks that compute them."""
     refs, tasks = [], []
     for i, rows in enumerate(spec.rows):
-        paths = _group_paths(fit_dir, i, empirical)
+        paths = _group_paths(fit_dir, i, empirical, covariance)
         if all(os.path.isfile(p) for p in paths.values()):
             refs.append(_group_ref(paths, bool(io_commit.read_array(paths["diagonal"]))))
             continue
         ks = [client.submit(_kernel_sum_task, Z_f, X_f, r, ls, kernel_chunk, FACTOR_DTYPE, pure=False, priority=2)
               for r in _sum_parts(rows)]
         fut = client.submit(_group_metric_task, i, Z_f, ls, fit["Lp"], fit["C1"], fit["C2"], eps, allow_diagonal,
-                            spec.points[i], ks, len(rows), fit_dir, empirical, pure=False,
+                            spec.points[i], ks, len(rows), fit_dir, empirical, covariance, pure=False,
                             priority=_FIT_PRIORITY - 1)
         refs.append(fut)
         tasks += [*ks, fut]
@@ -1684,7 +1709,7 @@ def run_engine(
         if groups is not None:
             group_refs, group_setup = _submit_group_fits(
                 client, groups, Z_f, X_f, fit, fit_dir, ls=ls, eps=eps, kernel_chunk=kc,
-                allow_diagonal=samples is None, empirical=empirical)
+                allow_diagonal=samples is None, empirical=empirical and not sample_emp, covariance=sample_emp)
             setup += group_setup
 
         if cov_todo:

@@ -418,13 +418,17 @@ def _covariance_lower(Z: np.ndarray, ls: float, Lp, C1, C2, P: np.ndarray, work:
     return cov
 
 
-def landmark_covariance(Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64") -> np.ndarray:
-    """Σ₁ + Σ₂ + eps·I at the landmarks, lower triangle (m × m, Fortran order): the shared
-    part of each gene's covariance when the empirical variance's diagonal and the sample
-    variance's low-rank term both enter it (:func:`direct_mahalanobis`)."""
-    m = Z.shape[0]
-    cov = _covariance_lower(Z, ls, Lp, C1, C2, Z, np.empty((m, m), dtype=np.dtype(dtype), order="F"), dtype)
-    cov[np.diag_indices(m)] += eps
+def landmark_covariance(Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64",
+                        points: np.ndarray | None = None) -> np.ndarray:
+    """Σ₁ + Σ₂ + eps·I at the landmarks (or at ``points``, p × d: a subset's), lower
+    triangle, Fortran order: the shared part of each gene's covariance when the empirical
+    variance's diagonal and the sample variance's low-rank term both enter it
+    (:func:`direct_mahalanobis`)."""
+    P = Z if points is None else np.asarray(points, dtype=np.float64)
+    p = P.shape[0]
+    cov = _covariance_lower(Z, ls, Lp, C1, C2, P, np.empty((Z.shape[0], p), dtype=np.dtype(dtype), order="F"),
+                            dtype)
+    cov[np.diag_indices(p)] += eps
     return cov
 
 
@@ -436,15 +440,17 @@ def direct_mahalanobis(cov: np.ndarray, kzz: np.ndarray, dw: np.ndarray, U: np.n
     Per gene g, D² = δᵀ (Σ + eps·I + diag(v_g) + V_g)⁻¹ δ with δ = Kzz dw_g and
     V_g = (Kzz U_g)(Kzz U_g)ᵀ (U: m × g × r, the samples' Helmert contrasts). ``cov`` is
     Σ + eps·I (lower triangle, :func:`landmark_covariance`), ``v`` (m × g) the summed
-    observation variances at the landmarks. The diagonal term changes every eigenvector, so
+    observation variances at the landmarks. At other points (a subset's, p of them) ``kzz``
+    is their kernel against the landmarks (p × m), and ``cov`` and ``v`` are at the points. The diagonal term changes every eigenvector, so
     no shared factor helps: each gene costs one m × m Cholesky (m³/3 flops), done in place
     in one m × m work matrix (``work``) with LAPACK. A gene whose matrix is not positive
     definite gets NaN, as in kompot.
     """
-    m, g = dw.shape
+    g = dw.shape[1]
+    m = cov.shape[0]  # the points
     r = U.shape[2]
     dt = cov.dtype
-    delta = np.asfortranarray(kzz @ dw, dtype=dt)  # m × g
+    delta = np.asfortranarray(kzz @ dw, dtype=dt)  # points × g
     work = np.empty((m, m), dtype=dt, order="F") if work is None else work
     out = np.empty(g)
     diag = np.diag_indices(m)
