@@ -706,11 +706,14 @@ def _sample_spec(obs: pd.DataFrame, call: _Call, mask1: np.ndarray, mask2: np.nd
         rows = np.flatnonzero(mask)
         logger.info("Found %d unique sample(s) in condition %d", len(names), c)
         for j, (name, count) in enumerate(zip(names, counts, strict=True)):
-            if count < MIN_SAMPLE_CELLS:
+            if count < MIN_SAMPLE_CELLS and not empirical:
                 logger.warning("Skipping sample %s of condition %d (only %d cells < %d)", name, c, count,
                                MIN_SAMPLE_CELLS)
-                if not empirical:
-                    continue
+                continue
+            if count < MIN_SAMPLE_CELLS:
+                logger.warning("Sample %s of condition %d has only %d cell(s) (< %d): left out of the sample "
+                               "variance; its own model still gives its cells' residuals (empirical variance)",
+                               name, c, count, MIN_SAMPLE_CELLS)
             group[rows[codes == j]] = 2 + len(labels)
             if count >= MIN_SAMPLE_CELLS:
                 used[c].append(len(labels))

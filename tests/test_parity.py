@@ -122,6 +122,7 @@ def _small_reference(tmp_path, seed: int, extra: dict) -> tuple[ad.AnnData, np.n
     return adata, landmarks, ref
 
 
+@pytest.mark.slow  # kompot parity of a niche option: `pytest -m slow` (suite time, CI's 15 minutes)
 def test_parity__compute_mahalanobis_false(tmp_path, client):
     """OutputSettings(compute_mahalanobis=False): kompot writes the mean log fold change,
     the per-cell std and the layers, and no distance or FDR even with null genes asked for."""
@@ -177,7 +178,7 @@ def test_parity__store_additional_stats(tmp_path, client):
     assert f"{pair}_fold_change_zscores" not in ad.read_zarr(store).layers
 
 
-@pytest.mark.parametrize("combine", [False, True])
+@pytest.mark.parametrize("combine", [pytest.param(False, marks=pytest.mark.slow), True])  # suite time
 def test_parity__given_null_distances(tmp_path, client, combine):
     """FDRSettings(null_mahalanobis=..., combine_with_internal=...): the FDR against given
     distances, alone (no null genes drawn) or with the null genes'."""

@@ -136,6 +136,7 @@ def test_sample_col_single_condition_parity(tmp_path, client):
                              - ref[f"layers/kompot_de_{c}_std"])) <= 5e-7
 
 
+@pytest.mark.slow  # suite time; null genes with sample_col are also in the slow empirical parity test
 @needs_kompot
 def test_sample_col_null_genes_parity(tmp_path, client):
     """null_genes given with sample_col: kompot fits its per-sample models to the null genes

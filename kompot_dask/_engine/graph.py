@@ -521,13 +521,8 @@ def _group_scores(groups, w1, w2, devs=None, emp=None) -> tuple[np.ndarray, np.n
             V, Z, ls, eps = emp
             k = gp_mod.matern52(io_commit.read_array(grp["points"]), Z, ls, FACTOR_DTYPE)  # points × m
             v = np.maximum(k @ V[0], eps) + np.maximum(k @ V[1], eps)
-            cov = io_commit.read_array(grp["Sigma"])
-            work = np.empty(cov.shape, dtype=cov.dtype, order="F")
-            for g0 in range(0, g, _layout.SAMPLE_SCORE_GENES):
-                sl = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
-                U = np.stack([u[:, sl] for u in (*devs[0], *devs[1])], axis=2)
-                d[i, sl] = gp_mod.direct_mahalanobis(cov, k, dw[:, sl], U, v[:, sl], work)
-            del k, v, cov, work
+            d[i] = _direct_distances(io_commit.read_array(grp["Sigma"]), k, dw, devs, v)
+            del k, v
             continue
         R = io_commit.read_array(grp["R"]).T  # points × m
         if emp is not None and not grp["diagonal"]:  # kompot's factor trick at the subset's points
@@ -752,17 +747,22 @@ def _sample_empirical(ctx: BlockContext, clock: _Clock, Z, X, pieces, kept: list
     V, v = _variance_weights(ctx, Z, X, pieces, h, (w1, w2), (C1, C2), eps)
     kept.clear()
     clock.lap("empirical variance")
-    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
-    cov = np.asarray(Sigma)
+    d = _direct_distances(np.asarray(Sigma), gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE), w2 - w1, devs, v)
+    clock.lap("per-gene Cholesky")
+    return d, V
+
+
+def _direct_distances(cov: np.ndarray, k: np.ndarray, dw: np.ndarray, devs: list, v: np.ndarray) -> np.ndarray:
+    """Each gene's distance by kompot's per-gene Cholesky (both variances) at the points of
+    ``cov`` (Σ + eps·I there; ``k``: their kernel against the landmarks), the Helmert
+    contrasts stacked a batch of genes at a time, one m × m work matrix for all."""
     work = np.empty(cov.shape, dtype=cov.dtype, order="F")
-    dw = w2 - w1
     d = np.empty(dw.shape[1])
     for g0 in range(0, len(d), _layout.SAMPLE_SCORE_GENES):
         g = slice(g0, g0 + _layout.SAMPLE_SCORE_GENES)
         U = np.stack([u[:, g] for u in (*devs[0], *devs[1])], axis=2)
-        d[g] = gp_mod.direct_mahalanobis(cov, kzz, dw[:, g], U, v[:, g], work)
-    clock.lap("per-gene Cholesky")
-    return d, V
+        d[g] = gp_mod.direct_mahalanobis(cov, k, dw[:, g], U, v[:, g], work)
+    return d
 
 
 def _sample_leverage_task(path, rows, Z, X, ls, sigma, kernel_chunk, dtype, marker=None):
