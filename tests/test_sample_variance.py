@@ -163,6 +163,32 @@ def test_sample_col_null_genes_parity(tmp_path, client):
     assert plan.feasible and "strat_Young_to_Old_mahalanobis_residual_z_sample_var" in str(plan)
 
 
+def test_sample_col_with_empirical_variance__plan_counts_what_the_engine_runs(tmp_path, client, caplog):
+    """Both variances, with a one-cell sample: the plan counts the engine's tasks (one
+    leverage task per fitted sample, the one-cell one included) and prices the per-gene
+    Cholesky; the one-cell sample is fitted for its residual but kept out of the sample
+    variance, and says so."""
+    adata, landmarks = _data(tmp_path, seed=29)
+    adata.obs["sample"] = adata.obs["sample"].astype(str)
+    adata.obs.loc[adata.obs.index[np.flatnonzero(adata.obs["Age"].to_numpy() == "Old")[0]], "sample"] = "lone"
+    store = kd.ingest(adata, tmp_path / "p.zarr", progress=False)
+    kw = dict(groupby="Age", condition1="Young", condition2="Old", layer="logged_counts", obsm_key="X_pca",
+              sample_col="sample", gp=kd.GPSettings(ls=200.0, landmarks=landmarks, use_empirical_variance=True),
+              compute=kd.ComputeSettings(gene_block=16), output=kd.OutputSettings(progress=False), client=client)
+    plan = kd.plan(store, **kw)
+    assert plan.feasible, str(plan)
+    assert plan.flops["per-gene Cholesky (sample and empirical variance)"] > 40 * 120**3 / 3
+    with caplog.at_level(logging.WARNING, logger="kompot_dask"):
+        kd.de(store, plan=plan, **kw)
+    assert "Sample lone of condition 2 has only 1 cell(s) (< 2): left out of the sample variance" in caplog.text
+    from kompot_dask._io.store import Store
+    from kompot_dask._runs import history as runs
+
+    history = runs.load_history(Store(store).read_uns_json(runs.HISTORY_KEY))
+    assert history[-1]["layout"]["n_tasks"] == plan.n_tasks
+    assert np.isfinite(ad.read_zarr(store).var["kompot_de_Young_to_Old_mahalanobis_sample_var"]).all()
+
+
 def test_sample_col_errors(tmp_path, client, caplog):
     adata, landmarks = _data(tmp_path, seed=7)
     store = kd.ingest(adata, tmp_path / "e.zarr", progress=False)
