@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install install-test lint clean docs
+.PHONY: demo test test-slow install install-test lint clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 ## make test: install the test extras (incl. the kompot 0.8.0 reference oracle) and run the suite
 test: install-test
 	$(PY) -m pytest -q -m "not slow"
+
+## make test-slow: the heavier cases kept out of `make test` (kompot parity of niche options, real SIGKILLs)
+test-slow: install-test
+	$(PY) -m pytest -q -m slow
 
 ## make docs: render docs/tutorial.md (kompot's advanced tutorial on a zarr store) and the images of docs/plots.md
 docs: install-test

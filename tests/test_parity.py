@@ -151,6 +151,7 @@ def test_parity__compute_mahalanobis_false(tmp_path, client):
         kd.plot.volcano_de(store, show=False)
 
 
+@pytest.mark.slow  # suite time: the additional statistics are also in test_sample_col_parity and the groups parity
 def test_parity__store_additional_stats(tmp_path, client):
     """StorageSettings(store_additional_stats=True): −log10 PTP, empirical p-values, tail FDR
     and the fold-change z-score layer, as kompot writes them."""
@@ -205,6 +206,7 @@ def test_parity__given_null_distances(tmp_path, client, combine):
     assert info.call_args()["fdr"].null_mahalanobis is None  # the record holds the count, not the array
 
 
+@pytest.mark.slow  # kompot parity of a niche option: `make test-slow` (suite time, CI's 15 minutes)
 def test_parity__given_null_expression(tmp_path, client, caplog):
     """FDRSettings(null_expression=(expr1, expr2)): the given columns are fitted and scored
     like null genes, after the drawn ones, and the FDR tests against both (kompot's

@@ -189,10 +189,11 @@ def _assert_same_results(adata: ad.AnnData, clean: ad.AnnData, rtol: float = 0.0
         same(np.asarray(adata.layers[name]), np.asarray(clean.layers[name]), name)
 
 
-# move:4 and move:8 (the middle and the end of the renames) are slow-marked for the suite's
-# time: `pytest -m slow` kills there, and benchmarks/faults.py after the 6th rename
-KILL_POINTS = ["stage:3", "journal", "move:1", pytest.param("move:4", marks=pytest.mark.slow),
-               pytest.param("move:8", marks=pytest.mark.slow), "attrs:1", "consolidate"]
+# Four points are slow-marked for the suite's time: `make test-slow` kills there, and
+# benchmarks/faults.py kills right after the journal, after the 6th rename and after attrs
+KILL_POINTS = ["stage:3", pytest.param("journal", marks=pytest.mark.slow), "move:1",
+               pytest.param("move:4", marks=pytest.mark.slow), pytest.param("move:8", marks=pytest.mark.slow),
+               pytest.param("attrs:1", marks=pytest.mark.slow), "consolidate"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
