@@ -39,7 +39,9 @@ def _history(path) -> list[dict]:
 
 def test_plan__layout_and_task_counts_are_what_the_engine_runs(small_store, client):
     plan = kd.plan(small_store, **ARGS, **FAST, client=client)
-    assert plan.status == "FEASIBLE", str(plan)
+    # feasible; a warning is possible late in the suite: the session's shared workers grow
+    # at rest (XLA executables of every earlier test's shapes), and the plan measures them
+    assert plan.feasible, str(plan)
     assert plan.wall_seconds is not None and plan.wall_seconds > 0
     assert plan.calibration.timed and plan.calibration.gemm_flops > 0
     kd.de(small_store, **ARGS, **FAST, client=client, plan=plan)
