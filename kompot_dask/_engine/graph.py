@@ -744,10 +744,11 @@ def _sample_empirical(ctx: BlockContext, clock: _Clock, Z, X, pieces, kept: list
     lay = ctx.layout
     n = lay.row_ranges[-1][1] if lay.row_ranges else 0
     h = _per_cell(n, lev_done, lev_new, "h")
-    V, v = _variance_weights(ctx, Z, X, pieces, h, (w1, w2), (C1, C2), eps)
+    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
+    V, v = _variance_weights(ctx, Z, X, pieces, h, (w1, w2), (C1, C2), eps, kzz)
     kept.clear()
     clock.lap("empirical variance")
-    d = _direct_distances(np.asarray(Sigma), gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE), w2 - w1, devs, v)
+    d = _direct_distances(np.asarray(Sigma), kzz, w2 - w1, devs, v)
     clock.lap("per-gene Cholesky")
     return d, V
 
@@ -802,18 +803,18 @@ def _dense_tile(ctx: BlockContext, r0: int, r1: int, c0: int, c1: int, local: np
     return ctx.reader.read(r0, r1, slice(c0, c1))[:, local]
 
 
-def _variance_weights(ctx, Z, X, pieces, h, w, C, eps):
+def _variance_weights(ctx, Z, X, pieces, h, w, C, eps, kzz=None):
     """Each condition's empirical variance weights V_c — the variance GP fitted to the
     leave-one-out corrected squared residuals of its cells (``pieces`` yields (condition
     0/1, rows, values), or (…, weights) when the residuals come from other weights than the
     condition's ``w``) — and their summed variance at the landmarks, Σ_c max(Kzz V_c, eps)
-    (m × g)."""
+    (m × g; ``kzz``: Kzz when the caller has it already)."""
     accs = [gp_mod.ResidualAccumulator(Z, ctx.ls, w[c], ctx.layout.kernel_chunk, ctx.dtype) for c in (0, 1)]
     for c, rows, values, *own in pieces:  # (… , W): residuals from those weights, not the condition's
         accs[c].add(X, values, h[rows], rows=rows, W=own[0] if own else None)
     V = [gp_mod.condition_weights(C[c], accs[c].result(), ctx.sigma, FACTOR_DTYPE) for c in (0, 1)]
     del accs
-    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE)
+    kzz = gp_mod.matern52(Z, Z, ctx.ls, FACTOR_DTYPE) if kzz is None else kzz
     return V, np.maximum(kzz @ V[0], eps) + np.maximum(kzz @ V[1], eps)
 
 
