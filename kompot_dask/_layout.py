@@ -384,9 +384,9 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
     n_obs = layout.row_ranges[-1][1] if layout.row_ranges else 0
     return TaskCounts(
         transpose=len(transpose_groups(layout, n_obs, nnz)) if transposes(kind, n_real + n_nullb) else 0,
-        # cross-grams, kernel sums; kbar, Lp, C1, C2, the metric, R, the diagonal flag; one
-        # save per fit output
-        fit=(2 * fit_parts(n_workers) + kernel_sum_parts(n_pred) + 7 + len(FIT_OUTPUTS) + group_tasks
+        # cross-grams, kernel sums; kbar, Lp, the metric's prior part, C1, C2, the metric, R,
+        # the diagonal flag; one save per fit output
+        fit=(2 * fit_parts(n_workers) + kernel_sum_parts(n_pred) + 8 + len(FIT_OUTPUTS) + group_tasks
              + (2 * n_samples + sample_cells // SAMPLE_GRAM_ROWS if n_samples else 0)
              # the leverages: per condition's cell chunk (and (L⁻¹)², M1, M2 with their saves),
              # or with samples one task per sample (and Σ + eps·I with its save)
@@ -456,7 +456,7 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         n_tiles = sum(1 for _, loc, _ in inp.fields if loc == "layers")
         acc = (2 + S + (P + 3 if P else 0)) * m * G * bt
         models = (2 + r) * m * G * 8
-        weights = max(acc, (S + (S + P if P else 0)) * m * G * 8 + 6 * m * G * 8) + m * m * 8
+        weights = max(acc, (S + (S + P if P else 0)) * m * G * 8 + 6 * m * G * 8) + packed_bytes(m)
         scores = models + ((S + P) * m * G * 8 if P else 0) + 3 * r * m * min(G, SAMPLE_SCORE_GENES) * 8
         # per kernel chunk: both means, the fold change, each condition's sample variance
         # and a squared contrast, both total variances, the stds, the z-scores and their
@@ -496,7 +496,7 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
         # then the samples' weights and contrasts, as a gene block holds them
         S, r = inp.n_samples, inp.sample_rank
         null = max(null + S * m * nb * bt + inp.n12 * nb * vb // 2,
-                   (2 * S + 6) * m * nb * 8 + m * m * 8 + 3 * r * m * min(nb, SAMPLE_SCORE_GENES) * 8)
+                   (2 * S + 6) * m * nb * 8 + packed_bytes(m) + 3 * r * m * min(nb, SAMPLE_SCORE_GENES) * 8)
         if inp.empirical:  # every sample's weights kept, then the per-gene Cholesky's m × m arrays
             null += S * m * nb * 8 + 2 * m * m * 8
     if inp.n_groups:
@@ -519,7 +519,7 @@ class SharedBytes:
 
     embedding: int  # the embedding and the condition masks
     landmarks: int
-    factors: int  # C1, C2, R, Lp
+    factors: int  # C1, C2, Lp (packed), R
     csc_cache: int  # column cache of a CSC layer (0 for other layouts)
 
     @property
@@ -537,8 +537,10 @@ def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
     return SharedBytes(
         embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
-        # and (L⁻¹)² with empirical variance; each permutation's C1, C2 and R
-        factors=((5 if inp.empirical else 4) + 3 * inp.permutations) * m * m * 8,
+        # Lp, C1, C2 packed and R dense; (L⁻¹)² with empirical variance; each permutation's
+        # C1, C2 and R
+        factors=(3 * packed_bytes(m) + (2 if inp.empirical else 1) * m * m * 8
+                 + inp.permutations * (2 * packed_bytes(m) + m * m * 8)),
         csc_cache=_csc_cache_bytes(inp, ch) if inp.layer_kind == "csc" else 0,
     )
 
@@ -551,11 +553,20 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
     return int(2 * (2 * span * (inp.layer_itemsize + 4) + 2 * inp.n_obs * 8))
 
 
+def packed_bytes(m: int) -> int:
+    """One packed m × m factor or symmetric matrix (:class:`~kompot_dask._numerics.packed.PackedLower`)."""
+    return m * (m + 1) // 2 * 8
+
+
 def factor_phase_bytes(inp: PlanInputs) -> int:
-    """The worker that factorises: Lp, C1, C2 and the metric's two m × m work arrays (and
-    with samples, a sample's gram and factor on its other thread)."""
-    return ((5 + (2 if inp.n_samples else 0) + (2 if inp.empirical else 0) + 4 * inp.permutations)
-            * inp.m * inp.m * 8)
+    """The worker that factorises: Lp, C1, C2 and the metric's covariance (packed) and its
+    m × m work array (with samples, a sample's gram, factorised in place, on its other
+    thread; with the empirical variance, (L⁻¹)² and a leverage factor's dense copy; each
+    permutation's factors, covariance and work array)."""
+    m = inp.m
+    packed, dense = packed_bytes(m), m * m * 8
+    return (4 * packed + dense + (packed if inp.n_samples else 0) + (2 * dense if inp.empirical else 0)
+            + inp.permutations * (3 * packed + dense))
 
 
 SAMPLE_GRAM_ROWS = 65_536
@@ -849,10 +860,11 @@ def transpose_groups(layout: Layout, n_obs: int, nnz: int | None) -> tuple[tuple
 
 def staging_bytes(inp: PlanInputs) -> int:
     """Disk a run needs besides its outputs, while it runs: the model kept for a resume
-    (four m × m float64 factors, the kernel mean, the landmarks), the task markers (a few
-    numbers per gene, null gene and cell) and the commit's reserve. With sample variance,
-    each sample's factor is kept there too (the gene blocks load them one at a time)."""
-    model = (4 + inp.n_samples) * inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
+    (three packed m × m factors and the dense R, the kernel mean, the landmarks), the task
+    markers (a few numbers per gene, null gene and cell) and the commit's reserve. With
+    sample variance, each sample's packed factor is kept there too (the gene blocks load them
+    one at a time)."""
+    model = (3 + inp.n_samples) * packed_bytes(inp.m) + inp.m * inp.m * 8 + inp.m * 8 + inp.m * inp.d * 8
     markers = 24 * inp.n_vars + 16 * inp.n_null + 24 * inp.n_pred
     return int(model + markers + transposed_bytes(inp) + COMMIT_RESERVE_BYTES)
 

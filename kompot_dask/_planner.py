@@ -475,12 +475,12 @@ def _allocations(inp: PlanInputs, ch: Chunks, est: MemoryEstimate, prep: PrepMem
         {"what": "worker at rest (Python, Dask, JAX; measured)", "shape": None, "bytes": cal.worker_rss, "where": worker},
         {"what": "embedding and masks", "shape": [inp.n_obs, inp.d], "bytes": int(sh.embedding), "where": worker},
         {"what": "landmarks", "shape": None, "bytes": int(sh.landmarks), "where": worker},
-        {"what": "factors C1, C2, R, Lp", "shape": [m, m], "bytes": int(sh.factors), "where": worker},
+        {"what": "factors C1, C2, Lp (packed), R", "shape": [m, m], "bytes": int(sh.factors), "where": worker},
     ]
     if inp.layer_kind == "csc":
         alloc.append({"what": "CSC column cache", "shape": None, "bytes": int(sh.csc_cache), "where": worker})
     alloc += [
-        {"what": "factor phase working set (Lp, C1, C2, metric work arrays)", "shape": [m, m],
+        {"what": "factor phase working set (Lp, C1, C2, metric covariance and work array)", "shape": [m, m],
          "bytes": est.factor_phase, "where": "the factorising worker"},
         {"what": f"gene-block task (tile {ch.cell_chunk}×{ch.gene_block}, projections {m}×{ch.gene_block})",
          "shape": [ch.cell_chunk, ch.gene_block], "bytes": est.tasks.real_block, "where": "per thread"},

@@ -143,3 +143,119 @@ def test_device_matrix__dask_sees_its_buffer_without_a_registration():
 
     assert sizeof.dispatch(gp.DeviceMatrix) is sizeof.dispatch(object)
     assert 64 * 64 * 8 <= sizeof(gp.DeviceMatrix(np.eye(64))) < 64 * 64 * 8 + 1024
+
+
+# --------------------------------------------------------------------------------------
+# Packed (RFP) factors
+
+
+def _spd(n, seed=0):
+    g = np.random.default_rng(seed).normal(size=(n, n + 2))
+    return g @ g.T + n * np.eye(n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 33])
+def test_packed__layout_is_lapacks_rfp_and_solves_match_dense(n):
+    """PackedLower keeps LAPACK's own RFP layout (TRANSR='N', UPLO='L', odd and even
+    orders): its numbers equal scipy's dtrttf of the same lower triangle, its blockwise
+    fill equals the dense matrix, and its Cholesky and solves (left and, for C-ordered
+    right-hand sides, through the transposed right-side solve) agree with numpy's."""
+    from scipy.linalg import lapack
+
+    from kompot_dask._numerics.packed import PackedLower
+
+    a = _spd(n)
+    p = PackedLower.zeros(n)
+    p.add_symmetric(lambda r, c: a[r, c], width=3)
+    ref, info = lapack.dtrttf(np.asfortranarray(np.tril(a)), transr="N", uplo="L")
+    assert info == 0
+    np.testing.assert_array_equal(p.data, ref)
+    np.testing.assert_array_equal(p.diagonal(), np.diag(a))
+    assert p.abs_sum() == pytest.approx(np.abs(a).sum(), rel=1e-12)
+    assert p.cholesky()
+    low = np.linalg.cholesky(a)
+    np.testing.assert_allclose(p.lower(), low, rtol=1e-12, atol=1e-12)
+    b = np.random.default_rng(1).normal(size=(n, 4))
+    for transpose, op in ((False, low), (True, low.T)):
+        for order in ("F", "C"):
+            x = p.solve(np.array(b, order=order), transpose=transpose)
+            np.testing.assert_allclose(op @ x, b, rtol=1e-10, atol=1e-10)
+
+
+def test_packed__not_positive_definite_is_nan_and_refused():
+    from kompot_dask._numerics.packed import PackedLower, order_of
+
+    p = PackedLower.from_lower(np.asfortranarray(-np.eye(4)))
+    assert not p.cholesky()
+    assert np.isnan(p.data).all()
+    with pytest.raises(FloatingPointError, match="Cholesky factor C1 is not finite"):
+        gp.check_factor("C1", p)
+    with pytest.raises(ValueError, match="not the lower triangle of a square matrix"):
+        order_of(11)
+
+
+def test_packed__pickles_and_dask_sizes_its_numbers():
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    from kompot_dask._numerics.packed import PackedLower
+
+    p = PackedLower.from_lower(np.asfortranarray(np.linalg.cholesky(_spd(64))))
+    q = pickle.loads(pickle.dumps(p))
+    assert q.n == 64 and np.array_equal(q.data, p.data)
+    assert 64 * 65 // 2 * 8 <= sizeof(p) < 64 * 65 // 2 * 8 + 1024  # half a dense 64 × 64 array
+
+
+def test_factors__stored_forms_load_and_solve_alike():
+    """A saved packed factor (one-dimensional numbers) and an older staging's dense upper
+    factor (U = Lᵀ, two-dimensional) give the same weights."""
+    X1, X2, Z, Y1, Y2, ls = problem()
+    c = gp.condition_factor(Z, ls, gp.cross_gram(Z, X1, ls, chunk=16), 0.5)
+    B = np.random.default_rng(2).normal(size=(Z.shape[0], 3))
+    w = gp.condition_weights(c, B, 0.5)
+    np.testing.assert_allclose(gp.condition_weights(gp.stored_form(c).copy(), B, 0.5), w, rtol=1e-12)
+    np.testing.assert_allclose(gp.condition_weights(np.ascontiguousarray(gp.dense_lower(c).T), B, 0.5), w,
+                               rtol=1e-10)
+    # in place on a C-ordered right-hand side: the same weights, and B is the result
+    Bc = np.ascontiguousarray(B)
+    out = gp.condition_weights(c, Bc, 0.5, overwrite=True)
+    assert out is Bc
+    np.testing.assert_allclose(out, w, rtol=1e-10)
+
+
+def test_metric__with_the_prior_part_computed_apart_is_the_same():
+    """The engine computes the metric's Lp part in a task of its own (it needs no cells):
+    handing it in gives the metric computed in one piece, bit for bit."""
+    X1, X2, Z, Y1, Y2, ls = problem(m=30)
+    lp = gp.landmark_cholesky(Z, ls)
+    c1 = gp.condition_factor(Z, ls, gp.cross_gram(Z, X1, ls, chunk=16), 0.7)
+    c2 = gp.condition_factor(Z, ls, gp.cross_gram(Z, X2, ls, chunk=16), 0.7)
+    whole, diag_whole = gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, allow_diagonal=False)
+    apart, diag_apart = gp.landmark_metric(Z, ls, None, c1, c2, 1e-8, allow_diagonal=False,
+                                           prior=gp.prior_covariance(Z, ls, lp))
+    np.testing.assert_array_equal(np.asarray(apart), np.asarray(whole))
+    assert diag_whole == diag_apart
+
+
+def test_jax_compilation_cache__on_by_default_off_on_request(tmp_path):
+    """kompot_dask keeps JAX's compiled kernels on disk (KOMPOT_DASK_JAX_CACHE, default under
+    ~/.cache), leaves a user's own JAX cache setting alone, and keeps none when told off."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import kompot_dask, jax; print(jax.config.jax_compilation_cache_dir)"
+    base = {k: v for k, v in os.environ.items() if k not in ("KOMPOT_DASK_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+
+    def cache_dir(**env):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    ours = tmp_path / "jaxcache"
+    assert cache_dir(KOMPOT_DASK_JAX_CACHE=str(ours)) == str(ours)
+    assert ours.is_dir()
+    assert cache_dir(KOMPOT_DASK_JAX_CACHE="off") == "None"
+    assert cache_dir(KOMPOT_DASK_JAX_CACHE=str(ours), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "theirs")) == str(
+        tmp_path / "theirs")

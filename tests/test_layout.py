@@ -60,7 +60,8 @@ def test_task_counts__follow_the_layout(n_obs, n_threads, n_pred, std):
     assert counts.null_blocks == 9  # 200 nulls / 24
     assert counts.std == std
     assert counts.std == len(L.std_parts(lay, np.arange(n_pred)))
-    assert counts.fit == 2 * 1 + L.kernel_sum_parts(n_pred) + 7 + len(L.FIT_OUTPUTS)  # kernel sums: fixed-size parts
+    # kernel sums: fixed-size parts; kbar, Lp, the metric's prior part, C1, C2, the metric, R, the diagonal flag
+    assert counts.fit == 2 * 1 + L.kernel_sum_parts(n_pred) + 8 + len(L.FIT_OUTPUTS)
     assert counts.total == sum(counts.labelled().values())
     assert list(counts.labelled()) == ["fit tasks", "gene blocks", "null-gene blocks", "std tasks"]
 

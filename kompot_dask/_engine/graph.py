@@ -138,12 +138,12 @@ def _named_factor(name, fn, *args):
 def _condition_factor_task(name, Z, ls, s_parts, sigma, dtype):
     first = s_parts[0]
     # Factorise in place when the partial is ours to overwrite (only this task reads it).
-    if len(s_parts) == 1 and first.flags.f_contiguous and first.flags.writeable:
+    if len(s_parts) == 1 and first.data.flags.writeable:
         s = first
     else:
-        s = np.array(first, order="F", copy=True)
+        s = gp_mod.PackedLower(first.data.copy(), first.n)
         for part in s_parts[1:]:
-            s += part
+            s.data += part.data
     return gp_mod.check_factor(name, gp_mod.condition_factor(Z, ls, s, sigma, dtype))
 
 
@@ -158,7 +158,7 @@ def _save_fit_task(path, value) -> bool:
     missing file only means that a resume fits again).
     """
     try:
-        io_commit.write_array_atomic(path, np.asarray(value))
+        io_commit.write_array_atomic(path, gp_mod.stored_form(value))
     except OSError as exc:
         logger.warning("Could not keep %s for a resume: %s", path, exc)
         return False
@@ -166,7 +166,9 @@ def _save_fit_task(path, value) -> bool:
 
 
 def _load_factor_task(path):
-    return gp_mod.DeviceMatrix(io_commit.read_array(path), FACTOR_DTYPE)
+    """A saved factor: packed (one-dimensional) as it was kept, ``R`` (dense) for JAX."""
+    a = io_commit.read_array(path)
+    return gp_mod.as_factor(a) if a.ndim == 1 else gp_mod.DeviceMatrix(a, FACTOR_DTYPE)
 
 
 def _load_array_task(path):
@@ -392,7 +394,7 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
         del proj
         clock.lap("permuted-label scoring")
     factors = {"C1": C1, "C2": C2, "R": R}
-    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE, overwrite=True)
     del b1, b2
     clock.lap("scoring")
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
@@ -548,7 +550,7 @@ def _sample_factor_task(name, Z, ls, s_parts, sigma, dtype, path):
     """One sample's model factor, kept on disk (``path``): a gene block loads the factors
     one at a time, so no worker holds every sample's m × m factor at once."""
     factor = _condition_factor_task(name, Z, ls, s_parts, sigma, dtype)
-    io_commit.write_array_atomic(path, np.asarray(factor))
+    io_commit.write_array_atomic(path, gp_mod.stored_form(factor))
     return path
 
 
@@ -833,7 +835,7 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
     moments = _Moments(n_sel)
     b1, b2 = _project(ctx, block, clock, Z, X, codes.astype(np.int8) - 1, 2, moments)
     factors = {"C1": C1, "C2": C2, "R": R}
-    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    w1, w2, d, lfc = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE, overwrite=True)
     del b1, b2
     clock.lap("scoring")
     n = lay.row_ranges[-1][1] if lay.row_ranges else 0
@@ -1166,7 +1168,7 @@ def _null_done(ctx: BlockContext, block: dict, clock: _Clock, out: dict) -> dict
 def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, groups=()):
     b1, b2 = acc1.result(), acc2.result()
     factors = {"C1": C1, "C2": C2, "R": R}
-    w1, w2, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE)
+    w1, w2, d, _ = gp_mod.block_scores(factors, kbar, b1, b2, ctx.sigma, FACTOR_DTYPE, overwrite=True)
     out = {"index": block["index"], "null_ids": block["null_ids"], "mahalanobis": d[:n_sources],
            "moments": block["moments"]}
     if groups:
@@ -1346,11 +1348,15 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     kbar_f = client.submit(_mean_task, ks, len(pred_rows), pure=False, priority=2)
     # The m × m factors as a small graph of their own, so that the two conditions are
     # factorised on different workers; workers fetch each factor once.
-    Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, **hi)
+    # Lp and the part of the metric that needs only Lp go first: the metric then starts
+    # once the conditions' factors exist, with a shorter chain of its own.
+    first = {"pure": False, "priority": _FIT_PRIORITY + 1}
+    Lp_f = client.submit(_named_factor, "Lp", gp_mod.landmark_cholesky, Z_f, ls, FACTOR_DTYPE, **first)
+    prior_f = client.submit(gp_mod.prior_covariance, Z_f, ls, Lp_f, FACTOR_DTYPE, **first)
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
-    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
-                             empirical, **hi)
+    metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, None, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
+                             empirical, prior=prior_f, **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     diag_f = client.submit(operator.getitem, metric_f, 1, **hi)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
@@ -1363,7 +1369,7 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     if covariance:
         fit["Sigma"] = client.submit(gp_mod.landmark_covariance, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, **hi)
         extra.append(fit["Sigma"])
-    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
+    return fit, [*s1, *s2, *ks, kbar_f, Lp_f, prior_f, C1_f, C2_f, metric_f, R_f, diag_f, *extra]
 
 
 def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, fit_dir: str, *, ls: float,
@@ -1760,10 +1766,13 @@ def run_engine(
                 )
             futures.append(real_futures[blk["index"]])
         for blk in null_blocks:
+            # After the gene blocks, which take longer: the shorter tasks last keep both
+            # threads busy to the end (measured at 10k × 2k: a gene block left to run alone
+            # while the other thread had nothing left idled it for 5.5 s)
             futures.append(client.submit(
                 _null_block_task, ctx, blk, Z_f, X_f, rows1_f, rows2_f, C1_f, C2_f, R_f, kbar_f, transposing, emp,
                 groups=group_refs, samples=None if samples is None else (samples, sample_paths), pure=False,
-                key=f"kompot-null-block-{run_token}-{blk['index']}",
+                key=f"kompot-null-block-{run_token}-{blk['index']}", priority=-1,
             ))
         futures += lev_futures
         del lev_futures, emp

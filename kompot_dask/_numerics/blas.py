@@ -113,3 +113,97 @@ def potrf_lower(a: np.ndarray) -> int:
     info = _c_int(0)
     _routine(_prefix(a) + "potrf", 5)(_char("L"), _int(n), _ptr(a.ctypes.data), _int(max(1, n)), ctypes.byref(info))
     return int(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# Rectangular full packed (RFP) storage: a symmetric or triangular n × n matrix's lower
+# triangle in n(n + 1)/2 numbers, in LAPACK's layout for TRANSR = 'N', UPLO = 'L' (see
+# :class:`kompot_dask._numerics.packed.PackedLower`). The routines run at level-3 speed.
+
+
+def _packed(arf: np.ndarray, n: int, name: str = "the packed matrix") -> None:
+    if arf.ndim != 1 or arf.shape[0] != n * (n + 1) // 2:
+        raise ValueError(f"{name} must hold n(n + 1)/2 = {n * (n + 1) // 2} numbers, not {arf.shape}")
+    if not arf.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous")
+
+
+def tfsm_left_lower(arf: np.ndarray, n: int, b: np.ndarray, *, transpose: bool = False,
+                    alpha: float = 1.0) -> np.ndarray:
+    """``b ← alpha·L⁻¹ b`` (or ``L⁻ᵀ b``) in place, for a lower-triangular ``L`` in RFP."""
+    _packed(arf, n, "the factor")
+    _fortran(b, "b", writable=True)
+    if arf.dtype != b.dtype:
+        raise TypeError("tfsm: the factor and b must have one dtype")
+    cols = b.shape[1] if b.ndim == 2 else 1
+    if b.shape[0] != n:
+        raise ValueError(f"tfsm: a factor of order {n} and b of shape {b.shape} do not fit")
+    _routine(_prefix(b) + "tfsm", 11)(
+        _char("N"), _char("L"), _char("L"), _char("T" if transpose else "N"), _char("N"), _int(n), _int(cols),
+        _scalar(b, alpha), _ptr(arf.ctypes.data), _ptr(b.ctypes.data), _int(max(1, n)),
+    )
+    return b
+
+
+def tfsm_right_lower(arf: np.ndarray, n: int, bt: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+    """``bt ← bt·L⁻¹`` (or ``bt·L⁻ᵀ``) in place, for a lower-triangular ``L`` in RFP and a
+    Fortran-ordered ``bt`` (k × n): a C-ordered ``b`` (n × k) seen transposed, so that
+    ``L⁻¹b`` and ``L⁻ᵀb`` need no Fortran copy of it."""
+    _packed(arf, n, "the factor")
+    _fortran(bt, "b", writable=True)
+    if arf.dtype != bt.dtype:
+        raise TypeError("tfsm: the factor and b must have one dtype")
+    if bt.ndim != 2 or bt.shape[1] != n:
+        raise ValueError(f"tfsm: a factor of order {n} and b of shape {bt.shape} do not fit")
+    _routine(_prefix(bt) + "tfsm", 11)(
+        _char("N"), _char("R"), _char("L"), _char("T" if transpose else "N"), _char("N"), _int(bt.shape[0]), _int(n),
+        _scalar(bt, 1.0), _ptr(arf.ctypes.data), _ptr(bt.ctypes.data), _int(max(1, bt.shape[0])),
+    )
+    return bt
+
+
+def sfrk_lower(arf: np.ndarray, n: int, a: np.ndarray, alpha: float = 1.0, beta: float = 1.0, *,
+               trans: bool) -> np.ndarray:
+    """``C ← alpha·A Aᵀ + beta·C`` (``trans=False``, A is n × k) or ``alpha·Aᵀ A + beta·C``
+    (``trans=True``, A is k × n) in place, for a symmetric ``C`` in RFP."""
+    _packed(arf, n)
+    _fortran(a, "a")
+    if a.dtype != arf.dtype:
+        raise TypeError("sfrk: a and c must have one dtype")
+    k = a.shape[0] if trans else a.shape[1]
+    if (a.shape[1] if trans else a.shape[0]) != n:
+        raise ValueError(f"sfrk: a of shape {a.shape} does not fit order {n}")
+    _routine(_prefix(arf) + "sfrk", 10)(
+        _char("N"), _char("L"), _char("T" if trans else "N"), _int(n), _int(k), _scalar(arf, alpha),
+        _ptr(a.ctypes.data), _int(max(1, a.shape[0])), _scalar(arf, beta), _ptr(arf.ctypes.data),
+    )
+    return arf
+
+
+def pftrf_lower(arf: np.ndarray, n: int) -> int:
+    """Cholesky factor of a symmetric matrix in RFP, in place; returns LAPACK's ``info``."""
+    _packed(arf, n)
+    info = _c_int(0)
+    _routine(_prefix(arf) + "pftrf", 5)(_char("N"), _char("L"), _int(n), _ptr(arf.ctypes.data), ctypes.byref(info))
+    return int(info.value)
+
+
+def trttf_lower(a: np.ndarray, arf: np.ndarray) -> np.ndarray:
+    """The lower triangle of the Fortran-ordered ``a`` into ``arf`` (RFP)."""
+    _fortran(a, "a")
+    n = a.shape[0]
+    _packed(arf, n)
+    info = _c_int(0)
+    _routine(_prefix(a) + "trttf", 7)(_char("N"), _char("L"), _int(n), _ptr(a.ctypes.data), _int(max(1, n)),
+                                      _ptr(arf.ctypes.data), ctypes.byref(info))
+    return arf
+
+
+def tfttr_lower(arf: np.ndarray, n: int, a: np.ndarray) -> np.ndarray:
+    """The lower triangle held in ``arf`` (RFP) into the Fortran-ordered ``a`` (upper untouched)."""
+    _packed(arf, n)
+    _fortran(a, "a", writable=True)
+    info = _c_int(0)
+    _routine(_prefix(arf) + "tfttr", 7)(_char("N"), _char("L"), _int(n), _ptr(arf.ctypes.data),
+                                        _ptr(a.ctypes.data), _int(max(1, n)), ctypes.byref(info))
+    return a

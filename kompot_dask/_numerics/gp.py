@@ -10,9 +10,10 @@ Kernels, projections, predictions and Mahalanobis batches run in JAX under an ex
 precision context, so importing another library that flips JAX's global x64 flag (mellon
 does) changes nothing here. The m × m factorisations and the triangular solves against
 them run in place in LAPACK/BLAS: that keeps a worker's working set at a few m × m
-matrices (JAX would copy a factor into every call). Factors are kept as
-:class:`DeviceMatrix` — upper triangles U = Lᵀ in C order, which is L in Fortran order —
-so that JAX and LAPACK read the same memory.
+matrices (JAX would copy a factor into every call). The Cholesky factors (and the
+symmetric matrices they come from) are kept packed, :class:`~.packed.PackedLower`: half the
+memory of a dense m × m array at the same speed. Dense m × m results that JAX reads (the
+Mahalanobis factor ``Rᵀ``) are kept as :class:`DeviceMatrix`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import blas
+from .packed import PackedLower
 
 logger = logging.getLogger("kompot_dask")
 
@@ -36,6 +38,38 @@ JITTER = 1e-6
 """Diagonal jitter on K(Z, Z), as in mellon."""
 
 _SQRT5 = math.sqrt(5.0)
+
+
+def jax_cache_dir() -> str | None:
+    """Where JAX's compiled kernels are kept between processes: ``KOMPOT_DASK_JAX_CACHE``
+    (``off`` for nowhere), else a directory under the user's cache."""
+    path = os.environ.get("KOMPOT_DASK_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kompot_dask", "jax"))
+    return None if path.strip().lower() in ("", "0", "off", "none") else path
+
+
+def _use_compilation_cache() -> None:
+    """Switch JAX's persistent compilation cache on, unless the user configured one.
+
+    A run compiles ~20 small kernels (one per array shape); in a fresh process that took
+    ~3 s of a 10k-cell run's 51 s. Kept on disk they load in milliseconds in the next
+    process (measured: de() 51.6 s with an empty cache, 48.7 s with it filled). Every
+    compile is kept (JAX's default keeps only those over 1 s). A JAX compile in this process
+    before kompot_dask was imported may have fixed the cache already; then nothing changes.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return  # the user's own cache and settings
+    path = jax_cache_dir()
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+_use_compilation_cache()
 
 
 @contextmanager
@@ -90,17 +124,13 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
 
 def cross_gram(
     Z: np.ndarray, X: np.ndarray, ls: float, *, chunk: int = 2048, dtype: str = "float64",
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Lower triangle of ``S = K(Z, X) K(X, Z)`` (m × m, Fortran order), accumulated over
-    row chunks of ``X`` by in-place rank-k updates (BLAS syrk) into ``out`` when given.
-
-    Only the lower triangle is meaningful; the factorisations downstream read only it.
-    """
+    out: PackedLower | None = None,
+) -> PackedLower:
+    """``S = K(Z, X) K(X, Z)`` (m × m, packed), accumulated over row chunks of ``X`` by
+    in-place rank-k updates (LAPACK sfrk) into ``out`` when given."""
     m = Z.shape[0]
-    dt = np.dtype(dtype)
-    s = np.zeros((m, m), dtype=dt, order="F") if out is None else out
-    with precision(dtype):
+    s = PackedLower.zeros(m, dtype) if out is None else out
+    with precision(dtype) as dt:
         z = jnp.asarray(Z, dt)
         lsj = jnp.asarray(ls, dt)
         for start in range(0, X.shape[0], chunk):
@@ -109,13 +139,14 @@ def cross_gram(
             w[: xs.shape[0]] = 1.0
             k = np.asarray(_masked_kernel(z, jnp.asarray(_pad_rows(xs, chunk), dt), jnp.asarray(w, dt), lsj))
             # k is m × chunk in C order, i.e. kᵀ in Fortran order: S += (kᵀ)ᵀ kᵀ = k kᵀ
-            blas.syrk_lower(s, k.T, trans=True)
+            s.rank_update(k.T, trans=True)
     return s
 
 
-def symmetric_from_lower(a: np.ndarray) -> np.ndarray:
-    """A full symmetric copy of a lower-triangle-only matrix (tests and small problems)."""
-    low = np.tril(np.asarray(a))
+def symmetric_from_lower(a) -> np.ndarray:
+    """A full symmetric copy of a lower-triangle-only (or packed) matrix (tests and small
+    problems)."""
+    low = np.tril(a.lower() if isinstance(a, PackedLower) else np.asarray(a))
     return low + np.tril(low, -1).T
 
 
@@ -273,13 +304,6 @@ def _to_jax(a, dt) -> jax.Array:
     return jnp.asarray(a, dt)
 
 
-def _add_kernel_blockwise(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, scale: float = 1.0,
-                          block: int = 1024) -> None:
-    """``target += scale · K(Z, Z)`` column block by column block (no m × m temporary)."""
-    for j in range(0, Z.shape[0], block):
-        target[:, j : j + block] += scale * matern52(Z, Z[j : j + block], ls, dtype)
-
-
 def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block: int = 1024,
                  cols: np.ndarray | None = None) -> np.ndarray:
     """k(Z, cols) (``cols`` defaults to ``Z``) into ``target``, a block of columns at a time."""
@@ -289,64 +313,89 @@ def _kernel_into(target: np.ndarray, Z: np.ndarray, ls: float, dtype: str, block
     return target
 
 
-def _potrf_lower_inplace(a: np.ndarray, block: int = 512) -> np.ndarray:
-    """Cholesky of the lower triangle of a Fortran-ordered matrix, in place (upper zeroed;
-    all NaN when the matrix is not positive definite)."""
-    if blas.potrf_lower(a) != 0:
-        a[...] = np.nan
-        return a
-    n = a.shape[0]
-    for j0 in range(0, n, block):  # zero the strict upper triangle, block column by block column
-        j1 = min(n, j0 + block)
-        a[:j0, j0:j1] = 0.0
-        diag = a[j0:j1, j0:j1]
-        diag[np.triu_indices(j1 - j0, 1)] = 0.0
+class _DenseLower:
+    """A lower-triangular factor held dense (Fortran order): a factor kept by an older
+    version in a resumed run's staging (upper triangle U = Lᵀ in C order)."""
+
+    __slots__ = ("lower",)
+
+    def __init__(self, lower: np.ndarray):
+        self.lower = lower
+
+    def solve(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+        return blas.trsm_left_lower(self.lower, b, transpose=transpose)
+
+
+def as_factor(factor) -> PackedLower | _DenseLower:
+    """A Cholesky factor as passed around — :class:`PackedLower`, its numbers as stored
+    (one-dimensional), or a dense upper factor U = Lᵀ in C order (an older staging's) —
+    as something with ``solve(b, transpose=False)``."""
+    if isinstance(factor, PackedLower | _DenseLower):
+        return factor
+    a = np.asarray(factor)
+    if a.ndim == 1:
+        return PackedLower(a)
+    return _DenseLower(a.T)
+
+
+def stored_form(value) -> np.ndarray:
+    """What a fit output is kept as on disk: a packed factor's numbers, else the array."""
+    return value.data if isinstance(value, PackedLower) else np.asarray(value)
+
+
+def dense_lower(factor) -> np.ndarray:
+    """A factor as a dense lower-triangular Fortran-ordered array (a copy when packed)."""
+    f = as_factor(factor)
+    return f.lower() if isinstance(f, PackedLower) else f.lower
+
+
+def _kernel_blocks(rows: np.ndarray, ls: float, dtype: str):
+    """``block(r, c)`` = k(rows[r], rows[c]), for :meth:`PackedLower.add_symmetric`."""
+    return lambda r, c: matern52(rows[r], rows[c], ls, dtype)
+
+
+def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> PackedLower:
+    """``Lp = chol(K(Z,Z) + jitter·I)``, packed; built and factorised in place in its
+    m(m + 1)/2 numbers."""
+    a = PackedLower.zeros(Z.shape[0], dtype)
+    a.add_symmetric(_kernel_blocks(Z, ls, dtype))
+    a.add_diagonal(JITTER)
+    a.cholesky()
     return a
 
 
-def _upper_factor(lower_f: np.ndarray, dtype: str) -> DeviceMatrix:
-    # A lower factor L in Fortran order is Lᵀ in C order: hand JAX that view, no copy.
-    return DeviceMatrix(lower_f.T, dtype)
+def condition_factor(Z: np.ndarray, ls: float, S: PackedLower, sigma: float, dtype: str = "float64") -> PackedLower:
+    """``C = chol(K̃uu + S/σ²)`` for one condition (W = C⁻ᵀ C⁻¹ B / σ²), packed.
 
-
-def _lower_view(factor) -> np.ndarray:
-    """The lower factor L (Fortran-ordered view) of a stored upper factor U = Lᵀ."""
-    return np.asarray(factor).T
-
-
-def landmark_cholesky(Z: np.ndarray, ls: float, dtype: str = "float64") -> DeviceMatrix:
-    """Upper factor ``Upᵀ = Lp = chol(K(Z,Z) + jitter·I)`` (stored transposed, see DeviceMatrix)."""
-    m = Z.shape[0]
-    a = _kernel_into(np.empty((m, m), dtype=dtype, order="F"), Z, ls, dtype)
-    a[np.diag_indices(m)] += JITTER
-    return _upper_factor(_potrf_lower_inplace(a), dtype)
-
-
-def condition_factor(Z: np.ndarray, ls: float, S: np.ndarray, sigma: float, dtype: str = "float64") -> DeviceMatrix:
-    """Upper factor of ``C = chol(K̃uu + S/σ²)`` for one condition (W = C⁻ᵀ C⁻¹ B / σ²).
-
-    ``S`` (lower triangle, Fortran order, as :func:`cross_gram` returns it) is overwritten
-    by the factor: the whole factorisation needs no m × m memory beyond S itself.
+    ``S`` (as :func:`cross_gram` returns it) is overwritten by the factor: the whole
+    factorisation needs no m × m memory beyond S itself.
     """
     if sigma != 1.0:
-        S *= 1.0 / sigma**2
-    _add_kernel_blockwise(S, Z, ls, dtype)
-    S[np.diag_indices(Z.shape[0])] += JITTER
-    return _upper_factor(_potrf_lower_inplace(S), dtype)
+        S.data *= 1.0 / sigma**2
+    S.add_symmetric(_kernel_blocks(Z, ls, dtype))
+    S.add_diagonal(JITTER)
+    S.cholesky()
+    return S
 
 
-def _lower_abs_sum(a: np.ndarray, block: int = 512) -> float:
-    """Σ|aᵢⱼ| of the symmetric matrix whose lower triangle ``a`` holds, without an m × m temporary."""
-    total = 0.0
-    for j in range(0, a.shape[0], block):
-        blk = a[j:, j : j + block]
-        total += 2.0 * float(np.abs(np.tril(blk, -1)).sum()) + float(np.abs(np.diag(blk)).sum())
-    return total
+def prior_covariance(Z: np.ndarray, ls: float, Lp, dtype: str = "float64", points: np.ndarray | None = None,
+                     work: np.ndarray | None = None) -> PackedLower:
+    """2(K_PP − PᵀP) with P = Lp⁻¹K_ZP (packed; ``points`` default to the landmarks): the
+    part of Σ₁ + Σ₂ (:func:`landmark_metric`) that needs only the landmark factor, so that
+    it can be computed while the conditions' grams are still being summed. ``work``: an
+    m × p Fortran array to solve in."""
+    P = Z if points is None else np.asarray(points, dtype=np.float64)
+    if work is None:
+        work = np.empty((Z.shape[0], P.shape[0]), dtype=np.dtype(dtype), order="F")
+    cov = PackedLower.zeros(P.shape[0], dtype)
+    cov.add_symmetric(_kernel_blocks(P, ls, dtype))
+    _covariance_updates(cov, Z, ls, ((Lp, -2.0, 2.0),), P, work, dtype)
+    return cov
 
 
 def landmark_metric(
     Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64", allow_diagonal: bool = True,
-    with_inverse_squares: bool = False, points: np.ndarray | None = None,
+    with_inverse_squares: bool = False, points: np.ndarray | None = None, prior: PackedLower | None = None,
 ) -> tuple:
     """``Rᵀ`` (stored C-contiguous) such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖,
     and whether the reference's diagonal shortcut applies.
@@ -362,16 +411,22 @@ def landmark_metric(
     (W₂ − W₁), and ``Rᵀ`` is m × p.
 
     Runs in place with LAPACK/BLAS — triangular solves into one work matrix, rank-k updates
-    into the covariance — so its working set is two m × m matrices besides the factors.
+    into the packed covariance, which is then factorised in place — so its working set is
+    one m × p matrix and one packed p × p matrix besides the factors. ``prior``: the
+    covariance's first part, :func:`prior_covariance` at the same points, computed
+    beforehand (it is overwritten; ``Lp`` is then not needed).
     """
     dt = np.dtype(dtype)
     m = Z.shape[0]
     P = Z if points is None else np.asarray(points, dtype=np.float64)
     p = P.shape[0]
     work = np.empty((m, p), dtype=dt, order="F")
-    cov = _covariance_lower(Z, ls, Lp, C1, C2, P, work, dtype)
-    diag = np.diag(cov).copy()
-    ratio = float(diag.sum() / _lower_abs_sum(cov)) if p > 10 else 0.0
+    cov = prior_covariance(Z, ls, Lp, dtype, points, work) if prior is None else prior
+    if cov.n != p:
+        raise ValueError(f"the prior covariance is of order {cov.n}, not {p}")
+    _covariance_updates(cov, Z, ls, ((C1, 1.0, 1.0), (C2, 1.0, 1.0)), P, work, dtype)
+    diag = cov.diagonal()
+    ratio = float(diag.sum() / cov.abs_sum()) if p > 10 else 0.0
     diagonal = bool(allow_diagonal and p > 10 and ratio > 0.95)
     if p != m:
         del work
@@ -383,20 +438,20 @@ def landmark_metric(
         work /= np.sqrt(np.maximum(diag, eps))[:, None]
         wsq = np.zeros((1, 1), dtype=dt)  # the shortcut ignores the empirical variance, as kompot's
     else:
-        cov[np.diag_indices(p)] += eps
-        chol = _potrf_lower_inplace(cov)
-        if np.all(np.isfinite(chol)):
-            blas.trsm_left_lower(chol, work)
+        cov.add_diagonal(eps)
+        factored = cov.cholesky()
+        if factored:
+            cov.solve(work)
         else:
             work[...] = np.nan
         if with_inverse_squares:  # L⁻¹ squared elementwise, for the empirical variance's factor trick
             wsq = np.asfortranarray(np.eye(p, dtype=dt))
-            if np.all(np.isfinite(chol)):
-                blas.trsm_left_lower(chol, wsq)
+            if factored:
+                cov.solve(wsq)
                 np.square(wsq, out=wsq)
             else:
                 wsq[...] = np.nan
-        del chol, cov
+        del cov
     if not np.all(np.isfinite(work)):
         logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
     if with_inverse_squares:
@@ -404,17 +459,29 @@ def landmark_metric(
     return DeviceMatrix(work.T, dtype), diagonal
 
 
+def _covariance_updates(cov, Z: np.ndarray, ls: float, terms, P: np.ndarray, work: np.ndarray,
+                        dtype: str) -> None:
+    """``cov ← beta·cov + alpha·QᵀQ`` with Q = F⁻¹K_ZP for each ``(F, alpha, beta)`` of
+    ``terms``, by triangular solves into ``work`` (m × p) and rank-k updates; ``cov``
+    packed, or a dense Fortran lower triangle. From ``cov`` = K_PP, the terms
+    ((Lp, −2, 2), (C1, 1, 1), (C2, 1, 1)) give Σ₁ + Σ₂ between the points ``P``:
+    2(K_PP − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂ with P = Lp⁻¹K_ZP, Q_c = C_c⁻¹K_ZP."""
+    for factor, alpha, beta in terms:
+        _kernel_into(work, Z, ls, dtype, cols=P)
+        as_factor(factor).solve(work)
+        if isinstance(cov, PackedLower):
+            cov.rank_update(work, alpha, beta, trans=True)
+        else:
+            blas.syrk_lower(cov, work, alpha, beta, trans=True)
+
+
 def _covariance_lower(Z: np.ndarray, ls: float, Lp, C1, C2, P: np.ndarray, work: np.ndarray,
                       dtype: str) -> np.ndarray:
-    """Σ₁ + Σ₂ between the points ``P`` (p × p, Fortran order, lower triangle filled):
-    2(K_PP − PᵀP) + Q₁ᵀQ₁ + Q₂ᵀQ₂ with P = Lp⁻¹K_ZP, Q_c = C_c⁻¹K_ZP, by triangular solves
-    into ``work`` (m × p) and rank-k updates."""
+    """Σ₁ + Σ₂ between the points ``P`` (p × p, dense, Fortran order, lower triangle
+    filled): :func:`_covariance_updates` on K_PP."""
     p = P.shape[0]
     cov = _kernel_into(np.empty((p, p), dtype=np.dtype(dtype), order="F"), P, ls, dtype)
-    for factor, alpha, beta in ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)):
-        _kernel_into(work, Z, ls, dtype, cols=P)
-        blas.trsm_left_lower(_lower_view(factor), work)
-        blas.syrk_lower(cov, work, alpha, beta, trans=True)
+    _covariance_updates(cov, Z, ls, ((Lp, -2.0, 2.0), (C1, 1.0, 1.0), (C2, 1.0, 1.0)), P, work, dtype)
     return cov
 
 
@@ -486,8 +553,9 @@ def posterior_covariance(X: np.ndarray, Z: np.ndarray, ls: float, Lp, C1, C2,
     return cov
 
 
-def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
-    if not bool(jnp.all(jnp.isfinite(factor.array))):
+def check_factor(name: str, factor):
+    finite = factor.is_finite() if isinstance(factor, PackedLower) else bool(np.all(np.isfinite(np.asarray(factor))))
+    if not finite:
         raise FloatingPointError(
             f"Cholesky factor {name} is not finite: the landmark kernel is singular. "
             "Check for duplicated landmarks or pass a larger GPSettings(ls=...)."
@@ -499,54 +567,40 @@ def check_factor(name: str, factor: DeviceMatrix) -> DeviceMatrix:
 # Per gene block: weights, scores; per cell chunk: predictions and variances
 
 
-@jax.jit
-def _mahalanobis_batch(rt, kbar, w1, w2):
-    # rt = Rᵀ as stored; the contraction reads it transposed without a copy
-    dw = w2 - w1
-    z = jax.lax.dot_general(rt, dw, (((0,), (0,)), ((), ())))
-    return jnp.sqrt(jnp.sum(z * z, axis=0)), kbar @ dw
-
-
 def block_scores(
     factors: dict, kbar_mean: np.ndarray, B1: np.ndarray, B2: np.ndarray, sigma: float,
-    dtype: str = "float64",
+    dtype: str = "float64", overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weights W1, W2 (m × g), Mahalanobis distances and mean log fold changes (g,).
 
-    W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ² by two triangular solves (BLAS, in place on a copy of B_c);
-    the distances D = ‖R (W₂ − W₁)‖ and k̄ᵀ(W₂ − W₁) are one jitted JAX batch.
+    W_c = C_c⁻ᵀ C_c⁻¹ B_c / σ² by two triangular solves (LAPACK, in place: on B_c itself
+    with ``overwrite``, else on a copy); the distances D = ‖R (W₂ − W₁)‖ and k̄ᵀ(W₂ − W₁)
+    in BLAS, reading ``Rᵀ`` where the factor keeps it.
     """
-    dt = np.dtype(dtype)
-    w = []
-    for name, b in (("C1", B1), ("C2", B2)):
-        lower = _lower_view(factors[name])
-        wc = blas.trsm_left_lower(lower, np.array(b, dtype=dt, order="F"))
-        blas.trsm_left_lower(lower, wc, transpose=True)
-        if sigma != 1.0:
-            wc /= sigma**2
-        w.append(wc)
-    with precision(dtype) as jdt:
-        d, lfc = _mahalanobis_batch(_to_jax(factors["R"], jdt), jnp.asarray(kbar_mean, jdt),
-                                    jnp.asarray(w[0], jdt), jnp.asarray(w[1], jdt))
-        return w[0], w[1], np.asarray(d), np.asarray(lfc)
+    w1 = condition_weights(factors["C1"], B1, sigma, dtype, overwrite)
+    w2 = condition_weights(factors["C2"], B2, sigma, dtype, overwrite)
+    dw = w2 - w1
+    z = np.asarray(factors["R"]).T @ dw  # Rᵀ is stored C-contiguous: R in Fortran order, no copy
+    return w1, w2, np.sqrt(np.einsum("ij,ij->j", z, z)), np.asarray(kbar_mean, dtype=dw.dtype) @ dw
 
 
-def leverage_factor(C, sigma: float, dtype: str = "float64") -> DeviceMatrix:
-    """Upper factor of mellon's leverage matrix M = σ² K̃uu + S + jitter·I for one
-    condition, from its factor C (C Cᵀ = K̃uu + S/σ², so M = σ² C Cᵀ + jitter·I)."""
-    lower = np.asfortranarray(_lower_view(C), dtype=np.dtype(dtype))
-    m = lower.shape[0]
-    M = np.zeros((m, m), dtype=np.dtype(dtype), order="F")
-    blas.syrk_lower(M, lower, sigma**2, 0.0, trans=False)
-    M[np.diag_indices(m)] += JITTER
-    return _upper_factor(_potrf_lower_inplace(M), dtype)
+def leverage_factor(C, sigma: float, dtype: str = "float64") -> PackedLower:
+    """Factor of mellon's leverage matrix M = σ² K̃uu + S + jitter·I for one condition,
+    packed, from its factor C (C Cᵀ = K̃uu + S/σ², so M = σ² C Cᵀ + jitter·I)."""
+    lower = np.asfortranarray(dense_lower(C), dtype=np.dtype(dtype))
+    M = PackedLower.zeros(lower.shape[0], dtype)
+    M.rank_update(lower, sigma**2, 0.0, trans=False)
+    del lower
+    M.add_diagonal(JITTER)
+    M.cholesky()
+    return M
 
 
 def leverages(X: np.ndarray, Z: np.ndarray, M, ls: float, dtype: str = "float64") -> np.ndarray:
     """h(x) = k_xᵀ M⁻¹ k_x at cells ``X`` (mellon's leverage of a training cell, for the
     leave-one-out correction of its squared residuals)."""
     work = np.asfortranarray(matern52(Z, X, ls, dtype))
-    blas.trsm_left_lower(_lower_view(M), work)
+    as_factor(M).solve(work)
     return np.einsum("ij,ij->j", work, work)
 
 
@@ -602,11 +656,16 @@ def empirical_mahalanobis(R: np.ndarray, Wsq: np.ndarray, dw: np.ndarray, v: np.
     return np.sqrt(np.einsum("mg,mg->g", z * z, 1.0 / (1.0 + Wsq @ v)))
 
 
-def condition_weights(factor, B: np.ndarray, sigma: float, dtype: str = "float64") -> np.ndarray:
-    """W = C⁻ᵀ C⁻¹ B / σ² (m × g) for one model's factor (upper, as stored, or its array)."""
-    lower = _lower_view(factor)
-    w = blas.trsm_left_lower(lower, np.array(B, dtype=np.dtype(dtype), order="F"))
-    blas.trsm_left_lower(lower, w, transpose=True)
+def condition_weights(factor, B: np.ndarray, sigma: float, dtype: str = "float64",
+                      overwrite: bool = False) -> np.ndarray:
+    """W = C⁻ᵀ C⁻¹ B / σ² (m × g) for one model's factor (see :func:`as_factor`): in place on
+    ``B`` with ``overwrite`` (when it is a packed factor and ``B`` a C-ordered array of
+    ``dtype``, else on a copy)."""
+    factor = as_factor(factor)
+    in_place = (overwrite and isinstance(factor, PackedLower) and isinstance(B, np.ndarray)
+                and B.dtype == np.dtype(dtype) and B.flags.c_contiguous and B.flags.writeable)
+    w = factor.solve(B if in_place else np.array(B, dtype=np.dtype(dtype), order="F"))
+    factor.solve(w, transpose=True)
     if sigma != 1.0:
         w /= sigma**2
     return w
@@ -718,7 +777,7 @@ def posterior_variances(
 
     def sq_norms(name: str) -> np.ndarray:
         work[...] = k
-        blas.trsm_left_lower(_lower_view(factors[name]), work)
+        as_factor(factors[name]).solve(work)
         return np.einsum("ij,ij->j", work, work)
 
     prior = sq_norms("Lp")
