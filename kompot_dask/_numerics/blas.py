@@ -207,3 +207,31 @@ def tfttr_lower(arf: np.ndarray, n: int, a: np.ndarray) -> np.ndarray:
     _routine(_prefix(arf) + "tfttr", 7)(_char("N"), _char("L"), _int(n), _ptr(arf.ctypes.data),
                                         _ptr(a.ctypes.data), _int(max(1, n)), ctypes.byref(info))
     return a
+
+
+def _row_stride(a: np.ndarray, name: str) -> int:
+    """The row stride, in elements, of a 2-D array whose rows are contiguous."""
+    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize) or a.strides[0] % a.itemsize:
+        raise ValueError(f"{name} must be a 2-D array with contiguous rows")
+    return max(1, a.strides[0] // a.itemsize, a.shape[1])
+
+
+def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """``c += alpha·a @ b`` in place, for 2-D arrays with contiguous rows (C order, or row
+    slices and leading-column slices of it): no product temporary, no copy of a strided
+    operand. In BLAS's column-major terms it is ``cᵀ += bᵀ aᵀ``."""
+    if not (a.dtype == b.dtype == c.dtype):
+        raise TypeError("gemm: a, b and c must have one dtype")
+    if a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"gemm: shapes {a.shape} @ {b.shape} into {c.shape} do not fit")
+    if not c.flags.writeable:
+        raise ValueError("c must be writable")
+    lda, ldb, ldc = _row_stride(a, "a"), _row_stride(b, "b"), _row_stride(c, "c")
+    if 0 in (a.shape[0], a.shape[1], b.shape[1]):
+        return c
+    _routine(_prefix(c) + "gemm", 13)(
+        _char("N"), _char("N"), _int(c.shape[1]), _int(c.shape[0]), _int(a.shape[1]), _scalar(c, alpha),
+        _ptr(b.ctypes.data), _int(ldb), _ptr(a.ctypes.data), _int(lda), _scalar(c, 1.0), _ptr(c.ctypes.data),
+        _int(ldc),
+    )
+    return c

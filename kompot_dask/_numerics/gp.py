@@ -208,7 +208,8 @@ class ProjectionAccumulator:
             with precision(self.dtype) as dt:
                 k = np.asarray(_matern52_jit(self._z, jnp.asarray(_pad_rows(np.asarray(xs, dt), self.chunk), dt),
                                              jnp.asarray(self._ls, dt)))
-            self._b[:, : ys.shape[1]] += k[:, : ys.shape[0]] @ ys
+            # in place, no m × genes temporary (BLAS gemm with beta = 1)
+            blas.gemm_accumulate(self._b[:, : ys.shape[1]], k[:, : ys.shape[0]], np.ascontiguousarray(ys))
 
     def add_sparse(self, X: np.ndarray, Y: sp.csr_matrix, rows: np.ndarray | None = None) -> None:
         """:meth:`add` for a sparse ``Y`` (CSR, one row per row of ``X``, or per entry of
