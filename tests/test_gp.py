@@ -236,26 +236,3 @@ def test_metric__with_the_prior_part_computed_apart_is_the_same():
                                            prior=gp.prior_covariance(Z, ls, lp))
     np.testing.assert_array_equal(np.asarray(apart), np.asarray(whole))
     assert diag_whole == diag_apart
-
-
-def test_jax_compilation_cache__on_by_default_off_on_request(tmp_path):
-    """kompot_dask keeps JAX's compiled kernels on disk (KOMPOT_DASK_JAX_CACHE, default under
-    ~/.cache), leaves a user's own JAX cache setting alone, and keeps none when told off."""
-    import os
-    import subprocess
-    import sys
-
-    code = "import kompot_dask, jax; print(jax.config.jax_compilation_cache_dir)"
-    base = {k: v for k, v in os.environ.items() if k not in ("KOMPOT_DASK_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR")}
-
-    def cache_dir(**env):
-        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
-                             check=True)
-        return out.stdout.strip().splitlines()[-1]
-
-    ours = tmp_path / "jaxcache"
-    assert cache_dir(KOMPOT_DASK_JAX_CACHE=str(ours)) == str(ours)
-    assert ours.is_dir()
-    assert cache_dir(KOMPOT_DASK_JAX_CACHE="off") == "None"
-    assert cache_dir(KOMPOT_DASK_JAX_CACHE=str(ours), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "theirs")) == str(
-        tmp_path / "theirs")

@@ -40,38 +40,6 @@ JITTER = 1e-6
 _SQRT5 = math.sqrt(5.0)
 
 
-def jax_cache_dir() -> str | None:
-    """Where JAX's compiled kernels are kept between processes: ``KOMPOT_DASK_JAX_CACHE``
-    (``off`` for nowhere), else a directory under the user's cache."""
-    path = os.environ.get("KOMPOT_DASK_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kompot_dask", "jax"))
-    return None if path.strip().lower() in ("", "0", "off", "none") else path
-
-
-def _use_compilation_cache() -> None:
-    """Switch JAX's persistent compilation cache on, unless the user configured one.
-
-    A run compiles ~20 small kernels (one per array shape); in a fresh process that took
-    ~3 s of a 10k-cell run's 51 s. Kept on disk they load in milliseconds in the next
-    process (measured: de() 51.6 s with an empty cache, 48.7 s with it filled). Every
-    compile is kept (JAX's default keeps only those over 1 s). A JAX compile in this process
-    before kompot_dask was imported may have fixed the cache already; then nothing changes.
-    """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-        return  # the user's own cache and settings
-    path = jax_cache_dir()
-    if path is None:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-_use_compilation_cache()
-
-
 @contextmanager
 def precision(dtype: str | np.dtype = "float64") -> Iterator[np.dtype]:
     """Run JAX code in ``dtype`` (float64 switches x64 on for this block only)."""
