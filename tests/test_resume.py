@@ -15,7 +15,7 @@ from kompot_dask._layout import FIT_OUTPUTS, make_layout
 from kompot_dask._numerics import fdr as fdr_mod
 
 FIT_TASKS = {"_cross_gram_task", "_kernel_sum_task", "_mean_task", "_named_factor", "_condition_factor_task",
-             "landmark_metric"}
+             "prior_covariance", "landmark_metric"}
 
 
 def _inputs(path: str) -> tuple[Store, dict]:
