@@ -36,6 +36,8 @@ from ._engine.cluster import (
     check_process_context,
     cluster_workers,
     is_embedded,
+    limit_malloc_arenas,
+    may_run_in_process,
     resolve_client,
     worker_runtime,
 )
@@ -245,6 +247,8 @@ def de(
     """
     settings = _Settings.of(gp, fdr, filter, storage, output, compute)
     check_process_context("kompot_dask.de", client, settings.compute)
+    if not dry_run and may_run_in_process(client, settings.compute):
+        limit_malloc_arenas()  # before the store's reader threads and the cluster's start
     _refuse_unsupported(model=model)
     out = settings.output
     data = _lazy_to_store(data, "kompot_dask.de", needs_memory=not out.inplace or out.copy,
@@ -918,6 +922,7 @@ def _execute(run: _Run, client: Client, plan: planner.ResourcePlan, resume: bool
                     random_state=gp.random_state, neighbors=gp.neighbors, neighbor_sample=gp.neighbor_sample,
                     landmark_sample=gp.landmark_sample,
                 )
+            engine.trim_heap()  # what k-means and the neighbour search freed, before the fit's m × m arrays
             layout = plan.layout
             io_commit.save_run_state(staging, fingerprint, {"ls": ls, "landmark_source": landmark_source,
                                                             "layout": _layout_state(layout)}, Z)

@@ -174,6 +174,13 @@ class PlanInputs:
         """Cells of both conditions."""
         return self.n1 + self.n2
 
+    @property
+    def implicit_metric(self) -> bool:
+        """Whether the metric R is kept as its packed factor and applied with a recomputed
+        Kzz (:class:`~kompot_dask._numerics.gp.KernelMetric`): unless the empirical or the
+        sample variance needs R dense."""
+        return not self.empirical and not self.n_samples
+
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
@@ -435,6 +442,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     kernel = 2 * m * kc * bt + kc * G * bt  # JAX temporaries of one projection step
     acc = 2 * m * G * bt
     scores = 4 * m * G * 8  # W1, W2 and the Mahalanobis batch temporaries
+    if inp.implicit_metric:  # a slab of Kzz rows as JAX returns it and its contiguous copy
+        scores += 2 * METRIC_SLAB_ROWS * m * 8
     S = shard_rows(C, G, lb, inp.n_obs, inp.zarr_format)  # rows of the tiles a task writes at once
     predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     if inp.permutations:
@@ -488,7 +497,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     # source columns of both conditions, permuted in place (in the layer's precision where
     # float32 holds it), a permutation and one permuted column, one tile, projections
     vb = _null_value_bytes(inp)
-    null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8)
+    null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8
+            + (2 * METRIC_SLAB_ROWS * m * 8 if inp.implicit_metric else 0))
     if inp.empirical:  # the values stay for the residual pass, then Kzz and the variances
         null += m * m * 8 + 3 * m * nb * 8 + kernel
     if inp.n_samples:
@@ -502,7 +512,8 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     if inp.n_groups:
         null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8
                    + ((p * p * 8 + p * m * 8 + 2 * p * nb * 8) if inp.empirical else 0))
-    std = 3 * m * kc * 8 + 2 * kc * 8  # kernel block, its Fortran copy, the solve's work array
+    # a kernel block and JAX's temporaries while it is evaluated, the solve's work array
+    std = 4 * m * min(kc, STD_ROWS) * 8 + 2 * kc * 8
     transpose = 0
     if inp.layer_kind == "csr":
         # one row group's CSR as read and its CSC copy (values, 4-byte indices), plus the
@@ -534,13 +545,15 @@ class SharedBytes:
 
 def shared_bytes(inp: PlanInputs, ch: Chunks) -> SharedBytes:
     m = inp.m
+    r_bytes = packed_bytes(m) if inp.implicit_metric else m * m * 8
     return SharedBytes(
         embedding=inp.embedding_bytes + inp.n_obs * 2 + inp.n12 * 8,
         landmarks=m * inp.d * 8,
-        # Lp, C1, C2 packed and R dense; (L⁻¹)² with empirical variance; each permutation's
-        # C1, C2 and R
-        factors=(3 * packed_bytes(m) + (2 if inp.empirical else 1) * m * m * 8
-                 + inp.permutations * (2 * packed_bytes(m) + m * m * 8)),
+        # Lp, C1, C2 packed; R packed (its factor, KernelMetric) or dense (Rᵀ) with the
+        # empirical or sample variance; (L⁻¹)² with empirical variance; each permutation's
+        # C1, C2 and R (packed unless the sample variance needs it dense)
+        factors=(3 * packed_bytes(m) + r_bytes + (m * m * 8 if inp.empirical else 0)
+                 + inp.permutations * (2 * packed_bytes(m) + (m * m * 8 if inp.n_samples else packed_bytes(m)))),
         csc_cache=_csc_cache_bytes(inp, ch) if inp.layer_kind == "csc" else 0,
     )
 
@@ -551,6 +564,14 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
     nnz = inp.layer_nnz if inp.layer_nnz is not None else inp.n_obs * inp.n_vars
     span = nnz * ch.gene_block / max(1, inp.n_vars)
     return int(2 * (2 * span * (inp.layer_itemsize + 4) + 2 * inp.n_obs * 8))
+
+
+STD_ROWS = 256
+"""Cells per kernel block of a std task: the std tasks run beside the fit's m × m arrays,
+where the worker's peak is, so their blocks are kept small (10 MiB at m = 5,000)."""
+
+METRIC_SLAB_ROWS = 256
+"""Rows of Kzz an implicit metric evaluates at a time (``gp.KernelMetric.SLAB``)."""
 
 
 def packed_bytes(m: int) -> int:
@@ -914,16 +935,19 @@ _ENGINE_EFFICIENCY = 1.0
 def _flops(inp: PlanInputs) -> dict[str, float]:
     m, d, n12, G = inp.m, inp.d, inp.n12, inp.n_selected
     kmeans = inp.landmark_source is LandmarkSource.KMEANS
+    # the metric R: formed once (m³) and applied (2m² per gene), or kept as its factor and
+    # applied as a product with Kzz and a triangular solve (3m² per gene)
+    fit_mm, score = (2, 7) if inp.implicit_metric else (3, 6)
     return {
         "landmarks (k-means)": 2.0 * inp.kmeans_pool * m * d * _KMEANS_ITERS if kmeans else 0.0,
         "length scale (exact neighbours)": (2.0 * inp.nn_queries * inp.n1 * d
                                             if inp.neighbors == "exact" and not inp.ls_given else 0.0),
-        "fit (S, factors)": float(n12 * m * m + 3 * m**3),
+        "fit (S, factors)": float(n12 * m * m + fit_mm * m**3),
         "genes (fit, scores, predictions)": float(
-            2 * n12 * m * G + 6 * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
-        "null genes": float(2 * n12 * m * inp.n_null + 6 * m * m * inp.n_null),
+            2 * n12 * m * G + score * m * m * G + (4 * inp.n_pred * m * G if inp.store_layers else 0)),
+        "null genes": float(2 * n12 * m * inp.n_null + score * m * m * inp.n_null),
         **({"permuted labels (fits, projections, scores)": float(
-            inp.permutations * (n12 * m * m + 3 * m**3 + 2 * n12 * m * G + 6 * m * m * G))}
+            inp.permutations * (n12 * m * m + fit_mm * m**3 + 2 * n12 * m * G + score * m * m * G))}
            if inp.permutations and not inp.n_samples else {}),
         # with samples, a relabelled condition's projection is a sum of its samples'
         **({"permuted labels (fits, weights, low-rank scores)": float(
@@ -1014,7 +1038,8 @@ def _fit_seconds(inp: PlanInputs, res: ClusterResources, cal: Calibration) -> fl
     s_t = (n12 * m * kern + n12 * m * m / cal.syrk_flops) / max(1, min(res.total_threads,
                                                                        2 * max(1, res.n_workers // 2)))
     chol = (m**3 / 3) / cal.chol_flops
-    fac_t = chol + 2 * m * m * kern + (2 * m**3 + m**3 / 3) / cal.chol_flops
+    # the metric's solves and Cholesky (with a dense R, one more m × m solve to form it)
+    fac_t = chol + 2 * m * m * kern + ((1 if inp.implicit_metric else 2) * m**3 + m**3 / 3) / cal.chol_flops
     if inp.empirical and inp.n_samples:  # Σ + eps·I beside the metric; the samples' leverages
         fac_t += 3 * m**3 / cal.chol_flops / 2
         s_t += (inp.n_samples * 4 * m**3 / 3 / cal.chol_flops + n12 * m * kern + n12 * m * m / cal.gemm_flops
@@ -1069,13 +1094,17 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         blocks = (nr * n12 * m * kern + project + 6 * m * m * G / gemm + reads
                   + P * (4 + 2 * inp.sample_rank) * m * m * G / gemm)
     else:
-        blocks = (nr * n12 * m * kern + (1 + P) * project + 6 * (1 + P) * m * m * G / gemm + reads)
+        score = 7 if inp.implicit_metric else 6  # Kzz and a solve per use of an implicit R
+        blocks = (nr * n12 * m * kern + (1 + P) * project + score * (1 + P) * m * m * G / gemm + reads
+                  + (nr * (1 + P) * m * m * kern if inp.implicit_metric else 0.0))
     if inp.store_layers:
         blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
                    + 3 * inp.n_obs * nr * ch.gene_block * lb / write_rate)
     null_reads = (0.0 if inp.layer_kind == "csr" else  # counted with the real blocks' reads
                   inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
-    nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + 6 * m * m * inp.n_null / gemm + null_reads)
+    nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + null_reads
+             + ((7 * m * m * inp.n_null / gemm + nn * m * m * kern) if inp.implicit_metric
+                else 6 * m * m * inp.n_null / gemm))
     std = inp.n_pred * m * kern + 3 * inp.n_pred * m * m / gemm
     if inp.n_samples:
         sample = _sample_flops(inp)["sample variance (weights, distances, layers)"] / gemm

@@ -475,7 +475,8 @@ def _allocations(inp: PlanInputs, ch: Chunks, est: MemoryEstimate, prep: PrepMem
         {"what": "worker at rest (Python, Dask, JAX; measured)", "shape": None, "bytes": cal.worker_rss, "where": worker},
         {"what": "embedding and masks", "shape": [inp.n_obs, inp.d], "bytes": int(sh.embedding), "where": worker},
         {"what": "landmarks", "shape": None, "bytes": int(sh.landmarks), "where": worker},
-        {"what": "factors C1, C2, Lp (packed), R", "shape": [m, m], "bytes": int(sh.factors), "where": worker},
+        {"what": "factors C1, C2, Lp, R (packed)" if inp.implicit_metric else "factors C1, C2, Lp (packed), R",
+         "shape": [m, m], "bytes": int(sh.factors), "where": worker},
     ]
     if inp.layer_kind == "csc":
         alloc.append({"what": "CSC column cache", "shape": None, "bytes": int(sh.csc_cache), "where": worker})

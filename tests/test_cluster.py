@@ -86,3 +86,30 @@ def test_worker_runtime__heap_thresholds_for_the_run_then_the_workers_own():
         with worker_runtime(c):
             assert min(mmapped()) == 0
         assert max(mmapped()) >= 2**22
+
+
+def test_malloc_arenas__capped_only_where_an_in_process_cluster_may_start(monkeypatch):
+    """kd.de caps glibc's malloc arenas before it opens the store when its embedded
+    cluster may run in this process, and leaves a user's MALLOC_ARENA_MAX alone."""
+    import subprocess
+    import sys
+
+    from kompot_dask._engine.cluster import glibc, limit_malloc_arenas, may_run_in_process
+
+    assert may_run_in_process(None, kd.ComputeSettings())
+    assert not may_run_in_process(None, kd.ComputeSettings(processes=True))
+    assert not may_run_in_process(None, kd.ComputeSettings(n_workers=2))
+    assert not may_run_in_process(None, kd.ComputeSettings(memory_limit="2GB"))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, \
+            Client(cl) as c:
+        assert not may_run_in_process(c, kd.ComputeSettings())
+        assert not may_run_in_process(None, kd.ComputeSettings())  # a current client is used instead
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert not limit_malloc_arenas()
+    if glibc() is None:
+        pytest.skip("not glibc")
+    # in a fresh process (the cap stays for the life of a process)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run([sys.executable, "-c", "from kompot_dask._engine.cluster import limit_malloc_arenas as f;"
+                          "print(f())"], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"

@@ -50,20 +50,22 @@ def test_cross_gram__chunking_invariant(n, chunk):
     np.testing.assert_allclose(gp.kernel_column_sum(Z, X, 2.0, chunk=chunk), K.sum(1), rtol=1e-12, atol=1e-10)
 
 
-def _fit_factors(Z, ls, S1, S2, sigma, eps):
+def _fit_factors(Z, ls, S1, S2, sigma, eps, implicit=False):
     """The gene-independent factors, composed from the pieces the engine runs as tasks."""
     lp = gp.check_factor("Lp", gp.landmark_cholesky(Z, ls))
     c1 = gp.check_factor("C1", gp.condition_factor(Z, ls, S1, sigma))
     c2 = gp.check_factor("C2", gp.condition_factor(Z, ls, S2, sigma))
-    r, diagonal = gp.landmark_metric(Z, ls, lp, c1, c2, eps)
+    r, diagonal = gp.landmark_metric(Z, ls, lp, c1, c2, eps, implicit=implicit)
     return {"Lp": lp, "C1": c1, "C2": c2, "R": r, "diagonal": diagonal}
 
 
-def test_fit_and_scores__match_closed_form():
+@pytest.mark.parametrize("implicit", [False, True], ids=["dense R", "kernel metric"])
+def test_fit_and_scores__match_closed_form(implicit):
     X1, X2, Z, Y1, Y2, ls = problem()
     sigma, eps = 1.3, 1e-8
     S1, S2 = gp.cross_gram(Z, X1, ls), gp.cross_gram(Z, X2, ls)
-    f = _fit_factors(Z, ls, S1, S2, sigma, eps)
+    f = _fit_factors(Z, ls, S1, S2, sigma, eps, implicit)
+    assert isinstance(f["R"], gp.KernelMetric) == implicit
     acc1 = gp.ProjectionAccumulator(Z, ls, Y1.shape[1] + 3, 16)
     acc1.add(X1, Y1)
     acc2 = gp.ProjectionAccumulator(Z, ls, Y2.shape[1] + 3, 16)
@@ -116,6 +118,69 @@ def test_fit_factors__diagonal_shortcut_when_landmarks_far_apart():
     X1, X2 = Z + 0.01, Z - 0.01
     f = _fit_factors(Z, 1.0, gp.cross_gram(Z, X1, 1.0), gp.cross_gram(Z, X2, 1.0), 1.0, 1e-8)
     assert f["diagonal"]
+    g = _fit_factors(Z, 1.0, gp.cross_gram(Z, X1, 1.0), gp.cross_gram(Z, X2, 1.0), 1.0, 1e-8, implicit=True)
+    assert g["diagonal"] and g["R"].factor is None and g["R"].scale.shape == (20,)
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    np.testing.assert_allclose(gp.metric_product(g["R"], x), gp.metric_product(f["R"], x), rtol=1e-13, atol=1e-15)
+
+
+def _metric_problem(m=40):
+    X1, X2, Z, _, _, ls = problem(m=m)
+    lp = gp.landmark_cholesky(Z, ls)
+    c1 = gp.condition_factor(Z, ls, gp.cross_gram(Z, X1, ls, chunk=16), 0.7)
+    c2 = gp.condition_factor(Z, ls, gp.cross_gram(Z, X2, ls, chunk=16), 0.7)
+    return Z, ls, lp, c1, c2
+
+
+@pytest.mark.parametrize("m", [1, 7, 40, 300])
+def test_kernel_metric__is_the_dense_metric_applied(m):
+    """The metric kept as its packed factor (R x = L⁻¹(Kzz x), Kzz a slab of rows at a
+    time) equals the dense Rᵀ's product, for orders below, at and across slab edges."""
+    Z, ls, lp, c1, c2 = _metric_problem(m)
+    Rt, diag = gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, allow_diagonal=False)
+    K, diag_k = gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, allow_diagonal=False, implicit=True)
+    assert diag == diag_k is False and K.factor is not None
+    x = np.random.default_rng(1).normal(size=(m, 5))
+    dense = np.asarray(Rt).T @ x
+    np.testing.assert_allclose(K.apply(x), dense, rtol=1e-9, atol=1e-9 * np.abs(dense).max())
+    np.testing.assert_allclose(K.dense_t(), np.asarray(Rt), rtol=1e-9, atol=1e-9 * np.abs(dense).max())
+
+
+def test_kernel_metric__pickles_stores_and_is_sized_as_its_factor():
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    Z, ls, lp, c1, c2 = _metric_problem(300)
+    K, _ = gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, allow_diagonal=False, implicit=True)
+    x = np.random.default_rng(2).normal(size=(300, 3))
+    want = K.apply(x)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(K)).apply(x), want)
+    stored = gp.stored_form(K)
+    assert stored.ndim == 1 and stored.shape == (300 * 301 // 2,)
+    np.testing.assert_array_equal(gp.KernelMetric.from_stored(stored.copy(), Z, ls).apply(x), want)
+    # the diagonal path keeps m numbers and loads back as a scale
+    D = gp.KernelMetric(Z, ls, scale=np.linspace(1, 2, 300))
+    assert gp.KernelMetric.from_stored(gp.stored_form(D), Z, ls).factor is None
+    assert 300 * 301 // 2 * 8 <= sizeof(K) < 300 * 301 // 2 * 8 + 300 * 3 * 8 + 1024  # not 300² numbers
+
+
+def test_kernel_metric__failed_factorisation_gives_nan_and_wrong_uses_are_refused():
+    Z, ls, lp, c1, c2 = _metric_problem()
+    K, _ = gp.landmark_metric(Z, ls, lp, c1, c2, -1e6, allow_diagonal=False, implicit=True)
+    assert np.isnan(K.apply(np.ones((40, 2)))).all()
+    with pytest.raises(ValueError, match="implicit metric"):
+        gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, implicit=True, with_inverse_squares=True)
+    with pytest.raises(ValueError, match="implicit metric"):
+        gp.landmark_metric(Z, ls, lp, c1, c2, 1e-8, implicit=True, points=Z[:5])
+    with pytest.raises(ValueError, match="either a factor or a scale"):
+        gp.KernelMetric(Z, ls)
+
+
+def test_kernel_metric__slab_is_the_planners():
+    from kompot_dask._layout import METRIC_SLAB_ROWS
+
+    assert gp.KernelMetric.SLAB == METRIC_SLAB_ROWS
 
 
 def test_length_scale__matches_reference_formula_and_guards_duplicates():

@@ -199,7 +199,7 @@ def test_plan__infeasible_is_refused_with_reasons_and_store_unchanged(tmp_path):
         # The worker at rest (~400 MB) already exceeds the 120 MB budget: more memory is
         # the fix, and the plan says fewer landmarks would not be enough.
         assert "memory_limit ≥" in fixes and "fewer landmarks do not suffice" in fixes
-        assert "factors C1, C2, Lp (packed), R (5000, 5000): 476.89 MiB" in text  # three packed, one dense
+        assert "factors C1, C2, Lp, R (packed) (5000, 5000): 381.55 MiB" in text  # four packed
         with pytest.raises(kd.InfeasiblePlanError, match="does not fit this cluster") as err:
             kd.de(path, **args, client=c, plan=plan)
         assert "memory_limit ≥" in str(err.value)

@@ -260,6 +260,7 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
                         "process (worker processes would run the script again); add the block for worker "
                         "processes with a memory limit", script)
         logger.info("Starting a LocalCluster in this process (1 worker × %d threads)", kwargs["threads_per_worker"])
+        limit_malloc_arenas()
     else:
         logger.info(
             "Starting a LocalCluster with %d worker processes × %d threads",
@@ -305,6 +306,43 @@ def glibc() -> Any:
         return libc
     except (OSError, AttributeError):
         return None
+
+
+_M_ARENA_MAX = -8
+IN_PROCESS_ARENAS = 2
+"""glibc malloc arenas a process running an in-process cluster may use (``M_ARENA_MAX``).
+By default glibc gives threads up to 8 × cores arenas; each keeps the memory its threads
+freed. The run's threads (Dask's, XLA's pool, zarr's) then held 150–200 MiB more at
+10k × 2k (peak 1.35 against 1.19 GiB, measured with ``MALLOC_ARENA_MAX=2``), at the same
+speed."""
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap this process's malloc arenas at :data:`IN_PROCESS_ARENAS` before an in-process
+    cluster starts its threads (glibc only; left alone when ``MALLOC_ARENA_MAX`` is set).
+    glibc fixes its arena limit the first time it needs one, so the cap then stays for the
+    life of the process: it cannot be undone after the run, as the thresholds are."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    libc = glibc()
+    done = libc is not None and bool(libc.mallopt(_M_ARENA_MAX, IN_PROCESS_ARENAS))
+    if done:
+        logger.debug("malloc arenas of this process capped at %d (set MALLOC_ARENA_MAX to choose)",
+                     IN_PROCESS_ARENAS)
+    return done
+
+
+def may_run_in_process(client: Client | None, compute: ComputeSettings) -> bool:
+    """Whether a call may start an embedded cluster in this process: no client given or
+    current, and no setting that asks for worker processes (the store's size decides the
+    rest, :func:`use_in_process`)."""
+    if client is not None or compute.processes or _asks_for_processes(compute):
+        return False
+    try:
+        get_client()
+    except ValueError:
+        return True
+    return False
 
 
 def _mallopt(trim: int, mmap: int) -> bool:

@@ -171,11 +171,21 @@ def _load_factor_task(path):
     return gp_mod.as_factor(a) if a.ndim == 1 else gp_mod.DeviceMatrix(a, FACTOR_DTYPE)
 
 
+def _load_metric_task(path, Z, ls: float):
+    """A saved metric: :class:`~kompot_dask._numerics.gp.KernelMetric` when it was kept
+    one-dimensional, else the dense ``Rᵀ`` (the empirical or sample variance's, or an older
+    version's staging)."""
+    a = io_commit.read_array(path)
+    if a.ndim == 1:
+        return gp_mod.KernelMetric.from_stored(a, np.asarray(Z), ls, FACTOR_DTYPE)
+    return gp_mod.DeviceMatrix(a, FACTOR_DTYPE)
+
+
 def _load_array_task(path):
     return io_commit.read_array(path)
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc only) at the end of a task: a worker's
     threads allocate from separate malloc arenas that otherwise keep what a finished task
     freed, so resident memory would creep up to threads × the largest task."""
@@ -330,6 +340,7 @@ def _project_labellings(ctx: BlockContext, block: dict, clock: _Clock, Z, X, cod
                     sel = lab[i] == c
                     if sel.any():
                         acc[:, : y.shape[1]] += k[sel].T @ y[sel]
+            del k
         clock.lap("projection")
     if bad.any():
         raise NonFiniteExpressionError((c0 + local[bad]).tolist())
@@ -351,8 +362,10 @@ def _write_layers(ctx: BlockContext, block: dict, clock: _Clock, Z, X, pred, val
             rows = sel[s : s + kc]
             k = gp_mod.kernel_rows(gp_mod._pad_rows(X[r0 + rows], kc), Zd, ctx.ls, ctx.dtype)[: len(rows)]
             got = values(r0 + rows, k)
+            del k  # one kernel block alive at a time
             for role, t in tiles.items():
                 t[np.ix_(rows, local)] = got[role][:, : len(local)]
+            del got
         clock.lap("layer prediction")
         for role, path in ctx.staged.items():
             write_tile(path, "", r0, r1, c0, c1, tiles[role])
@@ -412,7 +425,7 @@ def _real_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1, C2, 
 
         _write_layers(ctx, block, clock, Z, X, pred, values)
     out["seconds"] = clock.seconds
-    _trim_heap()
+    trim_heap()
     if ctx.markers:  # after the tiles: a marker vouches for them
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
@@ -502,7 +515,7 @@ def _group_metric_task(i, Z, ls, Lp, C1, C2, eps, allow_diagonal, points, kernel
         io_commit.write_array_atomic(paths["points"], np.asarray(points, dtype=np.float64))
     io_commit.write_array_atomic(paths["R"], np.asarray(Rt))
     del Rt, got
-    _trim_heap()
+    trim_heap()
     return _group_ref(paths, diagonal)
 
 
@@ -727,7 +740,7 @@ def _sample_block_task(ctx: BlockContext, block: dict, Z, X, cell_group, pred, C
     out = {"index": block["index"], "columns": c0 + local, "mahalanobis": d[:n_sel], "mean_lfc": lfc[:n_sel],
            "moments": moments.result(), **extra, "seconds": clock.seconds}
     w1 = w2 = devs = V = None  # freed before the heap is trimmed
-    _trim_heap()
+    trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
@@ -783,7 +796,7 @@ def _leverage_task(rows, Z, X, M, ls, kernel_chunk, dtype, marker=None):
     for s in range(0, len(rows), kernel_chunk):
         r = rows[s : s + kernel_chunk]
         h[s : s + len(r)] = gp_mod.leverages(gp_mod._pad_rows(X[r], kernel_chunk), Z, M, ls, dtype)[: len(r)]
-    _trim_heap()
+    trim_heap()
     out = {"leverage_rows": rows, "h": h}
     if marker is not None:
         io_commit.write_marker(marker[0], marker[1], out)
@@ -888,7 +901,7 @@ def _empirical_block_task(ctx: BlockContext, block: dict, Z, X, codes, pred, C1,
         out["gene0_rows"], out["gene0_obs_var"] = rows, ov
         clock.lap("empirical variance")
     out["seconds"] = clock.seconds
-    _trim_heap()
+    trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"real-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
@@ -1158,7 +1171,7 @@ def _null_sample_scores(ctx, block, clock, y, Z, X, rows1, rows2, C1, C2, R, kba
 def _null_done(ctx: BlockContext, block: dict, clock: _Clock, out: dict) -> dict:
     """The end of every null-gene task: its timings, the heap trimmed, its marker written."""
     out["seconds"] = clock.seconds
-    _trim_heap()
+    trim_heap()
     if ctx.markers:
         io_commit.write_marker(ctx.markers, f"null-{block['index']}",
                                {k: np.asarray(v) for k, v in out.items() if k != "seconds"})
@@ -1184,12 +1197,13 @@ def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None)
     factors = {"Lp": Lp, "C1": C1, "C2": C2}
     out1 = np.empty(len(rows))
     out2 = np.empty(len(rows))
-    for s in range(0, len(rows), kernel_chunk):
-        r = rows[s : s + kernel_chunk]
-        v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], kernel_chunk), Z, factors, ls, dtype)
+    step = min(kernel_chunk, _layout.STD_ROWS)  # runs beside the fit's m × m arrays: a small working set
+    for s in range(0, len(rows), step):
+        r = rows[s : s + step]
+        v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], step), Z, factors, ls, dtype)
         out1[s : s + len(r)] = v1[: len(r)]
         out2[s : s + len(r)] = v2[: len(r)]
-    _trim_heap()
+    trim_heap()
     result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps), np.float64(time.perf_counter() - t0)
     if marker is not None:
         io_commit.write_marker(marker[0], marker[1], dict(zip(("rows", "std1", "std2", "seconds"), result,
@@ -1327,7 +1341,8 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     """The fit as tasks: futures of :data:`FIT_OUTPUTS` by name, and every fit future the
     run waits on (``empirical``: also :data:`EMPIRICAL_OUTPUTS`; ``covariance``: also Σ₁ + Σ₂
     + eps·I at the landmarks, for the per-gene Cholesky of the sample variance with the
-    empirical variance)."""
+    empirical variance). The metric is a :class:`~kompot_dask._numerics.gp.KernelMetric`
+    unless the empirical or the sample variance (``allow_diagonal`` False) needs R dense."""
     kc = kernel_chunk
     # Priorities follow the critical path S → C → metric → blocks: the metric's chain of
     # m × m solves is the longest single step, so everything it needs goes first and the
@@ -1356,7 +1371,7 @@ def _submit_fit(client: Client, Z_f, X_f, rows1, rows2, pred_rows, *, ls: float,
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
     metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, None, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
-                             empirical, prior=prior_f, **hi)
+                             empirical, prior=prior_f, implicit=allow_diagonal and not empirical, **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     diag_f = client.submit(operator.getitem, metric_f, 1, **hi)
     fit = dict(zip(FIT_OUTPUTS, (Lp_f, C1_f, C2_f, R_f, kbar_f, diag_f), strict=True))
@@ -1384,8 +1399,9 @@ def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, f
     names = permuted_outputs(p)
     saved = io_commit.saved_arrays(fit_dir, names)
     if saved is not None:
-        fit = {role: client.submit(_load_factor_task, saved[n], pure=False) for role, n in zip(("C1", "C2", "R"), names,
+        fit = {role: client.submit(_load_factor_task, saved[n], pure=False) for role, n in zip(("C1", "C2"), names[:2],
                                                                                               strict=True)}
+        fit["R"] = client.submit(_load_metric_task, saved[names[2]], Z_f, ls, pure=False)
         return fit, list(fit.values())
     hi = {"pure": False, "priority": _FIT_PRIORITY}
     logger.info("Fitting both conditions' estimators to permutation %d of the labels (calibrated FDR)...", p + 1)
@@ -1397,7 +1413,7 @@ def _submit_permuted_fit(client: Client, p: int, Z_f, X_f, rows1, rows2, Lp_f, f
     C1_f = client.submit(_condition_factor_task, "C1", Z_f, ls, s1, sigma, FACTOR_DTYPE, **hi)
     C2_f = client.submit(_condition_factor_task, "C2", Z_f, ls, s2, sigma, FACTOR_DTYPE, **hi)
     metric_f = client.submit(gp_mod.landmark_metric, Z_f, ls, Lp_f, C1_f, C2_f, eps, FACTOR_DTYPE, allow_diagonal,
-                             False, **hi)
+                             False, implicit=allow_diagonal, **hi)
     R_f = client.submit(operator.getitem, metric_f, 0, **hi)
     fit = {"C1": C1_f, "C2": C2_f, "R": R_f}
     saves = _save_fit(client, dict(zip(names, (C1_f, C2_f, R_f), strict=True)), fit_dir)
@@ -1475,7 +1491,7 @@ def _posterior_covariance_task(Z, X, rows, n, ls, Lp, C1, C2, path, marker=None)
         band[np.ix_(keep, rows)] = cov[sel[keep]]
         write_tile(path, "", r0, r1, 0, n, band)
     del cov
-    _trim_heap()
+    trim_heap()
     if marker is not None:
         io_commit.write_marker(marker[0], marker[1], {"rows": np.asarray(rows)})
     return {"posterior_covariance": path}
@@ -1488,11 +1504,12 @@ def _save_fit(client: Client, fit: dict, fit_dir: str) -> list:
     return [client.submit(_save_fit_task, paths[name], fit[name], pure=False, priority=2) for name in fit]
 
 
-def _load_fit(client: Client, paths: dict[str, str]) -> tuple[dict, list]:
+def _load_fit(client: Client, paths: dict[str, str], Z_f, ls: float) -> tuple[dict, list]:
     """The saved fit as tasks that read it on the workers: tasks, not scattered data, so
     that the scheduler can load a factor again when the worker holding it dies."""
-    factors = [n for n in ("Lp", "C1", "C2", "R", "M1", "M2") if n in paths]
+    factors = [n for n in ("Lp", "C1", "C2", "M1", "M2") if n in paths]
     fit = {name: client.submit(_load_factor_task, paths[name], pure=False) for name in factors}
+    fit["R"] = client.submit(_load_metric_task, paths["R"], Z_f, ls, pure=False)
     for name in ("kbar", "Wsq", "Sigma"):
         if name in paths:
             fit[name] = client.submit(_load_array_task, paths[name], pure=False)
@@ -1684,7 +1701,7 @@ def run_engine(
         saved = io_commit.saved_arrays(fit_dir, fit_names)
         if saved is not None:
             logger.info("Resuming: the fit of the interrupted run is reused")
-            fit, setup = _load_fit(client, saved)
+            fit, setup = _load_fit(client, saved, Z_f, ls)
         else:
             fit, setup = _submit_fit(client, Z_f, X_f, rows1, rows2, pred_rows, ls=ls, sigma=sigma, eps=eps,
                                      kernel_chunk=kc, n_workers=n_workers, n_threads=n_threads,

@@ -178,6 +178,7 @@ class ProjectionAccumulator:
                                              jnp.asarray(self._ls, dt)))
             # in place, no m × genes temporary (BLAS gemm with beta = 1)
             blas.gemm_accumulate(self._b[:, : ys.shape[1]], k[:, : ys.shape[0]], np.ascontiguousarray(ys))
+            del k  # before the next block is evaluated: one kernel block alive, not two
 
     def add_sparse(self, X: np.ndarray, Y: sp.csr_matrix, rows: np.ndarray | None = None) -> None:
         """:meth:`add` for a sparse ``Y`` (CSR, one row per row of ``X``, or per entry of
@@ -208,6 +209,7 @@ class ProjectionAccumulator:
                     continue
                 yt = part.T.tocsr().astype(self.dtype, copy=False)  # genes × cells
                 self._bt[: yt.shape[0]] += yt @ kt[s : s + yt.shape[1]]
+            del kt
 
     def result(self) -> np.ndarray:
         if self._bt is not None:
@@ -308,7 +310,10 @@ def as_factor(factor) -> PackedLower | _DenseLower:
 
 
 def stored_form(value) -> np.ndarray:
-    """What a fit output is kept as on disk: a packed factor's numbers, else the array."""
+    """What a fit output is kept as on disk: a packed factor's numbers, a kernel metric's
+    (:meth:`KernelMetric.stored`), else the array."""
+    if isinstance(value, KernelMetric):
+        return value.stored()
     return value.data if isinstance(value, PackedLower) else np.asarray(value)
 
 
@@ -316,6 +321,99 @@ def dense_lower(factor) -> np.ndarray:
     """A factor as a dense lower-triangular Fortran-ordered array (a copy when packed)."""
     f = as_factor(factor)
     return f.lower() if isinstance(f, PackedLower) else f.lower
+
+
+class KernelMetric:
+    """The metric R = S·Kzz (m × m, Kzz = k(Z, Z)) of :func:`landmark_metric`, applied
+    without being formed: S = L⁻¹ with L the packed Cholesky factor of Σ + eps·I, or
+    S = diag(``scale``) on the diagonal path.
+
+    A worker then holds the metric in m(m + 1)/2 numbers (95 MiB at m = 5,000) instead of
+    m² (191 MiB), and the fit skips the m³ solve that forms R. Each use recomputes Kzz a
+    slab of rows at a time (:data:`SLAB` × m) and costs one triangular solve more than a
+    product with a dense R (m² flops per column on top of 2m²). ``R x`` is then computed as
+    L⁻¹(Kzz x): the Mahalanobis vector L⁻¹δ of δ = Kzz (W₂ − W₁), in that order.
+    """
+
+    __slots__ = ("Z", "ls", "factor", "scale", "dtype")
+
+    SLAB = 256
+    """Rows of Kzz evaluated at a time (2 × 10 MiB of kernel at m = 5,000)."""
+
+    def __init__(self, Z: np.ndarray, ls: float, *, factor: PackedLower | None = None,
+                 scale: np.ndarray | None = None, dtype: str = "float64"):
+        if (factor is None) == (scale is None):
+            raise ValueError("a kernel metric needs either a factor or a scale")
+        self.Z = np.ascontiguousarray(Z, dtype=np.float64)
+        self.ls = float(ls)
+        self.factor = factor
+        self.scale = None if scale is None else np.ascontiguousarray(scale, dtype=np.dtype(dtype))
+        self.dtype = str(np.dtype(dtype))
+
+    @classmethod
+    def from_stored(cls, data: np.ndarray, Z: np.ndarray, ls: float, dtype: str = "float64") -> KernelMetric:
+        """The metric from :meth:`stored` (one-dimensional: m numbers are the diagonal
+        path's scale, m(m + 1)/2 a packed factor; the two differ for every m > 1, and the
+        diagonal path needs m > 10)."""
+        data = np.asarray(data, dtype=np.dtype(dtype))
+        m = Z.shape[0]
+        if m > 1 and data.shape[0] == m:
+            return cls(Z, ls, scale=data, dtype=dtype)
+        return cls(Z, ls, factor=PackedLower(data, m), dtype=dtype)
+
+    def stored(self) -> np.ndarray:
+        """What is kept on disk: the factor's packed numbers or the scale."""
+        return self.factor.data if self.factor is not None else self.scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.Z.shape[0], self.Z.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored().nbytes + self.Z.nbytes)
+
+    def __sizeof__(self) -> int:
+        # Dask sizes objects it has no rule for with sys.getsizeof (see DeviceMatrix)
+        return object.__sizeof__(self) + self.nbytes
+
+    def __reduce__(self):
+        return (_kernel_metric, (self.Z, self.ls, self.factor, self.scale, self.dtype))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``R x`` (m × k, C order, a new array)."""
+        dt = np.dtype(self.dtype)
+        x = np.ascontiguousarray(x, dtype=dt)
+        m = self.Z.shape[0]
+        out = np.zeros((m, x.shape[1]), dtype=dt)
+        for r0 in range(0, m, self.SLAB):
+            r1 = min(r0 + self.SLAB, m)
+            rows = _pad_rows(self.Z[r0:r1], min(self.SLAB, m))  # one kernel shape, one compile
+            k = np.ascontiguousarray(matern52(rows, self.Z, self.ls, self.dtype)[: r1 - r0])
+            blas.gemm_accumulate(out[r0:r1], k, x)
+            del k
+        if self.factor is not None:
+            self.factor.solve(out)
+        else:
+            out *= self.scale[:, None]
+        return out
+
+    def dense_t(self) -> np.ndarray:
+        """``Rᵀ`` dense, C-contiguous (tests and small problems)."""
+        return self.apply(np.eye(self.Z.shape[0], dtype=np.dtype(self.dtype))).T
+
+
+def _kernel_metric(Z, ls, factor, scale, dtype) -> KernelMetric:
+    return KernelMetric(Z, ls, factor=factor, scale=scale, dtype=dtype)
+
+
+def metric_product(R, x: np.ndarray) -> np.ndarray:
+    """``R x`` for the metric as a fit hands it over: a :class:`KernelMetric`, or ``Rᵀ``
+    stored dense and C-contiguous (a :class:`DeviceMatrix` or an array; R is then read in
+    Fortran order, no copy)."""
+    if isinstance(R, KernelMetric):
+        return R.apply(x)
+    return np.asarray(R).T @ x
 
 
 def _kernel_blocks(rows: np.ndarray, ls: float, dtype: str):
@@ -365,6 +463,7 @@ def prior_covariance(Z: np.ndarray, ls: float, Lp, dtype: str = "float64", point
 def landmark_metric(
     Z: np.ndarray, ls: float, Lp, C1, C2, eps: float, dtype: str = "float64", allow_diagonal: bool = True,
     with_inverse_squares: bool = False, points: np.ndarray | None = None, prior: PackedLower | None = None,
+    implicit: bool = False,
 ) -> tuple:
     """``Rᵀ`` (stored C-contiguous) such that a gene's Mahalanobis distance is ‖R (W₂ − W₁)‖,
     and whether the reference's diagonal shortcut applies.
@@ -384,7 +483,14 @@ def landmark_metric(
     one m × p matrix and one packed p × p matrix besides the factors. ``prior``: the
     covariance's first part, :func:`prior_covariance` at the same points, computed
     beforehand (it is overwritten; ``Lp`` is then not needed).
+
+    ``implicit``: R as a :class:`KernelMetric` (the packed factor L, or the diagonal path's
+    scale) instead of a dense ``Rᵀ`` — half the memory, no m³ solve to form it, one more
+    triangular solve per use. At the landmarks and without the empirical variance only
+    (its factor trick needs L⁻¹ itself).
     """
+    if implicit and (points is not None or with_inverse_squares):
+        raise ValueError("an implicit metric is at the landmarks and without the empirical variance only")
     dt = np.dtype(dtype)
     m = Z.shape[0]
     P = Z if points is None else np.asarray(points, dtype=np.float64)
@@ -397,6 +503,16 @@ def landmark_metric(
     diag = cov.diagonal()
     ratio = float(diag.sum() / cov.abs_sum()) if p > 10 else 0.0
     diagonal = bool(allow_diagonal and p > 10 and ratio > 0.95)
+    if implicit:
+        del work
+        if diagonal:
+            logger.info("Using the diagonal Mahalanobis shortcut (diagonal ratio %.3f)", ratio)
+            del cov
+            return KernelMetric(Z, ls, scale=1.0 / np.sqrt(np.maximum(diag, eps)), dtype=dtype), diagonal
+        cov.add_diagonal(eps)
+        if not cov.cholesky():  # its numbers are then NaN, and so are the distances
+            logger.warning("Cholesky of the Mahalanobis covariance failed; all Mahalanobis distances will be NaN")
+        return KernelMetric(Z, ls, factor=cov, dtype=dtype), diagonal
     if p != m:
         del work
         work = np.empty((p, m), dtype=dt, order="F")
@@ -549,7 +665,7 @@ def block_scores(
     w1 = condition_weights(factors["C1"], B1, sigma, dtype, overwrite)
     w2 = condition_weights(factors["C2"], B2, sigma, dtype, overwrite)
     dw = w2 - w1
-    z = np.asarray(factors["R"]).T @ dw  # Rᵀ is stored C-contiguous: R in Fortran order, no copy
+    z = metric_product(factors["R"], dw)
     return w1, w2, np.sqrt(np.einsum("ij,ij->j", z, z)), np.asarray(kbar_mean, dtype=dw.dtype) @ dw
 
 
@@ -611,6 +727,7 @@ class ResidualAccumulator:
             r = np.asarray(ys, dtype=self.dtype) - k @ w[:, :g]
             r *= 1.0 / (1.0 - h[start : start + n])[:, None]
             self._b[:, :g] += k.T @ (r * r)
+            del k, r
 
     def result(self) -> np.ndarray:
         return self._b
@@ -741,8 +858,8 @@ def posterior_variances(
     The triangular solves run in place in BLAS on a copy of the kernel block: JAX's
     solver would copy each m × m factor on every call.
     """
-    k = np.asfortranarray(matern52(Z, X, ls, dtype))
-    work = np.empty_like(k, order="F")
+    k = matern52(X, Z, ls, dtype).T  # m × cells in Fortran order, as JAX returned it: no copy
+    work = np.empty(k.shape, dtype=k.dtype, order="F")
 
     def sq_norms(name: str) -> np.ndarray:
         work[...] = k
