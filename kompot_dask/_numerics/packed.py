@@ -28,7 +28,6 @@ import numpy as np
 
 from . import blas
 
-
 _SLICE = 1 << 20
 """Numbers reduced at a time (a whole-array temporary would be another 95 MiB at m = 5,000)."""
 
