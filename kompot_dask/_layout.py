@@ -512,8 +512,9 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     if inp.n_groups:
         null = max(null, p * m * 8 + p * nb * 8 + 4 * m * nb * 8
                    + ((p * p * 8 + p * m * 8 + 2 * p * nb * 8) if inp.empirical else 0))
-    # a kernel block and JAX's temporaries while it is evaluated, the solve's work array
-    std = 4 * m * min(kc, STD_ROWS) * 8 + 2 * kc * 8
+    # a kernel block, solved in place (evaluated again per factor), and JAX's temporaries
+    # of one piece of it
+    std = m * kc * 8 + 2 * m * min(kc, STD_ROWS) * 8 + 2 * kc * 8
     transpose = 0
     if inp.layer_kind == "csr":
         # one row group's CSR as read and its CSC copy (values, 4-byte indices), plus the
@@ -567,8 +568,10 @@ def _csc_cache_bytes(inp: PlanInputs, ch: Chunks) -> int:
 
 
 STD_ROWS = 256
-"""Cells per kernel block of a std task: the std tasks run beside the fit's m × m arrays,
-where the worker's peak is, so their blocks are kept small (10 MiB at m = 5,000)."""
+"""Cells per piece of a std task's kernel block that JAX evaluates at a time: the std tasks
+run beside the fit's m × m arrays, where the worker's peak is, so JAX's temporaries are
+kept small; the solves still take a kernel chunk of cells at once (with 256 cells they
+took 20 % more thread time beside the metric, more passes over the factors)."""
 
 METRIC_SLAB_ROWS = 256
 """Rows of Kzz an implicit metric evaluates at a time (``gp.KernelMetric.SLAB``)."""

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
+import dask
 import psutil
 from dask.system import cpu_count as dask_cpu_count
 from distributed import Client, LocalCluster, get_client
@@ -266,7 +267,11 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
             "Starting a LocalCluster with %d worker processes × %d threads",
             kwargs["n_workers"], kwargs["threads_per_worker"],
         )
-    with LocalCluster(**kwargs) as cluster, Client(cluster) as new_client:
+    # Dask's statistical profiler samples every thread's stack every 10 ms (holding the GIL)
+    # and caches the source lines it shows: not wanted in a cluster that lives for one run
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(**kwargs)
+    with cluster, Client(cluster) as new_client:
         logger.info("Dask dashboard: %s", new_client.dashboard_link)
         new_client.kompot_embedded = True  # workers live for this run only
         new_client.kompot_in_process = in_process

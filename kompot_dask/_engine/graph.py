@@ -1197,10 +1197,10 @@ def _std_task(rows, Z, X, Lp, C1, C2, ls, kernel_chunk, eps, dtype, marker=None)
     factors = {"Lp": Lp, "C1": C1, "C2": C2}
     out1 = np.empty(len(rows))
     out2 = np.empty(len(rows))
-    step = min(kernel_chunk, _layout.STD_ROWS)  # runs beside the fit's m × m arrays: a small working set
-    for s in range(0, len(rows), step):
-        r = rows[s : s + step]
-        v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], step), Z, factors, ls, dtype)
+    for s in range(0, len(rows), kernel_chunk):
+        r = rows[s : s + kernel_chunk]
+        v1, v2 = gp_mod.posterior_variances(gp_mod._pad_rows(X[r], kernel_chunk), Z, factors, ls, dtype,
+                                            piece=_layout.STD_ROWS)
         out1[s : s + len(r)] = v1[: len(r)]
         out2[s : s + len(r)] = v2[: len(r)]
     trim_heap()

@@ -848,23 +848,29 @@ def as_device(a, dtype: str | np.dtype = "float64") -> jax.Array:
 
 
 def posterior_variances(
-    X: np.ndarray, Z: np.ndarray, factors: dict, ls: float, dtype: str = "float64"
+    X: np.ndarray, Z: np.ndarray, factors: dict, ls: float, dtype: str = "float64", piece: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Latent posterior variance of both conditions at cells ``X`` (gene-independent).
 
     v_c(x) = 1 − ‖Lp⁻¹ k_x‖² + ‖C_c⁻¹ k_x‖², which equals the DTC latent variance
     k(x,x) − k K̃uu⁻¹ k + σ² k (σ²K̃uu + S)⁻¹ k since C_c C_cᵀ = K̃uu + S/σ².
 
-    The triangular solves run in place in BLAS on a copy of the kernel block: JAX's
-    solver would copy each m × m factor on every call.
+    The triangular solves run in place in BLAS on the kernel block (JAX's solver would copy
+    each m × m factor on every call), which is evaluated again for each factor: a kernel
+    evaluation costs ~(d + 10)·m flops per cell against the solve's m², and the task then
+    holds one m × cells array instead of two. It is evaluated ``piece`` cells at a time
+    (JAX's temporaries stay small beside the fit's m × m arrays); the solves take all the
+    cells at once (fewer passes over the factors).
     """
-    k = matern52(X, Z, ls, dtype).T  # m × cells in Fortran order, as JAX returned it: no copy
-    work = np.empty(k.shape, dtype=k.dtype, order="F")
+    n, dt = X.shape[0], np.dtype(dtype)
+    k = np.empty((Z.shape[0], n), dtype=dt, order="F")
 
     def sq_norms(name: str) -> np.ndarray:
-        work[...] = k
-        as_factor(factors[name]).solve(work)
-        return np.einsum("ij,ij->j", work, work)
+        for p0 in range(0, n, piece):  # JAX's output and temporaries one piece of cells at a time
+            p1 = min(p0 + piece, n)
+            k[:, p0:p1] = matern52(_pad_rows(X[p0:p1], min(piece, n)), Z, ls, dtype)[: p1 - p0].T
+        as_factor(factors[name]).solve(k)
+        return np.einsum("ij,ij->j", k, k)
 
     prior = sq_norms("Lp")
     return 1.0 - prior + sq_norms("C1"), 1.0 - prior + sq_norms("C2")
