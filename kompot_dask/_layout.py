@@ -181,6 +181,19 @@ class PlanInputs:
         sample variance needs R dense."""
         return not self.empirical and not self.n_samples
 
+    @property
+    def score_mm(self) -> int:
+        """m² multiples of flops per gene to score it: the weights' four triangular solves,
+        then R applied (2m² with R dense; with an implicit R, the product with Kzz and a
+        solve, 3m²)."""
+        return 7 if self.implicit_metric else 6
+
+    @property
+    def metric_slab_bytes(self) -> int:
+        """What applying an implicit R adds to a task: a slab of Kzz rows as JAX returns it
+        and its contiguous copy."""
+        return 2 * METRIC_SLAB_ROWS * self.m * 8 if self.implicit_metric else 0
+
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between planning and running."""
         keys = ("store_path", "n_obs", "n_vars", "n_selected", "n1", "n2", "n_pred", "d", "m",
@@ -441,9 +454,7 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     tile = read + C * G * (2 * s + bt)
     kernel = 2 * m * kc * bt + kc * G * bt  # JAX temporaries of one projection step
     acc = 2 * m * G * bt
-    scores = 4 * m * G * 8  # W1, W2 and the Mahalanobis batch temporaries
-    if inp.implicit_metric:  # a slab of Kzz rows as JAX returns it and its contiguous copy
-        scores += 2 * METRIC_SLAB_ROWS * m * 8
+    scores = 4 * m * G * 8 + inp.metric_slab_bytes  # W1, W2 and the Mahalanobis batch temporaries
     S = shard_rows(C, G, lb, inp.n_obs, inp.zarr_format)  # rows of the tiles a task writes at once
     predict = (3 * S * G * lb + 2 * m * kc * bt + 3 * kc * G * bt) if inp.store_layers else 0
     if inp.permutations:
@@ -498,7 +509,7 @@ def task_bytes(inp: PlanInputs, ch: Chunks) -> TaskBytes:
     # float32 holds it), a permutation and one permuted column, one tile, projections
     vb = _null_value_bytes(inp)
     null = (inp.n12 * (nb * vb + 8 + vb) + C * nb * s + 2 * m * nb * bt + kernel + 4 * m * nb * 8
-            + (2 * METRIC_SLAB_ROWS * m * 8 if inp.implicit_metric else 0))
+            + inp.metric_slab_bytes)
     if inp.empirical:  # the values stay for the residual pass, then Kzz and the variances
         null += m * m * 8 + 3 * m * nb * 8 + kernel
     if inp.n_samples:
@@ -938,9 +949,8 @@ _ENGINE_EFFICIENCY = 1.0
 def _flops(inp: PlanInputs) -> dict[str, float]:
     m, d, n12, G = inp.m, inp.d, inp.n12, inp.n_selected
     kmeans = inp.landmark_source is LandmarkSource.KMEANS
-    # the metric R: formed once (m³) and applied (2m² per gene), or kept as its factor and
-    # applied as a product with Kzz and a triangular solve (3m² per gene)
-    fit_mm, score = (2, 7) if inp.implicit_metric else (3, 6)
+    # the metric R formed once (m³ more in the fit), or kept as its factor (PlanInputs.score_mm)
+    fit_mm, score = (2 if inp.implicit_metric else 3), inp.score_mm
     return {
         "landmarks (k-means)": 2.0 * inp.kmeans_pool * m * d * _KMEANS_ITERS if kmeans else 0.0,
         "length scale (exact neighbours)": (2.0 * inp.nn_queries * inp.n1 * d
@@ -1097,8 +1107,7 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
         blocks = (nr * n12 * m * kern + project + 6 * m * m * G / gemm + reads
                   + P * (4 + 2 * inp.sample_rank) * m * m * G / gemm)
     else:
-        score = 7 if inp.implicit_metric else 6  # Kzz and a solve per use of an implicit R
-        blocks = (nr * n12 * m * kern + (1 + P) * project + score * (1 + P) * m * m * G / gemm + reads
+        blocks = (nr * n12 * m * kern + (1 + P) * project + inp.score_mm * (1 + P) * m * m * G / gemm + reads
                   + (nr * (1 + P) * m * m * kern if inp.implicit_metric else 0.0))
     if inp.store_layers:
         blocks += (nr * inp.n_pred * m * kern + 4 * inp.n_pred * m * G / gemm
@@ -1106,8 +1115,7 @@ def _block_seconds(inp: PlanInputs, ch: Chunks, res: ClusterResources, cal: Cali
     null_reads = (0.0 if inp.layer_kind == "csr" else  # counted with the real blocks' reads
                   inp.n_obs * min(inp.n_vars, inp.n_null + nn * 256) * inp.layer_itemsize / read_rate)
     nulls = (nn * n12 * m * kern + 2 * n12 * m * inp.n_null / gemm + null_reads
-             + ((7 * m * m * inp.n_null / gemm + nn * m * m * kern) if inp.implicit_metric
-                else 6 * m * m * inp.n_null / gemm))
+             + inp.score_mm * m * m * inp.n_null / gemm + (nn * m * m * kern if inp.implicit_metric else 0.0))
     std = inp.n_pred * m * kern + 3 * inp.n_pred * m * m / gemm
     if inp.n_samples:
         sample = _sample_flops(inp)["sample variance (weights, distances, layers)"] / gemm

@@ -261,7 +261,6 @@ def resolve_client(client: Client | None = None, compute: ComputeSettings | None
                         "process (worker processes would run the script again); add the block for worker "
                         "processes with a memory limit", script)
         logger.info("Starting a LocalCluster in this process (1 worker × %d threads)", kwargs["threads_per_worker"])
-        limit_malloc_arenas()
     else:
         logger.info(
             "Starting a LocalCluster with %d worker processes × %d threads",

@@ -366,10 +366,6 @@ class KernelMetric:
         return self.factor.data if self.factor is not None else self.scale
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.Z.shape[0], self.Z.shape[0])
-
-    @property
     def nbytes(self) -> int:
         return int(self.stored().nbytes + self.Z.nbytes)
 
