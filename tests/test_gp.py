@@ -301,3 +301,34 @@ def test_metric__with_the_prior_part_computed_apart_is_the_same():
                                            prior=gp.prior_covariance(Z, ls, lp))
     np.testing.assert_array_equal(np.asarray(apart), np.asarray(whole))
     assert diag_whole == diag_apart
+
+
+@pytest.mark.parametrize("m", [7, 40, 300])
+def test_prior_covariance__identity_matches_the_explicit_form(m):
+    """At the landmarks the prior part 2(K − PᵀP) comes from j·I − j²(K + jI)⁻¹ (one packed
+    inversion): it equals numpy's explicit 2(K − K(K + jI)⁻¹K) and the triangular-solve
+    form the engine keeps for other points, to rounding (~1e-16·‖K‖; values ~2e-6)."""
+    Z = np.random.default_rng(m).normal(size=(m, 5)) * 2
+    ls = 3.0
+    lp = gp.landmark_cholesky(Z, ls)
+    K = dense_matern(Z, Z, ls)
+    explicit = 2 * (K - K @ np.linalg.solve(K + gp.JITTER * np.eye(m), K))
+    by_identity = gp.symmetric_from_lower(gp.prior_covariance(Z, ls, lp))
+    by_solves = gp.symmetric_from_lower(gp.prior_covariance(Z, ls, gp._DenseLower(gp.dense_lower(lp))))
+    scale = np.abs(K).sum(axis=1).max() * 1e-14
+    np.testing.assert_allclose(by_identity, explicit, rtol=0, atol=scale)
+    np.testing.assert_allclose(by_identity, by_solves, rtol=0, atol=scale)
+    assert np.abs(np.diag(by_identity) - 2 * gp.JITTER).max() < 1e-8  # the diagonal is 2j − O(j²)
+
+
+def test_packed__invert_factor_is_the_inverse_and_nan_when_singular():
+    from kompot_dask._numerics.packed import PackedLower
+
+    for n in (1, 6, 9):
+        a = _spd(n)
+        p = PackedLower.from_lower(np.asfortranarray(np.linalg.cholesky(a)))
+        assert p.invert_factor()
+        np.testing.assert_allclose(gp.symmetric_from_lower(p), np.linalg.inv(a), rtol=1e-10, atol=1e-12)
+    p = PackedLower.from_lower(np.asfortranarray(np.diag([1.0, 0.0, 2.0])))
+    assert not p.invert_factor()
+    assert np.isnan(p.data).all()

@@ -188,6 +188,15 @@ def pftrf_lower(arf: np.ndarray, n: int) -> int:
     return int(info.value)
 
 
+def pftri_lower(arf: np.ndarray, n: int) -> int:
+    """The inverse (A = L Lᵀ)⁻¹ of a matrix whose Cholesky factor ``L`` is held in RFP,
+    in place (lower triangle, RFP); returns LAPACK's ``info``."""
+    _packed(arf, n)
+    info = _c_int(0)
+    _routine(_prefix(arf) + "pftri", 5)(_char("N"), _char("L"), _int(n), _ptr(arf.ctypes.data), ctypes.byref(info))
+    return int(info.value)
+
+
 def trttf_lower(a: np.ndarray, arf: np.ndarray) -> np.ndarray:
     """The lower triangle of the Fortran-ordered ``a`` into ``arf`` (RFP)."""
     _fortran(a, "a")

@@ -150,6 +150,14 @@ class PackedLower:
             return False
         return True
 
+    def invert_factor(self) -> bool:
+        """Replace the factor L by the inverse of L Lᵀ, in place (LAPACK ``pftri``): False,
+        with every number NaN, when L is singular."""
+        if blas.pftri_lower(self.data, self.n) != 0:
+            self.data[...] = np.nan
+            return False
+        return True
+
     def solve(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
         """``b ← L⁻¹ b`` (``transpose``: ``L⁻ᵀ b``) in place; ``b`` Fortran-ordered, or
         C-ordered n × k (solved as ``bᵀ ← bᵀL⁻ᵀ``, with no copy)."""
