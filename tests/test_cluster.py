@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from dask.system import cpu_count as dask_cpu_count
 from distributed import Client, LocalCluster
 
 import kompot_dask as kd
@@ -113,3 +114,27 @@ def test_malloc_arenas__capped_only_where_an_in_process_cluster_may_start(monkey
     out = subprocess.run([sys.executable, "-c", "from kompot_dask._engine.cluster import limit_malloc_arenas as f;"
                           "print(f())"], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_worker_runtime__holds_blas_for_a_users_in_process_client():
+    """A user's own Client(processes=False) runs its Dask threads in this process: BLAS is
+    held at cores / Dask threads per call there, as for the embedded in-process cluster
+    (left free, each thread's BLAS would start a thread per core). Worker processes are
+    left to their environment."""
+    from threadpoolctl import threadpool_info
+
+    from kompot_dask._engine.cluster import in_process_threads, is_in_process, worker_runtime
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    cores = max(1, int(dask_cpu_count()))
+    with LocalCluster(n_workers=1, threads_per_worker=cores, processes=False, dashboard_address=None) as cl, \
+            Client(cl, set_as_default=False) as c:
+        assert is_in_process(c) and in_process_threads(c) == cores
+        with worker_runtime(c):
+            assert blas_threads() == {1}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="2GiB", host="127.0.0.1",
+                      dashboard_address=None, env=worker_environment(1)) as cl, \
+            Client(cl, set_as_default=False) as c:
+        assert not is_in_process(c) and in_process_threads(c) == 0
