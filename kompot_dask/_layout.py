@@ -416,7 +416,8 @@ def task_counts(layout: Layout, n_vars: int, selected: np.ndarray, n_null: int, 
              + permutations * (2 * fit_parts(n_workers) + 4 + 3)),
         gene_blocks=n_real,
         null_blocks=n_nullb,
-        std=math.ceil(n_pred / layout.kernel_chunk) if std else 0,
+        # each std task and the task of its Lp part (gp.solved_sq_norms)
+        std=2 * math.ceil(n_pred / layout.kernel_chunk) if std else 0,
         zscore=n_real if zscores and not n_samples and not leverage_cells else 0,
     )
 

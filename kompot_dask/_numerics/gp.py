@@ -863,33 +863,41 @@ def as_device(a, dtype: str | np.dtype = "float64") -> jax.Array:
         return jnp.asarray(a, dt)
 
 
+def solved_sq_norms(X: np.ndarray, Z: np.ndarray, factor, ls: float, dtype: str = "float64",
+                    piece: int = 256) -> np.ndarray:
+    """‖F⁻¹ k_x‖² at each cell x of ``X`` for the lower-triangular factor F (k_x = k(Z, x)).
+
+    The triangular solve runs in place in BLAS on the kernel block (JAX's solver would copy
+    the m × m factor on every call). The block is evaluated ``piece`` cells at a time (JAX's
+    temporaries stay small beside the fit's m × m arrays) and solved for all cells at once
+    (fewer passes over the factor).
+    """
+    n = X.shape[0]
+    k = np.empty((Z.shape[0], n), dtype=np.dtype(dtype), order="F")
+    for p0 in range(0, n, piece):
+        p1 = min(p0 + piece, n)
+        k[:, p0:p1] = matern52(_pad_rows(X[p0:p1], min(piece, n)), Z, ls, dtype)[: p1 - p0].T
+    as_factor(factor).solve(k)
+    return np.einsum("ij,ij->j", k, k)
+
+
 def posterior_variances(
     X: np.ndarray, Z: np.ndarray, factors: dict, ls: float, dtype: str = "float64", piece: int = 256,
+    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Latent posterior variance of both conditions at cells ``X`` (gene-independent).
 
     v_c(x) = 1 − ‖Lp⁻¹ k_x‖² + ‖C_c⁻¹ k_x‖², which equals the DTC latent variance
     k(x,x) − k K̃uu⁻¹ k + σ² k (σ²K̃uu + S)⁻¹ k since C_c C_cᵀ = K̃uu + S/σ².
 
-    The triangular solves run in place in BLAS on the kernel block (JAX's solver would copy
-    each m × m factor on every call), which is evaluated again for each factor: a kernel
-    evaluation costs ~(d + 10)·m flops per cell against the solve's m², and the task then
-    holds one m × cells array instead of two. It is evaluated ``piece`` cells at a time
-    (JAX's temporaries stay small beside the fit's m × m arrays); the solves take all the
-    cells at once (fewer passes over the factors).
+    Each term is :func:`solved_sq_norms`; the kernel block is evaluated again for each factor
+    (~(d + 10)·m flops per cell against the solve's m²), so that a task holds one m × cells
+    array. ``prior``: ‖Lp⁻¹ k_x‖², computed beforehand (``factors`` then need no ``Lp``).
     """
-    n, dt = X.shape[0], np.dtype(dtype)
-    k = np.empty((Z.shape[0], n), dtype=dt, order="F")
-
-    def sq_norms(name: str) -> np.ndarray:
-        for p0 in range(0, n, piece):  # JAX's output and temporaries one piece of cells at a time
-            p1 = min(p0 + piece, n)
-            k[:, p0:p1] = matern52(_pad_rows(X[p0:p1], min(piece, n)), Z, ls, dtype)[: p1 - p0].T
-        as_factor(factors[name]).solve(k)
-        return np.einsum("ij,ij->j", k, k)
-
-    prior = sq_norms("Lp")
-    return 1.0 - prior + sq_norms("C1"), 1.0 - prior + sq_norms("C2")
+    if prior is None:
+        prior = solved_sq_norms(X, Z, factors["Lp"], ls, dtype, piece)
+    return (1.0 - prior + solved_sq_norms(X, Z, factors["C1"], ls, dtype, piece),
+            1.0 - prior + solved_sq_norms(X, Z, factors["C2"], ls, dtype, piece))
 
 
 # --------------------------------------------------------------------------------------
