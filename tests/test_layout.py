@@ -48,7 +48,7 @@ def test_layout__cell_chunk_keeps_its_name_and_chunks_round_trip():
 
 
 @pytest.mark.parametrize(("n_obs", "n_threads", "n_pred", "std"), [
-    (1000, 2, 1000, 2),  # one kernel chunk (512 cells) of predicted cells per std task
+    (1000, 2, 1000, 2),  # one kernel chunk (512 cells) of predicted cells per std part
     (100_000, 2, 100_000, 196),
     (100_000, 2, 3, 1),  # a partial chunk is one task
     (100_000, 2, 0, 0),  # no predicted cells, no std task
@@ -58,8 +58,9 @@ def test_task_counts__follow_the_layout(n_obs, n_threads, n_pred, std):
     counts = L.task_counts(lay, 90, np.arange(90), n_null=200, n_pred=n_pred, n_workers=2, n_threads=n_threads)
     assert counts.gene_blocks == 6  # 90 genes / 16
     assert counts.null_blocks == 9  # 200 nulls / 24
-    assert counts.std == std
-    assert counts.std == len(L.std_parts(lay, np.arange(n_pred)))
+    # each std part is two tasks: its Lp part (run beside the fit) and the std task
+    assert counts.std == 2 * std
+    assert counts.std == 2 * len(L.std_parts(lay, np.arange(n_pred)))
     # kernel sums: fixed-size parts; kbar, Lp, the metric's prior part, C1, C2, the metric, R, the diagonal flag
     assert counts.fit == 2 * 1 + L.kernel_sum_parts(n_pred) + 8 + len(L.FIT_OUTPUTS)
     assert counts.total == sum(counts.labelled().values())

@@ -1194,20 +1194,23 @@ def _null_scores(ctx, block, clock, acc1, acc2, C1, C2, R, kbar, n_sources, grou
 def _prior_variance_task(rows, Z, X, Lp, ls, kernel_chunk, dtype):
     """‖Lp⁻¹ k_x‖² at the cells ``rows``: the posterior variance's part that needs only the
     landmark factor. It runs while the conditions' grams are summed, so that Lp is freed
-    before the metric and the blocks (95 MiB at m = 5,000)."""
+    before the metric and the blocks (95 MiB at m = 5,000). Returns the values and the
+    task's seconds (the std task counts them as its own)."""
+    t0 = time.perf_counter()
     out = np.empty(len(rows))
     for s in range(0, len(rows), kernel_chunk):
         r = rows[s : s + kernel_chunk]
         out[s : s + len(r)] = gp_mod.solved_sq_norms(gp_mod._pad_rows(X[r], kernel_chunk), Z, Lp, ls, dtype,
                                                      piece=_layout.STD_ROWS)[: len(r)]
     trim_heap()
-    return out
+    return out, time.perf_counter() - t0
 
 
 def _std_task(rows, Z, X, prior, C1, C2, ls, kernel_chunk, eps, dtype, marker=None):
     """Posterior standard deviation of both conditions at the cells ``rows`` (``prior``:
-    :func:`_prior_variance_task`'s values at them)."""
+    :func:`_prior_variance_task`'s values at them and its seconds)."""
     t0 = time.perf_counter()
+    prior, prior_seconds = prior
     factors = {"C1": C1, "C2": C2}
     out1 = np.empty(len(rows))
     out2 = np.empty(len(rows))
@@ -1219,7 +1222,7 @@ def _std_task(rows, Z, X, prior, C1, C2, ls, kernel_chunk, eps, dtype, marker=No
         out1[s : s + len(r)] = v1[: len(r)]
         out2[s : s + len(r)] = v2[: len(r)]
     trim_heap()
-    result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps), np.float64(time.perf_counter() - t0)
+    result = rows, np.sqrt(out1 + eps), np.sqrt(out2 + eps), np.float64(time.perf_counter() - t0 + prior_seconds)
     if marker is not None:
         io_commit.write_marker(marker[0], marker[1], dict(zip(("rows", "std1", "std2", "seconds"), result,
                                                               strict=True)))
