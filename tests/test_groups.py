@@ -46,7 +46,9 @@ def _data(tmp_path, seed: int = 5, samples: int = 0):
 
 
 @needs_kompot
-@pytest.mark.parametrize("empirical", [False, pytest.param(True, marks=pytest.mark.slow)])  # a niche combination
+# kompot parity of a niche option: `make test-slow` (the fast suite keeps the groups' end-to-end tests)
+@pytest.mark.parametrize("empirical", [pytest.param(False, marks=pytest.mark.slow),
+                                       pytest.param(True, marks=pytest.mark.slow)])
 def test_groups_parity(tmp_path, client, empirical):
     """Subsets larger than the landmarks (new k-means landmarks) and smaller (their cells),
     with null genes and the additional statistics: kompot's varm tables, their columns and
