@@ -431,15 +431,14 @@ def worker_runtime(client: Client) -> Iterator[None]:
       and each would otherwise start a BLAS thread per core: BLAS is held at the cores
       divided by those threads (at least one) per call. That holds for a user's
       ``Client(processes=False)`` too (measured at 10k × 2k on 2 cores: 72 s with BLAS
-      free, 53 s held). Worker processes get that from their environment.
+      free, 51 s held). Worker processes get that from their environment.
     """
     _run_everywhere(client, _tune_heap)
     try:
         if is_in_process(client):
             from threadpoolctl import threadpool_limits
 
-            threads = in_process_threads(client) if getattr(client, "kompot_in_process", None) is None else 0
-            limit = max(1, int(dask_cpu_count()) // threads) if threads else 1
+            limit = max(1, int(dask_cpu_count()) // max(1, in_process_threads(client)))
             with threadpool_limits(limits=limit, user_api="blas"):
                 yield
         else:
