@@ -88,6 +88,7 @@ def compare(ref: dict, result: ad.AnnData, rk: str, c1: str, c2: str) -> dict[st
     return stats
 
 
+@pytest.mark.slow  # suite time: the pbmc68k parity stays in make test
 def test_parity__synthetic_explicit_landmarks_and_length_scale(tmp_path, client):
     spec = SyntheticSpec(n_obs=3000, n_vars=500, n_dims=20, seed=11, de_fraction=0.15)
     adata = make_synthetic_adata(spec)
@@ -179,7 +180,8 @@ def test_parity__store_additional_stats(tmp_path, client):
     assert f"{pair}_fold_change_zscores" not in ad.read_zarr(store).layers
 
 
-@pytest.mark.parametrize("combine", [pytest.param(False, marks=pytest.mark.slow), True])  # suite time
+@pytest.mark.parametrize("combine", [pytest.param(False, marks=pytest.mark.slow),
+                                     pytest.param(True, marks=pytest.mark.slow)])  # suite time
 def test_parity__given_null_distances(tmp_path, client, combine):
     """FDRSettings(null_mahalanobis=..., combine_with_internal=...): the FDR against given
     distances, alone (no null genes drawn) or with the null genes'."""

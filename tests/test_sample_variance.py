@@ -69,6 +69,7 @@ def _our_fields(got: ad.AnnData) -> dict[str, list[str]]:
 
 
 @needs_kompot
+@pytest.mark.slow  # suite time: sample_col's end-to-end and CLI tests stay in make test
 def test_sample_col_parity(tmp_path, client):
     """Three donors per condition, with kompot's additional statistics: every field kompot
     writes, under its names and locations, with its values."""

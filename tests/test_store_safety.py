@@ -191,7 +191,7 @@ def _assert_same_results(adata: ad.AnnData, clean: ad.AnnData, rtol: float = 0.0
 
 # Four points are slow-marked for the suite's time: `make test-slow` kills there, and
 # benchmarks/faults.py kills right after the journal, after the 6th rename and after attrs
-KILL_POINTS = ["stage:3", pytest.param("journal", marks=pytest.mark.slow), "move:1",
+KILL_POINTS = ["stage:3", pytest.param("journal", marks=pytest.mark.slow), pytest.param("move:1", marks=pytest.mark.slow),
                pytest.param("move:4", marks=pytest.mark.slow), pytest.param("move:8", marks=pytest.mark.slow),
                pytest.param("attrs:1", marks=pytest.mark.slow), "consolidate"]
 
