@@ -138,3 +138,44 @@ def test_worker_runtime__holds_blas_for_a_users_in_process_client():
                       dashboard_address=None, env=worker_environment(1)) as cl, \
             Client(cl, set_as_default=False) as c:
         assert not is_in_process(c) and in_process_threads(c) == 0
+
+
+def test_client_preparation__every_core_for_blas_and_openmp(monkeypatch):
+    """The fast path's neighbour search and k-means run in the client while the workers
+    wait: they get every core of the process for BLAS and OpenMP even where the run holds
+    BLAS at one thread per in-process Dask thread, or where Dask's nanny left
+    OMP_NUM_THREADS=1 in this process's environment (a user's LocalCluster)."""
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from kompot_dask._engine import graph
+    from kompot_dask._layout import landmarks_for
+
+    cores = len(os.sched_getaffinity(0))
+    seen = {}
+
+    def threads() -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for i in threadpool_info():
+            out.setdefault(i["user_api"], set()).add(i["num_threads"])
+        return out
+
+    def length_scale(*args):
+        seen["length scale"] = threads()
+        return 1.0
+
+    def landmarks(pooled, count, *args):
+        seen["k-means"] = threads()
+        return pooled[:count]
+
+    monkeypatch.setattr(graph, "_length_scale_task", length_scale)
+    monkeypatch.setattr(graph.gp_mod, "compute_landmarks", landmarks)
+    X = np.random.default_rng(0).standard_normal((200, 3))
+    with threadpool_limits(limits=1):
+        ls, Z, source = graph.prepare_model(None, X[:100], X, ls=None, ls_factor=10.0,
+                                            landmarks=landmarks_for(50, 200), given=None, random_state=0,
+                                            neighbors="exact", landmark_sample=100)
+        assert source == "kmeans" and Z.shape == (50, 3)
+        assert seen["length scale"]["blas"] == {cores} and seen["k-means"]["blas"] == {cores}
+        assert seen["k-means"]["openmp"] == {cores}  # scikit-learn's runtime, loaded first
+        assert threads()["blas"] == {1}  # the run's limit again afterwards

@@ -47,7 +47,7 @@ from .._layout import (
 from .._numerics import fdr as fdr_mod
 from .._numerics import gp as gp_mod
 from .._progress import progress as progress_bar
-from .cluster import cluster_workers, glibc, is_embedded, unguarded_script
+from .cluster import client_cores, cluster_workers, glibc, is_embedded, unguarded_script
 
 logger = logging.getLogger("kompot_dask")
 
@@ -1316,9 +1316,11 @@ def prepare_model(
 
     nn = (neighbors, neighbor_sample, random_state)
     if prep_in_client(neighbors, landmark_sample, pooled.shape[0], landmarks.source):
-        if ls is None:
-            ls = _length_scale_task(X1, ls_factor, *nn)
-        Z = _landmark_array(landmarks, given, pooled, random_state, lambda fn, *args: fn(*args), landmark_sample)
+        # the workers wait meanwhile: every core of the client's process
+        with client_cores(openmp_libraries=landmarks.source is LandmarkSource.KMEANS):
+            if ls is None:
+                ls = _length_scale_task(X1, ls_factor, *nn)
+            Z = _landmark_array(landmarks, given, pooled, random_state, lambda fn, *args: fn(*args), landmark_sample)
         return float(ls), np.asarray(Z, dtype=np.float64), landmarks.source.value
     # kompot's exact path needs its cells whole (pynndescent's index, k-means of every cell)
     X1, pooled = np.asarray(X1), np.asarray(pooled, dtype=np.float64)
