@@ -429,7 +429,7 @@ def client_cores(openmp_libraries: bool = True) -> Iterator[None]:
     - Dask's nanny puts ``OMP_NUM_THREADS=1`` into this process's environment when it
       starts worker processes (its ``pre-spawn-environ``), so an OpenMP runtime loaded
       after a user's ``LocalCluster`` (scikit-learn's, for k-means) starts with one thread:
-      k-means of 100k cells took twice as long.
+      k-means of 50k cells, m = 1,000, took 6.9 instead of 4.7 s on 2 cores.
 
     ``openmp_libraries`` loads scikit-learn's OpenMP runtime first, so the limit reaches it.
     """
