@@ -234,6 +234,7 @@ def _cli_subprocess(*argv, env_extra=None) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # ~50 s: three stores, a process cluster and a dask-scheduler with dask-workers
 @pytest.mark.distributed
 def test_cli__real_scheduler_and_workers_equal_the_embedded_cluster(tmp_path, config, capsys):
     spec = SyntheticSpec(n_obs=1500, n_vars=48, n_dims=8, seed=7)
